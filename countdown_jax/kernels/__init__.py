@@ -1,0 +1,1 @@
+"""Kernels, one folder per op: reference.py (plain JAX), api.py (implementation=), backends."""
