@@ -1,0 +1,120 @@
+"""On-device generation: dense prefill, then a ``lax.while_loop`` of (sparse) decode steps.
+
+One call of ``generate`` is one compiled program: prompt in, tokens out, no host round
+trip per token. Sparsity values live in ``policy`` (traced), so changing r or thresholds
+does not recompile; ``spec`` (static) picks the rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from countdown_jax import model as model_lib
+from countdown_jax.policy import DENSE, SparseSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0 = greedy; top_k 0 = off; top_p 1 = off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+GREEDY = Sampling()
+
+
+def sample(key, logits, sampling: Sampling = GREEDY):
+    """logits [B, V] float32 -> tokens [B] int32."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k > 0:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        # Keep the smallest prefix of the sorted distribution whose mass reaches top_p
+        # (the most likely token always survives).
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff_idx = jnp.sum(mass_before < sampling.top_p, axis=-1, keepdims=True) - 1
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+class Generation(NamedTuple):
+    tokens: jax.Array          # [B, max_new_tokens] int32, pad_id after a row stops
+    num_tokens: jax.Array      # [B] int32, generated tokens per row (stop token included)
+    kept_sum: jax.Array        # [L] float32, sum over sparse decode tokens of kept fraction
+    kept_count: jax.Array      # [] float32, number of (row, step) decode tokens summed
+
+    @property
+    def realised_sparsity(self):
+        """Per layer: fraction of FFN neurons skipped, averaged over decode tokens."""
+        return 1.0 - self.kept_sum / jnp.maximum(self.kept_count, 1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "max_new_tokens", "sampling",
+                                             "stop_tokens", "cache_dtype"))
+def generate(params, cfg, prompt, lengths, key, policy=None, *, max_new_tokens: int,
+             spec: SparseSpec = DENSE, sampling: Sampling = GREEDY,
+             stop_tokens: tuple[int, ...] = (), cache_dtype=None):
+    """prompt [B, T] int32 right-padded, lengths [B] int32 (>= 1)."""
+    b, t = prompt.shape
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    dtype = cache_dtype or params["embed"].dtype
+    cache = model_lib.init_cache(cfg, b, t + max_new_tokens, dtype)
+    prefill_sparse = None
+    if spec.sparse_prefill and not spec.is_dense:
+        prefill_sparse = jnp.arange(t)[None, :] < lengths[:, None]
+    logits, cache, _ = model_lib.prefill(params, cfg, prompt, lengths, cache, spec=spec,
+                                         policy=policy, sparse=prefill_sparse)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    key, sub = jax.random.split(key)
+    first = sample(sub, last, sampling)
+    stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
+    pad = jnp.int32(cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+
+    out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, stops)
+    n_layers = cfg.num_layers
+    state = dict(step=jnp.int32(1), token=first, pos=lengths.astype(jnp.int32), cache=cache,
+                 out=out, done=done, num=jnp.ones((b,), jnp.int32), key=key,
+                 kept_sum=jnp.zeros((n_layers,), jnp.float32), kept_count=jnp.float32(0))
+
+    def cond(s):
+        return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
+
+    def body(s):
+        logits, cache, kept = model_lib.decode_step(params, cfg, s["token"], s["pos"],
+                                                    s["cache"], spec=spec, policy=policy)
+        key, sub = jax.random.split(s["key"])
+        nxt = sample(sub, logits, sampling)
+        live = ~s["done"]
+        nxt = jnp.where(live, nxt, pad)
+        out = s["out"].at[:, s["step"]].set(nxt)
+        livef = live.astype(jnp.float32)
+        return dict(step=s["step"] + 1, token=nxt, pos=s["pos"] + 1, cache=cache, out=out,
+                    done=s["done"] | jnp.isin(nxt, stops), num=s["num"] + live.astype(jnp.int32),
+                    key=key, kept_sum=s["kept_sum"] + jnp.sum(kept * livef[None, :], axis=1),
+                    kept_count=s["kept_count"] + jnp.sum(livef))
+
+    s = jax.lax.while_loop(cond, body, state)
+    return Generation(s["out"], s["num"], s["kept_sum"], s["kept_count"])
