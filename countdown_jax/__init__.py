@@ -1,0 +1,24 @@
+"""countdown-jax: COUNTDOWN contextual activation sparsity for gated-MLP decoders in JAX.
+
+Top-level names load lazily, so importing a submodule (e.g. ``countdown_jax.kernels``)
+does not pull in the model, the tokenizer stack or transformers.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "Model": "countdown_jax.api", "TextOutput": "countdown_jax.api",
+    "generate_text": "countdown_jax.api", "load": "countdown_jax.api",
+    "sparsity_setup": "countdown_jax.api",
+    "Generation": "countdown_jax.generate", "Sampling": "countdown_jax.generate",
+    "generate": "countdown_jax.generate",
+    "DENSE": "countdown_jax.policy", "SparseSpec": "countdown_jax.policy",
+    "make_policy": "countdown_jax.policy",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'countdown_jax' has no attribute {name!r}")
