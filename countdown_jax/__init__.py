@@ -11,7 +11,6 @@ _EXPORTS = {
     "generate_text": "countdown_jax.api", "load": "countdown_jax.api",
     "sparsity_setup": "countdown_jax.api",
     "Generation": "countdown_jax.generate", "Sampling": "countdown_jax.generate",
-    "generate": "countdown_jax.generate",
     "DENSE": "countdown_jax.policy", "SparseSpec": "countdown_jax.policy",
     "make_policy": "countdown_jax.policy",
 }
