@@ -1,0 +1,1 @@
+"""Checkpoint conversion: HF directories / GGUF files -> params pytree + ModelConfig."""
