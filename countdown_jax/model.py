@@ -1,0 +1,213 @@
+"""The decoder as pure functions over the params pytree (layout.py).
+
+embed -> [norm -> attention -> (norm) -> + -> norm -> ffn -> (norm) -> +] x L -> norm -> logits
+
+Layers run as one ``lax.scan``; what differs between layers (rope frequencies, sliding
+window, the sparsity policy slice) rides in the scan's xs. The MLP is reached only through
+``countdown_jax.ffn.ffn`` so every sparsity rule plugs in at one place.
+
+``cfg`` and ``spec`` are static (hashable): jit with ``static_argnames=("cfg", "spec")``.
+Compute dtype = params dtype; attention softmax and logits are float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from countdown_jax.attention import NO_WINDOW, attend, visibility
+from countdown_jax.config import ModelConfig
+from countdown_jax.ffn import ffn
+from countdown_jax.norms import rms_norm
+from countdown_jax.policy import DENSE, SparseSpec
+from countdown_jax.rope import apply_rope, layer_inv_frequencies
+
+
+# -- cache ---------------------------------------------------------------------------------
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    """KV cache {"k", "v"}: [L, B, S, Hkv, hd], slot s holds position s."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+# -- pieces --------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _layer_consts(cfg: ModelConfig):
+    """Per-layer scan inputs: rope inverse frequencies [L, hd/2], window [L]."""
+    windows = np.array([cfg.sliding_window if s and cfg.sliding_window else NO_WINDOW
+                        for s in cfg.layer_sliding], np.int32)
+    return layer_inv_frequencies(cfg), windows
+
+
+def _embed(params, cfg: ModelConfig, tokens):
+    x = jnp.take(params["embed"], tokens, axis=0)
+    if cfg.embed_scale != 1.0:
+        # HF casts the scale to the weight dtype first (Gemma: sqrt(d) in bf16).
+        x = x * jnp.asarray(cfg.embed_scale, x.dtype)
+    return x
+
+
+def _logits(params, cfg: ModelConfig, x):
+    h = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    if cfg.tie_embeddings:
+        logits = jnp.einsum("...d,vd->...v", h, params["embed"],
+                            preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("...d,dv->...v", h, params["lm_head"],
+                            preferred_element_type=jnp.float32)
+    logits = logits.astype(jnp.float32)
+    if cfg.final_softcap is not None:
+        logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+    return logits
+
+
+def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq):
+    q = jnp.einsum("btd,dhk->bthk", h, layer["wq"])
+    k = jnp.einsum("btd,dhk->bthk", h, layer["wk"])
+    v = jnp.einsum("btd,dhk->bthk", h, layer["wv"])
+    if cfg.qkv_bias:
+        q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
+    if cfg.qk_norm:
+        q = rms_norm(q, layer["q_norm"], cfg.norm_eps)
+        k = rms_norm(k, layer["k_norm"], cfg.norm_eps)
+    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+
+def _attn_out_and_mlp(cfg: ModelConfig, spec, layer, x, attn, policy, sparse):
+    o = jnp.einsum("bthk,hkd->btd", attn, layer["wo"])
+    if cfg.sandwich_norm:
+        o = rms_norm(o, layer["post_attn_norm"], cfg.norm_eps)
+    x = x + o
+    h = rms_norm(x, layer["mlp_norm"], cfg.norm_eps)
+    y, kept = ffn(layer["mlp"], h, act=cfg.act, spec=spec, policy=policy, sparse=sparse)
+    if cfg.sandwich_norm:
+        y = rms_norm(y, layer["post_mlp_norm"], cfg.norm_eps)
+    return x + y, kept
+
+
+def _check_policy(cfg: ModelConfig, policy):
+    for leaf in jax.tree_util.tree_leaves(policy):
+        if leaf.ndim == 0 or leaf.shape[0] != cfg.num_layers:
+            raise ValueError(f"policy leaves need a leading layer axis of {cfg.num_layers}; "
+                             f"got shape {leaf.shape}")
+
+
+# -- full sequences (prefill / forward) ------------------------------------------------------
+def _sequence(params, cfg: ModelConfig, tokens, lengths, cache, spec, policy, sparse):
+    B, T = tokens.shape
+    if lengths is None:
+        lengths = jnp.full((B,), T, jnp.int32)
+    _check_policy(cfg, policy)
+    inv_freq, windows = _layer_consts(cfg)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    kv_valid = jnp.arange(T, dtype=jnp.int32)[None, :] < lengths[:, None]
+    x = _embed(params, cfg, tokens)
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+
+    def body(carry, xs):
+        x, ck, cv = carry
+        layer, inv_f, window, pol, l = xs
+        h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
+        q, k, v = _qkv(cfg, layer, h, positions, inv_f)
+        mask = visibility(positions, positions[0], kv_valid, window)
+        attn = attend(q, k, v, mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+        if ck is not None:  # slots [0, T) of this layer
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (l, 0, 0, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (l, 0, 0, 0, 0))
+        x, kept = _attn_out_and_mlp(cfg, spec, layer, x, attn, pol, sparse)
+        return (x, ck, cv), kept
+
+    ck = cv = None
+    if cache is not None:
+        ck, cv = cache["k"], cache["v"]
+    (x, ck, cv), kept = jax.lax.scan(
+        body, (x, ck, cv), (params["layers"], inv_freq, windows, policy, layer_ids))
+    logits = _logits(params, cfg, x)
+    new_cache = None if cache is None else {"k": ck, "v": cv}
+    return logits, new_cache, kept
+
+
+def prefill(params, cfg: ModelConfig, tokens, lengths, cache, *, spec: SparseSpec = DENSE,
+            policy=None, sparse=None):
+    """Right-padded prompts tokens[B, T] (row b valid below lengths[b]) at positions 0..T-1.
+
+    Writes k/v to cache slots [0, T) and returns (logits [B, T, V] float32, cache,
+    kept [L, B, T]). Keys at/after a row's length are masked; logits there are junk.
+    sparse: bool [B, T] tokens that run sparse; default: ``spec.sparse_prefill`` for all.
+    """
+    B, T = tokens.shape
+    S = cache["k"].shape[2]
+    if T > S:
+        raise ValueError(f"prompt length {T} exceeds the cache length {S}")
+    if sparse is None and not spec.is_dense:
+        sparse = jnp.full((B, T), spec.sparse_prefill)
+    return _sequence(params, cfg, tokens, jnp.asarray(lengths, jnp.int32), cache, spec, policy,
+                     sparse)
+
+
+def forward(params, cfg: ModelConfig, tokens, lengths=None, *, spec: SparseSpec = DENSE,
+            policy=None, sparse=None):
+    """No-cache forward for scoring: (logits [B, T, V] float32, kept [L, B, T]).
+
+    sparse: bool [B, T] tokens that run sparse (e.g. the continuation in log-likelihood
+    evaluation); None passes None to the FFN, i.e. every token follows ``spec``.
+    """
+    if lengths is not None:
+        lengths = jnp.asarray(lengths, jnp.int32)
+    logits, _, kept = _sequence(params, cfg, tokens, lengths, None, spec, policy, sparse)
+    return logits, kept
+
+
+# -- one token per row against the cache ----------------------------------------------------
+def _check_positions(pos, S: int):
+    """Out-of-range slots would be dropped silently by the scatter: refuse when concrete."""
+    try:
+        top = int(np.max(np.asarray(pos)))
+    except jax.errors.TracerArrayConversionError:
+        return
+    if top >= S:
+        raise ValueError(f"decode position {top} is outside the cache of length {S}")
+
+
+def decode_step(params, cfg: ModelConfig, token, pos, cache, *, spec: SparseSpec = DENSE,
+                policy=None, sparse=None):
+    """token[B] at position pos[B]: writes k/v at slot pos[b], attends to slots <= pos[b]
+    (and inside the layer's sliding window). Returns (logits [B, V] float32, cache,
+    kept [L, B]). sparse: bool [B], default all True for a sparse spec.
+    """
+    B = token.shape[0]
+    S = cache["k"].shape[2]
+    _check_positions(pos, S)
+    pos = jnp.asarray(pos, jnp.int32)
+    if sparse is None and not spec.is_dense:
+        sparse = jnp.ones((B,), bool)
+    if sparse is not None:
+        sparse = jnp.asarray(sparse).reshape(B, 1)
+    _check_policy(cfg, policy)
+    inv_freq, windows = _layer_consts(cfg)
+    positions = pos[:, None]  # [B, 1]
+    slots = jnp.arange(S, dtype=jnp.int32)
+    all_valid = jnp.ones((B, S), bool)
+    rows = jnp.arange(B)
+    x = _embed(params, cfg, token[:, None])
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+
+    def body(carry, xs):
+        x, ck, cv = carry
+        layer, inv_f, window, pol, l = xs
+        h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
+        q, k, v = _qkv(cfg, layer, h, positions, inv_f)
+        ck = ck.at[l, rows, pos].set(k[:, 0].astype(ck.dtype))
+        cv = cv.at[l, rows, pos].set(v[:, 0].astype(cv.dtype))
+        mask = visibility(positions, slots, all_valid, window)
+        attn = attend(q, ck[l], cv[l], mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+        x, kept = _attn_out_and_mlp(cfg, spec, layer, x, attn, pol, sparse)
+        return (x, ck, cv), kept[:, 0]
+
+    (x, ck, cv), kept = jax.lax.scan(
+        body, (x, cache["k"], cache["v"]),
+        (params["layers"], inv_freq, windows, policy, layer_ids))
+    return _logits(params, cfg, x[:, 0]), {"k": ck, "v": cv}, kept
