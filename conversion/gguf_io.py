@@ -33,12 +33,11 @@ _ARCH = {
     "llama": ("llama", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
-    "gemma": ("gemma", "GemmaForCausalLM"),
     "gemma2": ("gemma2", "Gemma2ForCausalLM"),
     "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
 }
 SUPPORTED_ARCHITECTURES = tuple(_ARCH)
-_GEMMA = ("gemma", "gemma2", "gemma3")
+_GEMMA = ("gemma2", "gemma3")
 _ROPE_PERMUTED = ("llama",)  # llama.cpp permutes q/k only for these (mistral is "llama")
 
 # blk.{i}.<gguf> -> model.layers.{i}.<hf>; the pre-FFN norm differs between families.
