@@ -76,7 +76,8 @@ def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq):
     return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
 
-def _attn_out_and_mlp(cfg: ModelConfig, spec, layer, x, attn, policy, sparse):
+def _attn_out_and_mlp(cfg: ModelConfig, spec, layer, x, attn, policy, sparse,
+                      collect: bool = False):
     o = jnp.einsum("bthk,hkd->btd", attn, layer["wo"])
     if cfg.sandwich_norm:
         o = rms_norm(o, layer["post_attn_norm"], cfg.norm_eps)
@@ -85,7 +86,7 @@ def _attn_out_and_mlp(cfg: ModelConfig, spec, layer, x, attn, policy, sparse):
     y, kept = ffn(layer["mlp"], h, act=cfg.act, spec=spec, policy=policy, sparse=sparse)
     if cfg.sandwich_norm:
         y = rms_norm(y, layer["post_mlp_norm"], cfg.norm_eps)
-    return x + y, kept
+    return x + y, ((kept, h) if collect else kept)
 
 
 def _check_policy(cfg: ModelConfig, policy):
@@ -96,7 +97,15 @@ def _check_policy(cfg: ModelConfig, policy):
 
 
 # -- full sequences (prefill / forward) ------------------------------------------------------
-def _sequence(params, cfg: ModelConfig, tokens, lengths, cache, spec, policy, sparse):
+def _head_at(params, cfg: ModelConfig, x, logits_at):
+    """Logits only at positions logits_at [B, P] (None = all): the head can dominate."""
+    if logits_at is not None:
+        x = jnp.take_along_axis(x, jnp.asarray(logits_at, jnp.int32)[..., None], axis=1)
+    return _logits(params, cfg, x)
+
+
+def _sequence(params, cfg: ModelConfig, tokens, lengths, cache, spec, policy, sparse,
+              collect: bool = False, logits_at=None):
     B, T = tokens.shape
     if lengths is None:
         lengths = jnp.full((B,), T, jnp.int32)
@@ -117,7 +126,7 @@ def _sequence(params, cfg: ModelConfig, tokens, lengths, cache, spec, policy, sp
         if ck is not None:  # slots [0, T) of this layer
             ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (l, 0, 0, 0, 0))
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (l, 0, 0, 0, 0))
-        x, kept = _attn_out_and_mlp(cfg, spec, layer, x, attn, pol, sparse)
+        x, kept = _attn_out_and_mlp(cfg, spec, layer, x, attn, pol, sparse, collect)
         return (x, ck, cv), kept
 
     ck = cv = None
@@ -125,18 +134,19 @@ def _sequence(params, cfg: ModelConfig, tokens, lengths, cache, spec, policy, sp
         ck, cv = cache["k"], cache["v"]
     (x, ck, cv), kept = jax.lax.scan(
         body, (x, ck, cv), (params["layers"], inv_freq, windows, policy, layer_ids))
-    logits = _logits(params, cfg, x)
+    logits = _head_at(params, cfg, x, logits_at)
     new_cache = None if cache is None else {"k": ck, "v": cv}
     return logits, new_cache, kept
 
 
 def prefill(params, cfg: ModelConfig, tokens, lengths, cache, *, spec: SparseSpec = DENSE,
-            policy=None, sparse=None):
+            policy=None, sparse=None, logits_at=None):
     """Right-padded prompts tokens[B, T] (row b valid below lengths[b]) at positions 0..T-1.
 
     Writes k/v to cache slots [0, T) and returns (logits [B, T, V] float32, cache,
     kept [L, B, T]). Keys at/after a row's length are masked; logits there are junk.
     sparse: bool [B, T] tokens that run sparse; default: ``spec.sparse_prefill`` for all.
+    logits_at: int [B, P] positions whose logits are returned ([B, P, V]); None = all.
     """
     B, T = tokens.shape
     S = cache["k"].shape[2]
@@ -145,20 +155,28 @@ def prefill(params, cfg: ModelConfig, tokens, lengths, cache, *, spec: SparseSpe
     if sparse is None and not spec.is_dense:
         sparse = jnp.full((B, T), spec.sparse_prefill)
     return _sequence(params, cfg, tokens, jnp.asarray(lengths, jnp.int32), cache, spec, policy,
-                     sparse)
+                     sparse, logits_at=logits_at)
 
 
 def forward(params, cfg: ModelConfig, tokens, lengths=None, *, spec: SparseSpec = DENSE,
-            policy=None, sparse=None):
+            policy=None, sparse=None, collect: bool = False, logits_at=None):
     """No-cache forward for scoring: (logits [B, T, V] float32, kept [L, B, T]).
 
     sparse: bool [B, T] tokens that run sparse (e.g. the continuation in log-likelihood
     evaluation); None passes None to the FFN, i.e. every token follows ``spec``.
+    collect: also return the MLP inputs (post-norm x) of every layer, [L, B, T, d]
+    (calibration and predictor data): (logits, kept, mlp_inputs).
+    logits_at: int [B, P] positions whose logits are returned ([B, P, V]); None = all,
+    and a [B, 0] array skips the head.
     """
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)
-    logits, _, kept = _sequence(params, cfg, tokens, lengths, None, spec, policy, sparse)
-    return logits, kept
+    logits, _, out = _sequence(params, cfg, tokens, lengths, None, spec, policy, sparse,
+                               collect=collect, logits_at=logits_at)
+    if collect:
+        kept, mlp_inputs = out
+        return logits, kept, mlp_inputs
+    return logits, out
 
 
 # -- one token per row against the cache ----------------------------------------------------
@@ -211,3 +229,46 @@ def decode_step(params, cfg: ModelConfig, token, pos, cache, *, spec: SparseSpec
         body, (x, cache["k"], cache["v"]),
         (params["layers"], inv_freq, windows, policy, layer_ids))
     return _logits(params, cfg, x[:, 0]), {"k": ck, "v": cv}, kept
+
+
+def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec = DENSE,
+           policy=None, sparse=None, logits_at=None):
+    """A chunk tokens[B, T] continuing each row at positions start[b] + t (decode_step for
+    T tokens at once, e.g. scoring continuations against a prefilled context).
+
+    Writes k/v at those slots and attends to slots <= the query's position (slots below
+    start[b] must hold the row's earlier tokens). Returns (logits [B, T, V] float32 or at
+    logits_at [B, P], cache, kept [L, B, T]). sparse: bool [B, T], default all True for a
+    sparse spec. Padding at the end of a row only produces junk after the row's tokens.
+    """
+    B, T = tokens.shape
+    S = cache["k"].shape[2]
+    start = jnp.asarray(start, jnp.int32)
+    positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
+    _check_positions(positions, S)
+    if sparse is None and not spec.is_dense:
+        sparse = jnp.ones((B, T), bool)
+    _check_policy(cfg, policy)
+    inv_freq, windows = _layer_consts(cfg)
+    slots = jnp.arange(S, dtype=jnp.int32)
+    all_valid = jnp.ones((B, S), bool)
+    rows = jnp.arange(B)[:, None]
+    x = _embed(params, cfg, tokens)
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+
+    def body(carry, xs):
+        x, ck, cv = carry
+        layer, inv_f, window, pol, l = xs
+        h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
+        q, k, v = _qkv(cfg, layer, h, positions, inv_f)
+        ck = ck.at[l, rows, positions].set(k.astype(ck.dtype))
+        cv = cv.at[l, rows, positions].set(v.astype(cv.dtype))
+        mask = visibility(positions, slots, all_valid, window)
+        attn = attend(q, ck[l], cv[l], mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+        x, kept = _attn_out_and_mlp(cfg, spec, layer, x, attn, pol, sparse)
+        return (x, ck, cv), kept
+
+    (x, ck, cv), kept = jax.lax.scan(
+        body, (x, cache["k"], cache["v"]),
+        (params["layers"], inv_freq, windows, policy, layer_ids))
+    return _head_at(params, cfg, x, logits_at), {"k": ck, "v": cv}, kept
