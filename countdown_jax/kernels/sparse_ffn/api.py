@@ -1,13 +1,101 @@
-"""Gathered sparse FFN: one entry point, ``implementation=`` picks the backend."""
+"""Gathered sparse FFN: one entry point, ``implementation=`` picks the backend.
+
+implementation:
+  "xla"         plain-JAX reference (jnp.take of the listed rows, float32 accumulation)
+  "pallas"      the Pallas kernel for the running platform: pallas_gpu on GPU, pallas_tpu
+                on TPU. On CPU there is no compiled Pallas: it falls back to "xla" and
+                warns once (pass interpret=True to run the GPU kernel in interpret mode).
+  "pallas_gpu"  the Triton-lowered kernel (compiled on GPU, or interpret=True anywhere)
+  "pallas_tpu"  the Mosaic TPU block-gather kernel (compiled on TPU, or interpret=True)
+
+Contract: x [N, d]; w_gate, w_up, w_down [m, d] (row-per-neuron, down transposed);
+idx [N, C] int32 (capacity-padded neuron list per token); count [N] int32 (entries of idx
+beyond count are ignored; count is clipped to C); coef [N, m] when dense is "up"
+(u, M-COUNTDOWN) or "gate" (act(g), CATS). Returns y [N, d] in x.dtype.
+"""
 
 from __future__ import annotations
 
+import warnings
+
+import jax
+import jax.numpy as jnp
+
 from countdown_jax.kernels.sparse_ffn.reference import sparse_ffn_reference
+
+IMPLEMENTATIONS = ("xla", "pallas", "pallas_gpu", "pallas_tpu")
+_warned = set()
+
+
+def _fallback_warning(what: str):
+    if what not in _warned:
+        _warned.add(what)
+        warnings.warn(what, stacklevel=3)
+
+
+def resolve_pallas(implementation: str, interpret: bool) -> str:
+    """Map "pallas" to the platform's backend; "xla" where no compiled Pallas exists."""
+    if implementation != "pallas":
+        return implementation
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return "pallas_gpu"
+    if backend == "tpu":
+        return "pallas_tpu"
+    if interpret:
+        return "pallas_gpu"
+    _fallback_warning(f"Pallas kernels need a GPU or TPU (backend is {backend!r}); "
+                      "sparse FFN falls back to the XLA reference")
+    return "xla"
+
+
+def index_list(keep, capacity: int):
+    """Boolean keep [N, m] -> (idx [N, capacity] int32, count [N] int32), on device.
+
+    count is the true number kept (may exceed capacity; kernels then use the first
+    ``capacity`` entries, so compare count with capacity to detect overflow).
+    """
+    idx = jax.vmap(lambda k: jnp.nonzero(k, size=capacity, fill_value=0)[0])(keep)
+    return idx.astype(jnp.int32), jnp.sum(keep, axis=-1, dtype=jnp.int32)
+
+
+def _check(x, w_gate, w_up, w_down, idx, count, dense, coef):
+    if x.ndim != 2:
+        raise ValueError(f"sparse_ffn: x must be [N, d], got shape {x.shape}")
+    n, d = x.shape
+    m = w_down.shape[0]
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        if w.shape != (m, d):
+            raise ValueError(f"sparse_ffn: {name} must be [m, d] = {(m, d)} (row-per-neuron, "
+                             f"down transposed), got {w.shape}")
+    if idx.ndim != 2 or idx.shape[0] != n:
+        raise ValueError(f"sparse_ffn: idx must be [N={n}, C], got {idx.shape}")
+    if count.shape != (n,):
+        raise ValueError(f"sparse_ffn: count must be [N={n}], got {count.shape}")
+    if dense not in (None, "up", "gate"):
+        raise ValueError(f"sparse_ffn: dense must be 'up', 'gate' or None, got {dense!r}")
+    if dense is not None and (coef is None or coef.shape != (n, m)):
+        raise ValueError(f"sparse_ffn: dense={dense!r} needs coef [N, m] = {(n, m)}, got "
+                         f"{None if coef is None else coef.shape}")
 
 
 def sparse_ffn(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=None,
-               implementation: str = "xla"):
-    if implementation == "xla":
+               implementation: str = "xla", interpret: bool = False, config=None):
+    """See module docstring. ``config``: backend tuning (GatherConfig or TPU block size)."""
+    _check(x, w_gate, w_up, w_down, idx, count, dense, coef)
+    impl = resolve_pallas(implementation, interpret)
+    if impl == "xla":
         return sparse_ffn_reference(x, w_gate, w_up, w_down, idx, count,
                                     act=act, dense=dense, coef=coef)
-    raise ValueError(f"unknown sparse_ffn implementation {implementation!r}")
+    if impl == "pallas_gpu":
+        from countdown_jax.kernels.sparse_ffn.pallas_gpu import sparse_ffn_pallas_gpu
+        return sparse_ffn_pallas_gpu(x, w_gate, w_up, w_down, idx, count, act=act,
+                                     dense=dense, coef=coef, config=config,
+                                     interpret=interpret)
+    if impl == "pallas_tpu":
+        from countdown_jax.kernels.sparse_ffn.pallas_tpu import sparse_ffn_pallas_tpu
+        return sparse_ffn_pallas_tpu(x, w_gate, w_up, w_down, idx, count, act=act,
+                                     dense=dense, coef=coef, block=config or 128,
+                                     interpret=interpret)
+    raise ValueError(f"unknown sparse_ffn implementation {implementation!r}; "
+                     f"expected one of {IMPLEMENTATIONS}")

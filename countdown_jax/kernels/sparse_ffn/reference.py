@@ -21,7 +21,11 @@ from countdown_jax.ffn import activation
 def sparse_ffn_reference(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=None):
     """x [N, d]; w_* [m, d]; idx [N, C] int32; count [N] int32; coef [N, m] when dense is set."""
     n, c = idx.shape
-    valid = jnp.arange(c)[None, :] < count[:, None]                      # [N, C]
+    m = w_down.shape[0]
+    # Entries past count (and any outside [0, m)) are padding: read row 0, weight 0, so
+    # junk in the padding can neither fault nor poison the sum (NaN * 0).
+    valid = (jnp.arange(c)[None, :] < count[:, None]) & (idx >= 0) & (idx < m)   # [N, C]
+    idx = jnp.where(valid, idx, 0)
     xf = x.astype(jnp.float32)
 
     def rows(w):                                                         # [N, C, d]

@@ -1,0 +1,185 @@
+"""Pallas (Triton lowering) GPU kernel: selection and sparse FFN in ONE kernel.
+
+Per block of ``bn`` consecutive neurons a program
+  1. streams the block's rows of the scoring matrix (W_up for M, W_gate for CATS, the
+     predictor's U for D) and dots them with x (or with h = x V for D),
+  2. thresholds them (keep |u| > tau, |act(g)| > tau, or z > tau),
+  3. reads only the kept rows of the other matrices (gate for M, up for CATS, gate and
+     up for D) and of W_down, and accumulates s * W_down[row] in float32 registers.
+No index list and no host sync: the selection never leaves the kernel. The dense scoring
+stream of co-resident programs hides the latency of the dependent sparse loads.
+
+Two ways to read the kept rows of a block (``compact``):
+  0  predicated loads over all ``bn`` rows (masked-off rows move no bytes),
+  k  in-block compaction: kept rows are packed (cumsum) into tiles of k, so each load
+     instruction carries k useful rows even at 95% sparsity.
+Batch N > 1: the union of the tokens' kept rows is read once; each token's s is zero
+outside its own selection, so every token gets exactly its own sparse FFN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from countdown_jax.ffn import activation
+from countdown_jax.kernels import _triton_tiles as tt
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedConfig:
+    bn: int = 16                 # neurons per block (power of two)
+    bd: int = 512                # column chunk over d (power of two)
+    bds: int = 512               # column chunk over the predictor rank (method d only)
+    blocks_per_program: int = 4  # consecutive blocks per program (y partial per program)
+    num_warps: int = 4
+    num_stages: int = 1
+    reduce: str = "partial"      # "partial" | "atomic"
+    compact: int = 0             # 0 = predicated block loads; k = in-block compaction tile
+    poison: bool = False         # checks: outputs start as NaN / INT_MIN (must be overwritten)
+
+    def __post_init__(self):
+        for name in ("bn", "bd", "bds"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"FusedConfig.{name} must be a power of two, got {v}")
+        if self.compact and self.compact & (self.compact - 1):
+            raise ValueError(f"FusedConfig.compact must be 0 or a power of two, got {self.compact}")
+        if self.reduce not in ("partial", "atomic"):
+            raise ValueError(f"FusedConfig.reduce must be 'partial' or 'atomic', got {self.reduce!r}")
+
+    def programs(self, m: int) -> int:
+        return -(-(-(-m // self.bn)) // self.blocks_per_program)
+
+
+def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
+    x_ref, s_ref, ws_ref, wg_ref, wu_ref, wd_ref, tau_ref = refs[:7]
+    out_ref, cnt_ref = refs[-2:]
+    p = pl.program_id(0)
+    bn, bd = cfg.bn, cfg.bd
+    bds = cfg.bds if method == "d" else bd      # chunk of the score input (rank or d)
+    ch = tt.chunks(d, bd)
+    f = activation(act)
+    nblk = -(-m // bn)
+    b0 = p * cfg.blocks_per_program
+    b1 = jnp.minimum(b0 + cfg.blocks_per_program, nblk)
+
+    xs = [[tt.load_vec(x_ref, (b,), c0, bd, d) for c0, _ in ch] for b in range(nb)]
+    ss = xs if method != "d" else [
+        [tt.load_vec(s_ref, (b,), c0, bds, ds) for c0, _ in tt.chunks(ds, bds)]
+        for b in range(nb)]
+    taus = [tau_ref[b] for b in range(nb)]
+
+    def sparse_part(acc, rows, ok, keep, dense_vals):
+        """Read kept rows only: coefficients s per token, then accumulate s * W_down."""
+        if method == "m":
+            g = tt.row_dots(wg_ref, rows, ok, xs, bd, d)
+            s = [jnp.where(keep[b], f(g[b]) * dense_vals[b], 0.0) for b in range(nb)]
+        elif method == "cats":
+            u = tt.row_dots(wu_ref, rows, ok, xs, bd, d)
+            s = [jnp.where(keep[b], dense_vals[b] * u[b], 0.0) for b in range(nb)]
+        else:
+            g, u = tt.row_dots2(wg_ref, wu_ref, rows, ok, xs, bd, d)
+            s = [jnp.where(keep[b], f(g[b]) * u[b], 0.0) for b in range(nb)]
+        return tt.accumulate_rows(acc, wd_ref, rows, ok, s, bd, d)
+
+    def body(blk, carry):
+        acc, cnts = carry
+        rows = blk * bn + jnp.arange(bn, dtype=jnp.int32)
+        rv = rows < m if m % bn else None
+        sc = tt.row_dots(ws_ref, rows, rv, ss, bds, ds)
+        if method == "m":
+            dense_vals = sc
+            keep = [jnp.abs(sc[b]) > taus[b] for b in range(nb)]
+        elif method == "cats":
+            dense_vals = [f(v) for v in sc]
+            keep = [jnp.abs(dense_vals[b]) > taus[b] for b in range(nb)]
+        else:
+            dense_vals = [None] * nb
+            keep = [sc[b] > taus[b] for b in range(nb)]
+        if rv is not None:
+            keep = [k & rv for k in keep]
+        anyk = keep[0]
+        for k in keep[1:]:
+            anyk = anyk | k
+        cnts = [c + jnp.sum(k.astype(jnp.int32)) for c, k in zip(cnts, keep)]
+
+        if not cfg.compact:
+            return sparse_part(acc, rows, anyk, keep, dense_vals), cnts
+
+        # In-block compaction: slot j holds the block's j-th kept row.
+        bj = cfg.compact
+        ki = anyk.astype(jnp.int32)
+        cs = jnp.cumsum(ki)
+        nk = jnp.sum(ki)
+        lane = jnp.arange(bn, dtype=jnp.int32)
+
+        def tile(j, acc):
+            slot = j * bj + jnp.arange(bj, dtype=jnp.int32)
+            pos = jnp.sum((cs[None, :] <= slot[:, None]).astype(jnp.int32), axis=1)
+            sv = slot < nk
+            onehot = lane[None, :] == pos[:, None]                       # [bj, bn]
+
+            def pick(v):
+                return jnp.sum(jnp.where(onehot, v[None, :], 0.0), axis=1)
+
+            kc = [(pick(k.astype(jnp.float32)) > 0) & sv for k in keep]
+            vc = [None if v is None else pick(v) for v in dense_vals]
+            return sparse_part(acc, blk * bn + pos, sv, kc, vc)
+
+        return jax.lax.fori_loop(0, (nk + bj - 1) // bj, tile, acc), cnts
+
+    acc0 = [[jnp.zeros((bd,), jnp.float32) for _ in ch] for _ in range(nb)]
+    cnt0 = [jnp.int32(0) for _ in range(nb)]
+    acc, cnts = jax.lax.fori_loop(b0, b1, body, (acc0, cnt0))
+    for b in range(nb):
+        cnt_ref[p, b] = cnts[b]
+        for (c0, _), a in zip(ch, acc[b]):
+            if cfg.reduce == "partial":
+                tt.store_vec(out_ref, (p, b), c0, bd, d, a)
+            else:  # output padded to a multiple of bd: no mask needed
+                plt.atomic_add(out_ref, (b, tt.col_index(c0, bd)), a)
+
+
+def fused_sparse_ffn_pallas_gpu(x, w_gate, w_up, w_down, tau, *, act, method, h=None,
+                                pred_u=None, config: FusedConfig | None = None,
+                                interpret: bool = False):
+    """x [N, d]; tau [N] float32; for method "d": h = x V [N, r] float32 and U [m, r]."""
+    cfg = config or FusedConfig()
+    nb, d = x.shape
+    m = w_down.shape[0]
+    if method == "m":
+        ws, sin = w_up, x
+    elif method == "cats":
+        ws, sin = w_gate, x
+    else:
+        ws, sin = pred_u, h.astype(jnp.float32)
+    ds = ws.shape[1]
+    P = cfg.programs(m)
+    kern = functools.partial(_kernel, method=method, act=act, m=m, d=d, ds=ds, nb=nb, cfg=cfg)
+    params = plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    args = (x, sin, ws, w_gate, w_up, w_down, tau.astype(jnp.float32))
+    dp = -(-d // cfg.bd) * cfg.bd
+    y_shape = (jax.ShapeDtypeStruct((P, nb, d), jnp.float32) if cfg.reduce == "partial"
+               else jax.ShapeDtypeStruct((nb, dp), jnp.float32))
+    cnt_shape = jax.ShapeDtypeStruct((P, nb), jnp.int32)
+    # Output buffers handed in through aliases: zeros for atomics; poison for checks.
+    init, aliases = [], {}
+    if cfg.reduce == "atomic" or cfg.poison:
+        fill = 0.0 if cfg.reduce == "atomic" else jnp.nan
+        aliases[len(args) + len(init)] = 0
+        init.append(jnp.full(y_shape.shape, fill, jnp.float32))
+    if cfg.poison:
+        aliases[len(args) + len(init)] = 1
+        init.append(jnp.full(cnt_shape.shape, jnp.iinfo(jnp.int32).min, jnp.int32))
+    y, cnt = pl.pallas_call(
+        kern, grid=(P,), compiler_params=params, interpret=interpret,
+        out_shape=(y_shape, cnt_shape), input_output_aliases=aliases,
+        name=f"fused_sparse_ffn_{method}_{cfg.reduce}")(*args, *init)
+    y = jnp.sum(y, axis=0) if cfg.reduce == "partial" else y[:, :d]
+    return y.astype(x.dtype), jnp.sum(cnt, axis=0)

@@ -1,0 +1,112 @@
+"""Pallas (Triton lowering) GPU kernel for the gathered sparse FFN with an index list.
+
+One fused kernel per call: for each tile of ``bj`` listed neurons it gathers their gate /
+up rows, forms s = act(g) * u, gathers their down rows and accumulates s * down into a
+float32 accumulator held in registers, chunked along d. Programs take tiles round-robin
+(tile t goes to program t mod P), so work is balanced for any ``count`` and one compile
+serves every sparsity: only ``count`` (a traced scalar per token) changes.
+
+Per-token lists (batch N > 1 = N independent lists, grid axis 0). Cross-program
+reduction: ``reduce="partial"`` writes per-program partial sums [N, P, d] that one XLA
+reduce sums, ``reduce="atomic"`` adds them into a zeroed float32 output with atomics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from countdown_jax.ffn import activation
+from countdown_jax.kernels import _triton_tiles as tt
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherConfig:
+    bj: int = 16            # listed neurons per tile (power of two)
+    bd: int = 512           # column chunk (power of two)
+    programs: int = 132     # programs per token (tiles are dealt round-robin)
+    num_warps: int = 4
+    num_stages: int = 1
+    reduce: str = "partial"  # "partial" | "atomic"
+    poison: bool = False     # checks: partial sums start as NaN (must all be overwritten)
+
+    def __post_init__(self):
+        for name in ("bj", "bd"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"GatherConfig.{name} must be a power of two, got {v}")
+        if self.reduce not in ("partial", "atomic"):
+            raise ValueError(f"GatherConfig.reduce must be 'partial' or 'atomic', got {self.reduce!r}")
+
+
+def _kernel(*refs, act, dense, m, d, cap, cfg: GatherConfig):
+    # inputs, [zeroed float32 output aliased to out_ref when reduce="atomic"], output
+    x_ref, wg_ref, wu_ref, wd_ref, idx_ref, cnt_ref, coef_ref = refs[:7]
+    out_ref = refs[-1]
+    n = pl.program_id(0)
+    p = pl.program_id(1)
+    P = cfg.programs
+    bj, bd = cfg.bj, cfg.bd
+    ch = tt.chunks(d, bd)
+    f = activation(act)
+
+    cnt = jnp.clip(cnt_ref[n], 0, cap)
+    ntiles = (cnt + bj - 1) // bj
+    iters = jnp.maximum(ntiles - p + P - 1, 0) // P
+    xs = [[tt.load_vec(x_ref, (n,), c0, bd, d) for c0, _ in ch]]
+
+    def body(i, acc):
+        slot = (p + i * P) * bj + jnp.arange(bj, dtype=jnp.int32)
+        live = slot < cnt
+        rows = plt.load(idx_ref.at[n, slot], mask=live, other=0)
+        ok = live & (rows >= 0) & (rows < m)    # never read outside the matrix
+        if dense == "up":
+            (g,) = tt.row_dots(wg_ref, rows, ok, xs, bd, d)
+            s = f(g) * plt.load(coef_ref.at[n, rows], mask=ok, other=0).astype(jnp.float32)
+        elif dense == "gate":
+            (u,) = tt.row_dots(wu_ref, rows, ok, xs, bd, d)
+            s = plt.load(coef_ref.at[n, rows], mask=ok, other=0).astype(jnp.float32) * u
+        else:
+            (g,), (u,) = tt.row_dots2(wg_ref, wu_ref, rows, ok, xs, bd, d)
+            s = f(g) * u
+        s = jnp.where(ok, s, 0.0)
+        return tt.accumulate_rows([acc], wd_ref, rows, ok, [s], bd, d)[0]
+
+    acc0 = [jnp.zeros((bd,), jnp.float32) for _ in ch]
+    acc = jax.lax.fori_loop(0, iters, body, acc0)
+    for (c0, _), a in zip(ch, acc):
+        if cfg.reduce == "partial":
+            tt.store_vec(out_ref, (n, p), c0, bd, d, a)
+        else:   # output padded to a multiple of bd: no mask needed
+            plt.atomic_add(out_ref, (n, tt.col_index(c0, bd)), a)
+
+
+def sparse_ffn_pallas_gpu(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=None,
+                          config: GatherConfig | None = None, interpret: bool = False):
+    cfg = config or GatherConfig()
+    n, d = x.shape
+    m = w_down.shape[0]
+    cap = idx.shape[1]
+    if coef is None:
+        coef = jnp.zeros((n, 1), jnp.float32)      # unused placeholder operand
+    kern = functools.partial(_kernel, act=act, dense=dense, m=m, d=d, cap=cap, cfg=cfg)
+    params = plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    args = (x, w_gate, w_up, w_down, idx.astype(jnp.int32), count.astype(jnp.int32),
+            coef.astype(jnp.float32))
+    dp = -(-d // cfg.bd) * cfg.bd
+    shape = (n, cfg.programs, d) if cfg.reduce == "partial" else (n, dp)
+    init, aliases = [], {}
+    if cfg.reduce == "atomic" or cfg.poison:   # output handed in: zeros for atomics, or poison
+        aliases = {len(args): 0}
+        init = [jnp.full(shape, 0.0 if cfg.reduce == "atomic" else jnp.nan, jnp.float32)]
+    y = pl.pallas_call(
+        kern, grid=(n, cfg.programs), compiler_params=params, interpret=interpret,
+        out_shape=jax.ShapeDtypeStruct(shape, jnp.float32), input_output_aliases=aliases,
+        name=f"sparse_ffn_gather_{cfg.reduce}")(*args, *init)
+    y = jnp.sum(y, axis=1) if cfg.reduce == "partial" else y[:, :d]
+    return y.astype(x.dtype)

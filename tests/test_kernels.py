@@ -1,0 +1,243 @@
+"""Sparse FFN kernels vs plain-JAX references (Pallas interpret mode on CPU; GPU compiled
+when a GPU is present).
+
+Shapes are ragged on purpose (m=37, d=19: not multiples of any block size) and every
+check uses fresh random data. Interpret mode starts outputs as NaN / INT_MIN, so an
+unwritten element fails the comparison. Each kernel is jitted once per config and then
+fed several selections (random, all kept, none kept), which are data, not shapes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from countdown_jax.kernels.fused_sparse_ffn.api import fused_sparse_ffn
+from countdown_jax.kernels.fused_sparse_ffn.pallas_gpu import FusedConfig
+from countdown_jax.kernels.fused_sparse_ffn.reference import selection_scores
+from countdown_jax.kernels.sparse_ffn import api as sparse_api
+from countdown_jax.kernels.sparse_ffn.api import index_list, sparse_ffn
+from countdown_jax.kernels.sparse_ffn.pallas_gpu import GatherConfig
+
+M, D, R = 37, 19, 8
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.all(np.isfinite(a)), "kernel output has NaN/inf (unwritten or poisoned element)"
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def weights(seed, m=M, d=D, dtype=jnp.float32):
+    k = jax.random.split(jax.random.key(seed), 6)
+    w = [jax.random.normal(k[i], (m, d), jnp.float32).astype(dtype) for i in range(3)]
+    v = (jax.random.normal(k[3], (d, R), jnp.float32) / np.sqrt(d)).astype(dtype)
+    u = jax.random.normal(k[4], (m, R), jnp.float32).astype(dtype)
+    return w, v, u
+
+
+def gap_tau(q, frac):
+    """Per-token threshold halfway between two neighbouring scores: kept count is
+    round(frac*m) and no score sits near the threshold (kernel rounding can't flip it)."""
+    qs = np.sort(np.asarray(q, np.float64), axis=1)
+    k = int(round(frac * qs.shape[1]))
+    if k <= 0:
+        return jnp.asarray(qs[:, 0] - 1.0, jnp.float32)
+    if k >= qs.shape[1]:
+        return jnp.asarray(qs[:, -1] + 1.0, jnp.float32)
+    return jnp.asarray((qs[:, k - 1] + qs[:, k]) / 2, jnp.float32)
+
+
+def selections(seed, n, m=M):
+    """(name, idx, count) cases: random per-token lists with junk past count, all, none."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    keep = rng.random((n, m)) < 0.35
+    idx, cnt = index_list(jnp.asarray(keep), m)
+    junk = rng.integers(-5, m + 5, size=(n, m))          # past count: must be ignored
+    idx = jnp.where(jnp.arange(m)[None, :] < cnt[:, None], idx, junk)
+    cases.append(("random", idx.astype(jnp.int32), cnt))
+    cases.append(("all", jnp.tile(jnp.asarray(rng.permutation(m), jnp.int32), (n, 1)),
+                  jnp.full((n,), m, jnp.int32)))
+    cases.append(("none", jnp.asarray(junk, jnp.int32), jnp.zeros((n,), jnp.int32)))
+    return cases
+
+
+# --------------------------------------------------------------------------- gathered list
+
+GATHER_CASES = [
+    # dense, act, n, dtype, config
+    (None, "silu", 3, jnp.float32, GatherConfig(bj=4, bd=8, programs=3)),
+    ("up", "silu", 1, jnp.bfloat16, GatherConfig(bj=8, bd=16, programs=2, reduce="atomic")),
+    ("gate", "gelu_tanh", 2, jnp.float32, GatherConfig(bj=4, bd=32, programs=4)),
+]
+
+
+@pytest.mark.parametrize("dense,act,n,dtype,cfg", GATHER_CASES)
+def test_gather_kernel_matches_reference(dense, act, n, dtype, cfg):
+    (wg, wu, wd), _, _ = weights(1, dtype=dtype)
+    x = jax.random.normal(jax.random.key(2), (n, D), jnp.float32).astype(dtype)
+    coef = None if dense is None else jax.random.normal(jax.random.key(3), (n, M), jnp.float32)
+
+    def run(impl, idx, cnt):
+        return sparse_ffn(x, wg, wu, wd, idx, cnt, act=act, dense=dense, coef=coef,
+                          implementation=impl, interpret=True, config=cfg)
+
+    kern = jax.jit(lambda i, c: run("pallas_gpu", i, c))
+    ref = jax.jit(lambda i, c: run("xla", i, c))
+    for name, idx, cnt in selections(4, n):
+        y = kern(idx, cnt)
+        r = ref(idx, cnt)
+        if name == "none":
+            assert np.all(np.asarray(y, np.float32) == 0), "no neuron kept must give y == 0"
+        else:
+            assert rel_err(y, r) < 1e-5, name
+        if name == "all":   # everything kept == the dense FFN
+            xf, f = x.astype(jnp.float32), jax.nn.silu if act == "silu" else (
+                lambda g: jax.nn.gelu(g, approximate=True))
+            g, u = xf @ wg.astype(jnp.float32).T, xf @ wu.astype(jnp.float32).T
+            if dense == "up":
+                u = coef
+            elif dense == "gate":
+                g, f = coef, (lambda a: a)
+            dense_y = (f(g) * u) @ wd.astype(jnp.float32)
+            assert rel_err(y, dense_y) < (1e-2 if dtype == jnp.bfloat16 else 1e-5)
+
+
+def test_tpu_block_kernel_matches_reference():
+    (wg, wu, wd), _, _ = weights(5)
+    n = 2
+    x = jax.random.normal(jax.random.key(6), (n, D), jnp.float32)
+    coef = jax.random.normal(jax.random.key(7), (n, M), jnp.float32)
+    for dense in (None, "up", "gate"):
+        c = None if dense is None else coef
+
+        def run(impl, idx, cnt):
+            return sparse_ffn(x, wg, wu, wd, idx, cnt, act="silu", dense=dense, coef=c,
+                              implementation=impl, interpret=True, config=8)
+
+        kern = jax.jit(lambda i, k: run("pallas_tpu", i, k))
+        for name, idx, cnt in selections(8, n):
+            y = kern(idx, cnt)
+            r = run("xla", idx, cnt)
+            if name == "none":
+                assert np.all(np.asarray(y) == 0)
+            else:
+                assert rel_err(y, r) < 1e-5, (dense, name)
+
+
+# --------------------------------------------------------------------------- fused selection
+
+FUSED_CASES = [
+    # method, n, dtype, config
+    ("m", 1, jnp.float32, FusedConfig(bn=8, bd=8, blocks_per_program=2)),
+    ("cats", 3, jnp.bfloat16, FusedConfig(bn=16, bd=16, blocks_per_program=1, reduce="atomic")),
+    ("d", 2, jnp.float32, FusedConfig(bn=16, bd=8, bds=4, blocks_per_program=2, compact=4)),
+    ("m", 2, jnp.float32, FusedConfig(bn=32, bd=32, blocks_per_program=1, compact=8,
+                                      reduce="atomic")),
+]
+
+
+@pytest.mark.parametrize("method,n,dtype,cfg", FUSED_CASES)
+def test_fused_kernel_matches_reference(method, n, dtype, cfg):
+    (wg, wu, wd), v, u = weights(11, dtype=dtype)
+    x = jax.random.normal(jax.random.key(12), (n, D), jnp.float32).astype(dtype)
+    q, _ = selection_scores(x, wg, wu, act="silu", method=method, pred_v=v, pred_u=u)
+
+    def run(impl, tau):
+        return fused_sparse_ffn(x, wg, wu, wd, tau, act="silu", method=method, pred_v=v,
+                                pred_u=u, implementation=impl, interpret=True, config=cfg)
+
+    kern = jax.jit(lambda t: run("pallas", t))
+    ref = jax.jit(lambda t: run("xla", t))
+    # per-token random sparsities, then all kept, then none kept
+    fracs = np.random.default_rng(13).uniform(0.2, 0.9, size=n)
+    taus = [jnp.concatenate([gap_tau(q[i:i + 1], 1 - f) for i, f in enumerate(fracs)]),
+            gap_tau(q, 0.0), gap_tau(q, 1.0)]
+    for case, tau in zip(("random", "all", "none"), taus):
+        y, cnt = kern(tau)
+        r, rc = ref(tau)
+        np.testing.assert_array_equal(np.asarray(cnt), np.asarray(rc), err_msg=case)
+        if case == "none":
+            assert np.all(np.asarray(y, np.float32) == 0) and np.all(np.asarray(cnt) == 0)
+        else:
+            assert rel_err(y, r) < 1e-5, case
+        if case == "all":
+            assert np.all(np.asarray(cnt) == M)
+
+
+@pytest.mark.parametrize("method", ["m", "cats", "d"])
+def test_index_list_pipelines_match_reference(method):
+    (wg, wu, wd), v, u = weights(21)
+    x = jax.random.normal(jax.random.key(22), (2, D), jnp.float32)
+    q, _ = selection_scores(x, wg, wu, act="silu", method=method, pred_v=v, pred_u=u)
+    tau = gap_tau(q, 0.7)
+    kw = dict(act="silu", method=method, pred_v=v, pred_u=u, interpret=True)
+    ref, rc = fused_sparse_ffn(x, wg, wu, wd, tau, implementation="xla", **kw)
+    for impl, cap in (("xla_gather", 16), ("pallas_gather", None)):
+        y, cnt = fused_sparse_ffn(x, wg, wu, wd, tau, implementation=impl, capacity=cap,
+                                  config=GatherConfig(bj=4, bd=8, programs=2)
+                                  if impl == "pallas_gather" else None, **kw)
+        np.testing.assert_array_equal(np.asarray(cnt), np.asarray(rc))
+        assert rel_err(y, ref) < 1e-5, impl
+    # capacity overflow is reported through the untruncated count
+    _, cnt = fused_sparse_ffn(x, wg, wu, wd, tau, implementation="xla_gather", capacity=4, **kw)
+    assert np.all(np.asarray(cnt) > 4)
+
+
+def test_api_errors_and_cpu_fallback():
+    (wg, wu, wd), v, u = weights(31)
+    x = jax.random.normal(jax.random.key(32), (1, D), jnp.float32)
+    idx, cnt = index_list(jnp.ones((1, M), bool), M)
+    with pytest.raises(ValueError, match=r"must be \[m, d\]"):
+        sparse_ffn(x, wg, wu, wd.T, idx, cnt, act="silu")
+    with pytest.raises(ValueError, match="coef"):
+        sparse_ffn(x, wg, wu, wd, idx, cnt, act="silu", dense="up")
+    with pytest.raises(ValueError, match="implementation"):
+        sparse_ffn(x, wg, wu, wd, idx, cnt, act="silu", implementation="cuda")
+    with pytest.raises(ValueError, match="predictor"):
+        fused_sparse_ffn(x, wg, wu, wd, 0.0, act="silu", method="d")
+    with pytest.raises(ValueError, match="power of two"):
+        FusedConfig(bn=12)
+    if jax.default_backend() == "cpu":
+        sparse_api._warned.clear()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            y = sparse_ffn(x, wg, wu, wd, idx, cnt, act="silu", implementation="pallas")
+        assert any("falls back" in str(i.message) for i in w)
+        r = sparse_ffn(x, wg, wu, wd, idx, cnt, act="silu")
+        assert rel_err(y, r) == 0.0
+
+
+# --------------------------------------------------------------------------- compiled GPU
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_kernels_compiled_on_gpu(dtype):
+    m, d, n = 1000, 576, 2          # ragged against every block size used below
+    (wg, wu, wd), v, u = weights(41, m=m, d=d, dtype=dtype)
+    tol = 1e-2 if dtype == jnp.bfloat16 else 1e-3
+    x = jax.random.normal(jax.random.key(42), (n, d), jnp.float32).astype(dtype)
+    for method in ("m", "cats", "d"):
+        q, _ = selection_scores(x, wg, wu, act="silu", method=method, pred_v=v, pred_u=u)
+        for frac in (0.0, 0.5, 0.9, 1.0):
+            tau = gap_tau(q, frac)
+            kw = dict(act="silu", method=method, pred_v=v, pred_u=u)
+            ref, rc = fused_sparse_ffn(x, wg, wu, wd, tau, implementation="xla", **kw)
+            for impl, cfg in (("pallas", FusedConfig(bn=16, bd=256, poison=True)),
+                              ("pallas", FusedConfig(bn=64, bd=512, compact=8,
+                                                     reduce="atomic", poison=True)),
+                              ("pallas_gather", GatherConfig(bj=8, bd=256, programs=16,
+                                                             poison=True))):
+                y, cnt = jax.jit(lambda t: fused_sparse_ffn(
+                    x, wg, wu, wd, t, implementation=impl, config=cfg, **kw))(tau)
+                np.testing.assert_array_equal(np.asarray(cnt), np.asarray(rc))
+                if frac == 1.0:
+                    assert np.all(np.asarray(y, np.float32) == 0)
+                else:
+                    assert rel_err(y, ref) < tol, (method, frac, impl, cfg)
