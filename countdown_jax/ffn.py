@@ -6,8 +6,21 @@ Interface used by the model (one layer, inside the scan over layers):
 
 mlp: {"gate","up","down"} each [m, d] (row-per-neuron, see layout.py); x: [..., d];
 policy: this layer's slice of the policy pytree (or None when dense); sparse: bool[...]
-marking tokens that run sparse (None = all tokens follow ``spec``).
-Returns y [..., d] in x.dtype and kept [...] float32: fraction of the m neurons used.
+marking tokens that run sparse (None = all tokens follow ``spec``; the others run dense).
+Returns y [..., d] in x.dtype and kept [...] float32: fraction of the m neurons used
+(from the mask actually applied, capacity cut included; 1.0 for dense tokens).
+
+Implementations (``spec.implementation``):
+  masked  the numerical reference: dense g, u, s for every neuron, mask applied to s.
+          Dense cost - for quality sweeps and as the oracle of the other two, not speed.
+  gather  capacity-padded index list -> ``kernels.sparse_ffn`` (XLA gather). Only the
+          work the method keeps dense is done densely:
+            cats         gate GEMV dense (selects on act(g)); up/down rows gathered
+            m_countdown  up GEMV dense (selects on u); gate/down rows gathered
+            predictor    (d_countdown, dejavu) x V U^T only; gate/up/down all gathered
+          Oracle modes of d_countdown / dejavu / s_countdown (ideal, topk, threshold)
+          need the dense s (or g) to select: an upper bound on quality, not a speedup.
+  pallas  as gather, with the Pallas kernels.
 """
 
 from __future__ import annotations
@@ -15,25 +28,100 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from countdown_jax.policy import SparseSpec, DENSE
+from countdown_jax import parallel_selection
+from countdown_jax.gated import activation, coefficients, project
+from countdown_jax.policy import DENSE, SparseSpec, check_layer
+from countdown_jax.selection import (limit_to_capacity, mask_to_indices, select,
+                                     spec_quantity)
 
-
-def activation(name: str):
-    if name == "silu":
-        return jax.nn.silu
-    if name == "gelu_tanh":
-        return lambda g: jax.nn.gelu(g, approximate=True)
-    raise ValueError(f"unsupported MLP activation {name!r}")
+__all__ = ["activation", "dense_ffn", "ffn"]
 
 
 def dense_ffn(mlp, x, act: str):
-    g = jnp.einsum("...d,md->...m", x, mlp["gate"])
-    u = jnp.einsum("...d,md->...m", x, mlp["up"])
-    s = activation(act)(g) * u
+    _, _, s = coefficients(mlp, x, act)
     return jnp.einsum("...m,md->...d", s, mlp["down"])
 
 
-def ffn(mlp, x, *, act: str, spec: SparseSpec = DENSE, policy=None, sparse=None):
+def ffn(mlp, x, *, act: str, spec: SparseSpec = DENSE, policy=None, sparse=None,
+        return_dropped: bool = False):
+    """One layer's FFN under ``spec``; see the module docstring.
+
+    return_dropped: also return dropped [...] int32, how many neurons that passed the rule
+    were cut by ``spec.capacity`` (0 when the capacity is never exceeded).
+    """
+    from countdown_jax import sharding  # lazy: sharding calls back into ffn
+    if sharding.splits_neurons():       # a mesh with a "model" axis is in context
+        return sharding.tensor_parallel_ffn(mlp, x, act=act, spec=spec, policy=policy,
+                                            sparse=sparse, return_dropped=return_dropped)
     if spec.is_dense:
-        return dense_ffn(mlp, x, act), jnp.ones(x.shape[:-1], jnp.float32)
-    raise NotImplementedError("sparse FFN lands with selection.py")
+        y, kept = dense_ffn(mlp, x, act), jnp.ones(x.shape[:-1], jnp.float32)
+        dropped = jnp.zeros(x.shape[:-1], jnp.int32)
+    else:
+        m, d = mlp["gate"].shape
+        if x.shape[-1] != d:
+            raise ValueError(f"MLP input has width {x.shape[-1]}, weights expect d={d}")
+        activation(act)                                  # unknown activation: fail early
+        check_layer(spec, policy, d=d, m=m)
+        if sparse is not None:
+            sparse = jnp.asarray(sparse)
+            if sparse.dtype != jnp.bool_ or sparse.shape != x.shape[:-1]:
+                raise ValueError(f"sparse must be bool{list(x.shape[:-1])} (one flag per "
+                                 f"token), got {sparse.dtype}{list(sparse.shape)}")
+        run = _masked if spec.implementation == "masked" else _gathered
+        y, kept, dropped = run(mlp, x, act, spec, policy, sparse)
+    return (y, kept, dropped) if return_dropped else (y, kept)
+
+
+def _choose(spec, q, layer):
+    """(rule mask, mask after the capacity cut); across devices when the neurons are split
+    over a mesh axis (``parallel_selection``, set while the sharded FFN traces)."""
+    shard = parallel_selection.current()
+    if shard is not None:
+        return parallel_selection.choose(spec, q, layer, shard)
+    rule = select(spec, q, layer)
+    return rule, limit_to_capacity(rule, q, spec.capacity)
+
+
+def _masked(mlp, x, act, spec, layer, sparse):
+    g, u, s = coefficients(mlp, x, act)
+    q = spec_quantity(spec, mlp, x, act, layer, g=g, u=u)
+    rule, mask = _choose(spec, q, layer)
+    dropped = jnp.sum(rule, axis=-1, dtype=jnp.int32) - jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    if sparse is not None:
+        mask = mask | ~sparse[..., None]
+        dropped = jnp.where(sparse, dropped, 0)
+    y = jnp.einsum("...m,md->...d", jnp.where(mask, s, jnp.zeros_like(s)), mlp["down"])
+    return y.astype(x.dtype), jnp.mean(mask, axis=-1, dtype=jnp.float32), dropped
+
+
+def _gathered(mlp, x, act, spec, layer, sparse):
+    # Lazy import: the kernels' reference imports ``activation`` from this module.
+    from countdown_jax.kernels.sparse_ffn.api import sparse_ffn
+
+    m, d = mlp["gate"].shape
+    lead = x.shape[:-1]
+    xs = x.reshape(-1, d)
+    g = u = coef = dense = None
+    if spec.mode != "predictor" and spec.method == "cats":
+        g = project(mlp["gate"], xs)
+        coef, dense = activation(act)(g), "gate"
+    elif spec.mode != "predictor" and spec.method == "m_countdown":
+        u = project(mlp["up"], xs)
+        coef, dense = u, "up"
+    q = spec_quantity(spec, mlp, xs, act, layer, g=g, u=u)
+    rule, mask = _choose(spec, q, layer)
+    idx, count = mask_to_indices(mask, spec.capacity)
+    y = sparse_ffn(xs, mlp["gate"], mlp["up"], mlp["down"], idx, count, act=act, dense=dense,
+                   coef=coef, implementation="xla" if spec.implementation == "gather"
+                   else spec.implementation)
+    kept = count.astype(jnp.float32) / m
+    dropped = jnp.sum(rule, axis=-1, dtype=jnp.int32) - count
+    if sparse is not None:
+        sp = sparse.reshape(-1)
+        # Dense tokens take the dense path; when every token is sparse (decode) the
+        # dense FFN is never run.
+        y = jax.lax.cond(jnp.all(sp), lambda: y,
+                         lambda: jnp.where(sp[:, None], y, dense_ffn(mlp, xs, act).astype(y.dtype)))
+        kept = jnp.where(sp, kept, 1.0)
+        dropped = jnp.where(sp, dropped, 0)
+    return y.reshape(lead + (d,)), kept.reshape(lead), dropped.reshape(lead)

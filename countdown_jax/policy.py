@@ -3,15 +3,51 @@
 The static part decides *which* computation is traced; the dynamic part (sparsity r,
 thresholds tau, predictor offset theta, predictor weights) is a pytree of arrays with a
 leading layer axis, so one compile serves every value and ``jax.vmap`` sweeps them.
+
+    policy = {
+      "sparsity":  float32 [L]   r in [0, 1): ideal / topk modes drop k = int(m r) neurons
+      "threshold": float32 [L]   tau: threshold mode keeps q > tau
+      "theta":     float32 [L]   predictor mode keeps z > theta (0 by default)
+      "predictor": {"V": [L, d, rank], "U": [L, m, rank]}   z = (x V) U^T
+    }
+
+Only the keys a spec needs must be present (``make_policy`` builds and checks them).
+Inside the scan over layers the FFN sees one layer's slice (leading axis dropped); a sweep
+stacks policies on a new leading axis (``stack_policies``) and vmaps over it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 METHODS = ("dense", "cats", "m_countdown", "d_countdown", "dejavu", "s_countdown")
 MODES = ("ideal", "topk", "threshold", "predictor")
 IMPLEMENTATIONS = ("masked", "gather", "pallas")
+
+# Which modes each method supports. CATS and M rank a quantity the FFN computes densely
+# anyway, so a predictor would add work, not save it; S-COUNTDOWN needs the dense s and
+# W_down norms, so only the oracle modes make sense for it.
+METHOD_MODES = {
+    "dense": MODES,
+    "cats": ("ideal", "topk", "threshold"),
+    "m_countdown": ("ideal", "topk", "threshold"),
+    "d_countdown": MODES,
+    "dejavu": MODES,
+    "s_countdown": ("ideal", "topk"),
+}
+
+# The policy entries each mode reads.
+MODE_KEYS = {
+    "ideal": ("sparsity",),
+    "topk": ("sparsity",),
+    "threshold": ("threshold",),
+    "predictor": ("theta", "predictor"),
+}
+SCALAR_KEYS = ("sparsity", "threshold", "theta")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,8 +60,15 @@ class SparseSpec:
     implementation: masked = float reference (dense cost, exact maths, used for quality
         sweeps); gather = XLA gather of a capacity-padded index list (skips the work);
         pallas = the Pallas kernels.
-    capacity: static upper bound on kept neurons per token for gather/pallas.
+    capacity: static upper bound on kept neurons per token (None = m). When more pass,
+        the ``capacity`` highest-ranked are kept (every implementation applies the same
+        cut, so masked stays the reference of gather).
     sparse_prefill: also sparsify prompt tokens (off by default, as in the paper).
+    shard_capacity: under tensor parallelism (``sharding``), cap each device's kept
+        neurons per token at this many instead of applying ``capacity`` across devices:
+        no extra communication, but a device holding more than this many of a token's
+        winners keeps only its highest-ranked (counted in ``dropped``). None = exact
+        (masks equal one device's). Ignored without a "model" mesh axis.
     """
 
     method: str = "dense"
@@ -33,6 +76,7 @@ class SparseSpec:
     implementation: str = "masked"
     capacity: int | None = None
     sparse_prefill: bool = False
+    shard_capacity: int | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -42,10 +86,162 @@ class SparseSpec:
         if self.implementation not in IMPLEMENTATIONS:
             raise ValueError(
                 f"unknown implementation {self.implementation!r}; expected one of {IMPLEMENTATIONS}")
+        if self.mode not in METHOD_MODES[self.method]:
+            raise ValueError(
+                f"sparsity method {self.method!r} does not support mode {self.mode!r}; "
+                f"it supports {METHOD_MODES[self.method]}")
+        if self.capacity is not None and (
+                isinstance(self.capacity, bool) or not isinstance(self.capacity, (int, np.integer))
+                or self.capacity < 1):
+            raise ValueError(f"capacity must be a positive int or None, got {self.capacity!r}")
+        if self.shard_capacity is not None and (
+                isinstance(self.shard_capacity, bool)
+                or not isinstance(self.shard_capacity, (int, np.integer))
+                or self.shard_capacity < 1):
+            raise ValueError(f"shard_capacity must be a positive int or None, got "
+                             f"{self.shard_capacity!r}")
 
     @property
     def is_dense(self) -> bool:
         return self.method == "dense"
 
+    @property
+    def policy_keys(self) -> tuple[str, ...]:
+        return () if self.is_dense else MODE_KEYS[self.mode]
+
 
 DENSE = SparseSpec()
+
+
+def _per_layer(name, value, num_layers):
+    a = np.asarray(value, dtype=np.float64)
+    if a.ndim == 0:
+        a = np.full((num_layers,), a)
+    if a.shape != (num_layers,):
+        raise ValueError(f"policy {name!r} must be a scalar or have shape [L]=[{num_layers}], "
+                         f"got shape {list(np.shape(value))}")
+    if np.isnan(a).any():
+        raise ValueError(f"policy {name!r} contains NaN")
+    return a
+
+
+def make_policy(num_layers: int, *, sparsity=None, threshold=None, theta=None,
+                predictor=None) -> dict:
+    """Build a validated policy pytree (float32 arrays with leading axis L).
+
+    Scalars broadcast to every layer. ``sparsity`` must lie in [0, 1); ``predictor`` is
+    {"V": [L, d, rank], "U": [L, m, rank]} (its floating dtype is kept). ``theta``
+    defaults to 0 when a predictor is given.
+    """
+    if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) \
+            or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    policy = {}
+    if sparsity is not None:
+        r = _per_layer("sparsity", sparsity, num_layers)
+        bad = ~((r >= 0.0) & (r < 1.0))
+        if bad.any():
+            raise ValueError(f"sparsity must lie in [0, 1), got {r[bad].tolist()} "
+                             f"at layers {np.flatnonzero(bad).tolist()}")
+        policy["sparsity"] = jnp.asarray(r, jnp.float32)
+    if threshold is not None:
+        policy["threshold"] = jnp.asarray(_per_layer("threshold", threshold, num_layers),
+                                          jnp.float32)
+    if predictor is not None:
+        policy["predictor"] = _check_predictor(predictor, num_layers)
+        if theta is None:
+            theta = 0.0
+    if theta is not None:
+        policy["theta"] = jnp.asarray(_per_layer("theta", theta, num_layers), jnp.float32)
+    return policy
+
+
+def _check_predictor(predictor, num_layers):
+    if not isinstance(predictor, dict) or set(predictor) != {"V", "U"}:
+        got = sorted(predictor) if isinstance(predictor, dict) else type(predictor).__name__
+        raise ValueError(f"predictor must be a dict with keys 'V' [L, d, rank] and "
+                         f"'U' [L, m, rank], got {got}")
+    out = {}
+    for key in ("V", "U"):
+        a = jnp.asarray(predictor[key])
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            raise ValueError(f"predictor {key!r} must be floating point, got {a.dtype}")
+        if a.ndim != 3 or a.shape[0] != num_layers:
+            raise ValueError(f"predictor {key!r} must have shape [L={num_layers}, "
+                             f"{'d' if key == 'V' else 'm'}, rank], got {list(a.shape)}")
+        out[key] = a
+    if out["V"].shape[2] != out["U"].shape[2]:
+        raise ValueError(f"predictor ranks differ: V {list(out['V'].shape)} vs "
+                         f"U {list(out['U'].shape)}")
+    return out
+
+
+def check_policy(spec: SparseSpec, policy, *, num_layers: int, d: int | None = None,
+                 m: int | None = None):
+    """Check a whole-model policy carries what ``spec`` reads, with leading axis L."""
+    if spec.is_dense:
+        return
+    _require_keys(spec, policy)
+    for key in spec.policy_keys:
+        if key in SCALAR_KEYS and tuple(np.shape(policy[key])) != (num_layers,):
+            raise ValueError(f"policy {key!r} must have shape [L]=[{num_layers}], "
+                             f"got {list(np.shape(policy[key]))}")
+    if "predictor" in spec.policy_keys:
+        _check_predictor(policy["predictor"], num_layers)
+        _check_predictor_dims(policy["predictor"], d, m, lead=1)
+
+
+def check_layer(spec: SparseSpec, layer, *, d: int, m: int):
+    """Check one layer's slice (what the FFN sees inside the scan): scalars, shapes vs d, m.
+
+    Runs at trace time on static shapes; values are checked only when concrete (under jit
+    they are traced, so ranges are enforced where the policy is built: ``make_policy``).
+    """
+    _require_keys(spec, layer)
+    for key in spec.policy_keys:
+        if key not in SCALAR_KEYS:
+            continue
+        shape = tuple(np.shape(layer[key]))
+        if shape != ():
+            raise ValueError(
+                f"policy {key!r} for one layer must be a scalar, got shape {list(shape)}; "
+                f"pass this layer's slice of the [L] policy (the scan over layers does this)")
+    if "sparsity" in spec.policy_keys and not isinstance(layer["sparsity"], jax.core.Tracer):
+        r = float(np.asarray(layer["sparsity"]))
+        if not 0.0 <= r < 1.0:
+            raise ValueError(f"sparsity must lie in [0, 1), got {r}")
+    if "predictor" in spec.policy_keys:
+        _check_predictor_dims(layer["predictor"], d, m, lead=0)
+
+
+def _require_keys(spec, policy):
+    if policy is None:
+        raise ValueError(f"sparsity spec {spec.method}/{spec.mode} needs a policy with "
+                         f"{list(spec.policy_keys)}, got None (see make_policy)")
+    missing = [k for k in spec.policy_keys if k not in policy]
+    if missing:
+        what = ("a trained predictor (D-/Deja Vu-practical mode)" if "predictor" in missing
+                else f"{missing}")
+        raise ValueError(f"sparsity spec {spec.method}/{spec.mode} needs {what} in the "
+                         f"policy; it has {sorted(policy)}")
+
+
+def _check_predictor_dims(pred, d, m, lead):
+    if not isinstance(pred, dict) or set(pred) != {"V", "U"}:
+        raise ValueError("predictor must be a dict with keys 'V' and 'U'")
+    v, u = np.shape(pred["V"]), np.shape(pred["U"])
+    if len(v) != lead + 2 or len(u) != lead + 2 or v[-1] != u[-1]:
+        raise ValueError(f"predictor shapes V {list(v)}, U {list(u)} do not match "
+                         f"{'[L, ' if lead else '['}d, rank] and {'[L, ' if lead else '['}m, rank]")
+    if d is not None and v[-2] != d:
+        raise ValueError(f"predictor V {list(v)} expects model width d={v[-2]}, MLP input has d={d}")
+    if m is not None and u[-2] != m:
+        raise ValueError(f"predictor U {list(u)} expects m={u[-2]} neurons, the MLP has m={m}")
+
+
+def stack_policies(policies) -> dict:
+    """Stack same-structure policies on a new leading axis, for ``jax.vmap`` sweeps."""
+    policies = list(policies)
+    if not policies:
+        raise ValueError("stack_policies needs at least one policy")
+    return jax.tree.map(lambda *a: jnp.stack(a), *policies)

@@ -1,0 +1,35 @@
+"""Gated-MLP maths shared by the FFN and the selection rules.
+
+    g = W_gate x,  u = W_up x,  s = act(g) * u,  y = sum_i s_i W_down[i]
+
+Weights are row-per-neuron [m, d] (see layout.py). This module is the leaf the FFN
+(ffn.py), the rules (selection.py) and the kernels' reference build on, so none of them
+imports another in a circle.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+def activation(name: str):
+    if name == "silu":
+        return jax.nn.silu
+    if name == "gelu_tanh":
+        return lambda g: jax.nn.gelu(g, approximate=True)
+    raise ValueError(f"unsupported MLP activation {name!r}; expected one of {ACTIVATIONS}")
+
+
+def project(w, x):
+    """x [..., d] times row-per-neuron w [m, d] -> [..., m] (one GEMV per token)."""
+    return jnp.einsum("...d,md->...m", x, w)
+
+
+def coefficients(mlp, x, act: str):
+    """Dense (g, u, s) for every neuron, in x's dtype."""
+    g = project(mlp["gate"], x)
+    u = project(mlp["up"], x)
+    return g, u, activation(act)(g) * u

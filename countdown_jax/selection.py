@@ -1,0 +1,168 @@
+"""Selection rules: which of the m neurons each token keeps.
+
+A rule is (ranked quantity, mode). Quantities, per token (method.md):
+
+    cats         |act(g_i)|
+    m_countdown  |u_i|
+    d_countdown  |s_i|                      s = act(g) * u
+    dejavu       g_i (signed)
+    s_countdown  1/2 s_i^2 ||W_down[i]||^2  (W_down stored [m, d], row i = neuron i)
+
+computed in the MLP's dtype and ranked in float32. Modes (``select``):
+
+    ideal      k = int(m r) (see ``num_dropped``); keep q > (k-th smallest q), strictly, as
+               the release's torch.kthvalue rule. r = 0 (k = 0) keeps all. Ties at the k-th
+               value are all dropped, so ties can keep FEWER than m - k (all-equal q keeps
+               none at r > 0).
+    topk       keep exactly m - k: the largest q, ties broken towards the LOWER neuron
+               index (a stable descending sort). Equals ideal whenever q has no tie at
+               the cut.
+    threshold  keep q > tau (per-layer scalar).
+    predictor  q is the predictor logit z = (x V) U^T; keep z > theta.
+
+Every ranking here (topk, and the capacity cut in ``limit_to_capacity``) is the one
+``keep_largest``: larger q first, equal q -> lower index first; -0.0 equals +0.0.
+NaN in q is not handled (it comes only from NaN activations).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from countdown_jax.gated import activation, project
+from countdown_jax.policy import SparseSpec
+
+# int(m r) for the r the user wrote, although the policy holds float32(r): m*r in float32
+# is off by at most ~m*2^-23, so a tolerance of m*2^-21 lands exact products (m=10,
+# r=0.7 -> 7) on the integer. (Python's float64 int() can itself round such a product
+# down, e.g. int(100*0.29) = 28; we give 29, the floor of the decimal product.)
+_K_TOL = 2.0 ** -21
+
+
+def rank_quantity(method: str, mlp, x, act: str, *, g=None, u=None):
+    """Per-token ranked quantity q [..., m] float32 for ``method`` (ideal/topk/threshold).
+
+    Computes only the projections the rule needs; pass ``g`` / ``u`` if already computed.
+    """
+    if g is None and method in ("cats", "d_countdown", "dejavu", "s_countdown"):
+        g = project(mlp["gate"], x)
+    if u is None and method in ("m_countdown", "d_countdown", "s_countdown"):
+        u = project(mlp["up"], x)
+    if method == "cats":
+        return jnp.abs(activation(act)(g)).astype(jnp.float32)
+    if method == "m_countdown":
+        return jnp.abs(u).astype(jnp.float32)
+    if method == "d_countdown":
+        return jnp.abs(activation(act)(g) * u).astype(jnp.float32)
+    if method == "dejavu":
+        return g.astype(jnp.float32)
+    if method == "s_countdown":
+        s = (activation(act)(g) * u).astype(jnp.float32)
+        down_sq = jnp.sum(jnp.square(mlp["down"].astype(jnp.float32)), axis=-1)
+        return 0.5 * jnp.square(s) * down_sq
+    raise ValueError(f"no ranked quantity for sparsity method {method!r}")
+
+
+def predictor_logits(predictor, x):
+    """z [..., m] float32 = (x V) U^T for one layer's predictor {"V": [d, rank], "U": [m, rank]}."""
+    h = jnp.einsum("...d,dr->...r", x, predictor["V"], preferred_element_type=jnp.float32)
+    return jnp.einsum("...r,mr->...m", h, predictor["U"].astype(jnp.float32))
+
+
+def spec_quantity(spec: SparseSpec, mlp, x, act: str, layer, *, g=None, u=None):
+    """What ``select`` ranks for ``spec``: the predictor logits in predictor mode, else q."""
+    if spec.mode == "predictor":
+        return predictor_logits(layer["predictor"], x)
+    return rank_quantity(spec.method, mlp, x, act, g=g, u=u)
+
+
+def num_dropped(r, m: int):
+    """k = int(m r) as int32, robust to r being stored in float32; clipped to [0, m-1]."""
+    k = jnp.floor(jnp.float32(m) * jnp.asarray(r, jnp.float32) + jnp.float32(m * _K_TOL))
+    return jnp.clip(k, 0, m - 1).astype(jnp.int32)
+
+
+def ideal_mask(q, r):
+    """Keep q > k-th smallest q (1-indexed, k = int(m r)); k = 0 keeps all. r: scalar or [...]."""
+    m = q.shape[-1]
+    k = num_dropped(r, m)[..., None]
+    kth = jnp.take_along_axis(jnp.sort(q, axis=-1),
+                              jnp.broadcast_to(jnp.maximum(k - 1, 0), q.shape[:-1] + (1,)),
+                              axis=-1)
+    return (q > kth) | (k == 0)
+
+
+def keep_largest(q, n_keep, valid=None):
+    """Mask of the ``n_keep`` largest q (among ``valid``); equal q -> lower index first.
+
+    n_keep: int scalar or [...] (may be traced). Fewer valid than n_keep keeps all valid.
+    """
+    m = q.shape[-1]
+    n = jnp.clip(jnp.asarray(n_keep, jnp.int32), 0, m)[..., None]
+    qv = q if valid is None else jnp.where(valid, q, -jnp.inf)
+    # v = the n-th largest value; everything above it is kept, and the ties at v fill the
+    # remaining room in index order.
+    pos = jnp.broadcast_to(jnp.minimum(m - n, m - 1), q.shape[:-1] + (1,))
+    v = jnp.take_along_axis(jnp.sort(qv, axis=-1), pos, axis=-1)
+    above = qv > v
+    tie = qv == v
+    if valid is not None:
+        tie = tie & valid
+    room = n - jnp.sum(above, axis=-1, keepdims=True)
+    return (above | (tie & (jnp.cumsum(tie, axis=-1) <= room))) & (n > 0)
+
+
+def topk_mask(q, r):
+    """Keep exactly m - int(m r) neurons (see ``keep_largest`` for ties)."""
+    return keep_largest(q, q.shape[-1] - num_dropped(r, q.shape[-1]))
+
+
+def select(spec: SparseSpec, q, layer):
+    """bool mask [..., m] of kept neurons for one layer; q from ``spec_quantity``."""
+    if spec.mode == "ideal":
+        return ideal_mask(q, layer["sparsity"])
+    if spec.mode == "topk":
+        return topk_mask(q, layer["sparsity"])
+    if spec.mode == "threshold":
+        return q > layer["threshold"]
+    if spec.mode == "predictor":
+        return q > layer["theta"]
+    raise ValueError(f"unknown sparsity mode {spec.mode!r}")
+
+
+def limit_to_capacity(mask, q, capacity: int | None):
+    """Cap each token at ``capacity`` kept neurons, keeping the highest-ranked q.
+
+    A no-op (at run time too, via lax.cond) unless some token overflows.
+    """
+    m = mask.shape[-1]
+    if capacity is None or capacity >= m:
+        return mask
+    over = jnp.any(jnp.sum(mask, axis=-1) > capacity)
+    return jax.lax.cond(over, lambda: keep_largest(q, capacity, valid=mask), lambda: mask)
+
+
+def mask_to_indices(mask, capacity: int | None = None, q=None):
+    """Capacity-padded index list: idx [..., C] int32 (ascending), count [...] int32.
+
+    C = min(capacity, m) (None = m). With ``q`` an overflowing token keeps its C
+    highest-ranked neurons (``limit_to_capacity``); without it the caller must have
+    capped the mask already (the lowest C indices would be kept). Slots past ``count``
+    repeat the first index, so a padded read stays in bounds and on a row already read.
+    """
+    m = mask.shape[-1]
+    c = m if capacity is None else min(int(capacity), m)
+    if q is not None:
+        mask = limit_to_capacity(mask, q, c)
+
+    def compact(row):                                    # cumsum + scatter: O(m), no sort
+        pos = jnp.cumsum(row, dtype=jnp.int32) - 1
+        target = jnp.where(row & (pos < c), pos, c)     # c is out of range: dropped
+        idx = jnp.zeros((c,), jnp.int32).at[target].set(jnp.arange(m, dtype=jnp.int32),
+                                                        mode="drop")
+        count = jnp.minimum(jnp.sum(row, dtype=jnp.int32), c)
+        return jnp.where(jnp.arange(c) < count, idx, idx[0]), count
+
+    idx, count = jax.vmap(compact)(mask.reshape(-1, m))
+    return idx.reshape(mask.shape[:-1] + (c,)), count.reshape(mask.shape[:-1])

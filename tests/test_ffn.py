@@ -1,0 +1,305 @@
+"""Sparse FFN: every rule x mode x implementation against the NumPy float64 reference,
+masked == gather, skipped neurons have no influence, one compile per vmap sweep."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import np_sparse_ffn as ref
+from countdown_jax import selection as sel
+from countdown_jax.ffn import dense_ffn, ffn
+from countdown_jax.policy import DENSE, SparseSpec, make_policy, stack_policies
+
+M, D, RANK = 37, 19, 5
+
+# (method, mode) pairs SparseSpec accepts, with the policy values each is checked at.
+RULES = [
+    ("cats", "ideal"), ("cats", "topk"), ("cats", "threshold"),
+    ("m_countdown", "ideal"), ("m_countdown", "topk"), ("m_countdown", "threshold"),
+    ("d_countdown", "ideal"), ("d_countdown", "topk"), ("d_countdown", "threshold"),
+    ("d_countdown", "predictor"),
+    ("dejavu", "ideal"), ("dejavu", "topk"), ("dejavu", "threshold"), ("dejavu", "predictor"),
+    ("s_countdown", "ideal"), ("s_countdown", "topk"),
+]
+VALUES = {
+    "ideal": (0.0, 0.3, 0.7, 0.999),
+    "topk": (0.0, 0.3, 0.7, 0.999),
+    "threshold": (-np.inf, 0.3, 1.5, np.inf),       # all kept ... none kept
+    "predictor": (-np.inf, -1.0, 0.0, np.inf),
+}
+
+
+def _problem(seed, m=M, d=D, tokens=(2, 6)):
+    rng = np.random.default_rng(seed)
+    mlp = {k: (rng.standard_normal((m, d)) / np.sqrt(d)).astype(np.float32)
+           for k in ("gate", "up", "down")}
+    if m > 7:
+        for k in mlp:                                # neuron 5 duplicates neuron 3: exact ties
+            mlp[k][5] = mlp[k][3]
+        mlp["up"][7] = -mlp["up"][3]                 # |u| tie with a sign flip
+    x = rng.standard_normal(tokens + (d,)).astype(np.float32) * 2.0
+    x.reshape(-1, d)[0] = 0.0                        # an all-zero MLP input
+    pred = {"V": rng.standard_normal((d, RANK)).astype(np.float32),
+            "U": rng.standard_normal((m, RANK)).astype(np.float32)}
+    return mlp, x, pred
+
+
+def _layer(mode, value, pred=None):
+    key = {"ideal": "sparsity", "topk": "sparsity", "threshold": "threshold",
+           "predictor": "theta"}[mode]
+    pol = make_policy(1, **{key: value}, predictor=None if pred is None else
+                      {k: v[None] for k, v in pred.items()})
+    return jax.tree.map(lambda a: a[0], pol)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(spec, act):
+    return jax.jit(functools.partial(ffn, act=act, spec=spec, return_dropped=True))
+
+
+def _run(spec, mlp, x, layer=None, act="silu", sparse=None):
+    y, kept, _ = _jitted(spec, act)(mlp, x, policy=layer, sparse=sparse)
+    return y, kept
+
+
+def _to64(tree):
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+@pytest.mark.parametrize("impl", ["masked", "gather"])
+@pytest.mark.parametrize("method,mode", RULES)
+def test_rule_vs_numpy(method, mode, impl):
+    act = "silu" if (RULES.index((method, mode)) % 2 == 0) else "gelu_tanh"
+    mlp, x, pred = _problem(10 + RULES.index((method, mode)))
+    spec = SparseSpec(method, mode, impl)
+    f = _jitted(spec, act)
+    mlp64, x64 = _to64(mlp), _to64(x)
+    q64 = (ref.predictor_logits(_to64(pred), x64) if mode == "predictor"
+           else ref.quantity(method, mlp64, x64, act))
+    for value in VALUES[mode]:
+        layer = _layer(mode, value, pred if mode == "predictor" else None)
+        y, kept, dropped = f(jax.tree.map(jnp.asarray, mlp), jnp.asarray(x), policy=layer)
+        mask = ref.select(mode, q64, value)
+        msg = f"{method}/{mode}/{impl} value={value}"
+        np.testing.assert_array_equal(np.rint(np.asarray(kept) * M), mask.sum(-1), err_msg=msg)
+        assert not np.asarray(dropped).any()
+        want = ref.sparse_ffn(mlp64, x64, mask, act)
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5, err_msg=msg)
+        if value in (np.inf,):
+            assert not np.asarray(y).any(), msg             # none kept -> exactly zero
+        assert not np.asarray(y).reshape(-1, D)[0].any(), msg  # zero input -> zero output
+
+
+def test_dense_spec_and_all_kept_equal_dense_ffn():
+    mlp, x, _ = _problem(1)
+    mlp, x = jax.tree.map(jnp.asarray, mlp), jnp.asarray(x)
+    want = dense_ffn(mlp, x, "silu")
+    y, kept = _run(DENSE, mlp, x)
+    np.testing.assert_array_equal(y, want)
+    assert (np.asarray(kept) == 1.0).all()
+    for spec, layer in [(SparseSpec("d_countdown", "ideal"), _layer("ideal", 0.0)),
+                        (SparseSpec("m_countdown", "topk"), _layer("topk", 0.0)),
+                        (SparseSpec("cats", "threshold"), _layer("threshold", -np.inf))]:
+        y, kept = _run(spec, mlp, x, layer)
+        np.testing.assert_array_equal(y, want)              # masked reference: bitwise
+        assert (np.asarray(kept) == 1.0).all()
+        g = dataclass_replace(spec, implementation="gather")
+        y, kept = _run(g, mlp, x, layer)
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+        assert (np.asarray(kept) == 1.0).all()
+
+
+def dataclass_replace(spec, **kw):
+    import dataclasses
+    return dataclasses.replace(spec, **kw)
+
+
+@pytest.mark.parametrize("m,d", [(37, 19), (5, 3), (130, 33)])
+def test_masked_equals_gather(m, d):
+    mlp, x, pred = _problem(m * 100 + d, m=m, d=d, tokens=(3, 4))
+    mlp, x = jax.tree.map(jnp.asarray, mlp), jnp.asarray(x)
+    cases = [(SparseSpec("m_countdown", "ideal"), _layer("ideal", 0.6), True),
+             (SparseSpec("d_countdown", "predictor"), _layer("predictor", -0.5, pred), True),
+             (SparseSpec("cats", "threshold"), _layer("threshold", 0.3), False),
+             (SparseSpec("dejavu", "topk"), _layer("topk", 0.8), False),
+             (SparseSpec("s_countdown", "ideal"), _layer("ideal", 0.5), False)]
+    if m != 37:
+        cases = cases[:2]
+    for spec, layer, with_cap in cases:
+        for cap in (None, max(1, m // 4)) if with_cap else (None,):
+            sm = dataclass_replace(spec, capacity=cap)
+            sg = dataclass_replace(sm, implementation="gather")
+            y1, k1, d1 = _jitted(sm, "silu")(mlp, x, policy=layer)
+            y2, k2, d2 = _jitted(sg, "silu")(mlp, x, policy=layer)
+            np.testing.assert_array_equal(k1, k2)
+            np.testing.assert_array_equal(d1, d2)
+            np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-5, err_msg=f"{spec} cap={cap}")
+            if cap is not None:
+                assert (np.asarray(k1) <= cap / m + 1e-7).all()
+                assert np.asarray(d1).any()                 # the cut happened
+
+
+def test_capacity_overflow_keeps_highest_ranked_and_reports():
+    mlp, x, _ = _problem(3)
+    mlp64, x64 = _to64(mlp), _to64(x)
+    cap = 6
+    spec = SparseSpec("m_countdown", "threshold", "gather", capacity=cap)
+    y, kept, dropped = _jitted(spec, "silu")(jax.tree.map(jnp.asarray, mlp), jnp.asarray(x),
+                                             policy=_layer("threshold", 0.05))
+    q = ref.quantity("m_countdown", mlp64, x64, "silu")
+    rule = ref.select("threshold", q, 0.05)
+    capped = np.stack([ref.cap_row(mr, qr, cap) for mr, qr in
+                       zip(rule.reshape(-1, M), q.reshape(-1, M))]).reshape(rule.shape)
+    assert (rule.sum(-1) > cap).any()                       # the case under test occurs
+    np.testing.assert_array_equal(dropped, rule.sum(-1) - capped.sum(-1))
+    np.testing.assert_array_equal(np.rint(np.asarray(kept) * M), capped.sum(-1))
+    np.testing.assert_allclose(y, ref.sparse_ffn(mlp64, x64, capped, "silu"), rtol=1e-4, atol=1e-5)
+
+
+# Which rows of a skipped neuron each rule never reads (the others feed its selection).
+SKIPPABLE = [
+    (SparseSpec("cats", "threshold"), ("threshold", 1.0), ("up", "down")),
+    (SparseSpec("m_countdown", "threshold"), ("threshold", 2.0), ("gate", "down")),
+    (SparseSpec("m_countdown", "ideal"), ("ideal", 0.7), ("gate", "down")),
+    (SparseSpec("d_countdown", "predictor"), ("predictor", 0.5), ("gate", "up", "down")),
+    (SparseSpec("dejavu", "predictor"), ("predictor", 0.5), ("gate", "up", "down")),
+    (SparseSpec("d_countdown", "ideal"), ("ideal", 0.7), ("down",)),
+]
+
+
+@pytest.mark.parametrize("spec,pv,rows", SKIPPABLE, ids=lambda v: getattr(v, "method", None))
+def test_skipped_neuron_has_no_influence(spec, pv, rows):
+    mlp, x, pred = _problem(4, tokens=(3,))
+    layer = _layer(*pv, pred)
+    mlp = jax.tree.map(jnp.asarray, mlp)
+    x = jnp.asarray(x).at[0].set(jax.random.normal(jax.random.PRNGKey(0), (D,)))  # no zero row
+    q = sel.spec_quantity(spec, mlp, x, "silu", layer)
+    skipped = ~np.asarray(sel.select(spec, q, layer)).any(0)  # skipped by every token
+    assert 3 <= skipped.sum() < M
+    assert np.asarray(sel.select(spec, q, layer)).any(-1).all()
+    for impl in ("masked", "gather"):
+        s = dataclass_replace(spec, implementation=impl)
+        base, _ = _run(s, mlp, x, layer)
+        noise = {k: (mlp[k].at[skipped].set(1e3 * jnp.ones_like(mlp[k][skipped])) if k in rows
+                     else mlp[k]) for k in mlp}
+        y, _ = _run(s, noise, x, layer)
+        np.testing.assert_array_equal(y, base, err_msg=f"{impl} perturbed {rows}")
+        nan = {k: (mlp[k].at[skipped].set(jnp.nan) if k in rows else mlp[k]) for k in mlp}
+        y, _ = _run(s, nan, x, layer)
+        if impl == "gather":                 # structurally skipped: NaN rows are never read
+            np.testing.assert_array_equal(y, base, err_msg=f"gather read a skipped {rows} row")
+        elif "down" in rows:                 # the masked reference reads every row (0 * NaN)
+            assert np.isnan(np.asarray(y)).any()
+
+
+@pytest.mark.parametrize("spec", [SparseSpec("d_countdown", "ideal"),
+                                  SparseSpec("m_countdown", "topk", "gather")],
+                         ids=["masked", "gather"])
+def test_vmap_sweep_compiles_once(spec):
+    mlp, x, _ = _problem(5)
+    mlp, x = jax.tree.map(jnp.asarray, mlp), jnp.asarray(x)
+    traces = []
+
+    def run(layer):
+        traces.append(1)                                    # Python side effect: per trace
+        return ffn(mlp, x, act="silu", spec=spec, policy=layer)
+
+    levels = np.linspace(0.0, 0.95, 16)
+    sweep = stack_policies([_layer("ideal", r) for r in levels])
+    vrun = jax.jit(jax.vmap(run))
+    ys, kept = vrun(sweep)
+    assert ys.shape == (16,) + x.shape and len(traces) == 1
+    vrun(stack_policies([_layer("ideal", r) for r in levels[::-1]]))
+    assert len(traces) == 1                                 # new values, no retrace
+    one = jax.jit(run)
+    for i, r in enumerate(levels):
+        y, k = one(_layer("ideal", r))
+        np.testing.assert_allclose(ys[i], y, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(kept[i], k)
+        if spec.mode == "topk":
+            assert (np.rint(np.asarray(k) * M) == M - int(M * r)).all()
+    assert len(traces) == 2                                 # one more for the unbatched jit
+
+
+@pytest.mark.parametrize("impl", ["masked", "gather"])
+def test_sparse_token_flags(impl):
+    mlp, x, _ = _problem(6)
+    mlp, x = jax.tree.map(jnp.asarray, mlp), jnp.asarray(x)
+    spec = SparseSpec("m_countdown", "ideal", impl)
+    layer = _layer("ideal", 0.8)
+    flags = jnp.asarray(np.random.default_rng(0).random(x.shape[:-1]) < 0.5)
+    y, kept = _run(spec, mlp, x, layer, sparse=flags)
+    y_all, kept_all = _run(spec, mlp, x, layer)
+    dense = dense_ffn(mlp, x, "silu")
+    f = np.asarray(flags)
+    np.testing.assert_allclose(np.asarray(y)[~f], np.asarray(dense)[~f], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(y)[f], np.asarray(y_all)[f])
+    np.testing.assert_array_equal(np.asarray(kept)[~f], 1.0)
+    np.testing.assert_array_equal(np.asarray(kept)[f], np.asarray(kept_all)[f])
+    y1, k1 = _run(spec, mlp, x, layer, sparse=jnp.ones(x.shape[:-1], bool))
+    np.testing.assert_array_equal(y1, y_all)
+    with pytest.raises(ValueError, match="one flag per token"):
+        ffn(mlp, x, act="silu", spec=spec, policy=layer, sparse=flags[0])
+
+
+def test_scan_over_layers_with_policy_slices():
+    rng = np.random.default_rng(7)
+    L = 3
+    mlps = [jax.tree.map(jnp.asarray, _problem(20 + i)[0]) for i in range(L)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *mlps)
+    x = jnp.asarray(rng.standard_normal((4, D)), jnp.float32)
+    pol = make_policy(L, sparsity=[0.2, 0.5, 0.9])
+    spec = SparseSpec("d_countdown", "ideal", "gather")
+
+    def body(h, layer):
+        y, kept = ffn(layer["mlp"], h, act="silu", spec=spec, policy=layer["policy"])
+        return h + y, kept
+
+    h, kept = jax.jit(lambda x: jax.lax.scan(body, x, {"mlp": stacked, "policy": pol}))(x)
+    h_ref = x
+    for i in range(L):
+        y, k = _run(spec, mlps[i], h_ref, jax.tree.map(lambda a: a[i], pol))
+        h_ref = h_ref + y
+        np.testing.assert_array_equal(kept[i], k)
+    np.testing.assert_allclose(h, h_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kept.mean(-1), [1 - int(M * r) / M for r in (0.2, 0.5, 0.9)],
+                               rtol=1e-6)
+
+
+def test_pallas_implementation_routes_to_kernel_api(monkeypatch):
+    from countdown_jax.kernels.sparse_ffn import api
+    seen = []
+    xla = api.sparse_ffn
+
+    def spy(*args, implementation="xla", **kw):
+        seen.append((implementation, kw["dense"]))
+        return xla(*args, implementation="xla", **kw)
+
+    monkeypatch.setattr(api, "sparse_ffn", spy)
+    mlp, x, pred = _problem(8)
+    mlp, x = jax.tree.map(jnp.asarray, mlp), jnp.asarray(x)
+    for spec, layer, dense in [
+            (SparseSpec("m_countdown", "threshold"), _layer("threshold", 0.2), "up"),
+            (SparseSpec("cats", "threshold"), _layer("threshold", 0.1), "gate"),
+            (SparseSpec("d_countdown", "predictor"), _layer("predictor", 0.0, pred), None)]:
+        y_g, y_p = (jax.jit(functools.partial(
+            ffn, act="silu", spec=dataclass_replace(spec, implementation=impl)))(
+                mlp, x, policy=layer)[0] for impl in ("gather", "pallas"))
+        assert seen[-2:] == [("xla", dense), ("pallas", dense)]
+        np.testing.assert_array_equal(y_g, y_p)
+
+
+def test_bfloat16_inputs():
+    mlp, x, _ = _problem(9)
+    mlp = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), mlp)
+    x = jnp.asarray(x, jnp.bfloat16)
+    layer = _layer("topk", 0.5)
+    outs = []
+    for impl in ("masked", "gather"):
+        y, kept = _run(SparseSpec("m_countdown", "topk", impl), mlp, x, layer, act="gelu_tanh")
+        assert y.dtype == jnp.bfloat16 and kept.dtype == jnp.float32
+        outs.append(np.asarray(y, np.float32))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=3e-2, atol=3e-2)
