@@ -1,0 +1,296 @@
+"""SPMD over a ("data", "model") device mesh: data parallel batch, tensor parallel layers.
+
+    mesh = sharding.make_mesh(model=2, data=1)
+    params = sharding.shard_params(params, cfg, mesh)        # or random_params(.., mesh=)
+    policy = sharding.shard_policy(policy, mesh)
+    with jax.set_mesh(mesh):
+        out = generate(params, cfg, prompt, lengths, key, policy, spec=spec, ...)
+
+What goes where (``param_specs``):
+  * FFN: gate/up/down are [L, m, d] row-per-neuron, so one spec on the m axis splits all
+    three; each device selects among its own neurons and the partial down projections
+    meet in ONE psum per layer (``tensor_parallel_ffn``, an explicit shard_map). The
+    predictor's U [L, m, rank] splits with them; V and per-layer scalars are replicated.
+  * Attention: q heads (wq, bq, wo) split over "model" when Hq % model == 0, k/v heads
+    (wk, wv, bk, bv and the KV cache) when Hkv % model == 0. When Hkv is not divisible,
+    K/V weights and the cache are replicated on "model" (each device computes every kv
+    head; q heads stay split); when Hq is not divisible either, attention is replicated.
+    XLA's partitioner derives the attention collectives from these placements.
+  * lm_head [d, V] splits on V; embeddings, norms: replicated.
+  * "data": the batch axis of tokens, cache and activations; params replicated on it.
+
+The sharded FFN is picked by the model's one FFN call (``ffn.ffn``) whenever the mesh in
+context (``jax.set_mesh``) has a "model" axis of size > 1; without a mesh nothing changes.
+Meshes built here use AxisType.Auto (``jax.make_mesh`` defaults to Explicit since 0.9).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from countdown_jax import parallel_selection
+from countdown_jax.config import ModelConfig
+
+DATA = "data"
+MODEL = "model"
+AXES = (DATA, MODEL)
+
+
+# -- mesh -----------------------------------------------------------------------------------
+def make_mesh(model: int = 1, data: int = 1, devices=None) -> Mesh:
+    """A (data, model) mesh over the first data * model devices (Auto axis types)."""
+    for name, n in (("model", model), ("data", data)):
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"mesh axis {name!r} size must be a positive int, got {n!r}")
+    devices = list(jax.devices() if devices is None else devices)
+    need = model * data
+    if need > len(devices):
+        raise ValueError(f"mesh data={data} x model={model} needs {need} devices, only "
+                         f"{len(devices)} available ({devices[0].platform})")
+    grid = np.array(devices[:need], dtype=object).reshape(data, model)
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def _axis_size(mesh, name) -> int:
+    return int(dict(mesh.shape).get(name, 1))
+
+
+def _named(mesh, specs):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+# -- placements -------------------------------------------------------------------------------
+def attention_split(cfg: ModelConfig, model: int) -> tuple[bool, bool]:
+    """(q heads split, kv heads split) over a model axis of this size."""
+    kv = cfg.num_kv_heads % model == 0
+    return kv, kv
+
+
+def check_tensor_parallel(cfg: ModelConfig, model: int):
+    if cfg.d_ff % model:
+        raise ValueError(f"tensor parallelism over {model} devices splits the FFN's "
+                         f"m={cfg.d_ff} neurons evenly: m must be divisible by {model}")
+
+
+def param_specs(cfg: ModelConfig, mesh, params=None) -> dict:
+    """PartitionSpecs mirroring the params pytree of ``layout.py`` (keys from ``params``
+    when given, else from ``cfg``)."""
+    model = _axis_size(mesh, MODEL)
+    check_tensor_parallel(cfg, model)
+    q_split, kv_split = attention_split(cfg, model)
+    qh = MODEL if q_split else None
+    kvh = MODEL if kv_split else None
+    layer = {
+        "attn_norm": P(), "mlp_norm": P(),
+        "wq": P(None, None, qh, None), "wk": P(None, None, kvh, None),
+        "wv": P(None, None, kvh, None), "wo": P(None, qh, None, None),
+        "bq": P(None, qh, None), "bk": P(None, kvh, None), "bv": P(None, kvh, None),
+        "q_norm": P(), "k_norm": P(), "post_attn_norm": P(), "post_mlp_norm": P(),
+        "mlp": {k: P(None, MODEL, None) for k in ("gate", "up", "down")},
+    }
+    top = {"embed": P(), "final_norm": P(), "lm_head": P(None, MODEL)}
+    if params is None:
+        params = jax.eval_shape(lambda: random_params(cfg, jax.random.key(0)))
+    unknown = [k for k in params if k not in top and k != "layers"]
+    unknown += [f"layers.{k}" for k in params["layers"] if k not in layer]
+    if unknown:
+        raise ValueError(f"no placement for params {unknown}; see layout.py")
+    specs = {k: top[k] for k in params if k != "layers"}
+    specs["layers"] = {k: layer[k] for k in params["layers"]}
+    if cfg.vocab_size % model and "lm_head" in specs:
+        specs["lm_head"] = P()
+    return specs
+
+
+def policy_specs(policy) -> dict | None:
+    """Per-layer scalars replicated; predictor U [..., m, rank] split on m (the leading
+    axes may include a sweep axis)."""
+    if policy is None:
+        return None
+
+    def spec(path, leaf):
+        keys = [getattr(p, "key", None) for p in path]
+        if keys[-2:] == ["predictor", "U"]:
+            return P(*([None] * (leaf.ndim - 2)), MODEL, None)
+        return P()
+
+    return jax.tree_util.tree_map_with_path(spec, policy)
+
+
+def cache_specs(cfg: ModelConfig, mesh) -> dict:
+    """KV cache [L, B, S, Hkv, hd]: batch on "data", kv heads on "model" when divisible."""
+    _, kv_split = attention_split(cfg, _axis_size(mesh, MODEL))
+    s = P(None, DATA, None, MODEL if kv_split else None, None)
+    return {"k": s, "v": s}
+
+
+def batch_spec(ndim: int = 1) -> P:
+    """Token / length arrays: leading batch axis on "data"."""
+    return P(DATA, *([None] * (ndim - 1)))
+
+
+def check_batch(batch: int, mesh):
+    data = _axis_size(mesh, DATA)
+    if batch % data:
+        raise ValueError(f"batch {batch} does not split over data={data} devices; pad the "
+                         f"batch to a multiple of {data}")
+
+
+# -- placing arrays ---------------------------------------------------------------------------
+def shard_params(params, cfg: ModelConfig, mesh):
+    return jax.device_put(params, _named(mesh, param_specs(cfg, mesh, params)))
+
+
+def shard_policy(policy, mesh):
+    if policy is None:
+        return None
+    if "predictor" in policy:
+        m = np.shape(policy["predictor"]["U"])[-2]
+        model = _axis_size(mesh, MODEL)
+        if m % model:
+            raise ValueError(f"predictor U has m={m} rows, not divisible by model={model}")
+    return jax.device_put(policy, _named(mesh, policy_specs(policy)))
+
+
+def shard_cache(cache, cfg: ModelConfig, mesh):
+    check_batch(cache["k"].shape[1], mesh)
+    return jax.device_put(cache, _named(mesh, cache_specs(cfg, mesh)))
+
+
+def shard_batch(arrays, mesh):
+    """Put arrays with a leading batch axis (tokens, lengths, masks) on "data"."""
+    def put(a):
+        a = jnp.asarray(a)
+        check_batch(a.shape[0], mesh)
+        return jax.device_put(a, NamedSharding(mesh, batch_spec(a.ndim)))
+
+    return jax.tree.map(put, arrays)
+
+
+def random_params(cfg: ModelConfig, key, dtype=jnp.float32, mesh=None):
+    """Random params in the layout of ``layout.py`` (1/sqrt(fan-in) scale, unit norms).
+
+    With ``mesh`` every leaf is created already sharded (one jit with out_shardings), so
+    a model larger than one device's memory never materialises on one device.
+    """
+    L, d, m, V = cfg.num_layers, cfg.d_model, cfg.d_ff, cfg.vocab_size
+    hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    shapes = {
+        "embed": ((V, d), 1.0),
+        "final_norm": ((d,), None),
+        "layers": {
+            "attn_norm": ((L, d), None), "mlp_norm": ((L, d), None),
+            "wq": ((L, d, hq, hd), d ** -0.5), "wk": ((L, d, hkv, hd), d ** -0.5),
+            "wv": ((L, d, hkv, hd), d ** -0.5), "wo": ((L, hq, hd, d), (hq * hd) ** -0.5),
+            "mlp": {"gate": ((L, m, d), d ** -0.5), "up": ((L, m, d), d ** -0.5),
+                    "down": ((L, m, d), m ** -0.5)},
+        },
+    }
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = ((d, V), d ** -0.5)
+    if cfg.qkv_bias:
+        shapes["layers"].update(bq=((L, hq, hd), 0.1), bk=((L, hkv, hd), 0.1),
+                                bv=((L, hkv, hd), 0.1))
+    if cfg.qk_norm:
+        shapes["layers"].update(q_norm=((L, hd), None), k_norm=((L, hd), None))
+    if cfg.sandwich_norm:
+        shapes["layers"].update(post_attn_norm=((L, d), None), post_mlp_norm=((L, d), None))
+    is_leaf = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)  # noqa: E731
+    leaves, tree = jax.tree.flatten(shapes, is_leaf=is_leaf)
+
+    def build(key):
+        keys = jax.random.split(key, len(leaves))
+        out = []
+        for k, (shape, scale) in zip(keys, leaves):
+            if scale is None:   # norm scale: around 1
+                out.append((1.0 + 0.1 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+            else:
+                out.append((scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+        return jax.tree.unflatten(tree, out)
+
+    if mesh is None:
+        return jax.jit(build)(key)
+    abstract = jax.eval_shape(build, key)
+    shardings = _named(mesh, param_specs(cfg, mesh, abstract))
+    return jax.jit(build, out_shardings=shardings)(key)
+
+
+# -- the tensor parallel FFN ------------------------------------------------------------------
+def _context_model_axis():
+    """Size of the context mesh's "model" axis when it is still to be split here (Auto or
+    Explicit), else None (no mesh, size 1, or already inside a shard_map over it)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or getattr(mesh, "empty", False) or MODEL not in mesh.axis_names:
+        return None
+    size = _axis_size(mesh, MODEL)
+    kind = dict(zip(mesh.axis_names, mesh.axis_types))[MODEL]
+    if size == 1 or kind == AxisType.Manual:
+        return None
+    return size
+
+
+def splits_neurons() -> bool:
+    """True when the FFN must run tensor parallel (called by ``ffn.ffn`` at trace time)."""
+    return _context_model_axis() is not None
+
+
+def tensor_parallel_ffn(mlp, x, *, act, spec, policy=None, sparse=None,
+                        return_dropped: bool = False):
+    """``ffn.ffn`` with the m neurons split over the "model" axis of the context mesh.
+
+    Each device runs the single-device FFN (``ffn.ffn``) on its [m/S, d] rows; selection
+    that ranks across neurons goes through ``parallel_selection``. One float32 psum sums
+    the partial down projections together with the kept / dropped counts. Tokens are
+    split over "data" when the batch (x's leading axis) divides; otherwise they are
+    replicated there (same result, no data parallelism in the FFN).
+    """
+    from countdown_jax.ffn import ffn  # ffn dispatches here: import at call time
+
+    mesh = jax.sharding.get_abstract_mesh()
+    S = _axis_size(mesh, MODEL)
+    m, d = mlp["gate"].shape
+    if m % S:
+        raise ValueError(f"tensor parallel FFN: m={m} neurons do not split over "
+                         f"model={S} devices")
+    m_local = m // S
+    n_data = _axis_size(mesh, DATA)
+    tok = DATA if (DATA in mesh.axis_names and x.ndim >= 2 and x.shape[0] % n_data == 0
+                   and n_data > 1) else None
+    x_spec = P(tok) if x.ndim >= 2 else P()
+    scope = "global"
+    if not spec.is_dense and spec.shard_capacity is not None:
+        # Per-shard capacity: each device's FFN sees it as its capacity.
+        scope = "shard"
+        spec = dataclasses.replace(spec, capacity=spec.shard_capacity)
+    shard = parallel_selection.Shard(MODEL, S, scope)
+    mlp_specs = {k: P(MODEL, None) for k in mlp}
+    pol_specs = P() if policy is None else policy_specs(policy)
+    sp_spec = x_spec
+
+    def body(mlp_l, x_l, pol_l, sparse_l):
+        with parallel_selection.sharded_neurons(shard):
+            y, kept, dropped = ffn(mlp_l, x_l, act=act, spec=spec, policy=pol_l,
+                                   sparse=sparse_l, return_dropped=True)
+        parts = [y.astype(jnp.float32)]
+        if not spec.is_dense:
+            # kept is count / m_local in float32: rounding recovers the count exactly.
+            count = jnp.round(kept * m_local)
+            parts += [count[..., None], dropped.astype(jnp.float32)[..., None]]
+        total = jax.lax.psum(jnp.concatenate(parts, axis=-1), MODEL)
+        y = total[..., :d].astype(x_l.dtype)
+        if spec.is_dense:
+            return y, jnp.ones(y.shape[:-1], jnp.float32), jnp.zeros(y.shape[:-1], jnp.int32)
+        return y, total[..., d] / m, total[..., d + 1].astype(jnp.int32)
+
+    out_tok = P(tok) if x.ndim >= 2 else P()
+    run = jax.shard_map(body, mesh=mesh, in_specs=(mlp_specs, x_spec, pol_specs, sp_spec),
+                        out_specs=(x_spec, out_tok, out_tok), check_vma=False)
+    y, kept, dropped = run(mlp, x, policy, sparse)
+    return (y, kept, dropped) if return_dropped else (y, kept)
