@@ -30,13 +30,13 @@ VARIANTS = {
         tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=False)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
-        sliding_window=4, attn_logit_softcapping=3.0, final_logit_softcapping=4.0,
+        sliding_window=4, attn_logit_softcapping=2.0, final_logit_softcapping=4.0,
         query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh")),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
         sliding_window=4, query_pre_attn_scalar=24,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}})),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=5)),
 }
