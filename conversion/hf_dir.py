@@ -40,7 +40,8 @@ def _read_index(index_path: str) -> dict[str, str]:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index_path}: not a valid index (needs 'weight_map'): {e}") from e
     folder = os.path.dirname(index_path)
-    missing = sorted({s for s in weight_map.values() if not os.path.isfile(os.path.join(folder, s))})
+    missing = sorted({s for s in weight_map.values()
+                      if not os.path.isfile(os.path.join(folder, s))})
     if missing:
         raise CheckpointError(f"{index_path} references missing shard files: {missing}")
     return weight_map
@@ -70,7 +71,8 @@ def _read_torch_bin(file: str) -> dict[str, np.ndarray]:
         import torch
     except ImportError as e:
         raise CheckpointError(f"{file}: reading PyTorch .bin checkpoints needs torch "
-                              "(pip install torch), or convert the checkpoint to safetensors") from e
+                              "(pip install torch), or convert the checkpoint to safetensors"
+                              ) from e
     try:
         # weights_only: the unpickler accepts tensors and plain containers, never callables.
         sd = torch.load(file, weights_only=True, map_location="cpu")

@@ -19,7 +19,8 @@ LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=
 # Published 4.x-style config.json contents of the two real models the project uses.
 SMOLLM2_135M = dict(
     architectures=["LlamaForCausalLM"], attention_bias=False, attention_dropout=0.0,
-    bos_token_id=1, eos_token_id=2, hidden_act="silu", hidden_size=576, initializer_range=0.041666666666666664,
+    bos_token_id=1, eos_token_id=2, hidden_act="silu", hidden_size=576,
+    initializer_range=0.041666666666666664,
     intermediate_size=1536, is_llama_config=True, max_position_embeddings=8192,
     model_type="llama", num_attention_heads=9, num_hidden_layers=30, num_key_value_heads=3,
     pad_token_id=2, pretraining_tp=1, rms_norm_eps=1e-05, rope_interleaved=False,

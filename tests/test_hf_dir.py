@@ -94,6 +94,7 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_callable_is_refused_without_running(tmp_path):
     import torch
 
@@ -122,7 +123,8 @@ def test_truncated_and_corrupt_safetensors(llama_dir, tmp_path):
         d.mkdir()
         shutil.copy(os.path.join(llama_dir, "config.json"), d / "config.json")
         (d / "model.safetensors").write_bytes(payload)
-        with pytest.raises(CheckpointError, match=f"{name}/model.safetensors: corrupt or truncated"):
+        with pytest.raises(CheckpointError,
+                           match=f"{name}/model.safetensors: corrupt or truncated"):
             read_hf_checkpoint(str(d), progress=False)
 
 
@@ -164,16 +166,19 @@ def test_missing_unexpected_and_wrong_shape(models):
     convert(models["llama"], sd)  # the untouched dict converts
     bad = dict(sd)
     del bad["model.layers.1.mlp.up_proj.weight"]
-    with pytest.raises(ConversionError, match=r"missing tensors \(1\): model\.layers\.1\.mlp\.up_proj"):
+    with pytest.raises(ConversionError,
+                       match=r"missing tensors \(1\): model\.layers\.1\.mlp\.up_proj"):
         convert(models["llama"], bad)
     bad = {**sd, "model.layers.0.mlp.extra.weight": np.zeros(3)}
-    with pytest.raises(ConversionError, match=r"unexpected tensors \(1\): model\.layers\.0\.mlp\.extra"):
+    with pytest.raises(ConversionError,
+                       match=r"unexpected tensors \(1\): model\.layers\.0\.mlp\.extra"):
         convert(models["llama"], bad)
     bad = {**sd, "model.layers.3.input_layernorm.weight": np.zeros(64, np.float32)}
     with pytest.raises(ConversionError, match=r"layer 3 >= num_hidden_layers=3"):
         convert(models["llama"], bad)
     bad = {**sd, "model.layers.2.self_attn.k_proj.weight": np.zeros((64, 64), np.float32)}
-    with pytest.raises(ConversionError, match=r"k_proj.weight: expected shape \(32, 64\), got \(64, 64\)"):
+    with pytest.raises(ConversionError,
+                       match=r"k_proj.weight: expected shape \(32, 64\), got \(64, 64\)"):
         convert(models["llama"], bad)
     # rotary inv_freq buffers older transformers wrote are dropped explicitly
     ok = {**sd, "model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros(8, np.float32)}
@@ -198,7 +203,8 @@ def test_layout_transforms(models):
     hd, H, Hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     np.testing.assert_array_equal(p["layers"]["wq"][1][:, 2, :], qkv[2 * hd:3 * hd].T)
     np.testing.assert_array_equal(p["layers"]["wk"][1][:, 1, :], qkv[(H + 1) * hd:(H + 2) * hd].T)
-    np.testing.assert_array_equal(p["layers"]["wv"][1][:, 0, :], qkv[(H + Hkv) * hd:(H + Hkv + 1) * hd].T)
+    np.testing.assert_array_equal(p["layers"]["wv"][1][:, 0, :],
+                                  qkv[(H + Hkv) * hd:(H + Hkv + 1) * hd].T)
     gu = sd["model.layers.2.mlp.gate_up_proj.weight"]
     np.testing.assert_array_equal(p["layers"]["mlp"]["gate"][2], gu[:cfg.d_ff])
     np.testing.assert_array_equal(p["layers"]["mlp"]["up"][2], gu[cfg.d_ff:])
