@@ -117,10 +117,17 @@ def _open(path) -> "gguf.GGUFReader":  # noqa: F821
 
 
 def _field(reader, key, default=None):
+    import gguf
+
     f = reader.fields.get(key)
     if f is None:
         return default
-    return f.contents()
+    v = f.contents()
+    if f.types and f.types[0] == gguf.GGUFValueType.FLOAT32:
+        # Stored as float32: hand out the shortest decimal that round-trips (1e-06, not
+        # 9.999999974752427e-07), i.e. the value the source config.json most likely held.
+        v = float(str(np.float32(v)))
+    return v
 
 
 def _require(reader, key):
@@ -223,11 +230,18 @@ def config_from_metadata(reader) -> dict:
     if arch == "gemma2":
         cfg["layer_types"] = _gemma_layer_types(n_layers, 2)
     if arch == "gemma3":
-        # Not stored in the GGUF: llama.cpp hard-codes a 5 local : 1 global pattern and a
-        # local RoPE base of 10000, the same defaults as the hub configs.
-        cfg["sliding_window_pattern"] = 6
-        cfg["layer_types"] = _gemma_layer_types(n_layers, 6)
-        cfg["rope_local_base_freq"] = 10000.0
+        # Older GGUFs omit both: llama.cpp then uses a 5 local : 1 global pattern and a local
+        # RoPE base of 10000, the same defaults as the hub configs.
+        pattern = g("attention.sliding_window_pattern", 6)
+        if isinstance(pattern, list):  # per layer, True = sliding window
+            if len(pattern) != n_layers:
+                raise GGUFError(f"attention.sliding_window_pattern has {len(pattern)} entries "
+                                f"for {n_layers} layers")
+            cfg["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+        else:
+            cfg["sliding_window_pattern"] = int(pattern)
+            cfg["layer_types"] = _gemma_layer_types(n_layers, int(pattern))
+        cfg["rope_local_base_freq"] = float(g("rope.freq_base_swa", 10000.0))
     return cfg
 
 
