@@ -1,0 +1,311 @@
+"""Per-layer thresholds for the practical (threshold-mode) CATS and M-COUNTDOWN.
+
+Two statistics (method.md, "Practical"):
+
+  mean_kth  the release's: run the ideal rule at ratio r over calibration text; per record
+            (one packed row of ``seq_len`` tokens) take the mean over its tokens of the
+            per-token k-th smallest ranked value (k = int(m r), as the ideal rule); per
+            layer aggregate the records by mean (or median); optional additive offset.
+  quantile  CATS's: the r-quantile of the pooled per-layer distribution of the ranked
+            quantity (|act(g)| for CATS) over all calibration tokens, read from a
+            log-spaced histogram accumulated on device (relative bin width ~0.3%).
+
+Which forward supplies the MLP inputs: ``forward="ideal"`` runs the model with the ideal
+rule at r in every layer (the release; inputs of layer l see the sparsity of layers < l,
+one pass per r), ``"dense"`` runs it dense (one pass serves every r; CATS's choice).
+Everything per batch is one jitted function returning per-layer sums; the host only adds
+batches. Thresholds are saved beside the model (``save_tree``) where
+``api.sparsity_setup`` reads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from countdown_jax import model as model_lib
+from countdown_jax.policy import DENSE, SparseSpec, make_policy
+from countdown_jax.selection import num_dropped, rank_quantity
+
+STATS = ("mean_kth", "quantile")
+AGGREGATES = ("mean", "median")
+FORWARDS = ("ideal", "dense")
+# Histogram for the quantile statistic: log-spaced bins over [LO, HI] plus an underflow
+# and an overflow bin. Ranked quantities are |.| of activations: O(1e-6 .. 1e3) in practice.
+HIST_LO, HIST_HI, HIST_BINS = 1e-8, 1e4, 8192
+_NONNEGATIVE = ("cats", "m_countdown", "d_countdown", "s_countdown")
+
+
+def kth_smallest(q, r):
+    """Per-token k-th smallest of q [..., m] (k = int(m r) >= 1): the ideal rule's cut,
+    ``selection.ideal_mask(q, r) == (q > kth_smallest(q, r))``."""
+    m = q.shape[-1]
+    k = num_dropped(r, m)
+    return jnp.take(jnp.sort(q, axis=-1), jnp.maximum(k - 1, 0), axis=-1)
+
+
+def _bin_index(a):
+    """Histogram bin of nonnegative a: 0 = below HIST_LO, HIST_BINS + 1 = at/above HIST_HI."""
+    step = (np.log(HIST_HI) - np.log(HIST_LO)) / HIST_BINS
+    t = (jnp.log(jnp.maximum(a, 1e-30)) - np.log(HIST_LO)) / step
+    return jnp.clip(jnp.floor(t).astype(jnp.int32) + 1, 0, HIST_BINS + 1)
+
+
+def _bin_edges():
+    return np.exp(np.linspace(np.log(HIST_LO), np.log(HIST_HI), HIST_BINS + 1))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "ideal_forward", "histogram"))
+def _batch_stats(params, cfg, tokens, lengths, rs, forward_r, *, method: str,
+                 ideal_forward: bool, histogram: bool):
+    """One batch: per-row mean k-th value [R, L, B] at each r in rs, valid-token counts
+    [B], and (histogram) the per-layer histogram of the ranked quantity [L, HIST_BINS+2]."""
+    B, T = tokens.shape
+    L = cfg.num_layers
+    if ideal_forward:
+        spec = SparseSpec(method=method, mode="ideal")
+        policy = {"sparsity": jnp.full((L,), forward_r, jnp.float32)}
+    else:
+        spec, policy = DENSE, None
+    _, _, xs = model_lib.forward(params, cfg, tokens, lengths, spec=spec, policy=policy,
+                                 collect=True, logits_at=jnp.zeros((B, 0), jnp.int32))
+    valid = jnp.arange(T)[None, :] < lengths[:, None]                    # [B, T]
+    count = jnp.sum(valid, axis=1).astype(jnp.float32)
+
+    def one_layer(args):
+        mlp, x = args
+        q = rank_quantity(method, mlp, x, cfg.act)                          # [B, T, m]
+        srt = jnp.sort(q, axis=-1)
+        k = num_dropped(rs, q.shape[-1])                                    # [R]
+        kth = jnp.take(srt, jnp.maximum(k - 1, 0), axis=-1)                 # [B, T, R]
+        row = jnp.sum(jnp.where(valid[..., None], kth, 0.0), axis=1)        # [B, R]
+        row = row / jnp.maximum(count, 1.0)[:, None]
+        if not histogram:
+            return row.T, jnp.zeros((0,), jnp.float32)
+        idx = _bin_index(jnp.abs(q))
+        w = jnp.broadcast_to(valid[..., None], q.shape).astype(jnp.float32)
+        hist = jnp.zeros((HIST_BINS + 2,), jnp.float32).at[idx.reshape(-1)].add(w.reshape(-1))
+        return row.T, hist
+
+    rows, hist = jax.lax.map(one_layer, (params["layers"]["mlp"], xs))      # [L, R, B]
+    return jnp.transpose(rows, (1, 0, 2)), count, hist
+
+
+@dataclasses.dataclass
+class Stats:
+    """Calibration statistics of one method over a set of rows."""
+
+    method: str
+    forward: str
+    sparsities: tuple[float, ...]
+    row_kth: np.ndarray                 # [R, N_rows, L] per-row mean k-th value
+    row_tokens: np.ndarray              # [N_rows] valid tokens per row
+    hist: np.ndarray | None             # [L, HIST_BINS + 2] (dense forward only)
+
+    def thresholds(self, r: float, stat: str = "mean_kth", agg: str = "mean",
+                   offset: float = 0.0) -> np.ndarray:
+        """Per-layer threshold [L] at sparsity r."""
+        if stat not in STATS:
+            raise ValueError(f"unknown statistic {stat!r}; expected one of {STATS}")
+        if stat == "quantile":
+            if self.hist is None:
+                raise ValueError("the quantile statistic needs the histogram of a dense "
+                                 "calibration pass (forward='dense')")
+            return quantile_from_histogram(self.hist, r) + offset
+        if agg not in AGGREGATES:
+            raise ValueError(f"unknown aggregate {agg!r}; expected one of {AGGREGATES}")
+        i = _index_of(self.sparsities, r)
+        per_row = self.row_kth[i]
+        keep = self.row_tokens > 0
+        per_row = per_row[keep]
+        tau = per_row.mean(axis=0) if agg == "mean" else np.median(per_row, axis=0)
+        return tau + offset
+
+
+def _index_of(sparsities, r):
+    for i, s in enumerate(sparsities):
+        if abs(s - r) < 1e-9:
+            return i
+    raise ValueError(f"sparsity {r} was not calibrated; have {list(sparsities)}")
+
+
+def quantile_from_histogram(hist: np.ndarray, r: float) -> np.ndarray:
+    """Per-layer r-quantile [L] from hist [L, HIST_BINS+2], log-linear inside the bin."""
+    hist = np.asarray(hist, np.float64)
+    edges = _bin_edges()
+    out = np.empty(hist.shape[0])
+    for layer, h in enumerate(hist):
+        total = h.sum()
+        if total <= 0:
+            raise ValueError(f"layer {layer}: empty histogram")
+        target = r * total
+        cum = np.cumsum(h)
+        j = int(np.searchsorted(cum, target, side="left"))
+        if j == 0:
+            out[layer] = HIST_LO
+            continue
+        if j >= HIST_BINS + 1:
+            out[layer] = HIST_HI
+            continue
+        before = cum[j - 1]
+        frac = (target - before) / h[j] if h[j] > 0 else 0.0
+        lo, hi = np.log(edges[j - 1]), np.log(edges[j])
+        out[layer] = np.exp(lo + frac * (hi - lo))
+    return out
+
+
+def collect_stats(params, cfg, tokens, lengths, *, method: str, sparsities: Sequence[float],
+                  forward: str = "ideal", batch_size: int = 8, progress: bool = True) -> Stats:
+    """Run the calibration passes over rows tokens [N, T] (lengths [N])."""
+    if method not in _NONNEGATIVE and method != "dejavu":
+        raise ValueError(f"cannot calibrate thresholds for method {method!r}")
+    if forward not in FORWARDS:
+        raise ValueError(f"unknown calibration forward {forward!r}; expected one of {FORWARDS}")
+    rs = tuple(float(r) for r in sparsities)
+    if not rs or any(not 0.0 < r < 1.0 for r in rs):
+        raise ValueError(f"sparsities must lie in (0, 1), got {list(rs)}")
+    tokens = np.asarray(tokens, np.int32)
+    lengths = np.asarray(lengths, np.int32)
+    n = tokens.shape[0]
+    histogram = forward == "dense" and method in _NONNEGATIVE
+    # dense: one pass for every r; ideal: one pass per r (the forward itself depends on r)
+    passes = [(None, rs)] if forward == "dense" else [(r, (r,)) for r in rs]
+    row_kth = np.zeros((len(rs), n, cfg.num_layers))
+    hist = np.zeros((cfg.num_layers, HIST_BINS + 2)) if histogram else None
+    row_tokens = np.zeros((n,))
+    bar = tqdm(total=len(passes) * n, desc=f"calibrate {method} ({forward})", unit="row",
+               disable=not progress)
+    for fr, prs in passes:
+        for s in range(0, n, batch_size):
+            tb, lb = _pad_batch(tokens[s:s + batch_size], lengths[s:s + batch_size], batch_size)
+            rows, cnt, h = _batch_stats(params, cfg, jnp.asarray(tb), jnp.asarray(lb),
+                                        jnp.asarray(prs, jnp.float32),
+                                        jnp.float32(fr if fr is not None else 0.0),
+                                        method=method, ideal_forward=fr is not None,
+                                        histogram=histogram)
+            nb = min(batch_size, n - s)
+            rows = np.asarray(rows)[:, :, :nb]                               # [R', L, nb]
+            for j, r in enumerate(prs):
+                row_kth[rs.index(r), s:s + nb] = rows[j].T
+            row_tokens[s:s + nb] = np.asarray(cnt)[:nb]
+            if histogram:
+                hist += np.asarray(h, np.float64)
+            bar.update(nb)
+    bar.close()
+    return Stats(method, forward, rs, row_kth, row_tokens, hist)
+
+
+def _pad_batch(tokens, lengths, batch_size):
+    """Pad a short last batch with zero-length rows so every batch has one shape."""
+    b = tokens.shape[0]
+    if b == batch_size:
+        return tokens, lengths
+    pad = batch_size - b
+    return (np.concatenate([tokens, np.zeros((pad, tokens.shape[1]), np.int32)]),
+            np.concatenate([lengths, np.zeros((pad,), np.int32)]))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec"))
+def _kept_sums(params, cfg, tokens, lengths, policy, *, spec):
+    B, T = tokens.shape
+    _, kept = model_lib.forward(params, cfg, tokens, lengths, spec=spec, policy=policy,
+                                logits_at=jnp.zeros((B, 0), jnp.int32))
+    valid = (jnp.arange(T)[None, :] < lengths[:, None]).astype(jnp.float32)
+    return jnp.sum(kept * valid[None], axis=(1, 2)), jnp.sum(valid)
+
+
+def realised_sparsity(params, cfg, tokens, lengths, spec: SparseSpec, policy,
+                      batch_size: int = 8) -> np.ndarray:
+    """Per-layer fraction of neurons skipped [L] over all valid tokens (every token sparse)."""
+    tokens = np.asarray(tokens, np.int32)
+    lengths = np.asarray(lengths, np.int32)
+    kept = np.zeros((cfg.num_layers,))
+    count = 0.0
+    for s in range(0, tokens.shape[0], batch_size):
+        tb, lb = _pad_batch(tokens[s:s + batch_size], lengths[s:s + batch_size], batch_size)
+        k, c = _kept_sums(params, cfg, jnp.asarray(tb), jnp.asarray(lb), policy, spec=spec)
+        kept += np.asarray(k, np.float64)
+        count += float(c)
+    return 1.0 - kept / max(count, 1.0)
+
+
+def threshold_policy(cfg, threshold):
+    return make_policy(cfg.num_layers, threshold=np.asarray(threshold))
+
+
+def save_thresholds(model_dir, method: str, r: float, threshold, *, kind: str = "thresholds",
+                    meta: dict | None = None):
+    from conversion.checkpoint import save_tree
+    from countdown_jax.api import policy_name
+
+    return save_tree(model_dir, policy_name(kind, method, r),
+                     {"threshold": np.asarray(threshold, np.float32)}, meta=meta or {})
+
+
+def calibration_rows(tokenizer, seq_len: int, rows: int, *, held_out: bool = False):
+    """Packed calibration rows (or, held_out=True, rows of the evaluation-side text used to
+    measure realised sparsity on text the thresholds never saw)."""
+    from countdown_jax import data
+
+    texts = data.perplexity_texts() if held_out else data.calibration_texts()
+    return data.pack_tokens(tokenizer, texts, seq_len, max_rows=rows)
+
+
+# -- command line ---------------------------------------------------------------------------
+def _run(args):
+    from countdown_jax import api
+
+    model = api.load(args.model_dir)
+    params, cfg = model.params, model.cfg
+    t0 = time.perf_counter()
+    tokens, lengths = calibration_rows(model.tokenizer, args.seq_len, args.rows)
+    forward = args.forward or ("dense" if args.stat == "quantile" else "ideal")
+    stats = collect_stats(params, cfg, tokens, lengths, method=args.method,
+                          sparsities=args.sparsity, forward=forward,
+                          batch_size=args.batch_size)
+    held_tokens, held_lengths = calibration_rows(model.tokenizer, args.seq_len,
+                                                 args.held_out_rows, held_out=True)
+    spec = SparseSpec(method=args.method, mode="threshold")
+    report = []
+    for r in stats.sparsities:
+        tau = stats.thresholds(r, args.stat, args.agg, args.offset)
+        pol = threshold_policy(cfg, tau)
+        on_calib = realised_sparsity(params, cfg, tokens, lengths, spec, pol)
+        held = realised_sparsity(params, cfg, held_tokens, held_lengths, spec, pol)
+        meta = dict(method=args.method, sparsity=r, stat=args.stat, agg=args.agg,
+                    offset=args.offset, forward=forward, calib_tokens=int(lengths.sum()),
+                    realised_calibration=float(on_calib.mean()),
+                    realised_held_out=float(held.mean()))
+        path = save_thresholds(args.model_dir, args.method, r, tau, meta=meta)
+        report.append({**meta, "saved": str(path)})
+    for row in report:
+        print(json.dumps(row))
+    print(f"calibrated in {time.perf_counter() - t0:.1f} s")
+
+
+def register(subparsers):
+    p = subparsers.add_parser("calibrate", help="per-layer thresholds for CATS / M-COUNTDOWN "
+                                                "(threshold mode)")
+    p.add_argument("model_dir")
+    p.add_argument("--method", choices=("cats", "m_countdown", "d_countdown", "s_countdown"),
+                   required=True)
+    p.add_argument("--sparsity", type=float, nargs="+", required=True)
+    p.add_argument("--stat", choices=STATS, default="mean_kth")
+    p.add_argument("--agg", choices=AGGREGATES, default="mean")
+    p.add_argument("--offset", type=float, default=0.0)
+    p.add_argument("--forward", choices=FORWARDS, default=None,
+                   help="MLP inputs from an ideal-sparse (release) or dense forward; default "
+                        "ideal for mean_kth, dense for quantile")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--rows", type=int, default=32, help="calibration rows of seq-len tokens")
+    p.add_argument("--held-out-rows", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=_run)
