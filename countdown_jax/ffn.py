@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from countdown_jax import parallel_selection
-from countdown_jax.gated import activation, coefficients, project
+from countdown_jax.gated import activation, coefficients, down_sum, project
 from countdown_jax.policy import DENSE, SparseSpec, check_layer
 from countdown_jax.selection import (limit_to_capacity, mask_to_indices, select,
                                      spec_quantity)
@@ -39,7 +39,7 @@ __all__ = ["activation", "dense_ffn", "ffn"]
 
 def dense_ffn(mlp, x, act: str):
     _, _, s = coefficients(mlp, x, act)
-    return jnp.einsum("...m,md->...d", s, mlp["down"])
+    return down_sum(s, mlp["down"])
 
 
 def ffn(mlp, x, *, act: str, spec: SparseSpec = DENSE, policy=None, sparse=None,
@@ -90,7 +90,7 @@ def _masked(mlp, x, act, spec, layer, sparse):
     if sparse is not None:
         mask = mask | ~sparse[..., None]
         dropped = jnp.where(sparse, dropped, 0)
-    y = jnp.einsum("...m,md->...d", jnp.where(mask, s, jnp.zeros_like(s)), mlp["down"])
+    y = down_sum(jnp.where(mask, s, jnp.zeros_like(s)), mlp["down"])
     return y.astype(x.dtype), jnp.mean(mask, axis=-1, dtype=jnp.float32), dropped
 
 
@@ -120,8 +120,10 @@ def _gathered(mlp, x, act, spec, layer, sparse):
         sp = sparse.reshape(-1)
         # Dense tokens take the dense path; when every token is sparse (decode) the
         # dense FFN is never run.
-        y = jax.lax.cond(jnp.all(sp), lambda: y,
-                         lambda: jnp.where(sp[:, None], y, dense_ffn(mlp, xs, act).astype(y.dtype)))
+        y = jax.lax.cond(
+            jnp.all(sp), lambda y, sp, mlp, xs: y,
+            lambda y, sp, mlp, xs: jnp.where(sp[:, None], y, dense_ffn(mlp, xs, act).astype(y.dtype)),
+            y, sp, mlp, xs)
         kept = jnp.where(sp, kept, 1.0)
         dropped = jnp.where(sp, dropped, 0)
     return y.reshape(lead + (d,)), kept.reshape(lead), dropped.reshape(lead)

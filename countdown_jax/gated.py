@@ -14,6 +14,10 @@ import jax.numpy as jnp
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 
+# float32 GEMMs at full precision: on GPU the default lets XLA use TF32 (~1e-3 relative),
+# which would move selection cuts and break the float32 reference. No effect on bf16.
+HIGHEST = jax.lax.Precision.HIGHEST
+
 
 def activation(name: str):
     if name == "silu":
@@ -25,7 +29,12 @@ def activation(name: str):
 
 def project(w, x):
     """x [..., d] times row-per-neuron w [m, d] -> [..., m] (one GEMV per token)."""
-    return jnp.einsum("...d,md->...m", x, w)
+    return jnp.einsum("...d,md->...m", x, w, precision=HIGHEST)
+
+
+def down_sum(s, w_down):
+    """y = sum_i s_i W_down[i]: s [..., m] times row-per-neuron w_down [m, d] -> [..., d]."""
+    return jnp.einsum("...m,md->...d", s, w_down, precision=HIGHEST)
 
 
 def coefficients(mlp, x, act: str):

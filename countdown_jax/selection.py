@@ -30,7 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from countdown_jax.gated import activation, project
+from countdown_jax.gated import HIGHEST, activation, project
 from countdown_jax.policy import SparseSpec
 
 # int(m r) for the r the user wrote, although the policy holds float32(r): m*r in float32
@@ -66,8 +66,9 @@ def rank_quantity(method: str, mlp, x, act: str, *, g=None, u=None):
 
 def predictor_logits(predictor, x):
     """z [..., m] float32 = (x V) U^T for one layer's predictor {"V": [d, rank], "U": [m, rank]}."""
-    h = jnp.einsum("...d,dr->...r", x, predictor["V"], preferred_element_type=jnp.float32)
-    return jnp.einsum("...r,mr->...m", h, predictor["U"].astype(jnp.float32))
+    h = jnp.einsum("...d,dr->...r", x, predictor["V"], preferred_element_type=jnp.float32,
+                   precision=HIGHEST)
+    return jnp.einsum("...r,mr->...m", h, predictor["U"].astype(jnp.float32), precision=HIGHEST)
 
 
 def spec_quantity(spec: SparseSpec, mlp, x, act: str, layer, *, g=None, u=None):
@@ -140,7 +141,8 @@ def limit_to_capacity(mask, q, capacity: int | None):
     if capacity is None or capacity >= m:
         return mask
     over = jnp.any(jnp.sum(mask, axis=-1) > capacity)
-    return jax.lax.cond(over, lambda: keep_largest(q, capacity, valid=mask), lambda: mask)
+    return jax.lax.cond(over, lambda mk, qq: keep_largest(qq, capacity, valid=mk),
+                        lambda mk, qq: mk, mask, q)
 
 
 def mask_to_indices(mask, capacity: int | None = None, q=None):
