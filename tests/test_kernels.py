@@ -137,7 +137,7 @@ FUSED_CASES = [
     ("m", 1, jnp.float32, FusedConfig(bn=8, bd=8, blocks_per_program=2)),
     ("cats", 3, jnp.bfloat16, FusedConfig(bn=16, bd=16, blocks_per_program=1, reduce="atomic")),
     ("d", 2, jnp.float32, FusedConfig(bn=16, bd=8, bds=4, blocks_per_program=2, compact=4)),
-    ("m", 2, jnp.float32, FusedConfig(bn=32, bd=32, blocks_per_program=1, compact=8,
+    ("m", 2, jnp.float32, FusedConfig(bn=32, bd=32, bds=8, blocks_per_program=1, compact=8,
                                       reduce="atomic")),
 ]
 
@@ -219,25 +219,27 @@ def test_api_errors_and_cpu_fallback():
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_kernels_compiled_on_gpu(dtype):
+    """Compiled Triton kernels on ragged shapes, poisoned outputs, r = 0 / 0.5 / 0.9 / 1."""
     m, d, n = 1000, 576, 2          # ragged against every block size used below
     (wg, wu, wd), v, u = weights(41, m=m, d=d, dtype=dtype)
-    tol = 1e-2 if dtype == jnp.bfloat16 else 1e-3
+    tol = 1e-2 if dtype == jnp.bfloat16 else 1e-4
     x = jax.random.normal(jax.random.key(42), (n, d), jnp.float32).astype(dtype)
     for method in ("m", "cats", "d"):
         q, _ = selection_scores(x, wg, wu, act="silu", method=method, pred_v=v, pred_u=u)
-        for frac in (0.0, 0.5, 0.9, 1.0):
-            tau = gap_tau(q, frac)
-            kw = dict(act="silu", method=method, pred_v=v, pred_u=u)
-            ref, rc = fused_sparse_ffn(x, wg, wu, wd, tau, implementation="xla", **kw)
-            for impl, cfg in (("pallas", FusedConfig(bn=16, bd=256, poison=True)),
-                              ("pallas", FusedConfig(bn=64, bd=512, compact=8,
-                                                     reduce="atomic", poison=True)),
-                              ("pallas_gather", GatherConfig(bj=8, bd=256, programs=16,
-                                                             poison=True))):
-                y, cnt = jax.jit(lambda t: fused_sparse_ffn(
-                    x, wg, wu, wd, t, implementation=impl, config=cfg, **kw))(tau)
+        kw = dict(act="silu", method=method, pred_v=v, pred_u=u)
+        ref = jax.jit(lambda t: fused_sparse_ffn(x, wg, wu, wd, t, implementation="xla", **kw))
+        for impl, cfg in (("pallas", FusedConfig(bn=16, bd=256, poison=True)),
+                          ("pallas", FusedConfig(bn=64, bd=512, compact=8, reduce="atomic",
+                                                 poison=True)),
+                          ("pallas_gather", GatherConfig(bj=8, bd=256, programs=16,
+                                                         poison=True))):
+            kern = jax.jit(lambda t, impl=impl, cfg=cfg: fused_sparse_ffn(
+                x, wg, wu, wd, t, implementation=impl, config=cfg, **kw))
+            for frac in (0.0, 0.5, 0.9, 1.0):
+                tau = gap_tau(q, frac)
+                (y, cnt), (r, rc) = kern(tau), ref(tau)
                 np.testing.assert_array_equal(np.asarray(cnt), np.asarray(rc))
                 if frac == 1.0:
                     assert np.all(np.asarray(y, np.float32) == 0)
                 else:
-                    assert rel_err(y, ref) < tol, (method, frac, impl, cfg)
+                    assert rel_err(y, r) < tol, (method, frac, impl, cfg)

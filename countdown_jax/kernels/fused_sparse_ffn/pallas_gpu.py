@@ -34,8 +34,9 @@ from countdown_jax.kernels import _triton_tiles as tt
 @dataclasses.dataclass(frozen=True)
 class FusedConfig:
     bn: int = 16                 # neurons per block (power of two)
-    bd: int = 512                # column chunk over d (power of two)
-    bds: int = 512               # column chunk over the predictor rank (method d only)
+    bd: int = 512                # column chunk of the gathered rows (power of two)
+    bds: int | None = None       # column chunk of the scoring rows [bn, bds] (None: bd for
+                                 # M/CATS, min(512, rank) for D); keep bn*bds <= ~8K
     blocks_per_program: int = 4  # consecutive blocks per program (y partial per program)
     num_warps: int = 4
     num_stages: int = 1
@@ -46,6 +47,8 @@ class FusedConfig:
     def __post_init__(self):
         for name in ("bn", "bd", "bds"):
             v = getattr(self, name)
+            if v is None and name == "bds":
+                continue
             if v < 1 or v & (v - 1):
                 raise ValueError(f"FusedConfig.{name} must be a power of two, got {v}")
         if self.compact and self.compact & (self.compact - 1):
@@ -62,7 +65,7 @@ def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
     out_ref, cnt_ref = refs[-2:]
     p = pl.program_id(0)
     bn, bd = cfg.bn, cfg.bd
-    bds = cfg.bds if method == "d" else bd      # chunk of the score input (rank or d)
+    bds = cfg.bds or (min(512, pl.next_power_of_2(ds)) if method == "d" else bd)
     ch = tt.chunks(d, bd)
     f = activation(act)
     nblk = -(-m // bn)
@@ -70,7 +73,7 @@ def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
     b1 = jnp.minimum(b0 + cfg.blocks_per_program, nblk)
 
     xs = [[tt.load_vec(x_ref, (b,), c0, bd, d) for c0, _ in ch] for b in range(nb)]
-    ss = xs if method != "d" else [
+    ss = xs if (method != "d" and bds == bd) else [
         [tt.load_vec(s_ref, (b,), c0, bds, ds) for c0, _ in tt.chunks(ds, bds)]
         for b in range(nb)]
     taus = [tau_ref[b] for b in range(nb)]
@@ -149,7 +152,7 @@ def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
 def fused_sparse_ffn_pallas_gpu(x, w_gate, w_up, w_down, tau, *, act, method, h=None,
                                 pred_u=None, config: FusedConfig | None = None,
                                 interpret: bool = False):
-    """x [N, d]; tau [N] float32; for method "d": h = x V [N, r] float32 and U [m, r]."""
+    """x [N, d]; tau [N] float32; for method "d": h = x V [N, r] and U [m, r]."""
     cfg = config or FusedConfig()
     nb, d = x.shape
     m = w_down.shape[0]
@@ -158,7 +161,7 @@ def fused_sparse_ffn_pallas_gpu(x, w_gate, w_up, w_down, tau, *, act, method, h=
     elif method == "cats":
         ws, sin = w_gate, x
     else:
-        ws, sin = pred_u, h.astype(jnp.float32)
+        ws, sin = pred_u, h
     ds = ws.shape[1]
     P = cfg.programs(m)
     kern = functools.partial(_kernel, method=method, act=act, m=m, d=d, ds=ds, nb=nb, cfg=cfg)

@@ -5,7 +5,7 @@ the kernels are checked against, not a fast path):
 
     method "m"    (M-COUNTDOWN): u = W_up x,               keep |u_i|      > tau
     method "cats" (CATS):        a = act(W_gate x),        keep |a_i|      > tau
-    method "d"    (D-COUNTDOWN): z = U (V^T x)  (rank r),  keep z_i        > tau (theta)
+    method "d"    (D-COUNTDOWN): z = U h, h = V^T x (rank r), keep z_i    > tau (theta)
     s_i = act(g_i) * u_i  for kept i, else 0;   y = sum_i s_i * W_down[i]
 
 Weights are row-per-neuron [m, d] (W_down transposed); the predictor is V [d, r] and
@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from countdown_jax.ffn import activation
+from countdown_jax.kernels.sparse_ffn.reference import HIGHEST
 
 METHODS = ("m", "cats", "d")
 
@@ -29,22 +30,27 @@ def check_method(method, pred_v, pred_u):
         raise ValueError("method 'd' needs the predictor: pred_v [d, r] and pred_u [m, r]")
 
 
+def project(x, w):
+    """x [N, k] . w [m, k] -> [N, m] float32 (float32 accumulation, no TF32, no f32 copy of w)."""
+    return jnp.einsum("nk,mk->nm", x, w, preferred_element_type=jnp.float32, precision=HIGHEST)
+
+
 def predictor_hidden(x, pred_v):
-    """h = x V, float32 [N, r] (the predictor's first, small GEMV)."""
-    return jnp.einsum("nd,dr->nr", x, pred_v, preferred_element_type=jnp.float32)
+    """h = x V [N, r]: float32 accumulation, stored in the predictor's dtype (the kernels and
+    this reference both take this h, so both see the same rounding)."""
+    h = jnp.einsum("nd,dr->nr", x, pred_v, preferred_element_type=jnp.float32, precision=HIGHEST)
+    return h.astype(pred_v.dtype)
 
 
 def selection_scores(x, w_gate, w_up, *, act, method, pred_v=None, pred_u=None):
     """(quantity compared with tau [N, m] float32, the dense coefficient or None)."""
-    xf = x.astype(jnp.float32)
     if method == "m":
-        u = xf @ w_up.astype(jnp.float32).T
+        u = project(x, w_up)
         return jnp.abs(u), u
     if method == "cats":
-        a = activation(act)(xf @ w_gate.astype(jnp.float32).T)
+        a = activation(act)(project(x, w_gate))
         return jnp.abs(a), a
-    h = predictor_hidden(x, pred_v)
-    return h @ pred_u.astype(jnp.float32).T, None
+    return project(predictor_hidden(x, pred_v), pred_u), None
 
 
 def fused_sparse_ffn_reference(x, w_gate, w_up, w_down, tau, *, act, method,
@@ -54,9 +60,6 @@ def fused_sparse_ffn_reference(x, w_gate, w_up, w_down, tau, *, act, method,
                             pred_v=pred_v, pred_u=pred_u)
     tau = jnp.broadcast_to(jnp.asarray(tau, jnp.float32).reshape(-1, 1), (x.shape[0], 1))
     keep = q > tau
-    xf = x.astype(jnp.float32)
-    g = xf @ w_gate.astype(jnp.float32).T
-    u = xf @ w_up.astype(jnp.float32).T
-    s = jnp.where(keep, activation(act)(g) * u, 0.0)
-    y = s @ w_down.astype(jnp.float32)
+    s = jnp.where(keep, activation(act)(project(x, w_gate)) * project(x, w_up), 0.0)
+    y = jnp.einsum("nm,md->nd", s, w_down.astype(jnp.float32), precision=HIGHEST)
     return y.astype(x.dtype), jnp.sum(keep, axis=-1, dtype=jnp.int32)

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 
 from countdown_jax.ffn import activation
 
+HIGHEST = jax.lax.Precision.HIGHEST   # float32 means float32 on GPUs too (no TF32)
+
 
 def sparse_ffn_reference(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=None):
     """x [N, d]; w_* [m, d]; idx [N, C] int32; count [N] int32; coef [N, m] when dense is set."""
@@ -26,25 +28,25 @@ def sparse_ffn_reference(x, w_gate, w_up, w_down, idx, count, *, act, dense=None
     # junk in the padding can neither fault nor poison the sum (NaN * 0).
     valid = (jnp.arange(c)[None, :] < count[:, None]) & (idx >= 0) & (idx < m)   # [N, C]
     idx = jnp.where(valid, idx, 0)
-    xf = x.astype(jnp.float32)
 
-    def rows(w):                                                         # [N, C, d]
-        return jnp.take(w, idx, axis=0).astype(jnp.float32)
+    def rows(w):               # [N, C, d] in the weights' dtype (no float32 copy of W)
+        return jnp.take(w, idx, axis=0)
 
-    def picked(v):                                                       # [N, m] -> [N, C]
+    def dots(w):               # [N, C]: row . x with float32 accumulation, no TF32
+        return jnp.einsum("nd,ncd->nc", x, rows(w), preferred_element_type=jnp.float32,
+                          precision=HIGHEST)
+
+    def picked(v):             # [N, m] -> [N, C]
         return jnp.take_along_axis(v.astype(jnp.float32), idx, axis=1)
 
     if dense == "up":
-        a = activation(act)(jnp.einsum("nd,ncd->nc", xf, rows(w_gate)))
-        s = a * picked(coef)
+        s = activation(act)(dots(w_gate)) * picked(coef)
     elif dense == "gate":
-        s = picked(coef) * jnp.einsum("nd,ncd->nc", xf, rows(w_up))
+        s = picked(coef) * dots(w_up)
     elif dense is None:
-        g = jnp.einsum("nd,ncd->nc", xf, rows(w_gate))
-        u = jnp.einsum("nd,ncd->nc", xf, rows(w_up))
-        s = activation(act)(g) * u
+        s = activation(act)(dots(w_gate)) * dots(w_up)
     else:
         raise ValueError(f"dense must be 'up', 'gate' or None, got {dense!r}")
     s = jnp.where(valid, s, 0.0)
-    y = jnp.einsum("nc,ncd->nd", s, rows(w_down))
+    y = jnp.einsum("nc,ncd->nd", s, rows(w_down).astype(jnp.float32), precision=HIGHEST)
     return y.astype(x.dtype)
