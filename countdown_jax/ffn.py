@@ -82,6 +82,12 @@ def _choose(spec, q, layer):
     return rule, limit_to_capacity(rule, q, spec.capacity)
 
 
+def _fraction(count, m):
+    # count / m, and exactly 1.0 when all are kept (GPUs may divide via a reciprocal,
+    # giving 37/37 = 0.99999994).
+    return jnp.where(count >= m, 1.0, count.astype(jnp.float32) / m).astype(jnp.float32)
+
+
 def _masked(mlp, x, act, spec, layer, sparse):
     g, u, s = coefficients(mlp, x, act)
     q = spec_quantity(spec, mlp, x, act, layer, g=g, u=u)
@@ -91,7 +97,7 @@ def _masked(mlp, x, act, spec, layer, sparse):
         mask = mask | ~sparse[..., None]
         dropped = jnp.where(sparse, dropped, 0)
     y = down_sum(jnp.where(mask, s, jnp.zeros_like(s)), mlp["down"])
-    return y.astype(x.dtype), jnp.mean(mask, axis=-1, dtype=jnp.float32), dropped
+    return y.astype(x.dtype), _fraction(jnp.sum(mask, axis=-1, dtype=jnp.int32), mask.shape[-1]), dropped
 
 
 def _gathered(mlp, x, act, spec, layer, sparse):
@@ -114,7 +120,7 @@ def _gathered(mlp, x, act, spec, layer, sparse):
     y = sparse_ffn(xs, mlp["gate"], mlp["up"], mlp["down"], idx, count, act=act, dense=dense,
                    coef=coef, implementation="xla" if spec.implementation == "gather"
                    else spec.implementation)
-    kept = count.astype(jnp.float32) / m
+    kept = _fraction(count, m)
     dropped = jnp.sum(rule, axis=-1, dtype=jnp.int32) - count
     if sparse is not None:
         sp = sparse.reshape(-1)

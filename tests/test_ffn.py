@@ -67,6 +67,12 @@ def _run(spec, mlp, x, layer=None, act="silu", sparse=None):
     return y, kept
 
 
+def _counts(kept, m=M):
+    """kept fractions -> neuron counts (kept = count / m; the float division may round
+    differently per backend and fusion, the counts may not)."""
+    return np.rint(np.asarray(kept) * m).astype(int)
+
+
 def _to64(tree):
     return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
 
@@ -106,7 +112,7 @@ def test_dense_spec_and_all_kept_equal_dense_ffn():
                         (SparseSpec("m_countdown", "topk"), _layer("topk", 0.0)),
                         (SparseSpec("cats", "threshold"), _layer("threshold", -np.inf))]:
         y, kept = _run(spec, mlp, x, layer)
-        np.testing.assert_array_equal(y, want)              # masked reference: bitwise
+        np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-7)   # masked reference
         assert (np.asarray(kept) == 1.0).all()
         g = dataclass_replace(spec, implementation="gather")
         y, kept = _run(g, mlp, x, layer)
@@ -136,7 +142,7 @@ def test_masked_equals_gather(m, d):
             sg = dataclass_replace(sm, implementation="gather")
             y1, k1, d1 = _jitted(sm, "silu")(mlp, x, policy=layer)
             y2, k2, d2 = _jitted(sg, "silu")(mlp, x, policy=layer)
-            np.testing.assert_array_equal(k1, k2)
+            np.testing.assert_array_equal(_counts(k1, m), _counts(k2, m))
             np.testing.assert_array_equal(d1, d2)
             np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-5, err_msg=f"{spec} cap={cap}")
             if cap is not None:
@@ -223,7 +229,7 @@ def test_vmap_sweep_compiles_once(spec):
     for i, r in enumerate(levels):
         y, k = one(_layer("ideal", r))
         np.testing.assert_allclose(ys[i], y, rtol=1e-5, atol=1e-5)
-        np.testing.assert_array_equal(kept[i], k)
+        np.testing.assert_array_equal(_counts(kept[i]), _counts(k))
         if spec.mode == "topk":
             assert (np.rint(np.asarray(k) * M) == M - int(M * r)).all()
     assert len(traces) == 2                                 # one more for the unbatched jit
@@ -241,11 +247,11 @@ def test_sparse_token_flags(impl):
     dense = dense_ffn(mlp, x, "silu")
     f = np.asarray(flags)
     np.testing.assert_allclose(np.asarray(y)[~f], np.asarray(dense)[~f], rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(y)[f], np.asarray(y_all)[f])
+    np.testing.assert_allclose(np.asarray(y)[f], np.asarray(y_all)[f], rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(np.asarray(kept)[~f], 1.0)
-    np.testing.assert_array_equal(np.asarray(kept)[f], np.asarray(kept_all)[f])
+    np.testing.assert_array_equal(_counts(kept)[f], _counts(kept_all)[f])
     y1, k1 = _run(spec, mlp, x, layer, sparse=jnp.ones(x.shape[:-1], bool))
-    np.testing.assert_array_equal(y1, y_all)
+    np.testing.assert_allclose(y1, y_all, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="one flag per token"):
         ffn(mlp, x, act="silu", spec=spec, policy=layer, sparse=flags[0])
 
@@ -268,7 +274,7 @@ def test_scan_over_layers_with_policy_slices():
     for i in range(L):
         y, k = _run(spec, mlps[i], h_ref, jax.tree.map(lambda a: a[i], pol))
         h_ref = h_ref + y
-        np.testing.assert_array_equal(kept[i], k)
+        np.testing.assert_array_equal(_counts(kept[i]), _counts(k))
     np.testing.assert_allclose(h, h_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(kept.mean(-1), [1 - int(M * r) / M for r in (0.2, 0.5, 0.9)],
                                rtol=1e-6)
