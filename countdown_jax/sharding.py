@@ -202,8 +202,8 @@ def random_params(cfg: ModelConfig, key, dtype=jnp.float32, mesh=None):
         shapes["layers"].update(q_norm=((L, hd), None), k_norm=((L, hd), None))
     if cfg.sandwich_norm:
         shapes["layers"].update(post_attn_norm=((L, d), None), post_mlp_norm=((L, d), None))
-    is_leaf = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)  # noqa: E731
-    leaves, tree = jax.tree.flatten(shapes, is_leaf=is_leaf)
+    leaves, tree = jax.tree.flatten(
+        shapes, is_leaf=lambda x: isinstance(x, tuple) and isinstance(x[0], tuple))
 
     def build(key):
         keys = jax.random.split(key, len(leaves))
@@ -236,6 +236,21 @@ def _context_model_axis():
     return size
 
 
+def constrain_batch(x):
+    """Split x's leading (batch) axis over "data" when the context mesh has that axis
+    (size > 1) and the batch divides; else x unchanged. Called on the embeddings by the
+    model, so any caller - generate, evaluation, calibration - runs data parallel under
+    ``jax.set_mesh`` even when its inputs arrive replicated."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or getattr(mesh, "empty", False) or DATA not in mesh.axis_names:
+        return x
+    n = _axis_size(mesh, DATA)
+    kind = dict(zip(mesh.axis_names, mesh.axis_types))[DATA]
+    if n == 1 or kind == AxisType.Manual or x.ndim == 0 or x.shape[0] % n:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(DATA))
+
+
 def splits_neurons() -> bool:
     """True when the FFN must run tensor parallel (called by ``ffn.ffn`` at trace time)."""
     return _context_model_axis() is not None
@@ -251,7 +266,7 @@ def tensor_parallel_ffn(mlp, x, *, act, spec, policy=None, sparse=None,
     split over "data" when the batch (x's leading axis) divides; otherwise they are
     replicated there (same result, no data parallelism in the FFN).
     """
-    from countdown_jax.ffn import ffn  # ffn dispatches here: import at call time
+    from countdown_jax.ffn import _fraction, ffn  # ffn dispatches here: import at call time
 
     mesh = jax.sharding.get_abstract_mesh()
     S = _axis_size(mesh, MODEL)
@@ -287,7 +302,8 @@ def tensor_parallel_ffn(mlp, x, *, act, spec, policy=None, sparse=None,
         y = total[..., :d].astype(x_l.dtype)
         if spec.is_dense:
             return y, jnp.ones(y.shape[:-1], jnp.float32), jnp.zeros(y.shape[:-1], jnp.int32)
-        return y, total[..., d] / m, total[..., d + 1].astype(jnp.int32)
+        count, dropped = (jnp.round(total[..., d + i]).astype(jnp.int32) for i in (0, 1))
+        return y, _fraction(count, m), dropped
 
     out_tok = P(tok) if x.ndim >= 2 else P()
     run = jax.shard_map(body, mesh=mesh, in_specs=(mlp_specs, x_spec, pol_specs, sp_spec),

@@ -209,6 +209,28 @@ def _worker():
         report["collectives"][name] = _collectives(text)
 
     tick("collectives")
+
+    # A sweep as evaluation runs it: vmap over stacked policies, inputs NOT placed by the
+    # caller (replicated); the model's constrain_batch splits the batch over "data".
+    from countdown_jax.policy import stack_policies
+    mesh = sharding.make_mesh(model=2, data=2)
+    sp = sharding.shard_params(params, cfg, mesh)
+    pols = stack_policies([make_policy(L, sparsity=r) for r in (0.5, 0.8)])
+    spec = SparseSpec("m_countdown", "ideal")
+    sweep = jax.jit(lambda p, t, pol: jax.vmap(
+        lambda q: M.forward(p, cfg, t, spec=spec, policy=q))(pol))
+    ref_lg, ref_kept = sweep(params, prompt, pols)
+    with jax.set_mesh(mesh):
+        compiled = sweep.lower(sp, prompt, sharding.shard_policy(pols, mesh)).compile()
+        lg, kept = compiled(sp, prompt, sharding.shard_policy(pols, mesh))
+    report["sweep"] = {
+        "logits_max_abs": float(jnp.max(jnp.abs(lg - ref_lg))),
+        "kept_equal": bool(jnp.array_equal(jnp.round(kept * m), jnp.round(ref_kept * m))),
+        "collectives": _collectives(compiled.as_text()),
+        # FFN psum payload [R, B / data, T, d + 2]: the batch is split.
+        "ffn_psum_batch_split": f"f32[2,{B // 2},{T},{d + 2}]" in compiled.as_text(),
+    }
+    tick("sweep")
     # shard_capacity: roomy = exact; tight = fewer kept, the cut reported as dropped.
     mesh = sharding.make_mesh(model=2)
     sp = sharding.shard_params(params, cfg, mesh)
@@ -304,6 +326,12 @@ def test_one_psum_per_ffn(report):
     # Ideal D ranks across shards: one extra all-gather of |s| [B, 1, m] float32.
     assert c["d_ideal"]["all-reduce"] == 2 and c["d_ideal"]["other"] == 0, c
     assert c["d_ideal"]["all_gather_shapes"] == ["f32[4,1,96]"], c
+
+
+def test_sweep_is_data_parallel(report):
+    r = report["sweep"]
+    assert r["logits_max_abs"] < 2e-4 and r["kept_equal"], r
+    assert r["ffn_psum_batch_split"], r
 
 
 def test_shard_capacity(report):
