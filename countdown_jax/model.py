@@ -24,6 +24,7 @@ from countdown_jax.ffn import ffn
 from countdown_jax.norms import rms_norm
 from countdown_jax.policy import DENSE, SparseSpec
 from countdown_jax.rope import apply_rope, layer_inv_frequencies
+from countdown_jax.sharding import constrain_batch
 
 
 # -- cache ---------------------------------------------------------------------------------
@@ -47,7 +48,7 @@ def _embed(params, cfg: ModelConfig, tokens):
     if cfg.embed_scale != 1.0:
         # HF casts the scale to the weight dtype first (Gemma: sqrt(d) in bf16).
         x = x * jnp.asarray(cfg.embed_scale, x.dtype)
-    return x
+    return constrain_batch(x)  # data parallel under a mesh with a "data" axis; else no-op
 
 
 def _logits(params, cfg: ModelConfig, x):
