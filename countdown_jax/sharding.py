@@ -11,19 +11,24 @@ What goes where (``param_specs``):
     three; each device selects among its own neurons and the partial down projections
     meet in ONE psum per layer (``tensor_parallel_ffn``, an explicit shard_map). The
     predictor's U [L, m, rank] splits with them; V and per-layer scalars are replicated.
-  * Attention: q heads (wq, bq, wo) split over "model" when Hq % model == 0, k/v heads
-    (wk, wv, bk, bv and the KV cache) when Hkv % model == 0. When Hkv is not divisible,
-    K/V weights and the cache are replicated on "model" (each device computes every kv
-    head; q heads stay split); when Hq is not divisible either, attention is replicated.
-    XLA's partitioner derives the attention collectives from these placements.
-  * lm_head [d, V] splits on V; embeddings, norms: replicated.
+    Rules that rank across neurons (ideal, topk, a capacity cut) stay exact across
+    devices (``parallel_selection``); ``SparseSpec.shard_capacity`` trades that
+    exactness of the capacity cut for no extra communication.
+  * Attention: heads split over "model" when Hkv % model == 0 (q heads wq, bq, wo; kv
+    heads wk, wv, bk, bv and the KV cache). Otherwise attention (weights and cache) is
+    replicated on "model" and only the FFN and lm_head split: replicating just K/V while
+    splitting q heads makes XLA split the kv heads of the cache inside the layer loop and
+    all-gather the whole cache every step (seen in the compiled HLO).
+  * lm_head [d, V] splits on V (when V divides); embeddings, norms: replicated.
   * "data": the batch axis of tokens, cache and activations; params replicated on it.
+    The model calls ``constrain_batch`` on its embeddings, so callers whose inputs arrive
+    replicated (evaluation, sweeps) still run data parallel.
 
 The sharded FFN is picked by the model's one FFN call (``ffn.ffn``) whenever the mesh in
-context (``jax.set_mesh``) has a "model" axis of size > 1; without a mesh nothing changes.
-Meshes built here use AxisType.Auto (``jax.make_mesh`` defaults to Explicit since 0.9).
+context (``jax.set_mesh``) has a "model" axis of size > 1; without a mesh nothing changes
+(the mesh is part of jit's cache key, so no stale trace is reused). Meshes built here use
+AxisType.Auto (``jax.make_mesh`` defaults to Explicit axes in jax 0.10).
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -57,6 +62,13 @@ def make_mesh(model: int = 1, data: int = 1, devices=None) -> Mesh:
     return Mesh(grid, AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
 
+def _context_mesh():
+    """The mesh set by ``jax.set_mesh`` (abstract; empty when none). Public in
+    jax.sharding on 0.10; also exported at the top level in later releases."""
+    get = getattr(jax.sharding, "get_abstract_mesh", None) or jax.get_abstract_mesh
+    return get()
+
+
 def _axis_size(mesh, name) -> int:
     return int(dict(mesh.shape).get(name, 1))
 
@@ -67,10 +79,10 @@ def _named(mesh, specs):
 
 
 # -- placements -------------------------------------------------------------------------------
-def attention_split(cfg: ModelConfig, model: int) -> tuple[bool, bool]:
-    """(q heads split, kv heads split) over a model axis of this size."""
-    kv = cfg.num_kv_heads % model == 0
-    return kv, kv
+def splits_heads(cfg: ModelConfig, model: int) -> bool:
+    """Attention heads split over a model axis of this size (else attention replicated);
+    Hq is a multiple of Hkv, so Hkv % model == 0 splits both."""
+    return cfg.num_kv_heads % model == 0
 
 
 def check_tensor_parallel(cfg: ModelConfig, model: int):
@@ -84,9 +96,7 @@ def param_specs(cfg: ModelConfig, mesh, params=None) -> dict:
     when given, else from ``cfg``)."""
     model = _axis_size(mesh, MODEL)
     check_tensor_parallel(cfg, model)
-    q_split, kv_split = attention_split(cfg, model)
-    qh = MODEL if q_split else None
-    kvh = MODEL if kv_split else None
+    qh = kvh = MODEL if splits_heads(cfg, model) else None
     layer = {
         "attn_norm": P(), "mlp_norm": P(),
         "wq": P(None, None, qh, None), "wk": P(None, None, kvh, None),
@@ -126,8 +136,8 @@ def policy_specs(policy) -> dict | None:
 
 def cache_specs(cfg: ModelConfig, mesh) -> dict:
     """KV cache [L, B, S, Hkv, hd]: batch on "data", kv heads on "model" when divisible."""
-    _, kv_split = attention_split(cfg, _axis_size(mesh, MODEL))
-    s = P(None, DATA, None, MODEL if kv_split else None, None)
+    s = P(None, DATA, None, MODEL if splits_heads(cfg, _axis_size(mesh, MODEL)) else None,
+          None)
     return {"k": s, "v": s}
 
 
@@ -226,7 +236,7 @@ def random_params(cfg: ModelConfig, key, dtype=jnp.float32, mesh=None):
 def _context_model_axis():
     """Size of the context mesh's "model" axis when it is still to be split here (Auto or
     Explicit), else None (no mesh, size 1, or already inside a shard_map over it)."""
-    mesh = jax.sharding.get_abstract_mesh()
+    mesh = _context_mesh()
     if mesh is None or getattr(mesh, "empty", False) or MODEL not in mesh.axis_names:
         return None
     size = _axis_size(mesh, MODEL)
@@ -241,7 +251,7 @@ def constrain_batch(x):
     (size > 1) and the batch divides; else x unchanged. Called on the embeddings by the
     model, so any caller - generate, evaluation, calibration - runs data parallel under
     ``jax.set_mesh`` even when its inputs arrive replicated."""
-    mesh = jax.sharding.get_abstract_mesh()
+    mesh = _context_mesh()
     if mesh is None or getattr(mesh, "empty", False) or DATA not in mesh.axis_names:
         return x
     n = _axis_size(mesh, DATA)
@@ -268,7 +278,7 @@ def tensor_parallel_ffn(mlp, x, *, act, spec, policy=None, sparse=None,
     """
     from countdown_jax.ffn import _fraction, ffn  # ffn dispatches here: import at call time
 
-    mesh = jax.sharding.get_abstract_mesh()
+    mesh = _context_mesh()
     S = _axis_size(mesh, MODEL)
     m, d = mlp["gate"].shape
     if m % S:

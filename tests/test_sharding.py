@@ -145,10 +145,13 @@ def _worker():
         sprompt, slen = sharding.shard_batch((prompt, lengths), mesh)
         with jax.set_mesh(mesh):
             got = run(sp, sprompt, slen, spol)
-        # The params really are split: a device holds 1/model of the FFN rows.
+        # The params really are split: a device holds 1/model of the FFN rows, and the
+        # kv heads when they divide (2 kv heads on model=4: attention replicated).
         gate = sp["layers"]["mlp"]["gate"]
         rows = {s.data.shape[1] for s in gate.addressable_shards}
         assert rows == {m // n_model}, rows
+        kv_heads = {s.data.shape[2] for s in sp["layers"]["wk"].addressable_shards}
+        assert kv_heads == {2 // n_model if 2 % n_model == 0 else 2}, kv_heads
         got = jax.device_get(got)
         res = {}
         for name in specs:
@@ -275,6 +278,25 @@ def _collectives(hlo: str) -> dict:
 # ------------------------------------------------------------------------------------------
 # The tests (parent process).
 # ------------------------------------------------------------------------------------------
+def test_bad_setups_are_refused():
+    from countdown_jax import sharding
+    from countdown_jax.config import ModelConfig
+    from countdown_jax.policy import SparseSpec
+
+    with pytest.raises(ValueError, match="needs 64 devices"):
+        sharding.make_mesh(model=64)
+    with pytest.raises(ValueError, match="model.*positive int"):
+        sharding.make_mesh(model=0)
+    cfg = ModelConfig.from_hf(dict(
+        model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=10,
+        hidden_size=8, intermediate_size=30, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1))
+    with pytest.raises(ValueError, match=r"m=30 .*divisible by 4"):
+        sharding.check_tensor_parallel(cfg, 4)
+    with pytest.raises(ValueError, match="shard_capacity"):
+        SparseSpec("m_countdown", "threshold", shard_capacity=0)
+
+
 @pytest.fixture(scope="module")
 def report():
     env = dict(os.environ)
