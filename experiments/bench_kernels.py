@@ -328,6 +328,14 @@ TUNE_FUSED = [  # (label, config) tried at llama bf16; for fp32 bd/bds are halve
     ("bn8-bd1024-w4-b8-s3", fcfg(bn=8, bd=1024, num_warps=4, blocks_per_program=8,
                                  num_stages=3)),
 ]
+TUNE_XLA_SCORE = [  # sparse-only kernels: XLA's dense GEMV computes u / g / z first
+    ("xs-bn16-bd1024-w4-p264", fcfg(bn=16, bd=1024, num_warps=4, programs=264, score="xla")),
+    ("xs-bn8-bd2048-w8-p264", fcfg(bn=8, bd=2048, num_warps=8, programs=264, score="xla")),
+    ("xs-bn64-bd1024-w4-p264-c8", fcfg(bn=64, bd=1024, num_warps=4, programs=264, compact=8,
+                                       score="xla")),
+    ("xs-bn128-bd2048-w8-p132-c16", fcfg(bn=128, bd=2048, num_warps=8, programs=132,
+                                         compact=16, score="xla")),
+]
 TUNE_GATHER = [
     ("bj8-bd1024-w4-p132", gcfg(bj=8, bd=1024, num_warps=4, programs=132)),
     ("bj16-bd512-w4-p132", gcfg(bj=16, bd=512, num_warps=4, programs=132)),
@@ -506,39 +514,98 @@ def plan_full(R: Runner, best, first=None):
         log(f"device {R.device}; HBM copy ceiling {bw:.0f} GB/s")
     pick = {m: best.get(m, TUNE_FUSED[0][0]) for m in METHODS}
     gpick = best.get("gather", TUNE_GATHER[0][0])
-    order = [("llama-3.1-8b", jnp.bfloat16, 1)]
-    order += [("llama-3.1-8b", jnp.bfloat16, b) for b in R.args.batches]
-    order += [("llama-3.1-8b", jnp.float32, 1)]
-    order += [(s, jnp.bfloat16, 1) for s in SHAPES if s != "llama-3.1-8b"]
-    order += [(s, jnp.float32, 1) for s in SHAPES if s != "llama-3.1-8b"]
-    for name, dtype, batch in order:
+    others = [s for s in SHAPES if s != "llama-3.1-8b"]
+    cache = {}
+
+    def problem(name, dtype, batch):
+        key = (name, dtype.__name__, batch)
+        if key not in cache:
+            if first is not None and key == ("llama-3.1-8b", "bfloat16", 1):
+                cache[key] = first
+            else:
+                cache.clear()                     # one problem's weights on the GPU at a time
+                cache[key] = make_problem(name, dtype, batch, R.args.sets)
+                R.baseline(cache[key])
+        return cache[key]
+
+    def fused_all(p, ratios):
+        for method in METHODS:
+            R.pallas(p, method, pick[method], fused[pick[method]], ratios)
+
+    def gathered(p, ratios, xla_ratios):
+        for method in METHODS:
+            R.pallas(p, method, gpick, gather[gpick], ratios, impl="pallas_gather")
+        for method in METHODS:
+            R.xla_gather(p, method, xla_ratios)
+
+    # in order of importance, each step guarded by the time budget
+    steps = [("llama-3.1-8b", jnp.bfloat16, 1,
+              lambda p: (fused_all(p, RATIOS + (1.0,)), gathered(p, RATIOS, RATIOS[1:])))]
+    steps += [(s, jnp.bfloat16, 1, lambda p: fused_all(p, RATIOS)) for s in others]
+    steps += [("llama-3.1-8b", jnp.bfloat16, b,
+               lambda p: (fused_all(p, (0.5, 0.8, 0.9, 0.95)), gathered(p, (0.9,), ())))
+              for b in R.args.batches]
+    steps += [("llama-3.1-8b", jnp.float32, 1,
+               lambda p: (fused_all(p, RATIOS), gathered(p, (0.5, 0.9), (0.9,))))]
+    steps += [(s, jnp.float32, 1, lambda p: fused_all(p, RATIOS)) for s in others]
+    steps += [(s, jnp.bfloat16, 1, lambda p: gathered(p, (0.5, 0.9), (0.9,))) for s in others]
+    for name, dtype, batch, run in steps:
         if R.left() < 45:
-            log(f"budget left {R.left():.0f}s: stop before {name} {dtype.__name__} B={batch}")
+            log(f"budget left {R.left():.0f}s: skip {name} {dtype.__name__} B={batch}")
             R.add(shape=name, dtype=dtype.__name__, batch=batch, note="not run: time budget")
             continue
-        main_case = name == "llama-3.1-8b" and batch == 1 and dtype == jnp.bfloat16
-        if main_case and first is not None:
-            p = first
-        else:
-            p = make_problem(name, dtype, batch, R.args.sets)
-            R.baseline(p)
-        ratios = RATIOS if batch == 1 else (0.5, 0.8, 0.9, 0.95)
-        for method in METHODS:      # the fused kernels; r=1.0 = scoring stream alone
-            R.pallas(p, method, pick[method], fused[pick[method]],
-                     ratios + ((1.0,) if main_case else ()))
+        run(problem(name, dtype, batch))
+    cache.clear()
+
+
+def plan_focus(R: Runner, kernel_best):
+    """Second call: sparse-only kernels fed by XLA's dense GEMV (score="xla"), chosen at
+    llama bf16 r=0.9, then all r, batch 4/8, the other shapes and fp32."""
+    bw = copy_ceiling()
+    R.add(shape="copy-2GiB", dtype="float32", method="hbm-copy", implementation="xla",
+          gb_per_s=f"{bw:.0f}", note="device-to-device copy, read+write bytes")
+    log(f"device {R.device}; HBM copy ceiling {bw:.0f} GB/s")
+    xs, fused = dict(TUNE_XLA_SCORE), dict(TUNE_FUSED)
+    p = make_problem("llama-3.1-8b", jnp.bfloat16, 1, R.args.sets)
+    R.baseline(p)
+    best = {}
+    for method in ("m", "d", "cats"):
+        res = {}
+        for label, cfg in TUNE_XLA_SCORE:
+            t = R.pallas(p, method, label, cfg, (0.9, 0.5))
+            if 0.9 in t:
+                res[label] = t[0.9]
+        if res:
+            best[method] = min(res, key=res.get)
+    log("BEST", json.dumps(best))
+    for method in METHODS:            # in-kernel scoring, run 1's winners, for comparison
+        if kernel_best.get(method) in fused:
+            R.pallas(p, method, kernel_best[method], fused[kernel_best[method]], (0.9, 0.5))
+    for method in METHODS:
+        if method in best:
+            R.pallas(p, method, best[method], xs[best[method]], RATIOS + (1.0,))
+            R.poison_check(p, method, best[method], xs[best[method]])
+    del p
+    steps = [("llama-3.1-8b", jnp.bfloat16, b, (0.5, 0.8, 0.9, 0.95)) for b in R.args.batches]
+    steps += [(s, jnp.bfloat16, 1, (0.5, 0.9, 0.95)) for s in SHAPES if s != "llama-3.1-8b"]
+    steps += [(s, jnp.float32, 1, (0.5, 0.9)) for s in SHAPES]
+    for name, dtype, batch, ratios in steps:
+        if R.left() < 25:
+            log(f"budget left {R.left():.0f}s: skip {name} {dtype.__name__} B={batch}")
+            R.add(shape=name, dtype=dtype.__name__, batch=batch, note="not run: time budget")
+            continue
+        p = make_problem(name, dtype, batch, R.args.sets)
+        R.baseline(p)
         for method in METHODS:
-            R.pallas(p, method, gpick, gather[gpick], ratios if main_case else (0.5, 0.9),
-                     impl="pallas_gather")
-        if batch == 1:
-            for method in METHODS:
-                R.xla_gather(p, method, ratios[1:] if main_case else (0.9,))
-        p = None
+            if method in best:
+                R.pallas(p, method, best[method], xs[best[method]], ratios)
+        del p
 
 
 def main():
     global INTERPRET
     ap = argparse.ArgumentParser()
-    ap.add_argument("--plan", default="all", choices=["all", "full", "probe"])
+    ap.add_argument("--plan", default="all", choices=["all", "full", "focus", "probe"])
     ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--reps", type=int, default=7)
@@ -565,6 +632,8 @@ def main():
     try:
         if args.plan == "all":
             plan_all(R)
+        elif args.plan == "focus":
+            plan_focus(R, json.loads(args.best) if args.best else {})
         else:
             plan_full(R, json.loads(args.best) if args.best else {})
     finally:

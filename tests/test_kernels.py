@@ -139,6 +139,8 @@ FUSED_CASES = [
     ("d", 2, jnp.float32, FusedConfig(bn=16, bd=8, bds=4, blocks_per_program=2, compact=4)),
     ("m", 2, jnp.float32, FusedConfig(bn=32, bd=32, bds=8, blocks_per_program=1, compact=8,
                                       reduce="atomic")),
+    ("d", 2, jnp.bfloat16, FusedConfig(bn=8, bd=8, score="xla", programs=3)),
+    ("cats", 1, jnp.float32, FusedConfig(bn=16, bd=16, score="xla", programs=2, compact=4)),
 ]
 
 

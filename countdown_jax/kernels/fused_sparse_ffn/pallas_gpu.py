@@ -29,6 +29,7 @@ from jax.experimental.pallas import triton as plt
 
 from countdown_jax.ffn import activation
 from countdown_jax.kernels import _triton_tiles as tt
+from countdown_jax.kernels.fused_sparse_ffn.reference import project
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,11 @@ class FusedConfig:
     reduce: str = "partial"      # "partial" | "atomic"
     compact: int = 0             # 0 = predicated block loads; k = in-block compaction tile
     poison: bool = False         # checks: outputs start as NaN / INT_MIN (must be overwritten)
+    score: str = "kernel"        # "kernel": stream the scoring rows here; "xla": XLA's dense
+                                 # GEMV computes u / g / z [N, m] first, the kernel reads it
+    programs: int = 0            # grid size (0: ceil(blocks / blocks_per_program)); blocks
+                                 # are dealt round-robin, so a multiple of the SM count
+                                 # avoids a partial last wave
 
     def __post_init__(self):
         for name in ("bn", "bd", "bds"):
@@ -55,9 +61,12 @@ class FusedConfig:
             raise ValueError(f"FusedConfig.compact must be 0 or a power of two, got {self.compact}")
         if self.reduce not in ("partial", "atomic"):
             raise ValueError(f"FusedConfig.reduce must be 'partial' or 'atomic', got {self.reduce!r}")
+        if self.score not in ("kernel", "xla"):
+            raise ValueError(f"FusedConfig.score must be 'kernel' or 'xla', got {self.score!r}")
 
-    def programs(self, m: int) -> int:
-        return -(-(-(-m // self.bn)) // self.blocks_per_program)
+    def grid(self, m: int) -> int:
+        nblk = -(-m // self.bn)
+        return min(self.programs or -(-nblk // self.blocks_per_program), nblk)
 
 
 def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
@@ -69,11 +78,11 @@ def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
     ch = tt.chunks(d, bd)
     f = activation(act)
     nblk = -(-m // bn)
-    b0 = p * cfg.blocks_per_program
-    b1 = jnp.minimum(b0 + cfg.blocks_per_program, nblk)
+    P = cfg.grid(m)
+    nmine = (nblk - p + P - 1) // P          # blocks p, p+P, p+2P, ... (round-robin)
 
     xs = [[tt.load_vec(x_ref, (b,), c0, bd, d) for c0, _ in ch] for b in range(nb)]
-    ss = xs if (method != "d" and bds == bd) else [
+    ss = xs if (cfg.score == "xla" or (method != "d" and bds == bd)) else [
         [tt.load_vec(s_ref, (b,), c0, bds, ds) for c0, _ in tt.chunks(ds, bds)]
         for b in range(nb)]
     taus = [tau_ref[b] for b in range(nb)]
@@ -91,11 +100,16 @@ def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
             s = [jnp.where(keep[b], f(g[b]) * u[b], 0.0) for b in range(nb)]
         return tt.accumulate_rows(acc, wd_ref, rows, ok, s, bd, d)
 
-    def body(blk, carry):
+    def body(i, carry):
         acc, cnts = carry
+        blk = p + i * P
         rows = blk * bn + jnp.arange(bn, dtype=jnp.int32)
         rv = rows < m if m % bn else None
-        sc = tt.row_dots(ws_ref, rows, rv, ss, bds, ds)
+        if cfg.score == "xla":     # s_ref holds the dense projection [N, m] in float32
+            sc = [plt.load(s_ref.at[b, rows], mask=rv, other=0.0) if rv is not None
+                  else s_ref[b, rows] for b in range(nb)]
+        else:
+            sc = tt.row_dots(ws_ref, rows, rv, ss, bds, ds)
         if method == "m":
             dense_vals = sc
             keep = [jnp.abs(sc[b]) > taus[b] for b in range(nb)]
@@ -139,7 +153,7 @@ def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
 
     acc0 = [[jnp.zeros((bd,), jnp.float32) for _ in ch] for _ in range(nb)]
     cnt0 = [jnp.int32(0) for _ in range(nb)]
-    acc, cnts = jax.lax.fori_loop(b0, b1, body, (acc0, cnt0))
+    acc, cnts = jax.lax.fori_loop(0, nmine, body, (acc0, cnt0))
     for b in range(nb):
         cnt_ref[p, b] = cnts[b]
         for (c0, _), a in zip(ch, acc[b]):
@@ -163,7 +177,9 @@ def fused_sparse_ffn_pallas_gpu(x, w_gate, w_up, w_down, tau, *, act, method, h=
     else:
         ws, sin = pred_u, h
     ds = ws.shape[1]
-    P = cfg.programs(m)
+    if cfg.score == "xla":      # XLA's GEMV is the fastest dense stream; the kernel reads it
+        sin, ws = project(sin, ws), jnp.zeros((1, 1), x.dtype)
+    P = cfg.grid(m)
     kern = functools.partial(_kernel, method=method, act=act, m=m, d=d, ds=ds, nb=nb, cfg=cfg)
     params = plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     args = (x, sin, ws, w_gate, w_up, w_down, tau.astype(jnp.float32))

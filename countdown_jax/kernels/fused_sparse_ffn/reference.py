@@ -31,15 +31,21 @@ def check_method(method, pred_v, pred_u):
 
 
 def project(x, w):
-    """x [N, k] . w [m, k] -> [N, m] float32 (float32 accumulation, no TF32, no f32 copy of w)."""
+    """x [N, k] . w [m, k] -> [N, m] float32 (float32 accumulation, no TF32, no f32 copy of w).
+
+    Mixed dtypes (float32 h against bf16 U): written as multiply + reduce so XLA fuses the
+    upcast into one pass over w instead of materialising a float32 copy of it."""
+    if x.dtype != w.dtype:
+        return jnp.sum(x.astype(jnp.float32)[:, None, :] * w.astype(jnp.float32)[None], axis=-1)
     return jnp.einsum("nk,mk->nm", x, w, preferred_element_type=jnp.float32, precision=HIGHEST)
 
 
 def predictor_hidden(x, pred_v):
-    """h = x V [N, r]: float32 accumulation, stored in the predictor's dtype (the kernels and
-    this reference both take this h, so both see the same rounding)."""
-    h = jnp.einsum("nd,dr->nr", x, pred_v, preferred_element_type=jnp.float32, precision=HIGHEST)
-    return h.astype(pred_v.dtype)
+    """h = x V [N, r] in float32. Kept in float32: rounding h to bf16 moves logits by ~1e-3
+    relative, so two XLA programs that round differently would select differently near
+    the threshold; in float32 only the summation order differs (~1e-6)."""
+    return jnp.einsum("nd,dr->nr", x, pred_v, preferred_element_type=jnp.float32,
+                      precision=HIGHEST)
 
 
 def selection_scores(x, w_gate, w_up, *, act, method, pred_v=None, pred_u=None):
