@@ -19,8 +19,11 @@ Under tensor parallelism two capacity scopes are timed:
           share of a token's winners keeps its highest-ranked ones; realised sparsity
           is measured from the masks applied).
 
-    # 2 GPUs (NVLink multicast must stay off):
+    # 2 GPUs (NVLink multicast must stay off; the script also forces it off):
     NCCL_NVLS_ENABLE=0 python experiments/bench_spmd.py --out experiments/results
+    # the Pallas FFN as well, into its own files:
+    NCCL_NVLS_ENABLE=0 python experiments/bench_spmd.py --implementations pallas \
+        --name bench_spmd_pallas --out experiments/results
     # CPU smoke run with 2 fake devices:
     python experiments/bench_spmd.py --tiny --cpu-devices 2 --out /tmp/spmd
 """
@@ -55,8 +58,10 @@ def parse_args(argv=None):
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--sparsities", default="0.9")
     ap.add_argument("--methods", default="dense,m_countdown,d_countdown")
-    ap.add_argument("--implementations", default="gather,pallas",
+    ap.add_argument("--implementations", default="gather",
                     help="sparse FFN implementations (gather, pallas), in priority order")
+    ap.add_argument("--name", default=None,
+                    help="output file stem (default bench_spmd, or bench_spmd_tiny)")
     ap.add_argument("--scopes", default="global,shard",
                     help="capacity scopes timed under tensor parallelism")
     ap.add_argument("--steps", type=int, default=64)
@@ -122,7 +127,7 @@ def main(argv=None):
     device_kind = devices[0].device_kind
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "bench_spmd_tiny" if args.tiny else "bench_spmd"
+    name = args.name or ("bench_spmd_tiny" if args.tiny else "bench_spmd")
     rows: list[dict] = []
     print(f"{len(devices)} x {device_kind}, jax {jax.__version__}, shape {shape}", flush=True)
 
