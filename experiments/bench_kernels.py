@@ -568,8 +568,10 @@ def plan_focus(R: Runner, kernel_best):
     xs, fused = dict(TUNE_XLA_SCORE), dict(TUNE_FUSED)
     p = make_problem("llama-3.1-8b", jnp.bfloat16, 1, R.args.sets)
     R.baseline(p)
-    best = {}
+    best = dict(R.args.xs_best and json.loads(R.args.xs_best) or {})
     for method in ("m", "d", "cats"):
+        if method in best:
+            continue
         res = {}
         for label, cfg in TUNE_XLA_SCORE:
             t = R.pallas(p, method, label, cfg, (0.9, 0.5))
@@ -579,16 +581,18 @@ def plan_focus(R: Runner, kernel_best):
             best[method] = min(res, key=res.get)
     log("BEST", json.dumps(best))
     for method in METHODS:            # in-kernel scoring, run 1's winners, for comparison
-        if kernel_best.get(method) in fused:
+        if kernel_best.get(method) in fused and not R.args.xs_best:
             R.pallas(p, method, kernel_best[method], fused[kernel_best[method]], (0.9, 0.5))
-    for method in METHODS:
+    for method in R.args.methods:
         if method in best:
             R.pallas(p, method, best[method], xs[best[method]], RATIOS + (1.0,))
-            R.poison_check(p, method, best[method], xs[best[method]])
+            if not R.args.xs_best:
+                R.poison_check(p, method, best[method], xs[best[method]])
     del p
     steps = [("llama-3.1-8b", jnp.bfloat16, b, (0.5, 0.8, 0.9, 0.95)) for b in R.args.batches]
+    steps += [("llama-3.1-8b", jnp.float32, 1, (0.5, 0.9))]
     steps += [(s, jnp.bfloat16, 1, (0.5, 0.9, 0.95)) for s in SHAPES if s != "llama-3.1-8b"]
-    steps += [(s, jnp.float32, 1, (0.5, 0.9)) for s in SHAPES]
+    steps += [(s, jnp.float32, 1, (0.5, 0.9)) for s in SHAPES if s != "llama-3.1-8b"]
     for name, dtype, batch, ratios in steps:
         if R.left() < 25:
             log(f"budget left {R.left():.0f}s: skip {name} {dtype.__name__} B={batch}")
@@ -602,10 +606,129 @@ def plan_focus(R: Runner, kernel_best):
         del p
 
 
+# ----------------------------------------------------------------------------- report
+
+CHOSEN = {  # (method, implementation, variant) shown in the report's main tables
+    "m": ("pallas-fused", "xs-bn64-bd1024-w4-p264-c8"),
+    "cats": ("pallas-fused", "xs-bn64-bd1024-w4-p264-c8"),
+    "d": ("pallas-fused", "bn64-bds128-bd1024-w4-b1-c8"),
+}
+
+
+def report(csv_path, md_path, png_path):
+    """Markdown tables + plot from the benchmark CSV (numbers read, never typed in)."""
+    import collections
+    rows = [r for r in csv.DictReader(open(csv_path))]
+    runs = sorted({r["run"] for r in rows})
+    dev = sorted({r["device"] for r in rows})
+    val = collections.defaultdict(dict)        # (run, method, impl, variant) -> {r: row}
+    for r in rows:
+        if r["shape"] == "llama-3.1-8b" and r["dtype"] == "bfloat16" and r["batch"] == "1" \
+                and r["us_per_call"]:
+            val[(r["run"], r["method"], r["implementation"], r["variant"])][r["sparsity"]] = r
+
+    def get(run, method, impl, variant, sp):
+        return val.get((run, method, impl, variant), {}).get(sp)
+
+    copy = {r["run"]: r["gb_per_s"] for r in rows if r["method"] == "hbm-copy"}
+    over = {r["run"]: r["us_per_call"] for r in rows if r["method"] == "loop-overhead"}
+    dense = {run: float(get(run, "dense", "xla-dense", "einsum", "0.0")["us_per_call"])
+             for run in runs if get(run, "dense", "xla-dense", "einsum", "0.0")}
+    L = ["# Sparse FFN kernels: one decode token, per-FFN GPU time", "",
+         f"Card: {', '.join(dev)} (`jax.devices()[0].device_kind`), jax 0.11.2, Pallas Triton "
+         "lowering. Three calls of the device tool (runs 1-3; each call may get another "
+         "H100, so every run re-measures dense and the copy ceiling and comparisons stay "
+         "within a run). Time inside one jitted `fori_loop`, compile excluded, median of 5-7 "
+         "runs; every time includes one input-update op per call (`loop-overhead` row, NOT "
+         "subtracted). Full rows: `bench_kernels.csv`; method: `bench_kernels.py`.", "",
+         "| run | HBM copy ceiling (GB/s, read+write) | loop overhead (us/call) | XLA dense bf16 (us) |",
+         "|---|---|---|---|"]
+    for run in runs:
+        L.append(f"| {run} | {copy.get(run, '')} | {over.get(run, '')} | {dense.get(run, '')} |")
+    L += ["", "## Summary: Llama-3.1-8B bf16, batch 1, r = 0.9, chosen kernels", "",
+          "| run | XLA dense | M (pallas) | CATS (pallas) | D incl. rank-512 predictor (pallas) |",
+          "|---|---|---|---|---|"]
+    for run in runs:
+        cells = []
+        for method in ("m", "cats", "d"):
+            impl, variant = CHOSEN[method]
+            r = get(run, method, impl, variant, "0.9")
+            cells.append(f"{float(r['us_per_call']):.1f} ({r['gb_per_s']} GB/s)"
+                         + (" count-check failed" if "CHECK FAILED" in r["note"] else "")
+                         if r else "-")
+        L.append(f"| {run} | {dense.get(run, '-')} | " + " | ".join(cells) + " |")
+    L += ["", "Chosen: " + "; ".join(f"{m}: {v[1]}" for m, v in CHOSEN.items()) +
+          " (`xs-` = scores from XLA's dense GEMV, sparse part in the kernel; others score "
+          "inside the kernel). Targets were M, CATS <= 55 us and D <= 30 us: missed, see "
+          "KERNEL_NOTES.md for the stage times and the gap. Official release on an H100 "
+          "(anchors.md): M 90, D 74, dense 134 us.", "",
+          "## Llama-3.1-8B MLP (4096 x 14336), bf16, batch 1, r = 0.9, every variant", "",
+          "| run | method | implementation | variant | us | x dense (same run) | GB/s needed-bytes | "
+          "% of copy ceiling | check |", "|---|---|---|---|---|---|---|---|---|"]
+    for (run, method, impl, variant), by in sorted(val.items()):
+        r = by.get("0.9")
+        if r is None or method in ("dense", "loop-overhead"):
+            continue
+        us = float(r["us_per_call"])
+        chk = "count mismatch (bf16 h, fixed in run 2)" if "CHECK FAILED" in r["note"] \
+            else f"rel {r['rel_err']}"
+        pct = f"{100 * float(r['gb_per_s']) / float(copy[run]):.0f}%" if run in copy else ""
+        L.append(f"| {run} | {method} | {impl} | {variant} | {us:.1f} | "
+                 f"{dense[run] / us:.2f} | {r['gb_per_s']} | {pct} | {chk} |")
+    L += ["", "## Sparsity sweep, Llama-3.1-8B bf16 batch 1 (us per FFN call)", "",
+          "| run | method | implementation | variant | " + " | ".join(
+              f"r={x}" for x in ("0.0", "0.5", "0.7", "0.8", "0.9", "0.95", "1.0")) +
+          " | dense |", "|---" * 12 + "|"]
+    for (run, method, impl, variant), by in sorted(val.items()):
+        if len(by) < 3:
+            continue
+        cells = [by[x]["us_per_call"] if x in by else "" for x in
+                 ("0.0", "0.5", "0.7", "0.8", "0.9", "0.95", "1.0")]
+        L.append(f"| {run} | {method} | {impl} | {variant} | " + " | ".join(cells) +
+                 f" | {dense.get(run, '')} |")
+    L += ["", "Run 1's D rows at 0 < r < 1 failed the kept-count check (h = xV rounded to bf16 "
+          "before z = Uh: two XLA programs rounded differently and ~0.1% of neurons near the "
+          "threshold flipped); from run 2 h stays float32 and D passes.",
+          "", "r = 1.0 keeps nothing: it is the cost of the dense scoring stage alone "
+          "(XLA GEMV + empty sparse kernel + reduce for `xs-` variants; the in-kernel scoring "
+          "stream for the others).", ""]
+    pois = [r for r in rows if "poison" in r["variant"]]
+    if pois:
+        L += ["## Poison checks (outputs start as NaN / INT_MIN)", ""]
+        L += [f"- run {r['run']} {r['method']} {r['implementation']} {r['variant']}: {r['note']}"
+              for r in pois]
+    open(md_path, "w").write("\n".join(L) + "\n")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = {"m": "tab:blue", "cats": "tab:orange", "d": "tab:green"}
+    for (run, method, impl, variant), by in sorted(val.items()):
+        if len(by) < 3 or method not in colors:
+            continue
+        bad = any("CHECK FAILED" in v["note"] for v in by.values())
+        xs_ = sorted(float(x) for x in by if float(x) < 1.0)
+        ys = [float(by[str(x) if str(x) in by else f"{x}"]["us_per_call"]) for x in xs_]
+        style = "-" if variant.startswith("xs-") else "--"
+        ax.plot(xs_, ys, style, marker="o", color=colors[method],
+                label=f"{method} {variant} (run {run})" + (" counts off ~0.1%" if bad else ""))
+    for run, us in dense.items():
+        ax.axhline(us, color="gray", lw=0.8, ls=":")
+    ax.axhline(min(dense.values()), color="black", lw=1, ls=":", label="XLA dense bf16 (runs)")
+    ax.set_xlabel("sparsity r")
+    ax.set_ylabel("us per FFN call (one token)")
+    ax.set_title(f"Llama-3.1-8B MLP bf16, batch 1, {dev[0]}")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+
+
 def main():
     global INTERPRET
     ap = argparse.ArgumentParser()
-    ap.add_argument("--plan", default="all", choices=["all", "full", "focus", "probe"])
+    ap.add_argument("--plan", default="all", choices=["all", "full", "focus", "probe", "report"])
     ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--reps", type=int, default=7)
@@ -614,6 +737,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=520)
     ap.add_argument("--best", default="", help="json {method: label, 'gather': label}")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+    ap.add_argument("--xs-best", default="", help="focus: json {method: label}, skips the sweep")
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), help="focus: all-r methods")
     args = ap.parse_args()
     if args.smoke:
         INTERPRET = True
@@ -624,6 +749,10 @@ def main():
         global RANK
         RANK = 16
         del TUNE_FUSED[2:-3], TUNE_FUSED[-2:], TUNE_GATHER[1:-1]   # keep a few variants
+    if args.plan == "report":
+        report(os.path.join(args.out, "bench_kernels.csv"), os.path.join(args.out, "bench_kernels.md"),
+               os.path.join(args.out, "bench_kernels.png"))
+        return 0
     log(f"jax {jax.__version__} devices {jax.devices()}")
     if args.plan == "probe":
         log("mosaic gpu probe:", json.dumps(probe_mosaic_gpu(), indent=1))

@@ -8,7 +8,9 @@ implementation:
   "pallas_gpu"  the Triton-lowered kernel (compiled on GPU, or interpret=True anywhere)
   "pallas_tpu"  the Mosaic TPU block-gather kernel (compiled on TPU, or interpret=True)
 
-Contract: x [N, d]; w_gate, w_up, w_down [m, d] (row-per-neuron, down transposed);
+Contract: x [N, d]; w_gate, w_up, w_down [m, d] (row-per-neuron, down transposed), or the
+model's stacked [L, m, d] with ``layer`` (a traced index): the stack is then read in place
+as flat [L*m, d] rows from l*m on (slicing a layer out for a custom call would copy it);
 idx [N, C] int32 (capacity-padded neuron list per token); count [N] int32 (entries of idx
 beyond count are ignored; count is clipped to C); coef [N, m] when dense is "up"
 (u, M-COUNTDOWN) or "gate" (act(g), CATS). Returns y [N, d] in x.dtype.
@@ -79,19 +81,41 @@ def _check(x, w_gate, w_up, w_down, idx, count, dense, coef):
                          f"{None if coef is None else coef.shape}")
 
 
+def _flat_stack(ws, layer):
+    """Stacked [L, m, d] weights -> flat [L*m, d] views (free reshapes) + row offset."""
+    if layer is None:
+        if any(w.ndim != 2 for w in ws):
+            raise ValueError("sparse_ffn: stacked [L, m, d] weights need layer=")
+        return ws, 0, None
+    if any(w.ndim != 3 for w in ws) or len({w.shape for w in ws}) != 1:
+        raise ValueError(f"sparse_ffn: layer= needs three [L, m, d] stacks, got "
+                         f"{[w.shape for w in ws]}")
+    nl, m, d = ws[0].shape
+    return tuple(w.reshape(nl * m, d) for w in ws), jnp.asarray(layer, jnp.int32) * m, m
+
+
 def sparse_ffn(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=None,
-               implementation: str = "xla", interpret: bool = False, config=None):
+               implementation: str = "xla", interpret: bool = False, config=None,
+               layer=None):
     """See module docstring. ``config``: backend tuning (GatherConfig or TPU block size)."""
-    _check(x, w_gate, w_up, w_down, idx, count, dense, coef)
+    if layer is not None and w_down.ndim == 3:
+        _check(x, w_gate[0], w_up[0], w_down[0], idx, count, dense, coef)
+    else:
+        _check(x, w_gate, w_up, w_down, idx, count, dense, coef)
     impl = resolve_pallas(implementation, interpret)
+    if impl in ("xla", "pallas_gpu"):
+        (w_gate, w_up, w_down), off, m = _flat_stack((w_gate, w_up, w_down), layer)
     if impl == "xla":
         return sparse_ffn_reference(x, w_gate, w_up, w_down, idx, count,
-                                    act=act, dense=dense, coef=coef)
+                                    act=act, dense=dense, coef=coef, row_offset=off, m=m)
     if impl == "pallas_gpu":
         from countdown_jax.kernels.sparse_ffn.pallas_gpu import sparse_ffn_pallas_gpu
         return sparse_ffn_pallas_gpu(x, w_gate, w_up, w_down, idx, count, act=act,
                                      dense=dense, coef=coef, config=config,
-                                     interpret=interpret)
+                                     interpret=interpret, row_offset=off, m=m)
+    if layer is not None:  # TPU block gather: one layer's matrices (a sliced copy)
+        w_gate, w_up, w_down = (jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)
+                                for w in (w_gate, w_up, w_down))
     if impl == "pallas_tpu":
         from countdown_jax.kernels.sparse_ffn.pallas_tpu import sparse_ffn_pallas_tpu
         return sparse_ffn_pallas_tpu(x, w_gate, w_up, w_down, idx, count, act=act,

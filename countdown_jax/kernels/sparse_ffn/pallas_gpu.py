@@ -27,9 +27,9 @@ from countdown_jax.kernels import _triton_tiles as tt
 
 @dataclasses.dataclass(frozen=True)
 class GatherConfig:
-    bj: int = 16            # listed neurons per tile (power of two)
-    bd: int = 512           # column chunk (power of two)
-    programs: int = 132     # programs per token (tiles are dealt round-robin)
+    bj: int = 8             # listed neurons per tile (power of two)
+    bd: int = 1024          # column chunk (power of two)
+    programs: int = 264     # programs per token (tiles are dealt round-robin)
     num_warps: int = 4
     num_stages: int = 1
     reduce: str = "partial"  # "partial" | "atomic"
@@ -44,9 +44,15 @@ class GatherConfig:
             raise ValueError(f"GatherConfig.reduce must be 'partial' or 'atomic', got {self.reduce!r}")
 
 
+def default_config(dtype) -> GatherConfig:
+    """Fastest variant measured on an H100 (experiments/KERNEL_NOTES.md); float32 rows hold
+    half the elements per 16-byte vector, so half the column chunk."""
+    return GatherConfig(bd=1024 if jnp.dtype(dtype).itemsize <= 2 else 512)
+
+
 def _kernel(*refs, act, dense, m, d, cap, cfg: GatherConfig):
     # inputs, [zeroed float32 output aliased to out_ref when reduce="atomic"], output
-    x_ref, wg_ref, wu_ref, wd_ref, idx_ref, cnt_ref, coef_ref = refs[:7]
+    x_ref, wg_ref, wu_ref, wd_ref, idx_ref, cnt_ref, coef_ref, off_ref = refs[:8]
     out_ref = refs[-1]
     n = pl.program_id(0)
     p = pl.program_id(1)
@@ -56,6 +62,7 @@ def _kernel(*refs, act, dense, m, d, cap, cfg: GatherConfig):
     f = activation(act)
 
     cnt = jnp.clip(cnt_ref[n], 0, cap)
+    off = off_ref[0]          # first weight row of this layer (0, or l*m in a flat stack)
     ntiles = (cnt + bj - 1) // bj
     iters = jnp.maximum(ntiles - p + P - 1, 0) // P
     xs = [[tt.load_vec(x_ref, (n,), c0, bd, d) for c0, _ in ch]]
@@ -64,18 +71,19 @@ def _kernel(*refs, act, dense, m, d, cap, cfg: GatherConfig):
         slot = (p + i * P) * bj + jnp.arange(bj, dtype=jnp.int32)
         live = slot < cnt
         rows = plt.load(idx_ref.at[n, slot], mask=live, other=0)
-        ok = live & (rows >= 0) & (rows < m)    # never read outside the matrix
+        ok = live & (rows >= 0) & (rows < m)    # never read outside the layer's rows
+        wrows = rows + off
         if dense == "up":
-            (g,) = tt.row_dots(wg_ref, rows, ok, xs, bd, d)
+            (g,) = tt.row_dots(wg_ref, wrows, ok, xs, bd, d)
             s = f(g) * plt.load(coef_ref.at[n, rows], mask=ok, other=0).astype(jnp.float32)
         elif dense == "gate":
-            (u,) = tt.row_dots(wu_ref, rows, ok, xs, bd, d)
+            (u,) = tt.row_dots(wu_ref, wrows, ok, xs, bd, d)
             s = plt.load(coef_ref.at[n, rows], mask=ok, other=0).astype(jnp.float32) * u
         else:
-            (g,), (u,) = tt.row_dots2(wg_ref, wu_ref, rows, ok, xs, bd, d)
+            (g,), (u,) = tt.row_dots2(wg_ref, wu_ref, wrows, ok, xs, bd, d)
             s = f(g) * u
         s = jnp.where(ok, s, 0.0)
-        return tt.accumulate_rows([acc], wd_ref, rows, ok, [s], bd, d)[0]
+        return tt.accumulate_rows([acc], wd_ref, wrows, ok, [s], bd, d)[0]
 
     acc0 = [jnp.zeros((bd,), jnp.float32) for _ in ch]
     acc = jax.lax.fori_loop(0, iters, body, acc0)
@@ -87,17 +95,19 @@ def _kernel(*refs, act, dense, m, d, cap, cfg: GatherConfig):
 
 
 def sparse_ffn_pallas_gpu(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=None,
-                          config: GatherConfig | None = None, interpret: bool = False):
-    cfg = config or GatherConfig()
+                          config: GatherConfig | None = None, interpret: bool = False,
+                          row_offset=0, m=None):
+    """Weights [R, d]; neuron i is row ``row_offset + i`` (see the reference)."""
+    cfg = config or default_config(w_down.dtype)
     n, d = x.shape
-    m = w_down.shape[0]
+    m = w_down.shape[0] if m is None else m
     cap = idx.shape[1]
     if coef is None:
         coef = jnp.zeros((n, 1), jnp.float32)      # unused placeholder operand
     kern = functools.partial(_kernel, act=act, dense=dense, m=m, d=d, cap=cap, cfg=cfg)
     params = plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     args = (x, w_gate, w_up, w_down, idx.astype(jnp.int32), count.astype(jnp.int32),
-            coef.astype(jnp.float32))
+            coef.astype(jnp.float32), jnp.reshape(jnp.asarray(row_offset, jnp.int32), (1,)))
     dp = -(-d // cfg.bd) * cfg.bd
     shape = (n, cfg.programs, d) if cfg.reduce == "partial" else (n, dp)
     init, aliases = [], {}

@@ -20,17 +20,22 @@ from countdown_jax.ffn import activation
 HIGHEST = jax.lax.Precision.HIGHEST   # float32 means float32 on GPUs too (no TF32)
 
 
-def sparse_ffn_reference(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=None):
-    """x [N, d]; w_* [m, d]; idx [N, C] int32; count [N] int32; coef [N, m] when dense is set."""
+def sparse_ffn_reference(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=None,
+                         row_offset=0, m=None):
+    """x [N, d]; w_* [R, d]; idx [N, C] int32; count [N] int32; coef [N, m] when dense is set.
+
+    Neuron i of the layer is weight row ``row_offset + i`` (R = m and offset 0 for one
+    layer's matrices; a flattened [L*m, d] stack with offset l*m reads layer l in place).
+    """
     n, c = idx.shape
-    m = w_down.shape[0]
+    m = w_down.shape[0] if m is None else m
     # Entries past count (and any outside [0, m)) are padding: read row 0, weight 0, so
     # junk in the padding can neither fault nor poison the sum (NaN * 0).
     valid = (jnp.arange(c)[None, :] < count[:, None]) & (idx >= 0) & (idx < m)   # [N, C]
     idx = jnp.where(valid, idx, 0)
 
     def rows(w):               # [N, C, d] in the weights' dtype (no float32 copy of W)
-        return jnp.take(w, idx, axis=0)
+        return jnp.take(w, idx + row_offset, axis=0)
 
     def dots(w):               # [N, C]: row . x with float32 accumulation, no TF32
         return jnp.einsum("nd,ncd->nc", x, rows(w), preferred_element_type=jnp.float32,
