@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from countdown_jax import parallel_selection
-from countdown_jax.gated import activation, coefficients, down_sum, project
+from countdown_jax.gated import activation, coefficients, down_sum, layer_weights, project
 from countdown_jax.policy import DENSE, SparseSpec, check_layer
 from countdown_jax.selection import (limit_to_capacity, mask_to_indices, select,
                                      spec_quantity)
@@ -50,14 +50,17 @@ def ffn(mlp, x, *, act: str, spec: SparseSpec = DENSE, policy=None, sparse=None,
     were cut by ``spec.capacity`` (0 when the capacity is never exceeded).
     """
     from countdown_jax import sharding  # lazy: sharding calls back into ffn
+    if not (spec.implementation != "masked" and not spec.is_dense):
+        mlp = layer_weights(mlp)        # only the gather/pallas paths read the stack in place
     if sharding.splits_neurons():       # a mesh with a "model" axis is in context
-        return sharding.tensor_parallel_ffn(mlp, x, act=act, spec=spec, policy=policy,
-                                            sparse=sparse, return_dropped=return_dropped)
+        return sharding.tensor_parallel_ffn(layer_weights(mlp), x, act=act, spec=spec,
+                                            policy=policy, sparse=sparse,
+                                            return_dropped=return_dropped)
     if spec.is_dense:
         y, kept = dense_ffn(mlp, x, act), jnp.ones(x.shape[:-1], jnp.float32)
         dropped = jnp.zeros(x.shape[:-1], jnp.int32)
     else:
-        m, d = mlp["gate"].shape
+        m, d = mlp["gate"].shape[-2:]
         if x.shape[-1] != d:
             raise ValueError(f"MLP input has width {x.shape[-1]}, weights expect d={d}")
         activation(act)                                  # unknown activation: fail early
@@ -100,10 +103,11 @@ def _masked(mlp, x, act, spec, layer, sparse):
     return y.astype(x.dtype), _fraction(jnp.sum(mask, axis=-1, dtype=jnp.int32), mask.shape[-1]), dropped
 
 
-def _gathered(mlp, x, act, spec, layer, sparse):
+def _gathered(stack, x, act, spec, layer, sparse):
     # Lazy import: the kernels' reference imports ``activation`` from this module.
     from countdown_jax.kernels.sparse_ffn.api import sparse_ffn
 
+    mlp = layer_weights(stack)      # whole-matrix uses (dense GEMVs) slice the layer
     m, d = mlp["gate"].shape
     lead = x.shape[:-1]
     xs = x.reshape(-1, d)
@@ -117,8 +121,10 @@ def _gathered(mlp, x, act, spec, layer, sparse):
     q = spec_quantity(spec, mlp, xs, act, layer, g=g, u=u)
     rule, mask = _choose(spec, q, layer)
     idx, count = mask_to_indices(mask, spec.capacity)
-    y = sparse_ffn(xs, mlp["gate"], mlp["up"], mlp["down"], idx, count, act=act, dense=dense,
-                   coef=coef, implementation="xla" if spec.implementation == "gather"
+    # The kernel reads the kept rows straight from the model's stack when it has one.
+    y = sparse_ffn(xs, stack["gate"], stack["up"], stack["down"], idx, count, act=act,
+                   dense=dense, coef=coef, layer=stack.get("layer"),
+                   implementation="xla" if spec.implementation == "gather"
                    else spec.implementation)
     kept = _fraction(count, m)
     dropped = jnp.sum(rule, axis=-1, dtype=jnp.int32) - count

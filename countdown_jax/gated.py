@@ -27,6 +27,20 @@ def activation(name: str):
     raise ValueError(f"unsupported MLP activation {name!r}; expected one of {ACTIVATIONS}")
 
 
+def layer_weights(mlp):
+    """This layer's {"gate", "up", "down"} as [m, d] matrices.
+
+    The model hands the FFN the stacked [L, m, d] weights plus "layer" (a traced index):
+    gather kernels then read the kept rows of the stack in place, whereas slicing a layer
+    out of the stack for a custom call materialises a copy of every row (the whole dense
+    read the sparse path exists to avoid). Paths that use whole matrices slice here.
+    """
+    if "layer" not in mlp:
+        return mlp
+    return {k: jax.lax.dynamic_index_in_dim(mlp[k], mlp["layer"], 0, keepdims=False)
+            for k in ("gate", "up", "down")}
+
+
 def project(w, x):
     """x [..., d] times row-per-neuron w [m, d] -> [..., m] (one GEMV per token)."""
     return jnp.einsum("...d,md->...m", x, w, precision=HIGHEST)

@@ -90,6 +90,17 @@ def _attn_out_and_mlp(cfg: ModelConfig, spec, layer, x, attn, policy, sparse,
     return x + y, ((kept, h) if collect else kept)
 
 
+def _scanned(params):
+    """Per-layer scan inputs: every layer weight except the MLP's."""
+    return {k: v for k, v in params["layers"].items() if k != "mlp"}
+
+
+def _with_mlp(params, layer, l):
+    """The MLP weights stay stacked [L, m, d] with the layer index beside them, so sparse
+    kernels read the kept rows of the stack in place (``gated.layer_weights``)."""
+    return {**layer, "mlp": {**params["layers"]["mlp"], "layer": l}}
+
+
 def _check_policy(cfg: ModelConfig, policy):
     for leaf in jax.tree_util.tree_leaves(policy):
         if leaf.ndim == 0 or leaf.shape[0] != cfg.num_layers:
@@ -127,14 +138,15 @@ def _sequence(params, cfg: ModelConfig, tokens, lengths, cache, spec, policy, sp
         if ck is not None:  # slots [0, T) of this layer
             ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (l, 0, 0, 0, 0))
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (l, 0, 0, 0, 0))
-        x, kept = _attn_out_and_mlp(cfg, spec, layer, x, attn, pol, sparse, collect)
+        x, kept = _attn_out_and_mlp(cfg, spec, _with_mlp(params, layer, l), x, attn, pol,
+                                    sparse, collect)
         return (x, ck, cv), kept
 
     ck = cv = None
     if cache is not None:
         ck, cv = cache["k"], cache["v"]
     (x, ck, cv), kept = jax.lax.scan(
-        body, (x, ck, cv), (params["layers"], inv_freq, windows, policy, layer_ids))
+        body, (x, ck, cv), (_scanned(params), inv_freq, windows, policy, layer_ids))
     logits = _head_at(params, cfg, x, logits_at)
     new_cache = None if cache is None else {"k": ck, "v": cv}
     return logits, new_cache, kept
@@ -223,12 +235,13 @@ def decode_step(params, cfg: ModelConfig, token, pos, cache, *, spec: SparseSpec
         cv = cv.at[l, rows, pos].set(v[:, 0].astype(cv.dtype))
         mask = visibility(positions, slots, all_valid, window)
         attn = attend(q, ck[l], cv[l], mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
-        x, kept = _attn_out_and_mlp(cfg, spec, layer, x, attn, pol, sparse)
+        x, kept = _attn_out_and_mlp(cfg, spec, _with_mlp(params, layer, l), x, attn, pol,
+                                    sparse)
         return (x, ck, cv), kept[:, 0]
 
     (x, ck, cv), kept = jax.lax.scan(
         body, (x, cache["k"], cache["v"]),
-        (params["layers"], inv_freq, windows, policy, layer_ids))
+        (_scanned(params), inv_freq, windows, policy, layer_ids))
     return _logits(params, cfg, x[:, 0]), {"k": ck, "v": cv}, kept
 
 
@@ -266,10 +279,11 @@ def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec =
         cv = cv.at[l, rows, positions].set(v.astype(cv.dtype))
         mask = visibility(positions, slots, all_valid, window)
         attn = attend(q, ck[l], cv[l], mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
-        x, kept = _attn_out_and_mlp(cfg, spec, layer, x, attn, pol, sparse)
+        x, kept = _attn_out_and_mlp(cfg, spec, _with_mlp(params, layer, l), x, attn, pol,
+                                    sparse)
         return (x, ck, cv), kept
 
     (x, ck, cv), kept = jax.lax.scan(
         body, (x, cache["k"], cache["v"]),
-        (params["layers"], inv_freq, windows, policy, layer_ids))
+        (_scanned(params), inv_freq, windows, policy, layer_ids))
     return _head_at(params, cfg, x, logits_at), {"k": ck, "v": cv}, kept
