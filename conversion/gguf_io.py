@@ -301,7 +301,11 @@ def save_tokenizer_from_gguf(gguf_path, out_dir) -> Path:
                           "(and gguf, accelerate)") from e
     gguf_path = Path(gguf_path).resolve()
     check_magic(gguf_path)  # clear error before transformers' own
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except Exception as e:  # transformers raises many types for tokenizers it cannot build
+        raise GGUFError(f"{gguf_path}: transformers cannot build a tokenizer from this GGUF "
+                        f"({type(e).__name__}: {e}); convert with --no-tokenizer to skip it") from e
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(out_dir))

@@ -82,6 +82,9 @@ def hf_oracle(name: str):
     import torch
     from transformers import AutoModelForCausalLM
 
+    # One torch thread: with XLA's threads in the same process (and other jobs on a 2-core
+    # machine) torch's OpenMP pool oversubscribes and small matmuls run ~10x slower.
+    torch.set_num_threads(1)
     d = _oracle_dir(name)
     if not (d / "config.json").is_file():
         _build_oracle_checkpoint(name, d)

@@ -8,6 +8,7 @@ the same 20 tokens as transformers' own greedy loop.
 """
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -64,29 +65,39 @@ def _hf_logits(hf, ids):
         return hf(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
 
 
-def _our_greedy(params, cfg, ids, n_new):
-    cache = M.init_cache(cfg, 1, len(ids) + n_new, jnp.float32)
-    tokens = jnp.asarray([ids], jnp.int32)
-    logits, cache, _ = _prefill(params, cfg, tokens, jnp.asarray([len(ids)]), cache,
-                                logits_at=jnp.asarray([[len(ids) - 1]]))
-    out = [int(jnp.argmax(logits[0, -1]))]
+def _padded(rows):
+    """Right-padded int32 batch + lengths (one compile serves every prompt)."""
+    T = max(len(r) for r in rows)
+    tokens = np.zeros((len(rows), T), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = r
+    return jnp.asarray(tokens), jnp.asarray([len(r) for r in rows], jnp.int32)
+
+
+def _our_greedy(params, cfg, rows, n_new):
+    """Batched greedy decoding: prefill the padded prompts, then decode_step per token."""
+    tokens, lengths = _padded(rows)
+    cache = M.init_cache(cfg, len(rows), tokens.shape[1] + n_new, jnp.float32)
+    logits, cache, _ = _prefill(params, cfg, tokens, lengths, cache,
+                                logits_at=(lengths - 1)[:, None])
+    out = [jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)]
     for step in range(n_new - 1):
-        pos = len(ids) + step
-        logits, cache, _ = _decode(params, cfg, jnp.asarray([out[-1]], jnp.int32),
-                                   jnp.asarray([pos], jnp.int32), cache)
-        out.append(int(jnp.argmax(logits[0])))
-    return out
+        logits, cache, _ = _decode(params, cfg, out[-1], lengths + step, cache)
+        out.append(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    return np.stack([np.asarray(o) for o in out], axis=1).tolist()
 
 
 def _hf_greedy(hf, ids, n_new):
-    ids = list(ids)
-    out = []
+    """transformers' greedy loop with its KV cache (argmax of the last position)."""
+    # The cache argument was renamed past_key_values -> cache during transformers 5.x.
+    kw = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    out, past, x = [], None, torch.tensor([list(ids)])
     with torch.no_grad():
-        past = None
-        x = torch.tensor([ids])
         for _ in range(n_new):
-            o = hf(input_ids=x, past_key_values=past, use_cache=True)
-            past = o.past_key_values
+            o = hf(input_ids=x, use_cache=True, **({kw: past} if past is not None else {}))
+            past = getattr(o, "cache", None)
+            if past is None:
+                past = o.past_key_values
             out.append(int(o.logits[0, -1].argmax()))
             x = torch.tensor([[out[-1]]])
     return out
@@ -106,17 +117,18 @@ def test_bos_convention(name):
 def test_logits_match_transformers(name, request):
     hf = request.getfixturevalue(f"{name}_hf")
     params, cfg = _ours(name)
-    texts = PROMPTS + [_long_text(name)]
-    for text in texts:
-        ids = _encode(name, text)
-        ours, _ = _forward(params, cfg, jnp.asarray([ids], jnp.int32))
-        ours = np.asarray(ours[0])
-        ref = _hf_logits(hf, ids)
-        assert ours.shape == ref.shape == (len(ids), cfg.vocab_size)
-        err = _rel_err(ours, ref)
-        assert err <= RTOL, f"{name} {len(ids)} tokens: relative error {err:.2e}"
-        # Not a vacuous match: the model is confident about some next tokens.
-        assert np.max(ref) - np.median(ref) > 5
+    # The short prompts as one right-padded batch, the long text on its own.
+    for batch in ([_encode(name, t) for t in PROMPTS], [_encode(name, _long_text(name))]):
+        tokens, lengths = _padded(batch)
+        ours, _ = _forward(params, cfg, tokens, lengths)
+        for i, ids in enumerate(batch):
+            got = np.asarray(ours[i, :len(ids)])
+            ref = _hf_logits(hf, ids)
+            assert got.shape == ref.shape == (len(ids), cfg.vocab_size)
+            err = _rel_err(got, ref)
+            assert err <= RTOL, f"{name} {len(ids)} tokens: relative error {err:.2e}"
+            # Not a vacuous match: the model is confident about some next tokens.
+            assert np.max(ref) - np.median(ref) > 5
 
 
 @pytest.mark.parametrize("name", [rm.SMOLLM2, rm.GEMMA3])
@@ -124,13 +136,13 @@ def test_greedy_tokens_match_transformers(name, request):
     hf = request.getfixturevalue(f"{name}_hf")
     params, cfg = _ours(name)
     tok = rm.tokenizer(name)
-    for text in PROMPTS:
-        ids = _encode(name, text)
-        ours = _our_greedy(params, cfg, ids, N_NEW)
+    rows = [_encode(name, t) for t in PROMPTS]
+    ours = _our_greedy(params, cfg, rows, N_NEW)
+    for text, ids, got in zip(PROMPTS, rows, ours):
         ref = _hf_greedy(hf, ids, N_NEW)
-        assert ours == ref, (f"{name} {text!r}:\n ours {tok.decode(ours)!r}\n "
-                             f"hf   {tok.decode(ref)!r}")
+        assert got == ref, (f"{name} {text!r}:\n ours {tok.decode(got)!r}\n "
+                            f"hf   {tok.decode(ref)!r}")
         if name == rm.SMOLLM2 and text == "The capital of France is":
-            assert tok.decode(ours).startswith(" Paris.")
+            assert tok.decode(got).startswith(" Paris.")
         if name == rm.GEMMA3 and text == "The capital of France is":
-            assert "France" in tok.decode(ours)
+            assert "France" in tok.decode(got)
