@@ -14,7 +14,8 @@ import sys
 from countdown_jax.policy import METHODS, MODES, IMPLEMENTATIONS
 
 # module that defines register(subparsers) for each subcommand group
-COMMAND_MODULES = ("conversion.convert",)
+COMMAND_MODULES = ("conversion.convert", "countdown_jax.calibrate", "countdown_jax.predictor",
+                   "countdown_jax.evaluate")
 
 
 def _generate(args):
