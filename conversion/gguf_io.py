@@ -97,7 +97,8 @@ def check_magic(path) -> Path:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
-        raise GGUFError(f"{path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+        raise GGUFError(f"{path} is not a GGUF file (starts with {magic!r}, "
+                        f"expected {GGUF_MAGIC!r})")
     return path
 
 
@@ -112,7 +113,8 @@ def _open(path) -> "gguf.GGUFReader":  # noqa: F821
     size = os.path.getsize(path)
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
-            raise GGUFError(f"{path}: truncated GGUF, tensor {t.name!r} ends past the end of the file")
+            raise GGUFError(f"{path}: truncated GGUF, tensor {t.name!r} ends past the end of "
+                            "the file")
     return reader
 
 
@@ -165,7 +167,8 @@ def config_from_metadata(reader) -> dict:
     head_dim = int(g("attention.key_length", hidden // n_head))
     value_dim = int(g("attention.value_length", head_dim))
     if value_dim != head_dim:
-        raise GGUFError(f"attention.value_length {value_dim} != key_length {head_dim}: not supported")
+        raise GGUFError(f"attention.value_length {value_dim} != key_length {head_dim}: "
+                        "not supported")
     rot_dim = g("rope.dimension_count")
     if rot_dim is not None and int(rot_dim) != head_dim:
         raise GGUFError(f"partial rotary embedding (rope.dimension_count {rot_dim} != head dim "
