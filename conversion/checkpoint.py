@@ -73,6 +73,15 @@ def _as_array(x):
 
 # ---------------------------------------------------------------------------- one stored tree
 
+def _json_default(x):
+    """meta may hold NumPy/JAX scalars and small arrays: store them as plain JSON."""
+    if isinstance(x, np.generic):
+        return x.item()
+    if hasattr(x, "__array__"):
+        return np.asarray(x).tolist()
+    raise TypeError(f"tree meta value {x!r} ({type(x).__name__}) is not JSON-serialisable")
+
+
 def _write_tree(folder: Path, tree, meta: Mapping | None = None):
     """folder/data (orbax) + folder/manifest.json; folder must not exist yet."""
     import orbax.checkpoint as ocp
@@ -85,7 +94,7 @@ def _write_tree(folder: Path, tree, meta: Mapping | None = None):
                    for p, v in leaves.items()},
         "meta": dict(meta or {}),
     }
-    json.dumps(manifest)  # fail before writing anything if meta is not JSON
+    text = json.dumps(manifest, indent=1, default=_json_default)  # fails before any write
     folder.mkdir(parents=True)
     ckptr = ocp.StandardCheckpointer()
     try:
@@ -93,7 +102,7 @@ def _write_tree(folder: Path, tree, meta: Mapping | None = None):
         ckptr.wait_until_finished()
     finally:
         ckptr.close()
-    (folder / _MANIFEST).write_text(json.dumps(manifest, indent=1))
+    (folder / _MANIFEST).write_text(text)
 
 
 def _read_manifest(folder: Path) -> dict:

@@ -55,11 +55,15 @@ def test_named_trees(tmp_path):
             "pred": {"V": np.arange(12, dtype=jnp.bfloat16).reshape(3, 4),
                      "k": np.array([1, 2, 3], np.int32), "on": np.array([True, False])},
             "r": np.float32(0.7)}
-    ck.save_tree(d, "thresholds/cats/r0.70", tree, meta={"tokens": 1024})
+    ck.save_tree(d, "thresholds/cats/r0.70", tree,
+                 meta={"tokens": 1024, "r": np.float32(0.5), "per_layer": jnp.arange(3)})
     ck.save_tree(d, "thresholds", {"x": np.zeros(2, np.float32)})  # a prefix of another name
     got = ck.load_tree(d, "thresholds/cats/r0.70")
     _assert_same_tree(jax.tree_util.tree_map(jnp.asarray, tree), got)
-    assert ck.tree_meta(d, "thresholds/cats/r0.70") == {"tokens": 1024}
+    assert ck.tree_meta(d, "thresholds/cats/r0.70") == {"tokens": 1024, "r": 0.5,
+                                                        "per_layer": [0, 1, 2]}
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        ck.save_tree(d, "t", tree, meta={"f": object()})
     assert ck.list_trees(d) == ["thresholds", "thresholds/cats/r0.70"]
     # Saving again replaces the old tree entirely.
     ck.save_tree(d, "thresholds/cats/r0.70", {"threshold": np.ones(5, np.float32)})
