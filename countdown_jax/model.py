@@ -210,39 +210,11 @@ def decode_step(params, cfg: ModelConfig, token, pos, cache, *, spec: SparseSpec
     kept [L, B]). sparse: bool [B], default all True for a sparse spec.
     """
     B = token.shape[0]
-    S = cache["k"].shape[2]
-    _check_positions(pos, S)
-    pos = jnp.asarray(pos, jnp.int32)
-    if sparse is None and not spec.is_dense:
-        sparse = jnp.ones((B,), bool)
     if sparse is not None:
         sparse = jnp.asarray(sparse).reshape(B, 1)
-    _check_policy(cfg, policy)
-    inv_freq, windows = _layer_consts(cfg)
-    positions = pos[:, None]  # [B, 1]
-    slots = jnp.arange(S, dtype=jnp.int32)
-    all_valid = jnp.ones((B, S), bool)
-    rows = jnp.arange(B)
-    x = _embed(params, cfg, token[:, None])
-    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-
-    def body(carry, xs):
-        x, ck, cv = carry
-        layer, inv_f, window, pol, l = xs
-        h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
-        q, k, v = _qkv(cfg, layer, h, positions, inv_f)
-        ck = ck.at[l, rows, pos].set(k[:, 0].astype(ck.dtype))
-        cv = cv.at[l, rows, pos].set(v[:, 0].astype(cv.dtype))
-        mask = visibility(positions, slots, all_valid, window)
-        attn = attend(q, ck[l], cv[l], mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
-        x, kept = _attn_out_and_mlp(cfg, spec, _with_mlp(params, layer, l), x, attn, pol,
-                                    sparse)
-        return (x, ck, cv), kept[:, 0]
-
-    (x, ck, cv), kept = jax.lax.scan(
-        body, (x, cache["k"], cache["v"]),
-        (_scanned(params), inv_freq, windows, policy, layer_ids))
-    return _logits(params, cfg, x[:, 0]), {"k": ck, "v": cv}, kept
+    logits, cache, kept = extend(params, cfg, jnp.asarray(token)[:, None], pos, cache,
+                                 spec=spec, policy=policy, sparse=sparse)
+    return logits[:, 0], cache, kept[:, :, 0]
 
 
 def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec = DENSE,

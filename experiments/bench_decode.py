@@ -31,6 +31,7 @@ import numpy as np
 from countdown_jax import model as model_lib
 from countdown_jax.config import ModelConfig
 from countdown_jax.policy import SparseSpec, make_policy
+from countdown_jax.sharding import random_params
 
 LLAMA8B = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256,
                hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -39,27 +40,6 @@ LLAMA8B = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_siz
                max_position_embeddings=8192, bos_token_id=1, eos_token_id=2)
 TINY = dict(LLAMA8B, vocab_size=512, hidden_size=64, intermediate_size=256,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def random_params(key, cfg: ModelConfig, dtype=jnp.bfloat16):
-    """Fan-in scaled Gaussian weights in the layout of layout.py, created on the device."""
-    L, d, m, V = cfg.num_layers, cfg.d_model, cfg.d_ff, cfg.vocab_size
-    H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    keys = iter(jax.random.split(key, 16))
-
-    def w(shape, fan_in):
-        return (jax.random.normal(next(keys), shape, jnp.float32) / np.sqrt(fan_in)).astype(dtype)
-
-    return {
-        "embed": w((V, d), 1.0), "final_norm": jnp.ones((d,), dtype), "lm_head": w((d, V), d),
-        "layers": {
-            "attn_norm": jnp.ones((L, d), dtype), "mlp_norm": jnp.ones((L, d), dtype),
-            "wq": w((L, d, H, hd), d), "wk": w((L, d, K, hd), d), "wv": w((L, d, K, hd), d),
-            "wo": w((L, H, hd, d), H * hd),
-            "mlp": {"gate": w((L, m, d), d), "up": w((L, m, d), d), "down": w((L, m, d), m)},
-        },
-    }
 
 
 def random_predictor(key, cfg, rank, dtype=jnp.bfloat16):
@@ -140,7 +120,7 @@ def main(argv=None):
     device = jax.devices()[0].device_kind
     shape = "tiny" if args.tiny else "llama3.1-8b"
     key = jax.random.PRNGKey(0)
-    params = random_params(key, cfg)
+    params = random_params(cfg, key, jnp.bfloat16)
     predictor = random_predictor(jax.random.PRNGKey(1), cfg, rank)
     rows = []
 
