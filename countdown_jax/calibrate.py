@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from countdown_jax import model as model_lib
 from countdown_jax.policy import DENSE, SparseSpec, make_policy
-from countdown_jax.selection import num_dropped, rank_quantity
+from countdown_jax.selection import kth_smallest, num_dropped, rank_quantity
 
 STATS = ("mean_kth", "quantile")
 AGGREGATES = ("mean", "median")
@@ -42,14 +42,6 @@ FORWARDS = ("ideal", "dense")
 # and an overflow bin. Ranked quantities are |.| of activations: O(1e-6 .. 1e3) in practice.
 HIST_LO, HIST_HI, HIST_BINS = 1e-8, 1e4, 8192
 _NONNEGATIVE = ("cats", "m_countdown", "d_countdown", "s_countdown")
-
-
-def kth_smallest(q, r):
-    """Per-token k-th smallest of q [..., m] (k = int(m r) >= 1): the ideal rule's cut,
-    ``selection.ideal_mask(q, r) == (q > kth_smallest(q, r))``."""
-    m = q.shape[-1]
-    k = num_dropped(r, m)
-    return jnp.take(jnp.sort(q, axis=-1), jnp.maximum(k - 1, 0), axis=-1)
 
 
 def _bin_index(a):
@@ -83,9 +75,9 @@ def _batch_stats(params, cfg, tokens, lengths, rs, forward_r, *, method: str,
     def one_layer(args):
         mlp, x = args
         q = rank_quantity(method, mlp, x, cfg.act)                          # [B, T, m]
-        srt = jnp.sort(q, axis=-1)
-        k = num_dropped(rs, q.shape[-1])                                    # [R]
-        kth = jnp.take(srt, jnp.maximum(k - 1, 0), axis=-1)                 # [B, T, R]
+        k = jnp.maximum(num_dropped(rs, q.shape[-1]), 1)                    # [R]
+        # the ideal rule's cut: ideal_mask(q, r) == q > kth_smallest(q, k)
+        kth = jnp.stack([kth_smallest(q, k[j]) for j in range(len(rs))], -1)   # [B, T, R]
         row = jnp.sum(jnp.where(valid[..., None], kth, 0.0), axis=1)        # [B, R]
         row = row / jnp.maximum(count, 1.0)[:, None]
         if not histogram:

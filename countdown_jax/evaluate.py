@@ -39,8 +39,12 @@ from countdown_jax.policy import DENSE, SparseSpec, make_policy, stack_policies
 
 LOGIT_BUDGET_BYTES = 1 << 29   # float32 logits per batch (all stacked settings together)
 MAX_ROWS = 64
+# Few distinct shapes = few compiles (each spec compiles once per continuation bucket):
+# the KV cache of every item with a continuation is MAX_SCORED_CONTEXT + its bucket long,
+# whatever the context bucket of its (dense, single-spec) prefill.
+MAX_SCORED_CONTEXT = 128
 _CTX_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
-_CONT_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512)
+_CONT_BUCKETS = (16, 40, 80, 160, 320)
 
 
 # -- items ----------------------------------------------------------------------------------
@@ -76,10 +80,14 @@ def encode_pair(tokenizer, context: str, continuation: str, max_context: int = 1
 
 
 def mc_items(tokenizer, docs, max_context: int = 1024) -> list[Item]:
+    """Items of multiple-choice docs. A context is cut (first token + last tokens) to
+    MAX_SCORED_CONTEXT only when its continuation has sparse positions (> 1 token)."""
     items = []
     for d in docs:
         for i, (c, y) in enumerate(zip(d.contexts, d.continuations)):
             ctx, cont = encode_pair(tokenizer, c, y, max_context)
+            if len(cont) > 1 and len(ctx) > MAX_SCORED_CONTEXT:
+                ctx = ctx[:1] + ctx[len(ctx) - MAX_SCORED_CONTEXT + 1:]
             items.append(Item(d.task, d.doc_id, i, ctx, cont, 0, len(y.encode("utf-8"))))
     return items
 
@@ -101,7 +109,7 @@ def perplexity_items(tokenizer, texts, *, task: str = "boolq_ppl", prefix: int =
 
 
 def lambada_items(tokenizer, lambada, *, task: str = "lambada", prefix_share: float = 0.5,
-                  max_context: int = 1024) -> list[Item]:
+                  max_context: int = 2 * MAX_SCORED_CONTEXT) -> list[Item]:
     """LAMBADA with sparse decoding of the passage's second half: the first half of the
     context is the dense prefix, the rest of the context and the target word run sparse,
     and the target word is scored (accuracy = every target token is the greedy one)."""
@@ -222,26 +230,33 @@ def _bucket(n: int, buckets) -> int:
 
 
 def _batches(items: list[Item], vocab: int, stacked: int, max_rows: int = MAX_ROWS):
-    """Group item indices by (context bucket, continuation bucket); rows per batch so the
-    logits of ``stacked`` settings fit LOGIT_BUDGET_BYTES. Rows are a power of two."""
+    """Group item indices by (context bucket, continuation bucket): (ctx_len, cont_len,
+    cache_len, rows, indices). Rows per continuation bucket are fixed (a power of two with
+    the logits of ``stacked`` settings under LOGIT_BUDGET_BYTES) so a continuation shape
+    compiles once across tasks."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, it in enumerate(items):
         n_in = len(it.continuation) - 1
         cb = 0 if n_in == 0 else _bucket(n_in, _CONT_BUCKETS)
+        if cb and len(it.context) > MAX_SCORED_CONTEXT:
+            raise ValueError(f"item {it.task}/{it.doc}: context of {len(it.context)} tokens "
+                             f"exceeds MAX_SCORED_CONTEXT={MAX_SCORED_CONTEXT} (truncate it)")
         groups.setdefault((_bucket(len(it.context), _CTX_BUCKETS), cb), []).append(i)
     out = []
     for (tc, tn), idx in sorted(groups.items()):
         per_row = max(tn, 1) * vocab * 4 * max(stacked, 1)
         rows = max(1, min(max_rows, LOGIT_BUDGET_BYTES // per_row))
         rows = 1 << int(math.floor(math.log2(rows)))
-        rows = min(rows, 1 << int(math.ceil(math.log2(len(idx)))))
+        if tn == 0:  # prefill only: size the batch to the group
+            rows = min(rows, 1 << int(math.ceil(math.log2(len(idx)))))
+        cache_len = (MAX_SCORED_CONTEXT + tn) if tn else tc + 1
         for s in range(0, len(idx), rows):
-            out.append((tc, tn, rows, idx[s:s + rows]))
+            out.append((tc, tn, cache_len, rows, idx[s:s + rows]))
     return out
 
 
 def score(params, cfg, items: list[Item], settings: list[Setting], *,
-          progress: bool = True, desc: str = "score") -> Scores:
+          progress: bool = True, desc: str = "score", max_rows: int = MAX_ROWS) -> Scores:
     """Log-probabilities of every item's continuation under every setting."""
     t0 = time.perf_counter()
     S = len(settings)
@@ -249,11 +264,11 @@ def score(params, cfg, items: list[Item], settings: list[Setting], *,
     hit = [[[None] * len(items) for _ in range(st.size)] for st in settings]
     kept: dict = {}
     stacked = max(st.size for st in settings)
-    batches = _batches(items, cfg.vocab_size, stacked)
-    total = sum(len(b[3]) for b in batches)
+    batches = _batches(items, cfg.vocab_size, stacked, max_rows)
+    total = sum(len(b[4]) for b in batches)
     bar = tqdm(total=total, desc=desc, unit="item", disable=not progress)
     L = cfg.num_layers
-    for tc, tn, rows, idx in batches:
+    for tc, tn, cache_len, rows, idx in batches:
         nb = len(idx)
         ctx = np.zeros((rows, tc), np.int32)
         clen = np.ones((rows,), np.int32)
@@ -272,7 +287,7 @@ def score(params, cfg, items: list[Item], settings: list[Setting], *,
             y_tgt[j, :n] = y[1:]
             valid[j, :n] = True
         cache, lp0, hit0 = _dense_context(params, cfg, jnp.asarray(ctx), jnp.asarray(clen),
-                                          jnp.asarray(first), cache_len=tc + max(tn, 1))
+                                          jnp.asarray(first), cache_len=cache_len)
         lp0, hit0 = np.asarray(lp0), np.asarray(hit0)
         for s, st in enumerate(settings):
             if tn == 0:

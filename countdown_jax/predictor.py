@@ -103,15 +103,24 @@ def record(params, cfg, tokens, lengths, *, method: str, sparsities: Sequence[fl
 
 # -- model ----------------------------------------------------------------------------------
 def svd_init(gate, rank: int):
-    """{"V": [L, d, rank], "U": [L, m, rank]} with (x V) U^T = rank-k approximation of W_gate x."""
-    gate = np.asarray(gate, np.float32)
+    """{"V": [L, d, rank], "U": [L, m, rank]} with (x V) U^T = rank-k approximation of W_gate x.
+
+    W = P S Q^T from the eigendecomposition of the small Gram matrix W^T W = Q S^2 Q^T
+    (d x d, float64): V = Q_k sqrt(S_k), U = W Q_k / sqrt(S_k) = P_k sqrt(S_k).
+    """
+    gate = np.asarray(gate, np.float64)
     L, m, d = gate.shape
     if not 1 <= rank <= min(m, d):
         raise ValueError(f"rank must be in [1, min(m, d)] = [1, {min(m, d)}], got {rank}")
-    P, S, Qt = np.linalg.svd(gate, full_matrices=False)          # [L,m,k'], [L,k'], [L,k',d]
-    root = np.sqrt(S[:, :rank])[:, None, :]
-    return {"V": (np.swapaxes(Qt[:, :rank], 1, 2) * root).astype(np.float32),
-            "U": (P[:, :, :rank] * root).astype(np.float32)}
+    if d > m:  # decompose the other side: W W^T = P S^2 P^T
+        t = svd_init(np.swapaxes(gate, 1, 2), rank)
+        return {"V": t["U"], "U": t["V"]}
+    evals, evecs = np.linalg.eigh(np.swapaxes(gate, 1, 2) @ gate)       # ascending
+    order = np.argsort(evals, axis=-1)[:, ::-1][:, :rank]
+    s = np.sqrt(np.maximum(np.take_along_axis(evals, order, axis=-1), 1e-30))   # [L, k]
+    Q = np.take_along_axis(evecs, order[:, None, :], axis=-1)                  # [L, d, k]
+    root = np.sqrt(s)[:, None, :]
+    return {"V": (Q * root).astype(np.float32), "U": (gate @ Q / root).astype(np.float32)}
 
 
 def schedule(peak_lr: float, warmup: int):
@@ -150,12 +159,12 @@ class TrainConfig:
 
 
 def train(data: PredictorData, gate, tc: TrainConfig = TrainConfig(), *,
-          progress: bool = True, val: PredictorData | None = None):
+          progress: bool = True, val: PredictorData | None = None, init=None):
     """Train one predictor per (sparsity, layer). Returns (pred {"V": [R,L,d,k], "U": [R,L,m,k]},
     history dict with the train loss curve and, when val is given, the initial and final
     validation BCE)."""
     R = len(data.sparsities)
-    init = svd_init(gate, tc.rank)
+    init = init if init is not None else svd_init(gate, tc.rank)
     pred = {k: jnp.asarray(np.broadcast_to(v, (R,) + v.shape).copy()) for k, v in init.items()}
     n = data.num_tokens
     steps = max(1, int(round(tc.epochs * n / tc.batch_size)))
@@ -302,11 +311,16 @@ def train_and_save(model_dir, tokenizer, params, cfg, *, method: str, sparsities
     tr, va = data_pair or prepare_data(tokenizer, params, cfg, method=method,
                                        sparsities=sparsities, seq_len=seq_len, rows=rows,
                                        val_share=val_share, progress=progress)
-    pred, hist = train(tr, params["layers"]["mlp"]["gate"], tc, progress=progress, val=va)
-    theta = (np.zeros((len(tr.sparsities), cfg.num_layers), np.float32)
-             if theta_rule == "zero" else matched_theta(pred, tr))
+    init = svd_init(params["layers"]["mlp"]["gate"], tc.rank)
+    pred, hist = train(tr, None, tc, progress=progress, val=va, init=init)
+    R = len(tr.sparsities)
+    theta_zero = np.zeros((R, cfg.num_layers), np.float32)
+    theta_match = matched_theta(pred, tr)
+    theta = theta_zero if theta_rule == "zero" else theta_match
     met = metrics(pred, va, theta)
-    met0 = metrics(svd_init_stack(params, tc.rank, len(tr.sparsities)), va, theta=None)
+    other = metrics(pred, va, theta_match if theta_rule == "zero" else theta_zero)
+    met0 = metrics({k: jnp.asarray(np.broadcast_to(v, (R,) + v.shape)) for k, v in init.items()},
+                   va, theta=None)
     seconds = time.perf_counter() - t0
     rows_out = []
     for i, r in enumerate(tr.sparsities):
@@ -323,14 +337,12 @@ def train_and_save(model_dir, tokenizer, params, cfg, *, method: str, sparsities
             rows_out.append(dict(method=method, sparsity_target=r, layer=layer, rank=tc.rank,
                                  theta=float(theta[i, layer]),
                                  **{k: float(v[i, layer]) for k, v in met.items()},
+                                 f1_other_theta=float(other["f1"][i, layer]),
+                                 realised_sparsity_other_theta=float(
+                                     other["realised_sparsity"][i, layer]),
                                  f1_svd_init=float(met0["f1"][i, layer]),
                                  recall_svd_init=float(met0["recall"][i, layer])))
     return rows_out
-
-
-def svd_init_stack(params, rank: int, R: int):
-    init = svd_init(params["layers"]["mlp"]["gate"], rank)
-    return {k: jnp.asarray(np.broadcast_to(v, (R,) + v.shape)) for k, v in init.items()}
 
 
 # -- command line ---------------------------------------------------------------------------
