@@ -54,9 +54,13 @@ FULL = dict(
                 ppl_texts=12, lambada=8, agree_prompts=6, calib_rows=16, pred_rows=64,
                 epochs=3.0),
 )
+# Smoke run: every stage on a handful of items; fewer compiles (agreement for dense + two
+# settings, no quantile-threshold variant) so it stays a few minutes on 2 cores.
 QUICK = dict(
     smollm2=dict(n_docs=dict(arc_easy=3, winogrande=3, boolq=2), ppl_texts=3, lambada=2,
-                 agree_prompts=2, calib_rows=4, pred_rows=12, epochs=1.0, max_rows=4),
+                 agree_prompts=2, calib_rows=4, pred_rows=12, epochs=1.0, max_rows=4,
+                 agree_settings=("dense", "m_countdown/ideal", "d_countdown/predictor"),
+                 quantile_eval=False, max_new_tokens=4),
 )
 FIELDS = ["model", "method", "mode", "setting", "sparsity_target", "sparsity_realised", "task",
           "metric", "score", "stderr", "dense_score", "diff_stderr", "preservation",
@@ -148,17 +152,22 @@ def evaluate_model(name, model, sizes, sparsities, *, max_new_tokens=24):
                      max_rows=sizes.get("max_rows", E.MAX_ROWS))
     rows = E.summarize(scores, gold, model=name)
     log(f"{name}: scored in {scores.seconds:.0f} s")
-    # calibration variant (CATS's quantile statistic), perplexity text only
-    ppl_items = [it for it in items if it.task == "boolq_ppl"]
-    q_sets = [E.dense_setting()] + quantile_settings(model, sparsities)
-    q_scores = E.score(params, cfg, ppl_items, q_sets, desc=f"{name} quantile thresholds",
-                       max_rows=sizes.get("max_rows", E.MAX_ROWS))
-    rows += [r for r in E.summarize(q_scores, {}, model=name) if r["method"] != "dense"]
+    if sizes.get("quantile_eval", True):
+        # calibration variant (CATS's quantile statistic), perplexity text only
+        ppl_items = [it for it in items if it.task == "boolq_ppl"]
+        q_sets = [E.dense_setting()] + quantile_settings(model, sparsities)
+        q_scores = E.score(params, cfg, ppl_items, q_sets, desc=f"{name} quantile thresholds",
+                           max_rows=sizes.get("max_rows", E.MAX_ROWS))
+        rows += [r for r in E.summarize(q_scores, {}, model=name) if r["method"] != "dense"]
     # generation agreement
+    max_new_tokens = sizes.get("max_new_tokens", max_new_tokens)
+    keep = sizes.get("agree_settings")
+    agree_sets = [st for st in settings if keep is None or st.name in keep]
     prompts, lengths = agreement_prompts(model.tokenizer, sizes["agree_prompts"])
     t0 = time.perf_counter()
-    agree = E.agreement(params, cfg, prompts, lengths, settings, max_new_tokens=max_new_tokens)
-    rows += E.agreement_rows(agree, settings, model=name, max_new_tokens=max_new_tokens)
+    agree = E.agreement(params, cfg, prompts, lengths, agree_sets,
+                        max_new_tokens=max_new_tokens)
+    rows += E.agreement_rows(agree, agree_sets, model=name, max_new_tokens=max_new_tokens)
     log(f"{name}: agreement in {time.perf_counter() - t0:.0f} s")
     for r in rows:
         ds = r["dense_score"]
@@ -169,9 +178,16 @@ def evaluate_model(name, model, sizes, sparsities, *, max_new_tokens=24):
     return rows
 
 
-def write_csv(path: Path, rows, fields=None):
+def write_csv(path: Path, rows, fields=None, keep_other_models: bool = True):
+    """Write rows; rows of models not in ``rows`` already in the file are kept, so models
+    can be (re)run one at a time."""
     if not rows:
         return
+    if keep_other_models and path.is_file():
+        mine = {r["model"] for r in rows}
+        with open(path, newline="") as f:
+            old = [r for r in csv.DictReader(f) if r.get("model") not in mine]
+        rows = old + list(rows)
     fields = fields or list(rows[0])
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -186,6 +202,17 @@ def plot(rows, out_dir: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def num(r):
+        out = dict(r)
+        for k in ("sparsity_target", "sparsity_realised", "score", "dense_score",
+                  "preservation", "stderr"):
+            try:
+                out[k] = float(r[k])
+            except (KeyError, TypeError, ValueError):
+                out[k] = float("nan")
+        return out
+
+    rows = [num(r) for r in rows]
     models = sorted({r["model"] for r in rows})
     panels = [("MC avg acc_norm preservation", lambda r: r["metric"] == "acc_norm"
                and r["task"] in MC_TASKS),
@@ -287,8 +314,11 @@ def main(argv=None):
         cost = P.cost(model.cfg, args.rank)
         timing[f"{name}_predictor_relative_cost"] = cost["relative"]
     timing["total_s"] = time.perf_counter() - t_all
-    (out / "timing.json").write_text(json.dumps(timing, indent=1))
-    plot(quality, out)
+    tpath = out / "timing.json"
+    old = json.loads(tpath.read_text()) if tpath.is_file() else {}
+    tpath.write_text(json.dumps({**old, **timing}, indent=1))
+    with open(out / "quality.csv", newline="") as f:
+        plot(list(csv.DictReader(f)), out)
     log(f"done in {timing['total_s']:.0f} s -> {out}")
     return 0
 
