@@ -68,29 +68,28 @@ def sparsity_setup(model: Model, method: str = "dense", mode: str = "ideal",
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if mode in ("ideal", "topk"):
         return spec, make_policy(n, sparsity=sparsity)
-    from conversion.checkpoint import load_tree
-
     if mode == "threshold":
-        name = policy_name("thresholds", method, sparsity)
-        try:
-            tree = load_tree(model.path, name)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(
-                f"no calibrated thresholds {name!r} in {model.path}: run "
-                f"`countdown-jax calibrate {model.path} --method {method} --sparsity {sparsity}`"
-            ) from e
+        tree = _saved(model, "thresholds", method, sparsity, "no calibrated thresholds",
+                      "calibrate")
         return spec, make_policy(n, sparsity=sparsity, threshold=tree["threshold"])
-    name = policy_name("predictors", method, sparsity)
-    try:
-        tree = load_tree(model.path, name)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(
-            f"{method} in predictor mode needs a trained predictor; none at {name!r} in "
-            f"{model.path}: run `countdown-jax train-predictor {model.path} --method {method} "
-            f"--sparsity {sparsity}`") from e
+    tree = _saved(model, "predictors", method, sparsity,
+                  f"{method} in predictor mode needs a trained predictor; none", "train-predictor")
     theta = np.asarray(tree.get("theta", np.zeros(n, np.float32))) + theta_offset
     return spec, make_policy(n, sparsity=sparsity, theta=theta,
                              predictor={"V": tree["V"], "U": tree["U"]})
+
+
+def _saved(model: Model, kind: str, method: str, sparsity: float, missing: str, command: str):
+    """A tree that calibration / predictor training saved in the model directory."""
+    from conversion.checkpoint import load_tree
+
+    name = policy_name(kind, method, sparsity)
+    try:
+        return load_tree(model.path, name)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"{missing} at {name!r} in {model.path}: run `countdown-jax {command} "
+            f"{model.path} --method {method} --sparsity {sparsity}`") from e
 
 
 @dataclasses.dataclass
