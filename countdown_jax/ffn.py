@@ -20,10 +20,17 @@ Implementations (``spec.implementation``):
             predictor    (d_countdown, dejavu) x V U^T only; gate/up/down all gathered
           Oracle modes of d_countdown / dejavu / s_countdown (ideal, topk, threshold)
           need the dense s (or g) to select: an upper bound on quality, not a speedup.
-  pallas  as gather, with the Pallas kernels.
+  pallas  as gather, with the Pallas kernels. On a GPU the threshold rules of m_countdown
+          and cats and d_countdown's predictor, without a capacity and for at most
+          ``_FUSED_MAX_TOKENS`` tokens (decode), run ``kernels.fused_sparse_ffn``
+          instead: the threshold is applied inside the kernel (no index list), on the
+          same scores ``select`` compares (XLA's dense u / act(g) / z), so the kept
+          set is the same. Elsewhere the index list as above (CPU: XLA, with a warning).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +42,15 @@ from countdown_jax.selection import (limit_to_capacity, mask_to_indices, select,
                                      spec_quantity)
 
 __all__ = ["activation", "dense_ffn", "ffn"]
+
+# Run the Pallas kernels in interpret mode (CPU tests patch this; never set in production).
+_PALLAS_INTERPRET = False
+# The fused kernel unrolls its tokens (and reads the union of their rows): decode batches
+# only; more tokens (prefill) take the index list, which has the same rule.
+_FUSED_MAX_TOKENS = 8
+# (method, mode) -> the fused kernel's method, where its rule equals ``select``'s.
+_FUSED_RULES = {("m_countdown", "threshold"): "m", ("cats", "threshold"): "cats",
+                ("d_countdown", "predictor"): "d"}
 
 
 def dense_ffn(mlp, x, act: str):
@@ -103,8 +119,19 @@ def _masked(mlp, x, act, spec, layer, sparse):
     return y.astype(x.dtype), _fraction(jnp.sum(mask, axis=-1, dtype=jnp.int32), mask.shape[-1]), dropped
 
 
+def _fused_method(spec, n_tokens):
+    """The fused kernel's method when it runs this spec's exact rule on this platform."""
+    from countdown_jax.kernels.sparse_ffn.api import resolve_pallas
+    method = _FUSED_RULES.get((spec.method, spec.mode))
+    if (method is None or spec.implementation != "pallas" or spec.capacity is not None
+            or n_tokens > _FUSED_MAX_TOKENS or parallel_selection.current() is not None):
+        return None      # capacity cuts / cross-device rules live in the index-list path
+    return method if resolve_pallas("pallas", _PALLAS_INTERPRET) == "pallas_gpu" else None
+
+
 def _gathered(stack, x, act, spec, layer, sparse):
     # Lazy import: the kernels' reference imports ``activation`` from this module.
+    from countdown_jax.kernels.fused_sparse_ffn.api import fused_sparse_ffn
     from countdown_jax.kernels.sparse_ffn.api import sparse_ffn
 
     mlp = layer_weights(stack)      # whole-matrix uses (dense GEMVs) slice the layer
@@ -119,15 +146,28 @@ def _gathered(stack, x, act, spec, layer, sparse):
         u = project(mlp["up"], xs)
         coef, dense = u, "up"
     q = spec_quantity(spec, mlp, xs, act, layer, g=g, u=u)
-    rule, mask = _choose(spec, q, layer)
-    idx, count = mask_to_indices(mask, spec.capacity)
-    # The kernel reads the kept rows straight from the model's stack when it has one.
-    y = sparse_ffn(xs, stack["gate"], stack["up"], stack["down"], idx, count, act=act,
-                   dense=dense, coef=coef, layer=stack.get("layer"),
-                   implementation="xla" if spec.implementation == "gather"
-                   else spec.implementation)
+    fused = _fused_method(spec, xs.shape[0])
+    if fused is not None:
+        # Same scores and comparison as ``select``: |u| > tau, |act(g)| > tau, z > theta
+        # (q is |coef| for m / cats). The kernel reads the stack in place.
+        from countdown_jax.kernels.fused_sparse_ffn.pallas_gpu import default_config
+        tau = layer["threshold"] if spec.mode == "threshold" else layer["theta"]
+        cfg = dataclasses.replace(default_config(stack["down"].dtype, fused), score="xla")
+        y, count = fused_sparse_ffn(
+            xs, stack["gate"], stack["up"], stack["down"], tau, act=act, method=fused,
+            implementation="pallas", interpret=_PALLAS_INTERPRET, config=cfg,
+            layer=stack.get("layer"), scores=q if coef is None else coef)
+        dropped = jnp.zeros(count.shape, jnp.int32)      # no capacity: nothing cut
+    else:
+        rule, mask = _choose(spec, q, layer)
+        idx, count = mask_to_indices(mask, spec.capacity)
+        # The kernel reads the kept rows straight from the model's stack when it has one.
+        y = sparse_ffn(xs, stack["gate"], stack["up"], stack["down"], idx, count, act=act,
+                       dense=dense, coef=coef, layer=stack.get("layer"),
+                       implementation="xla" if spec.implementation == "gather"
+                       else spec.implementation, interpret=_PALLAS_INTERPRET)
+        dropped = jnp.sum(rule, axis=-1, dtype=jnp.int32) - count
     kept = _fraction(count, m)
-    dropped = jnp.sum(rule, axis=-1, dtype=jnp.int32) - count
     if sparse is not None:
         sp = sparse.reshape(-1)
         # Dense tokens take the dense path; when every token is sparse (decode) the

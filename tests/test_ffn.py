@@ -314,3 +314,43 @@ def test_bfloat16_inputs():
         assert y.dtype == jnp.bfloat16 and kept.dtype == jnp.float32
         outs.append(np.asarray(y, np.float32))
     np.testing.assert_allclose(outs[0], outs[1], rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("method,mode", [("m_countdown", "threshold"), ("cats", "threshold"),
+                                         ("d_countdown", "predictor")])
+def test_pallas_fused_path_equals_masked(monkeypatch, method, mode):
+    """implementation="pallas" where the fused kernel applies (here: interpret mode forced,
+    as on a GPU): same kept set as masked, y within float32 rounding, nothing dropped,
+    dense-flagged tokens dense. The model's stacked weights + traced layer, other layer
+    NaN (the kernel must read layer l's rows in place and nothing else)."""
+    import countdown_jax.ffn as ffn_mod
+    from countdown_jax.kernels.fused_sparse_ffn import api as fused_api
+    monkeypatch.setattr(ffn_mod, "_PALLAS_INTERPRET", True)
+    calls = []
+    real = fused_api.fused_sparse_ffn
+    monkeypatch.setattr(fused_api, "fused_sparse_ffn",
+                        lambda *a, **kw: calls.append(kw["method"]) or real(*a, **kw))
+    l = 1
+    mlp, x, pred = _problem(30, tokens=(4,))
+    x = jnp.asarray(x[1:])                           # token 0 of _problem is all zero
+    stack = {k: jnp.asarray(np.stack([np.full_like(v, np.nan), v])) for k, v in mlp.items()}
+    mlp = jax.tree.map(jnp.asarray, mlp)
+    # threshold halfway between two neighbouring scores: no score sits on it
+    spec_m = SparseSpec(method, mode, "masked")
+    q = np.sort(np.asarray(sel.spec_quantity(spec_m, mlp, x, "silu", {"predictor": pred})).ravel())
+    cut = (q[len(q) // 2] + q[len(q) // 2 + 1]) / 2
+    layer = _layer(mode, float(cut), pred if mode == "predictor" else None)
+    spec_p = SparseSpec(method, mode, "pallas")
+    run = jax.jit(lambda s, xx, pol, sp, spec: ffn(s, xx, act="silu", spec=spec, policy=pol,
+                                                   sparse=sp, return_dropped=True),
+                  static_argnums=4)
+    for n, flags in ((1, [True]), (3, [True, False, True])):
+        sp = jnp.asarray(flags)
+        y, kept, dropped = run({**stack, "layer": jnp.int32(l)}, x[:n], layer, sp, spec_p)
+        ym, km, _ = run(mlp, x[:n], layer, sp, spec_m)
+        assert np.isfinite(np.asarray(y)).all()
+        np.testing.assert_array_equal(_counts(kept), _counts(km))
+        assert (0 < _counts(kept)).all() and (_counts(kept)[np.asarray(flags)] < M).all()
+        np.testing.assert_array_equal(np.asarray(dropped), 0)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(ym), rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2       # the fused kernel ran (once per traced batch size)

@@ -73,3 +73,74 @@ def test_stacked_weights_need_layer():
     with pytest.raises(ValueError, match=r"layer=|\[m, d\]"):
         sparse_ffn(x, w["gate"], w["up"], w["down"], idx, jnp.ones((1,), jnp.int32),
                    act="silu", implementation="xla")
+
+
+# The fused kernel (selection inside) on the stack: ragged m and d against every block size,
+# in-kernel scoring (M, D), XLA-computed scores (CATS), predicated and compacted reads.
+FUSED_STACKED = [
+    ("m", 2, dict(bn=16, bd=8, blocks_per_program=2)),
+    ("cats", 1, dict(bn=8, bd=16, score="xla", compact=4, programs=2)),
+    ("d", 2, dict(bn=16, bd=8, bds=4, compact=4)),
+]
+
+
+@pytest.mark.parametrize("method,n,cfg", FUSED_STACKED)
+def test_fused_kernel_reads_only_its_layer(method, n, cfg):
+    """Stacked weights + traced layer == the kernel on the sliced layer == the reference,
+    with every other layer's rows NaN (a read outside layer l poisons y)."""
+    from countdown_jax.kernels.fused_sparse_ffn.api import fused_sparse_ffn
+    from countdown_jax.kernels.fused_sparse_ffn.pallas_gpu import FusedConfig
+    from countdown_jax.kernels.fused_sparse_ffn.reference import selection_scores
+
+    cfg = FusedConfig(**cfg)
+    w = stack(5)
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((n, D)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((D, 4)) / np.sqrt(D), jnp.float32)
+    u = jnp.asarray(rng.standard_normal((M, 4)), jnp.float32)
+    kw = dict(act="silu", method=method, pred_v=v, pred_u=u, interpret=True)
+    stacked = jax.jit(lambda ws, t, l: fused_sparse_ffn(
+        x, *ws, t, implementation="pallas", config=cfg, layer=l, **kw))
+    sliced = jax.jit(lambda ws, t: fused_sparse_ffn(
+        x, *ws, t, implementation="pallas", config=cfg, **kw))
+    for l in (1, L - 1):                      # a middle layer and the last (no rows after it)
+        own = tuple(w[k][l] for k in ("gate", "up", "down"))
+        poisoned = tuple(w[k].at[jnp.arange(L) != l].set(jnp.nan) for k in ("gate", "up", "down"))
+        q = np.sort(np.asarray(selection_scores(x, *own[:2], act="silu", method=method,
+                                                pred_v=v, pred_u=u)[0]), axis=1)
+        taus = {"random": jnp.asarray((q[:, 20] + q[:, 21]) / 2, jnp.float32),
+                "all": jnp.asarray(q[:, 0] - 1, jnp.float32),
+                "none": jnp.asarray(q[:, -1] + 1, jnp.float32)}
+        for case, tau in taus.items():
+            y, cnt = stacked(poisoned, tau, jnp.int32(l))
+            ys, cs = sliced(own, tau)
+            r, rc = fused_sparse_ffn(x, *own, tau, implementation="xla", **kw)
+            # the XLA paths slice (or list) the poisoned stack by layer too
+            rx, rxc = fused_sparse_ffn(x, *poisoned, tau, implementation="xla", layer=l, **kw)
+            gx, gxc = fused_sparse_ffn(x, *poisoned, tau, implementation="xla_gather",
+                                       layer=l, **kw)
+            assert np.isfinite(np.asarray(y)).all(), (case, l)
+            for c in (cnt, cs, rxc, gxc):
+                np.testing.assert_array_equal(np.asarray(c), np.asarray(rc), err_msg=case)
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(ys), err_msg=case)
+            for got in (y, rx, gx):
+                np.testing.assert_allclose(np.asarray(got), np.asarray(r), rtol=1e-5,
+                                           atol=1e-6, err_msg=case)
+            expect = {"random": M - 21, "all": M, "none": 0}[case]
+            assert (np.asarray(cnt) == expect).all(), case
+            if case == "none":
+                assert (np.asarray(y) == 0).all()
+
+
+def test_fused_stack_shape_errors():
+    from countdown_jax.kernels.fused_sparse_ffn.api import fused_sparse_ffn
+    w = stack()
+    x = jnp.ones((1, D))
+    with pytest.raises(ValueError, match="layer="):
+        fused_sparse_ffn(x, w["gate"], w["up"], w["down"], 0.0, act="silu", method="m")
+    with pytest.raises(ValueError, match=r"\[L, m, d\]"):
+        fused_sparse_ffn(x, w["gate"][0], w["up"][0], w["down"][0], 0.0, act="silu",
+                         method="m", layer=0)
+    with pytest.raises(ValueError, match="scores"):
+        fused_sparse_ffn(x, w["gate"], w["up"], w["down"], 0.0, act="silu", method="m",
+                         layer=0, scores=jnp.ones((1, M - 1)))

@@ -14,15 +14,31 @@ Everything stays on device in one jitted program: thresholds are traced arrays, 
 lists have a static capacity, counts are device scalars. For "xla_gather" and
 "pallas_gather" a count above ``capacity`` truncates the list (the returned count is the
 untruncated one, so callers can detect it); "pallas" and "xla" never truncate.
+
+Weights: [m, d] each, or the model's stacked [L, m, d] with ``layer`` (a traced index):
+the kernels then read layer l's rows in place as flat [L*m, d] rows from l*m on (a
+sliced layer handed to a custom call is copied whole); whole-matrix XLA work (the dense
+scoring GEMV, the "xla" reference) slices the layer, which XLA fuses into its GEMV.
+The predictor (pred_v [d, r], pred_u [m, r]) is always one layer's.
+
+scores: optionally the dense projection the rule compares, [..., m] float32, computed by
+the caller: u (m), act(g) (cats), z = (x V) U^T (d); keep |u| > tau, |act(g)| > tau,
+z > tau. The "pallas" kernel reads it with FusedConfig(score="xla") (the default for
+m / cats; passing scores without a config picks that default with score="xla").
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 
 from countdown_jax.kernels.fused_sparse_ffn.reference import (
-    check_method, fused_sparse_ffn_reference, predictor_hidden, selection_scores)
-from countdown_jax.kernels.sparse_ffn.api import index_list, resolve_pallas, sparse_ffn
+    check_method, dense_scores, fused_sparse_ffn_reference, predictor_hidden,
+    scores_to_selection)
+from countdown_jax.kernels.sparse_ffn.api import (_flat_stack, index_list, resolve_pallas,
+                                                  sparse_ffn)
 
 IMPLEMENTATIONS = ("xla", "xla_gather", "pallas_gather", "pallas")
 _DENSE = {"m": "up", "cats": "gate", "d": None}
@@ -30,24 +46,43 @@ _DENSE = {"m": "up", "cats": "gate", "d": None}
 
 def fused_sparse_ffn(x, w_gate, w_up, w_down, tau, *, act, method, pred_v=None, pred_u=None,
                      implementation: str = "xla", capacity: int | None = None,
-                     interpret: bool = False, config=None):
+                     interpret: bool = False, config=None, layer=None, scores=None):
     """x [..., d]; tau scalar or one per token; returns (y [..., d], kept count [...])."""
-    check_method(method, pred_v, pred_u)
+    check_method(method, pred_v, pred_u, scores)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown fused_sparse_ffn implementation {implementation!r}; "
                          f"expected one of {IMPLEMENTATIONS}")
     lead, d = x.shape[:-1], x.shape[-1]
-    m = w_down.shape[0]
+    stack = (w_gate, w_up, w_down)
+    flat, off, m = _flat_stack(stack, layer)        # checks [L, m, d] stacks vs layer=
+    m = w_down.shape[0] if m is None else m
     for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
-        if w.shape != (m, d):
-            raise ValueError(f"fused_sparse_ffn: {name} must be [m, d] = {(m, d)}, got {w.shape}")
-    if method == "d" and (pred_v.shape[0] != d or pred_u.shape[0] != m
-                          or pred_v.shape[1] != pred_u.shape[1]):
+        if w.shape[-2:] != (m, d):
+            raise ValueError(f"fused_sparse_ffn: {name} must be [m, d] = {(m, d)}"
+                             f"{' per layer' if layer is not None else ''}, got {w.shape}")
+    if method == "d" and pred_v is not None and pred_u is not None and (
+            pred_v.shape[0] != d or pred_u.shape[0] != m or pred_v.shape[1] != pred_u.shape[1]):
         raise ValueError(f"fused_sparse_ffn: predictor must be V [d={d}, r] and U [m={m}, r], "
                          f"got {pred_v.shape} and {pred_u.shape}")
     x2 = x.reshape(-1, d)
     n = x2.shape[0]
     tau = jnp.broadcast_to(jnp.asarray(tau, jnp.float32).reshape(-1), (n,))
+    if scores is not None:
+        if scores.shape != lead + (m,):
+            raise ValueError(f"fused_sparse_ffn: scores must be [..., m] = {lead + (m,)}, "
+                             f"got {scores.shape}")
+        scores = scores.reshape(n, m).astype(jnp.float32)
+
+    def layer_matrices():      # whole matrices for XLA (it fuses the slice into its GEMV)
+        if layer is None:
+            return stack
+        return tuple(jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False) for w in stack)
+
+    def get_scores():
+        if scores is not None:
+            return scores
+        wg, wu, _ = layer_matrices()
+        return dense_scores(x2, wg, wu, act=act, method=method, pred_v=pred_v, pred_u=pred_u)
 
     impl = implementation
     if impl == "pallas":
@@ -55,21 +90,34 @@ def fused_sparse_ffn(x, w_gate, w_up, w_down, tau, *, act, method, pred_v=None, 
         impl = {"pallas_gpu": "pallas", "pallas_tpu": "pallas_gather", "xla": "xla"}[backend]
 
     if impl == "xla":
-        y, cnt = fused_sparse_ffn_reference(x2, w_gate, w_up, w_down, tau, act=act,
-                                            method=method, pred_v=pred_v, pred_u=pred_u)
+        y, cnt = fused_sparse_ffn_reference(x2, *layer_matrices(), tau, act=act,
+                                            method=method, pred_v=pred_v, pred_u=pred_u,
+                                            scores=scores)
     elif impl in ("xla_gather", "pallas_gather"):
         cap = m if capacity is None else int(capacity)
-        q, coef = selection_scores(x2, w_gate, w_up, act=act, method=method,
-                                   pred_v=pred_v, pred_u=pred_u)
+        q, coef = scores_to_selection(method, get_scores())
         idx, cnt = index_list(q > tau[:, None], cap)
         kernel = "xla" if impl == "xla_gather" else "pallas"
         y = sparse_ffn(x2, w_gate, w_up, w_down, idx, jnp.minimum(cnt, cap), act=act,
                        dense=_DENSE[method], coef=coef, implementation=kernel,
-                       interpret=interpret, config=config)
+                       interpret=interpret, config=config, layer=layer)
     else:
-        from countdown_jax.kernels.fused_sparse_ffn.pallas_gpu import fused_sparse_ffn_pallas_gpu
-        h = predictor_hidden(x2, pred_v) if method == "d" else None
-        y, cnt = fused_sparse_ffn_pallas_gpu(x2, w_gate, w_up, w_down, tau, act=act,
-                                             method=method, h=h, pred_u=pred_u,
-                                             config=config, interpret=interpret)
+        from countdown_jax.kernels.fused_sparse_ffn.pallas_gpu import (
+            default_config, fused_sparse_ffn_pallas_gpu)
+        cfg = config
+        if cfg is None:
+            cfg = default_config(w_down.dtype, method)
+            if scores is not None:
+                cfg = dataclasses.replace(cfg, score="xla")
+        h = sc = None
+        if cfg.score == "xla":
+            sc = get_scores()
+        elif scores is not None:
+            raise ValueError("fused_sparse_ffn: scores are read only with "
+                             "FusedConfig(score='xla')")
+        elif method == "d":
+            h = predictor_hidden(x2, pred_v)
+        y, cnt = fused_sparse_ffn_pallas_gpu(x2, *flat, tau, act=act, method=method, h=h,
+                                             pred_u=pred_u, config=cfg, interpret=interpret,
+                                             scores=sc, row_offset=off, m=m)
     return y.reshape(*lead, d), cnt.reshape(lead)

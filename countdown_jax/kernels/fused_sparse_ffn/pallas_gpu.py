@@ -15,6 +15,10 @@ Two ways to read the kept rows of a block (``compact``):
      instruction carries k useful rows even at 95% sparsity.
 Batch N > 1: the union of the tokens' kept rows is read once; each token's s is zero
 outside its own selection, so every token gets exactly its own sparse FFN.
+
+Weights may be the model's flattened [L*m, d] stack: neuron i is row ``row_offset + i``
+(``row_offset`` = l*m, a traced scalar operand), so a layer is read in place; slicing it
+out for the custom call would copy every row.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from jax.experimental.pallas import triton as plt
 
 from countdown_jax.ffn import activation
 from countdown_jax.kernels import _triton_tiles as tt
-from countdown_jax.kernels.fused_sparse_ffn.reference import project
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +48,8 @@ class FusedConfig:
     compact: int = 0             # 0 = predicated block loads; k = in-block compaction tile
     poison: bool = False         # checks: outputs start as NaN / INT_MIN (must be overwritten)
     score: str = "kernel"        # "kernel": stream the scoring rows here; "xla": XLA's dense
-                                 # GEMV computes u / g / z [N, m] first, the kernel reads it
+                                 # GEMV computes u / act(g) / z [N, m] first (the caller's
+                                 # ``scores``), the kernel reads it
     programs: int = 0            # grid size (0: ceil(blocks / blocks_per_program)); blocks
                                  # are dealt round-robin, so a multiple of the SM count
                                  # avoids a partial last wave
@@ -82,9 +86,12 @@ def default_config(dtype, method: str = "m") -> FusedConfig:
 
 
 def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
-    x_ref, s_ref, ws_ref, wg_ref, wu_ref, wd_ref, tau_ref = refs[:7]
+    x_ref, s_ref, ws_ref, wg_ref, wu_ref, wd_ref, tau_ref, off_ref = refs[:8]
     out_ref, cnt_ref = refs[-2:]
     p = pl.program_id(0)
+    off = off_ref[0]          # first weight row of this layer (0, or l*m in a flat stack)
+    # U (method d) is one layer's [m, r]: only the model's weights carry the offset.
+    ws_off = 0 if method == "d" else off
     bn, bd = cfg.bn, cfg.bd
     bds = cfg.bds or (min(512, pl.next_power_of_2(ds)) if method == "d" else bd)
     ch = tt.chunks(d, bd)
@@ -101,6 +108,7 @@ def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
 
     def sparse_part(acc, rows, ok, keep, dense_vals):
         """Read kept rows only: coefficients s per token, then accumulate s * W_down."""
+        rows = rows + off
         if method == "m":
             g = tt.row_dots(wg_ref, rows, ok, xs, bd, d)
             s = [jnp.where(keep[b], f(g[b]) * dense_vals[b], 0.0) for b in range(nb)]
@@ -117,16 +125,16 @@ def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
         blk = p + i * P
         rows = blk * bn + jnp.arange(bn, dtype=jnp.int32)
         rv = rows < m if m % bn else None
-        if cfg.score == "xla":     # s_ref holds the dense projection [N, m] in float32
+        if cfg.score == "xla":     # s_ref holds u / act(g) / z [N, m] in float32
             sc = [plt.load(s_ref.at[b, rows], mask=rv, other=0.0) if rv is not None
                   else s_ref[b, rows] for b in range(nb)]
         else:
-            sc = tt.row_dots(ws_ref, rows, rv, ss, bds, ds)
+            sc = tt.row_dots(ws_ref, rows + ws_off, rv, ss, bds, ds)
         if method == "m":
             dense_vals = sc
             keep = [jnp.abs(sc[b]) > taus[b] for b in range(nb)]
         elif method == "cats":
-            dense_vals = [f(v) for v in sc]
+            dense_vals = sc if cfg.score == "xla" else [f(v) for v in sc]
             keep = [jnp.abs(dense_vals[b]) > taus[b] for b in range(nb)]
         else:
             dense_vals = [None] * nb
@@ -177,24 +185,31 @@ def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
 
 def fused_sparse_ffn_pallas_gpu(x, w_gate, w_up, w_down, tau, *, act, method, h=None,
                                 pred_u=None, config: FusedConfig | None = None,
-                                interpret: bool = False):
-    """x [N, d]; tau [N] float32; for method "d": h = x V [N, r] and U [m, r]."""
+                                interpret: bool = False, scores=None, row_offset=0, m=None):
+    """x [N, d]; tau [N] float32; for method "d": h = x V [N, r] and U [m, r].
+
+    Weights [R, d]: neuron i is row ``row_offset + i`` (R = m = one layer, or a flattened
+    [L*m, d] stack with ``m`` given). scores [N, m] float32, read instead of a scoring
+    stream when ``config.score == "xla"`` (required then): u (m), act(g) (cats), z (d).
+    """
     cfg = config or default_config(w_down.dtype, method)
     nb, d = x.shape
-    m = w_down.shape[0]
-    if method == "m":
-        ws, sin = w_up, x
-    elif method == "cats":
-        ws, sin = w_gate, x
-    else:
-        ws, sin = pred_u, h
-    ds = ws.shape[1]
+    m = w_down.shape[0] if m is None else m
     if cfg.score == "xla":      # XLA's GEMV is the fastest dense stream; the kernel reads it
-        sin, ws = project(sin, ws), jnp.zeros((1, 1), x.dtype)
+        if scores is None or scores.shape != (nb, m):
+            raise ValueError(f"FusedConfig(score='xla') needs scores [N, m] = {(nb, m)}, got "
+                             f"{None if scores is None else scores.shape}")
+        sin, ws, ds = scores.astype(jnp.float32), jnp.zeros((1, 1), x.dtype), 1
+    else:
+        if scores is not None:
+            raise ValueError("scores are read only with FusedConfig(score='xla')")
+        ws, sin = {"m": (w_up, x), "cats": (w_gate, x), "d": (pred_u, h)}[method]
+        ds = ws.shape[1]
     P = cfg.grid(m)
     kern = functools.partial(_kernel, method=method, act=act, m=m, d=d, ds=ds, nb=nb, cfg=cfg)
     params = plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    args = (x, sin, ws, w_gate, w_up, w_down, tau.astype(jnp.float32))
+    args = (x, sin, ws, w_gate, w_up, w_down, tau.astype(jnp.float32),
+            jnp.reshape(jnp.asarray(row_offset, jnp.int32), (1,)))
     dp = -(-d // cfg.bd) * cfg.bd
     y_shape = (jax.ShapeDtypeStruct((P, nb, d), jnp.float32) if cfg.reduce == "partial"
                else jax.ShapeDtypeStruct((nb, dp), jnp.float32))

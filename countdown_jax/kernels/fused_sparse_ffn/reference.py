@@ -23,11 +23,12 @@ from countdown_jax.kernels.sparse_ffn.reference import HIGHEST
 METHODS = ("m", "cats", "d")
 
 
-def check_method(method, pred_v, pred_u):
+def check_method(method, pred_v, pred_u, scores=None):
     if method not in METHODS:
         raise ValueError(f"fused sparse FFN method must be one of {METHODS}, got {method!r}")
-    if method == "d" and (pred_v is None or pred_u is None):
-        raise ValueError("method 'd' needs the predictor: pred_v [d, r] and pred_u [m, r]")
+    if method == "d" and scores is None and (pred_v is None or pred_u is None):
+        raise ValueError("method 'd' needs the predictor: pred_v [d, r] and pred_u [m, r] "
+                         "(or its logits as scores)")
 
 
 def project(x, w):
@@ -48,22 +49,36 @@ def predictor_hidden(x, pred_v):
                       precision=HIGHEST)
 
 
+def dense_scores(x, w_gate, w_up, *, act, method, pred_v=None, pred_u=None):
+    """The dense projection each rule selects on, [N, m] float32: u (m), act(g) (cats),
+    z = (x V) U^T (d)."""
+    if method == "m":
+        return project(x, w_up)
+    if method == "cats":
+        return activation(act)(project(x, w_gate))
+    return project(predictor_hidden(x, pred_v), pred_u)
+
+
+def scores_to_selection(method, scores):
+    """``dense_scores`` -> (quantity compared with tau, the dense coefficient or None)."""
+    scores = scores.astype(jnp.float32)
+    return (scores, None) if method == "d" else (jnp.abs(scores), scores)
+
+
 def selection_scores(x, w_gate, w_up, *, act, method, pred_v=None, pred_u=None):
     """(quantity compared with tau [N, m] float32, the dense coefficient or None)."""
-    if method == "m":
-        u = project(x, w_up)
-        return jnp.abs(u), u
-    if method == "cats":
-        a = activation(act)(project(x, w_gate))
-        return jnp.abs(a), a
-    return project(predictor_hidden(x, pred_v), pred_u), None
+    return scores_to_selection(method, dense_scores(x, w_gate, w_up, act=act, method=method,
+                                                    pred_v=pred_v, pred_u=pred_u))
 
 
 def fused_sparse_ffn_reference(x, w_gate, w_up, w_down, tau, *, act, method,
-                               pred_v=None, pred_u=None):
-    check_method(method, pred_v, pred_u)
-    q, _ = selection_scores(x, w_gate, w_up, act=act, method=method,
-                            pred_v=pred_v, pred_u=pred_u)
+                               pred_v=None, pred_u=None, scores=None):
+    """scores: ``dense_scores`` computed by the caller (None: computed here)."""
+    check_method(method, pred_v, pred_u, scores)
+    if scores is None:
+        scores = dense_scores(x, w_gate, w_up, act=act, method=method,
+                              pred_v=pred_v, pred_u=pred_u)
+    q, _ = scores_to_selection(method, scores)
     tau = jnp.broadcast_to(jnp.asarray(tau, jnp.float32).reshape(-1, 1), (x.shape[0], 1))
     keep = q > tau
     s = jnp.where(keep, activation(act)(project(x, w_gate)) * project(x, w_up), 0.0)
