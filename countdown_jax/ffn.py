@@ -45,9 +45,10 @@ __all__ = ["activation", "dense_ffn", "ffn"]
 
 # Run the Pallas kernels in interpret mode (CPU tests patch this; never set in production).
 _PALLAS_INTERPRET = False
-# The fused kernel unrolls its tokens (and reads the union of their rows): decode batches
-# only; more tokens (prefill) take the index list, which has the same rule.
-_FUSED_MAX_TOKENS = 8
+# The fused kernel unrolls its tokens (and reads the union of their rows). Measured in the
+# Llama-8B decode (H100, experiments/results/bench_decode.md): 1.43-1.52x dense at one
+# token, but 0.3-0.5x at four, so more than one token takes the index list (same rule).
+_FUSED_MAX_TOKENS = 1
 # (method, mode) -> the fused kernel's method, where its rule equals ``select``'s.
 _FUSED_RULES = {("m_countdown", "threshold"): "m", ("cats", "threshold"): "cats",
                 ("d_countdown", "predictor"): "d"}

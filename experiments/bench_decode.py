@@ -78,7 +78,9 @@ def decode_loop(params, cfg, cache, token, pos, policy, *, spec, steps):
     return tok, cache, kept / steps
 
 
-def time_decode(params, cfg, spec, policy, batch, steps, repeats, prompt_len, key):
+def time_decode(params, cfg, spec, policy, batch, steps, repeats, prompt_len, key, *,
+                profile=False, hlo_dir=None):
+    """(tokens/s, realised sparsity, s/step, profile rows or None, profile summary or None)."""
     cache = model_lib.init_cache(cfg, batch, prompt_len + steps + 1, jnp.bfloat16)
     tokens = jax.random.randint(key, (batch, prompt_len), 0, cfg.vocab_size)
     lengths = jnp.full((batch,), prompt_len, jnp.int32)
@@ -86,34 +88,59 @@ def time_decode(params, cfg, spec, policy, batch, steps, repeats, prompt_len, ke
     logits, cache0, _ = prefill(params, tokens=tokens, lengths=lengths, cache=cache)
     tok0 = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
     pos0 = lengths
-    cache = jax.tree.map(jnp.copy, cache0)
-    _, cache, kept = decode_loop(params, cfg, cache, tok0, pos0, policy, spec=spec, steps=steps)
+    run = functools.partial(decode_loop, params, cfg, spec=spec, steps=steps)
+    t0 = time.perf_counter()
+    _, cache, kept = run(jax.tree.map(jnp.copy, cache0), tok0, pos0, policy)
     jax.block_until_ready(cache)                      # compile + warm-up
+    compile_s = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         cache = jax.tree.map(jnp.copy, cache0)
         jax.block_until_ready(cache)
         t0 = time.perf_counter()
-        _, cache, kept = decode_loop(params, cfg, cache, tok0, pos0, policy, spec=spec,
-                                     steps=steps)
+        _, cache, kept = run(cache, tok0, pos0, policy)
         jax.block_until_ready(cache)
         times.append(time.perf_counter() - t0)
     t = statistics.median(times)
-    return batch * steps / t, 1.0 - float(kept), t / steps
+    prof = summ = None
+    if profile and hlo_dir is not None:     # what the compiler made of one program
+        txt = decode_loop.lower(params, cfg, jax.tree.map(jnp.copy, cache0), tok0, pos0, policy,
+                                spec=spec, steps=steps).compile().as_text()
+        Path(hlo_dir).mkdir(parents=True, exist_ok=True)
+        layers = "unstacked" if isinstance(params["layers"], tuple) else "stacked"
+        (Path(hlo_dir) / f"hlo_{spec.method}_{layers}.txt").write_text(txt)
+    if profile:
+        from gpu_profile import profile_call   # experiments/ is on sys.path as the script dir
+        prof, summ = profile_call(run, jax.tree.map(jnp.copy, cache0), tok0, pos0, policy)
+    print(f"  compile+first call {compile_s:.1f} s", flush=True)
+    return batch * steps / t, 1.0 - float(kept), t / steps, prof, summ
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run)")
     ap.add_argument("--out", default="experiments/results")
+    ap.add_argument("--name", default=None, help="output file stem (default bench_decode)")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--sparsities", default="0.7,0.9")
+    ap.add_argument("--methods", default="m_countdown,d_countdown")
     ap.add_argument("--implementations", default="gather,pallas")
+    ap.add_argument("--layers", default="unstacked",
+                    help="comma list: stacked (one scan over [L, ...] weights) and/or "
+                         "unstacked (model.unstack_layers: one buffer per layer weight)")
+    ap.add_argument("--capacity", default="1.5",
+                    help="comma list: index-list capacity as a multiple of (1-r)*m, or "
+                         "'none' (no cap: the exact rule; lets pallas use the fused kernel)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also trace one call per setting: per-op GPU time, idle gaps")
+    ap.add_argument("--dump-hlo", default=None, help="with --profile: write optimized HLO here")
     ap.add_argument("--rank", type=int, default=512)
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new settings")
     args = ap.parse_args(argv)
+    t_start = time.perf_counter()
 
     cfg = ModelConfig.from_hf(TINY if args.tiny else LLAMA8B)
     rank = min(args.rank, cfg.d_model)
@@ -122,62 +149,113 @@ def main(argv=None):
     key = jax.random.PRNGKey(0)
     params = random_params(cfg, key, jnp.bfloat16)
     predictor = random_predictor(jax.random.PRNGKey(1), cfg, rank)
-    rows = []
+    rows, prof_rows = [], []
+    name = args.name or ("bench_decode_tiny" if args.tiny else "bench_decode")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
 
-    def record(method, impl, r, batch, tps, realised, step_s, note=""):
-        rows.append(dict(device=device, shape=shape, method=method, implementation=impl,
-                         sparsity=r, sparsity_realised=round(realised, 4), batch=batch,
-                         tokens_per_s=round(tps, 2), ms_per_step=round(step_s * 1e3, 4),
-                         note=note))
-        print(json.dumps(rows[-1]), flush=True)
+    def record(method, impl, r, batch, layers, cap, res, note=""):
+        tps, realised, step_s, prof, summ = res
+        row = dict(device=device, shape=shape, method=method, implementation=impl,
+                   sparsity=r, sparsity_realised=round(realised, 4), batch=batch,
+                   layers=layers, capacity=cap, tokens_per_s=round(tps, 2),
+                   ms_per_step=round(step_s * 1e3, 4), note=note)
+        if summ:
+            row.update(gpu_busy_ms_per_step=round(summ["busy_us"] / args.steps / 1e3, 4),
+                       gpu_idle_ms_per_step=round(summ["idle_us"] / args.steps / 1e3, 4),
+                       kernels_per_step=round(summ["kernels"] / args.steps, 1))
+            for p in prof[:25]:
+                prof_rows.append(dict(setting=f"{method}/{impl}/r{r}/b{batch}/{layers}/c{cap}",
+                                      op=p["op"][:120],
+                                      us_per_step=round(p["us"] / args.steps, 2),
+                                      launches_per_step=round(p["launches"] / args.steps, 2)))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write(out, name, rows, prof_rows)
 
     batches = [int(b) for b in args.batches.split(",")]
     sparsities = [float(r) for r in args.sparsities.split(",")]
+    layer_forms = args.layers.split(",")
+    forms = {"stacked": params}
+    if "unstacked" in layer_forms:     # one buffer per layer weight (a copy of the stack)
+        forms["unstacked"] = jax.block_until_ready(model_lib.unstack_layers(params))
+    caps = [None if c == "none" else float(c) for c in args.capacity.split(",")]
     m = cfg.d_ff
     for batch in batches:
-        tps, rr, st = time_decode(params, cfg, SparseSpec(), None, batch, args.steps,
-                                  args.repeats, args.prompt_len, key)
-        record("dense", "xla", 0.0, batch, tps, rr, st)
+        for lf in layer_forms:
+            res = time_decode(forms[lf], cfg, SparseSpec(), None, batch, args.steps,
+                              args.repeats, args.prompt_len, key, profile=args.profile,
+                              hlo_dir=args.dump_hlo)
+            record("dense", "xla", 0.0, batch, lf, "", res)
         for r in sparsities:
             tau, theta = calibrate(params, cfg, predictor, r, jax.random.PRNGKey(2))
-            # capacity: 1.5x the expected kept count absorbs per-token variation; an
-            # overflowing token keeps its highest-ranked neurons (counted as realised).
-            cap = int(np.ceil(1.5 * (1 - r) * m))
             setups = {
                 "m_countdown": ("threshold", make_policy(cfg.num_layers, threshold=tau)),
                 "d_countdown": ("predictor", make_policy(cfg.num_layers, theta=theta,
                                                          predictor=predictor)),
             }
-            for method, (mode, policy) in setups.items():
+            for method in args.methods.split(","):
+                mode, policy = setups[method]
                 for impl in args.implementations.split(","):
-                    spec = SparseSpec(method=method, mode=mode, implementation=impl,
-                                      capacity=cap)
-                    try:
-                        tps, rr, st = time_decode(params, cfg, spec, policy, batch, args.steps,
-                                                  args.repeats, args.prompt_len, key)
-                        record(method, impl, r, batch, tps, rr, st)
-                    except Exception as e:  # keep the other rows; say what failed
-                        record(method, impl, r, batch, float("nan"), float("nan"), float("nan"),
-                               note=f"{type(e).__name__}: {str(e)[:200]}")
+                    for cf in caps:
+                        # capacity: cf x the expected kept count absorbs per-token
+                        # variation; an overflowing token keeps its highest-ranked neurons
+                        # (counted in the realised sparsity). None: the exact rule, no
+                        # index list (pallas then runs the fused kernel on GPU).
+                        cap = None if cf is None else int(np.ceil(cf * (1 - r) * m))
+                        spec = SparseSpec(method=method, mode=mode, implementation=impl,
+                                          capacity=cap)
+                        for lf in layer_forms:
+                            if time.perf_counter() - t_start > args.budget_s:
+                                print("budget spent: stop", flush=True)
+                                return rows
+                            label = "none" if cf is None else f"{cf}x"
+                            try:
+                                res = time_decode(forms[lf], cfg, spec, policy, batch,
+                                                  args.steps, args.repeats, args.prompt_len,
+                                                  key, profile=args.profile,
+                                                  hlo_dir=args.dump_hlo)
+                                record(method, impl, r, batch, lf, label, res)
+                            except Exception as e:  # keep the other rows; say what failed
+                                nan = float("nan")
+                                record(method, impl, r, batch, lf, label,
+                                       (nan, nan, nan, None, None),
+                                       note=f"{type(e).__name__}: {str(e)[:200]}")
+    print(Path(out / f"{name}.md").read_text())
+    return rows
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "bench_decode_tiny" if args.tiny else "bench_decode"
+
+def write(out: Path, name: str, rows, prof_rows):
+    fields = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
     with open(out / f"{name}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    dense = {r["batch"]: r["tokens_per_s"] for r in rows if r["method"] == "dense"}
-    lines = [f"Decode throughput, {shape}, {device}, bf16, {args.steps} steps per compiled "
-             f"call, median of {args.repeats}.", "",
-             "| method | impl | r target | r realised | batch | tokens/s | x dense |",
-             "|---|---|---|---|---|---|---|"]
+    if prof_rows:
+        with open(out / f"{name}_profile.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(prof_rows[0]))
+            w.writeheader()
+            w.writerows(prof_rows)
+    # the best dense decode of the same batch in this run is the baseline
+    dense = {}
     for r in rows:
+        if r["method"] == "dense":
+            dense[r["batch"]] = max(dense.get(r["batch"], 0.0), r["tokens_per_s"])
+    lines = [f"Decode throughput, {rows[0]['shape']}, {rows[0]['device']}, bf16.", "",
+             "| method | impl | r | r realised | batch | layers | capacity | tokens/s | "
+             "ms/step | GPU busy ms | GPU idle ms | x best dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = dense.get(r["batch"])
         lines.append(f"| {r['method']} | {r['implementation']} | {r['sparsity']} | "
-                     f"{r['sparsity_realised']} | {r['batch']} | {r['tokens_per_s']} | "
-                     f"{r['tokens_per_s'] / dense[r['batch']]:.2f} |")
+                     f"{r['sparsity_realised']} | {r['batch']} | {r['layers']} | "
+                     f"{r['capacity']} | {r['tokens_per_s']} | {r['ms_per_step']} | "
+                     f"{r.get('gpu_busy_ms_per_step', '')} | "
+                     f"{r.get('gpu_idle_ms_per_step', '')} | "
+                     f"{r['tokens_per_s'] / base:.2f} |" if base else "|")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

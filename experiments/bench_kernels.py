@@ -506,7 +506,7 @@ def plan_all(R: Runner):
 
 def plan_full(R: Runner, best, first=None):
     """Every shape x dtype x method x r; batch 4/8 for the chosen kernels (llama bf16)."""
-    fused, gather = dict(TUNE_FUSED), dict(TUNE_GATHER)
+    fused, gather = dict(TUNE_FUSED + TUNE_XLA_SCORE), dict(TUNE_GATHER)
     if first is None:
         bw = copy_ceiling()
         R.add(shape="copy-2GiB", dtype="float32", method="hbm-copy", implementation="xla",
@@ -636,9 +636,9 @@ def report(csv_path, md_path, png_path):
              for run in runs if get(run, "dense", "xla-dense", "einsum", "0.0")}
     L = ["# Sparse FFN kernels: one decode token, per-FFN GPU time", "",
          f"Card: {', '.join(dev)} (`jax.devices()[0].device_kind`), jax 0.11.2, Pallas Triton "
-         "lowering. Three calls of the device tool (runs 1-3; each call may get another "
-         "H100, so every run re-measures dense and the copy ceiling and comparisons stay "
-         "within a run). Time inside one jitted `fori_loop`, compile excluded, median of 5-7 "
+         "lowering. Each run is one call of the device tool (runs 1-3: session 1, run 4: "
+         "session 2 with the model-facing kernels; each call may get another H100, so every "
+         "run re-measures dense and the copy ceiling and comparisons stay within a run). Time inside one jitted `fori_loop`, compile excluded, median of 5-7 "
          "runs; every time includes one input-update op per call (`loop-overhead` row, NOT "
          "subtracted). Full rows: `bench_kernels.csv`; method: `bench_kernels.py`.", "",
          "| run | HBM copy ceiling (GB/s, read+write) | loop overhead (us/call) | XLA dense bf16 (us) |",
@@ -692,6 +692,22 @@ def report(csv_path, md_path, png_path):
           "", "r = 1.0 keeps nothing: it is the cost of the dense scoring stage alone "
           "(XLA GEMV + empty sparse kernel + reduce for `xs-` variants; the in-kernel scoring "
           "stream for the others).", ""]
+    other = [r for r in rows if r["us_per_call"] and r["method"] not in ("loop-overhead",)
+             and not (r["shape"] == "llama-3.1-8b" and r["dtype"] == "bfloat16"
+                      and r["batch"] == "1")]
+    if other:
+        L += ["## Other shapes, dtypes and batches", "",
+              "| run | shape | dtype | batch | method | implementation | variant | r | us | "
+              "GB/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+        L += [f"| {r['run']} | {r['shape']} | {r['dtype']} | {r['batch']} | {r['method']} | "
+              f"{r['implementation']} | {r['variant']} | {r['sparsity']} | {r['us_per_call']} | "
+              f"{r['gb_per_s']} |" for r in other]
+        L.append("")
+    skipped = sorted({(r["shape"], r["dtype"], r["batch"]) for r in rows
+                      if "not run" in r["note"]})
+    if skipped:
+        L += ["Not timed (device budget): " + "; ".join(f"{s} {d} batch {b}"
+                                                       for s, d, b in skipped) + ".", ""]
     pois = [r for r in rows if "poison" in r["variant"]]
     if pois:
         L += ["## Poison checks (outputs start as NaN / INT_MIN)", ""]

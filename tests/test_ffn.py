@@ -326,6 +326,8 @@ def test_pallas_fused_path_equals_masked(monkeypatch, method, mode):
     import countdown_jax.ffn as ffn_mod
     from countdown_jax.kernels.fused_sparse_ffn import api as fused_api
     monkeypatch.setattr(ffn_mod, "_PALLAS_INTERPRET", True)
+    # several tokens too (the model routes only single tokens there: measured faster)
+    monkeypatch.setattr(ffn_mod, "_FUSED_MAX_TOKENS", 3)
     calls = []
     real = fused_api.fused_sparse_ffn
     monkeypatch.setattr(fused_api, "fused_sparse_ffn",
@@ -354,3 +356,14 @@ def test_pallas_fused_path_equals_masked(monkeypatch, method, mode):
         np.testing.assert_array_equal(np.asarray(dropped), 0)
         np.testing.assert_allclose(np.asarray(y), np.asarray(ym), rtol=1e-5, atol=1e-6)
     assert len(calls) == 2       # the fused kernel ran (once per traced batch size)
+
+
+def test_pallas_routes_only_single_tokens_to_fused(monkeypatch):
+    """Batches of several tokens take the index list (the fused kernel is slower there)."""
+    import countdown_jax.ffn as ffn_mod
+    monkeypatch.setattr(ffn_mod, "_PALLAS_INTERPRET", True)
+    spec = SparseSpec("m_countdown", "threshold", "pallas")
+    assert ffn_mod._fused_method(spec, 1) == "m"
+    assert ffn_mod._fused_method(spec, 2) is None
+    assert ffn_mod._fused_method(SparseSpec("m_countdown", "threshold", "pallas",
+                                            capacity=8), 1) is None

@@ -155,14 +155,17 @@ def test_bfloat16_params_run_close(converted):
 
 
 def test_policy_sliced_per_layer_and_sparse_defaults(converted, monkeypatch):
-    """The scan hands layer l its policy slice and the documented sparse flags to ffn."""
+    """The scan hands layer l its policy slice and the documented sparse flags to ffn
+    (decode: None, i.e. every token follows the spec; prefill / forward: bool flags)."""
     _, cfg, params, seqs, _ = converted["llama"]
     from countdown_jax.ffn import dense_ffn
     from countdown_jax.gated import layer_weights
     from countdown_jax.policy import SparseSpec
 
     def fake_ffn(mlp, x, *, act, spec, policy, sparse):
-        assert sparse is not None and sparse.dtype == jnp.bool_ and sparse.shape == x.shape[:-1]
+        if sparse is None:
+            sparse = jnp.ones(x.shape[:-1], bool)
+        assert sparse.dtype == jnp.bool_ and sparse.shape == x.shape[:-1]
         assert mlp["gate"].shape[0] == cfg.num_layers     # the stack, read in place
         kept = jnp.broadcast_to(policy["r"], x.shape[:-1]) + sparse.astype(jnp.float32)
         return dense_ffn(layer_weights(mlp), x, act), kept
