@@ -549,7 +549,10 @@ def plan_full(R: Runner, best, first=None):
                lambda p: (fused_all(p, RATIOS), gathered(p, (0.5, 0.9), (0.9,))))]
     steps += [(s, jnp.float32, 1, lambda p: fused_all(p, RATIOS)) for s in others]
     steps += [(s, jnp.bfloat16, 1, lambda p: gathered(p, (0.5, 0.9), (0.9,))) for s in others]
+    only = [t for t in R.args.only.split(",") if t]
     for name, dtype, batch, run in steps:
+        if only and f"{name}/{dtype.__name__}/{batch}" not in only:
+            continue
         if R.left() < 45:
             log(f"budget left {R.left():.0f}s: skip {name} {dtype.__name__} B={batch}")
             R.add(shape=name, dtype=dtype.__name__, batch=batch, note="not run: time budget")
@@ -636,7 +639,7 @@ def report(csv_path, md_path, png_path):
              for run in runs if get(run, "dense", "xla-dense", "einsum", "0.0")}
     L = ["# Sparse FFN kernels: one decode token, per-FFN GPU time", "",
          f"Card: {', '.join(dev)} (`jax.devices()[0].device_kind`), jax 0.11.2, Pallas Triton "
-         "lowering. Each run is one call of the device tool (runs 1-3: session 1, run 4: "
+         "lowering. Each run is one call of the device tool (runs 1-3: session 1, runs 4-5: "
          "session 2 with the model-facing kernels; each call may get another H100, so every "
          "run re-measures dense and the copy ceiling and comparisons stay within a run). Time inside one jitted `fori_loop`, compile excluded, median of 5-7 "
          "runs; every time includes one input-update op per call (`loop-overhead` row, NOT "
@@ -752,6 +755,7 @@ def main():
     ap.add_argument("--batches", type=int, nargs="*", default=[4, 8])
     ap.add_argument("--budget-s", type=float, default=520)
     ap.add_argument("--best", default="", help="json {method: label, 'gather': label}")
+    ap.add_argument("--only", default="", help="full: comma list of shape/dtype/batch steps")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     ap.add_argument("--xs-best", default="", help="focus: json {method: label}, skips the sweep")
     ap.add_argument("--methods", nargs="*", default=list(METHODS), help="focus: all-r methods")
