@@ -13,6 +13,7 @@ _EXPORTS = {
     "Generation": "countdown_jax.generate", "Sampling": "countdown_jax.generate",
     "DENSE": "countdown_jax.policy", "SparseSpec": "countdown_jax.policy",
     "make_policy": "countdown_jax.policy",
+    "stack_layers": "countdown_jax.model", "unstack_layers": "countdown_jax.model",
 }
 __all__ = sorted(_EXPORTS)
 
