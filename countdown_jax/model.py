@@ -155,6 +155,21 @@ def _check_policy(cfg: ModelConfig, policy):
                              f"got shape {leaf.shape}")
 
 
+def _decoder_layer(cfg: ModelConfig, spec, carry, xs, *, positions, kv, sparse,
+                   collect: bool = False):
+    """One layer (the body of ``_run_layers``). ``kv(k, v, ck, cv, l, window)`` writes this
+    layer's cache slots and returns (keys, values, visibility mask, ck, cv): the only part
+    that differs between a whole sequence and a chunk against the cache."""
+    x, ck, cv = carry
+    layer, inv_f, window, pol, l = xs
+    h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
+    q, k, v = _qkv(cfg, layer, h, positions, inv_f)
+    keys, values, mask, ck, cv = kv(k, v, ck, cv, l, window)
+    attn = attend(q, keys, values, mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+    x, kept = _attn_out_and_mlp(cfg, spec, layer, x, attn, pol, sparse, collect)
+    return (x, ck, cv), kept
+
+
 # -- full sequences (prefill / forward) ------------------------------------------------------
 def _head_at(params, cfg: ModelConfig, x, logits_at):
     """Logits only at positions logits_at [B, P] (None = all): the head can dominate."""
@@ -173,18 +188,14 @@ def _sequence(params, cfg: ModelConfig, tokens, lengths, cache, spec, policy, sp
     kv_valid = jnp.arange(T, dtype=jnp.int32)[None, :] < lengths[:, None]
     x = _embed(params, cfg, tokens)
 
-    def body(carry, xs):
-        x, ck, cv = carry
-        layer, inv_f, window, pol, l = xs
-        h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
-        q, k, v = _qkv(cfg, layer, h, positions, inv_f)
-        mask = visibility(positions, positions[0], kv_valid, window)
-        attn = attend(q, k, v, mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+    def kv(k, v, ck, cv, l, window):
         if ck is not None:  # slots [0, T) of this layer
             ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (l, 0, 0, 0, 0))
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (l, 0, 0, 0, 0))
-        x, kept = _attn_out_and_mlp(cfg, spec, layer, x, attn, pol, sparse, collect)
-        return (x, ck, cv), kept
+        return k, v, visibility(positions, positions[0], kv_valid, window), ck, cv
+
+    body = functools.partial(_decoder_layer, cfg, spec, positions=positions, kv=kv,
+                             sparse=sparse, collect=collect)
 
     ck = cv = None
     if cache is not None:
@@ -282,17 +293,13 @@ def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec =
     rows = jnp.arange(B)[:, None]
     x = _embed(params, cfg, tokens)
 
-    def body(carry, xs):
-        x, ck, cv = carry
-        layer, inv_f, window, pol, l = xs
-        h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
-        q, k, v = _qkv(cfg, layer, h, positions, inv_f)
+    def kv(k, v, ck, cv, l, window):
         ck = ck.at[l, rows, positions].set(k.astype(ck.dtype))
         cv = cv.at[l, rows, positions].set(v.astype(cv.dtype))
-        mask = visibility(positions, slots, all_valid, window)
-        attn = attend(q, ck[l], cv[l], mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
-        x, kept = _attn_out_and_mlp(cfg, spec, layer, x, attn, pol, sparse)
-        return (x, ck, cv), kept
+        return ck[l], cv[l], visibility(positions, slots, all_valid, window), ck, cv
+
+    body = functools.partial(_decoder_layer, cfg, spec, positions=positions, kv=kv,
+                             sparse=sparse)
 
     (x, ck, cv), kept = _run_layers(params, cfg, body, (x, cache["k"], cache["v"]), policy)
     return _head_at(params, cfg, x, logits_at), {"k": ck, "v": cv}, kept

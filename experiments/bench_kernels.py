@@ -267,14 +267,16 @@ def probe_mosaic_gpu():
     m, d, k = 256, 128, 8
     w = jax.random.normal(jax.random.key(0), (m, d), jnp.float32)
     idx = jnp.asarray(np.random.default_rng(0).choice(m, k, replace=False), jnp.int32)
+    # weights in GMEM, indices in SMEM, k gathered rows out in SMEM
+    smem_call = functools.partial(
+        pl.pallas_call, out_shape=jax.ShapeDtypeStruct((k, d), jnp.float32),
+        in_specs=(pl.BlockSpec(memory_space=plgpu.GMEM), pl.BlockSpec(memory_space=plgpu.SMEM)),
+        out_specs=plgpu.BlockSpec(memory_space=plgpu.SMEM),
+        scratch_shapes=[plgpu.Barrier()], compiler_params=plgpu.CompilerParams())
 
     # (a) TMA gather (Layout.TMA_GATHER_INDICES + copy_gmem_to_smem(ref.at[idxs, :]))
     try:
-        @functools.partial(
-            pl.pallas_call, out_shape=jax.ShapeDtypeStruct((k, d), jnp.float32),
-            in_specs=(pl.BlockSpec(memory_space=plgpu.GMEM), pl.BlockSpec(memory_space=plgpu.SMEM)),
-            out_specs=plgpu.BlockSpec(memory_space=plgpu.SMEM),
-            scratch_shapes=[plgpu.Barrier()], compiler_params=plgpu.CompilerParams())
+        @smem_call
         def gather_tma(w_ref, idx_ref, o_ref, bar):
             ids = plgpu.load(idx_ref, (), layout=plgpu.Layout.TMA_GATHER_INDICES)
             plgpu.copy_gmem_to_smem(w_ref.at[ids, :], o_ref, bar)
@@ -286,11 +288,7 @@ def probe_mosaic_gpu():
 
     # (b) one TMA copy per row, row index read from SMEM (Hopper has no gather TMA)
     try:
-        @functools.partial(
-            pl.pallas_call, out_shape=jax.ShapeDtypeStruct((k, d), jnp.float32),
-            in_specs=(pl.BlockSpec(memory_space=plgpu.GMEM), pl.BlockSpec(memory_space=plgpu.SMEM)),
-            out_specs=plgpu.BlockSpec(memory_space=plgpu.SMEM),
-            scratch_shapes=[plgpu.Barrier()], compiler_params=plgpu.CompilerParams())
+        @smem_call
         def per_row_tma(w_ref, idx_ref, o_ref, bar):
             for j in range(k):
                 r = idx_ref[j]

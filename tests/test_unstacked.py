@@ -12,7 +12,7 @@ import pytest
 
 from countdown_jax import model as M
 from countdown_jax.policy import SparseSpec, make_policy
-from tests.tiny_params import tiny_model
+from tiny_params import tiny_model
 
 
 @pytest.fixture(scope="module")
