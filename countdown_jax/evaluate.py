@@ -44,7 +44,7 @@ MAX_ROWS = 64
 # whatever the context bucket of its (dense, single-spec) prefill.
 MAX_SCORED_CONTEXT = 128
 _CTX_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
-_CONT_BUCKETS = (16, 40, 80, 160, 320)
+_CONT_BUCKETS = (8, 16, 40, 80, 160, 320)
 
 
 # -- items ----------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def mc_items(tokenizer, docs, max_context: int = 1024) -> list[Item]:
 
 
 def perplexity_items(tokenizer, texts, *, task: str = "boolq_ppl", prefix: int = 64,
-                     scored: int = 64, min_tokens: int = 32) -> list[Item]:
+                     scored: int = 41, min_tokens: int = 32) -> list[Item]:
     """Passage = dense prefix (up to ``prefix`` tokens, at most half the passage) + up to
     ``scored`` sparse tokens; perplexity counts the tokens predicted from sparse states
     (continuation index >= 1)."""
@@ -108,15 +108,15 @@ def perplexity_items(tokenizer, texts, *, task: str = "boolq_ppl", prefix: int =
     return items
 
 
-def lambada_items(tokenizer, lambada, *, task: str = "lambada", prefix_share: float = 0.5,
-                  max_context: int = 2 * MAX_SCORED_CONTEXT) -> list[Item]:
-    """LAMBADA with sparse decoding of the passage's second half: the first half of the
-    context is the dense prefix, the rest of the context and the target word run sparse,
+def lambada_items(tokenizer, lambada, *, task: str = "lambada", sparse_tail: int = 32,
+                  max_context: int = MAX_SCORED_CONTEXT + 32) -> list[Item]:
+    """LAMBADA with sparse decoding of the passage's end: the last ``sparse_tail`` context
+    tokens and the target word run sparse after a dense prefix (the rest of the passage),
     and the target word is scored (accuracy = every target token is the greedy one)."""
     items = []
     for it in lambada:
         ctx, tgt = encode_pair(tokenizer, it.context, it.target, max_context)
-        h = max(1, int(len(ctx) * prefix_share))
+        h = max(1, len(ctx) - sparse_tail)
         y = ctx[h:] + tgt
         items.append(Item(task, it.doc_id, 0, ctx[:h], y, len(y) - len(tgt)))
     return items

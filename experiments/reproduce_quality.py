@@ -1,7 +1,13 @@
 """Reproduce the paper's quality comparison on the registry models, offline, on CPU.
 
-    python experiments/reproduce_quality.py            # full run (~1 h on 2 CPU cores)
+    python experiments/reproduce_quality.py            # full run, from scratch
+    python experiments/reproduce_quality.py --reuse    # reuse thresholds / predictors saved
+                                                       # by an earlier run (scoring only)
     python experiments/reproduce_quality.py --quick    # smoke run (SmolLM2, a handful of items)
+
+Measured on the 2-core dev box (RESULTS.md): scoring both models 62 min; from scratch add
+calibration (3 + 7.5 min) and predictor training (21.5 + 18.5 min), those two measured
+while other jobs shared the cores.
 
 Per model (SmolLM2-135M, Gemma-3-270M):
   1. calibrate per-layer thresholds for CATS and M-COUNTDOWN at every r (the release's
@@ -45,14 +51,14 @@ MC_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "ope
 
 # Examples per task, sized for ~1 h on 2 CPU cores for both models (see RESULTS.md).
 FULL = dict(
-    smollm2=dict(n_docs=dict(arc_easy=16, arc_challenge=10, piqa=8, hellaswag=4,
-                             winogrande=16, openbookqa=16, boolq=30),
-                 ppl_texts=16, lambada=12, agree_prompts=8, calib_rows=24, pred_rows=96,
-                 epochs=3.0),
-    gemma3=dict(n_docs=dict(arc_easy=12, arc_challenge=8, piqa=6, hellaswag=3,
-                            winogrande=12, openbookqa=12, boolq=24),
-                ppl_texts=12, lambada=8, agree_prompts=6, calib_rows=16, pred_rows=64,
-                epochs=3.0),
+    smollm2=dict(n_docs=dict(arc_easy=12, arc_challenge=8, piqa=4, hellaswag=3,
+                             winogrande=12, openbookqa=12, boolq=20),
+                 ppl_texts=24, lambada=12, agree_prompts=6, calib_rows=24, pred_rows=96,
+                 epochs=3.0, max_new_tokens=16),
+    gemma3=dict(n_docs=dict(arc_easy=8, arc_challenge=6, piqa=3, hellaswag=2,
+                            winogrande=8, openbookqa=8, boolq=16),
+                ppl_texts=16, lambada=8, agree_prompts=4, calib_rows=12, pred_rows=48,
+                epochs=3.0, max_new_tokens=16),
 )
 # Smoke run: every stage on a handful of items; fewer compiles (agreement for dense + two
 # settings, no quantile-threshold variant) so it stays a few minutes on 2 cores.
@@ -138,43 +144,103 @@ def agreement_prompts(tokenizer, n, prompt_len=24, seed=1):
     return np.array(ids, np.int32), np.full((len(ids),), prompt_len, np.int32)
 
 
-def evaluate_model(name, model, sizes, sparsities, *, max_new_tokens=24):
+TASK_GROUPS = (("boolq_ppl",), ("lambada",), MC_TASKS)
+
+
+def evaluate_model(name, model, sizes, sparsities, *, max_new_tokens=16, on_rows=None):
+    """Score every setting, one task group at a time (``on_rows`` gets the rows so far
+    after each group, so an interrupted run keeps what is done)."""
     params, cfg = model.params, model.cfg
-    tasks = list(sizes["n_docs"]) + ["boolq_ppl", "lambada"]
-    items, gold = E.build_items(model.tokenizer, tasks, sizes["n_docs"],
-                                ppl_texts=sizes["ppl_texts"], lambada=sizes["lambada"])
+    max_new_tokens = sizes.get("max_new_tokens", max_new_tokens)
     settings = E.settings_for(model, THRESHOLD_METHODS + PREDICTOR_METHODS,
                               ("ideal", "practical"), sparsities)
-    n_sparse = sum(len(it.continuation) - 1 for it in items)
-    log(f"{name}: scoring {len(items)} items ({n_sparse} sparse tokens) x "
-        f"{sum(s.size for s in settings)} settings")
-    scores = E.score(params, cfg, items, settings, desc=f"{name} score",
-                     max_rows=sizes.get("max_rows", E.MAX_ROWS))
-    rows = E.summarize(scores, gold, model=name)
-    log(f"{name}: scored in {scores.seconds:.0f} s")
-    if sizes.get("quantile_eval", True):
-        # calibration variant (CATS's quantile statistic), perplexity text only
-        ppl_items = [it for it in items if it.task == "boolq_ppl"]
-        q_sets = [E.dense_setting()] + quantile_settings(model, sparsities)
-        q_scores = E.score(params, cfg, ppl_items, q_sets, desc=f"{name} quantile thresholds",
-                           max_rows=sizes.get("max_rows", E.MAX_ROWS))
-        rows += [r for r in E.summarize(q_scores, {}, model=name) if r["method"] != "dense"]
-    # generation agreement
-    max_new_tokens = sizes.get("max_new_tokens", max_new_tokens)
-    keep = sizes.get("agree_settings")
-    agree_sets = [st for st in settings if keep is None or st.name in keep]
-    prompts, lengths = agreement_prompts(model.tokenizer, sizes["agree_prompts"])
-    t0 = time.perf_counter()
-    agree = E.agreement(params, cfg, prompts, lengths, agree_sets,
-                        max_new_tokens=max_new_tokens)
-    rows += E.agreement_rows(agree, agree_sets, model=name, max_new_tokens=max_new_tokens)
-    log(f"{name}: agreement in {time.perf_counter() - t0:.0f} s")
-    for r in rows:
-        ds = r["dense_score"]
-        if r["metric"] == "ppl":
-            r["preservation"] = ds / r["score"] if r["score"] else float("nan")
-        else:
-            r["preservation"] = r["score"] / ds if ds else float("nan")
+    rows = []
+
+    def emit(new):
+        for r in new:
+            ds = r["dense_score"]
+            if r["metric"] == "ppl":
+                r["preservation"] = ds / r["score"] if r["score"] else float("nan")
+            else:
+                r["preservation"] = r["score"] / ds if ds else float("nan")
+        rows.extend(new)
+        if on_rows:
+            on_rows(rows)
+
+    for group in TASK_GROUPS:
+        tasks = [t for t in group if t in sizes["n_docs"] or t in ("boolq_ppl", "lambada")]
+        if not tasks:
+            continue
+        items, gold = E.build_items(model.tokenizer, tasks, sizes["n_docs"],
+                                    ppl_texts=sizes["ppl_texts"], lambada=sizes["lambada"])
+        n_sparse = sum(len(it.continuation) - 1 for it in items)
+        log(f"{name}: {'+'.join(tasks) if len(tasks) < 3 else 'multiple choice'}: "
+            f"{len(items)} items ({n_sparse} sparse tokens) x "
+            f"{sum(s.size for s in settings)} settings")
+        scores = E.score(params, cfg, items, settings, desc=f"{name} {group[0]}",
+                         max_rows=sizes.get("max_rows", E.MAX_ROWS))
+        emit(E.summarize(scores, gold, model=name))
+        log(f"{name}: scored in {scores.seconds:.0f} s")
+        if group == ("boolq_ppl",) and sizes.get("quantile_eval", True):
+            # calibration variant (CATS's quantile statistic) on the perplexity text
+            q_sets = [E.dense_setting()] + quantile_settings(model, sparsities)
+            q_scores = E.score(params, cfg, items, q_sets, desc=f"{name} quantile thresholds",
+                               max_rows=sizes.get("max_rows", E.MAX_ROWS))
+            emit([r for r in E.summarize(q_scores, {}, model=name) if r["method"] != "dense"])
+        if group == ("boolq_ppl",):
+            # generation agreement right after: the cheapest informative signal
+            keep = sizes.get("agree_settings")
+            agree_sets = [st for st in settings if keep is None or st.name in keep]
+            prompts, lengths = agreement_prompts(model.tokenizer, sizes["agree_prompts"])
+            t0 = time.perf_counter()
+            agree = E.agreement(params, cfg, prompts, lengths, agree_sets,
+                                max_new_tokens=max_new_tokens)
+            emit(E.agreement_rows(agree, agree_sets, model=name,
+                                  max_new_tokens=max_new_tokens))
+            log(f"{name}: agreement in {time.perf_counter() - t0:.0f} s")
+    return rows
+
+
+def saved_calibration(model, sparsities):
+    """calibration.csv rows from thresholds already saved in the model dir, or None."""
+    from conversion.checkpoint import load_tree, tree_meta
+    from countdown_jax.api import policy_name
+
+    rows = []
+    try:
+        for method in THRESHOLD_METHODS:
+            for r in sparsities:
+                for kind in ("thresholds", "thresholds_quantile"):
+                    name = policy_name(kind, method, r)
+                    tau = load_tree(model.path, name)["threshold"]
+                    meta = tree_meta(model.path, name)
+                    for layer, t in enumerate(tau):
+                        rows.append(dict(method=method, stat=meta.get("stat"),
+                                         forward=meta.get("forward"), sparsity_target=r,
+                                         layer=layer, threshold=float(t)))
+    except FileNotFoundError:
+        return None
+    return rows
+
+
+def saved_predictors(model, sparsities):
+    """predictor.csv summary rows (layer = -1: mean over layers) from saved metadata."""
+    from conversion.checkpoint import tree_meta
+    from countdown_jax.api import policy_name
+
+    rows = []
+    try:
+        for method in PREDICTOR_METHODS:
+            for r in sparsities:
+                m = tree_meta(model.path, policy_name("predictors", method, r))
+                rows.append(dict(method=method, sparsity_target=r, layer=-1,
+                                 rank=m.get("rank"), theta=m.get("theta_rule"),
+                                 precision=m.get("val_precision"), recall=m.get("val_recall"),
+                                 f1=m.get("val_f1"),
+                                 realised_sparsity=m.get("val_realised_sparsity"),
+                                 label_sparsity=r, bce=m.get("val_bce_final")))
+    except FileNotFoundError:
+        return None
     return rows
 
 
@@ -219,7 +285,7 @@ def plot(rows, out_dir: Path):
               ("BoolQ-passage perplexity (sparse half)", lambda r: r["task"] == "boolq_ppl"),
               ("LAMBADA acc (sparse second half)", lambda r: r["task"] == "lambada"
                and r["metric"] == "acc"),
-              ("generation agreement (24 tokens)", lambda r: r["task"] == "generation")]
+              ("generation agreement (greedy, vs dense)", lambda r: r["task"] == "generation")]
     fig, axes = plt.subplots(len(models), len(panels), figsize=(5 * len(panels),
                                                                  4 * len(models)),
                              squeeze=False)
@@ -266,7 +332,14 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results"))
     ap.add_argument("--work-dir", default=None,
                     help="private model dirs for calibrations (default: <cache>/experiments)")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the CSV")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse thresholds / predictors already saved in the work dir")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        with open(Path(args.out) / "quality.csv", newline="") as f:
+            plot(list(csv.DictReader(f)), Path(args.out))
+        return 0
 
     from conversion.registry_models import cache_dir, converted
     from countdown_jax import api
@@ -296,21 +369,27 @@ def main(argv=None):
         timing[f"{name}_load_s"] = time.perf_counter() - t0
         log(f"{name}: loaded from {src}")
         t0 = time.perf_counter()
-        calib += [dict(model=name, **r) for r in calibrate_model(model, sizes, sparsities)]
+        reused = saved_calibration(model, sparsities) if args.reuse else None
+        calib += [dict(model=name, **r) for r in
+                  (reused or calibrate_model(model, sizes, sparsities))]
         timing[f"{name}_calibrate_s"] = time.perf_counter() - t0
-        log(f"{name}: calibrated in {timing[f'{name}_calibrate_s']:.0f} s")
-        t0 = time.perf_counter()
-        pred += [dict(model=name, **r) for r in train_predictors(model, sizes, sparsities,
-                                                                 args.rank)]
-        timing[f"{name}_predictors_s"] = time.perf_counter() - t0
-        log(f"{name}: predictors in {timing[f'{name}_predictors_s']:.0f} s")
-        t0 = time.perf_counter()
-        quality += evaluate_model(name, model, sizes, sparsities)
-        timing[f"{name}_evaluate_s"] = time.perf_counter() - t0
-        # write after every model: a crash later keeps what is done
-        write_csv(out / "quality.csv", quality, FIELDS)
+        log(f"{name}: calibrated in {timing[f'{name}_calibrate_s']:.0f} s"
+            + (" (reused saved thresholds)" if reused else ""))
         write_csv(out / "calibration.csv", calib)
+        t0 = time.perf_counter()
+        reused = saved_predictors(model, sparsities) if args.reuse else None
+        pred += [dict(model=name, **r) for r in
+                 (reused or train_predictors(model, sizes, sparsities, args.rank))]
+        timing[f"{name}_predictors_s"] = time.perf_counter() - t0
+        log(f"{name}: predictors in {timing[f'{name}_predictors_s']:.0f} s"
+            + (" (reused saved predictors)" if reused else ""))
         write_csv(out / "predictor.csv", pred)
+        t0 = time.perf_counter()
+        done = list(quality)
+        quality = done + evaluate_model(
+            name, model, sizes, sparsities,
+            on_rows=lambda rows: write_csv(out / "quality.csv", done + rows, FIELDS))
+        timing[f"{name}_evaluate_s"] = time.perf_counter() - t0
         cost = P.cost(model.cfg, args.rank)
         timing[f"{name}_predictor_relative_cost"] = cost["relative"]
     timing["total_s"] = time.perf_counter() - t_all
