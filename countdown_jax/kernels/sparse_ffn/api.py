@@ -52,13 +52,15 @@ def resolve_pallas(implementation: str, interpret: bool) -> str:
 
 
 def index_list(keep, capacity: int):
-    """Boolean keep [N, m] -> (idx [N, capacity] int32, count [N] int32), on device.
+    """Boolean keep [N, m] -> (idx [N, min(capacity, m)] int32, count [N] int32), on device.
 
-    count is the true number kept (may exceed capacity; kernels then use the first
-    ``capacity`` entries, so compare count with capacity to detect overflow).
+    The model's compaction (``selection.mask_to_indices``: ascending kept indices, padded),
+    except that count is the true number kept (may exceed capacity; kernels then use the
+    first ``capacity`` entries, so compare count with capacity to detect overflow).
     """
-    idx = jax.vmap(lambda k: jnp.nonzero(k, size=capacity, fill_value=0)[0])(keep)
-    return idx.astype(jnp.int32), jnp.sum(keep, axis=-1, dtype=jnp.int32)
+    from countdown_jax.selection import mask_to_indices
+    idx, _ = mask_to_indices(keep, capacity)
+    return idx, jnp.sum(keep, axis=-1, dtype=jnp.int32)
 
 
 def _check(x, w_gate, w_up, w_down, idx, count, dense, coef):
