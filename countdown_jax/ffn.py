@@ -30,8 +30,6 @@ Implementations (``spec.implementation``):
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
@@ -67,7 +65,7 @@ def ffn(mlp, x, *, act: str, spec: SparseSpec = DENSE, policy=None, sparse=None,
     were cut by ``spec.capacity`` (0 when the capacity is never exceeded).
     """
     from countdown_jax import sharding  # lazy: sharding calls back into ffn
-    if not (spec.implementation != "masked" and not spec.is_dense):
+    if spec.is_dense or spec.implementation == "masked":
         mlp = layer_weights(mlp)        # only the gather/pallas paths read the stack in place
     if sharding.splits_neurons():       # a mesh with a "model" axis is in context
         return sharding.tensor_parallel_ffn(layer_weights(mlp), x, act=act, spec=spec,
@@ -150,13 +148,12 @@ def _gathered(stack, x, act, spec, layer, sparse):
     fused = _fused_method(spec, xs.shape[0])
     if fused is not None:
         # Same scores and comparison as ``select``: |u| > tau, |act(g)| > tau, z > theta
-        # (q is |coef| for m / cats). The kernel reads the stack in place.
-        from countdown_jax.kernels.fused_sparse_ffn.pallas_gpu import default_config
+        # (q is |coef| for m / cats). The kernel reads the stack in place; given scores,
+        # it takes its measured default config with score="xla".
         tau = layer["threshold"] if spec.mode == "threshold" else layer["theta"]
-        cfg = dataclasses.replace(default_config(stack["down"].dtype, fused), score="xla")
         y, count = fused_sparse_ffn(
             xs, stack["gate"], stack["up"], stack["down"], tau, act=act, method=fused,
-            implementation="pallas", interpret=_PALLAS_INTERPRET, config=cfg,
+            implementation="pallas", interpret=_PALLAS_INTERPRET,
             layer=stack.get("layer"), scores=q if coef is None else coef)
         dropped = jnp.zeros(count.shape, jnp.int32)      # no capacity: nothing cut
     else:
