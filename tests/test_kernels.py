@@ -74,6 +74,8 @@ GATHER_CASES = [
     (None, "silu", 3, jnp.float32, GatherConfig(bj=4, bd=8, programs=3)),
     ("up", "silu", 1, jnp.bfloat16, GatherConfig(bj=8, bd=16, programs=2, reduce="atomic")),
     ("gate", "gelu_tanh", 2, jnp.float32, GatherConfig(bj=4, bd=32, programs=4)),
+    (None, "silu", 2, jnp.bfloat16, GatherConfig(bj=4, bd=16, programs=3, prefetch=True)),
+    ("up", "silu", 1, jnp.float32, GatherConfig(bj=8, bd=8, programs=2, prefetch=True)),
 ]
 
 
@@ -141,6 +143,13 @@ FUSED_CASES = [
                                       reduce="atomic")),
     ("d", 2, jnp.bfloat16, FusedConfig(bn=8, bd=8, score="xla", programs=3)),
     ("cats", 1, jnp.float32, FusedConfig(bn=16, bd=16, score="xla", programs=2, compact=4)),
+    # prefetch: W_down tiles loaded with the gate/up tiles (one or more batch rows)
+    ("m", 1, jnp.bfloat16, FusedConfig(bn=32, bd=16, score="xla", programs=3, compact=8,
+                                       prefetch=True)),
+    ("d", 2, jnp.float32, FusedConfig(bn=16, bd=8, bds=4, compact=4, prefetch=True)),
+    ("cats", 2, jnp.float32, FusedConfig(bn=8, bd=32, blocks_per_program=2, prefetch=True)),
+    ("d", 1, jnp.bfloat16, FusedConfig(bn=16, bd=16, score="xla", programs=2, compact=4,
+                                       prefetch=True)),
 ]
 
 
@@ -233,8 +242,12 @@ def test_kernels_compiled_on_gpu(dtype):
         for impl, cfg in (("pallas", FusedConfig(bn=16, bd=256, poison=True)),
                           ("pallas", FusedConfig(bn=64, bd=512, compact=8, reduce="atomic",
                                                  poison=True)),
+                          ("pallas", FusedConfig(bn=64, bd=256, compact=8, prefetch=True,
+                                                 poison=True)),
                           ("pallas_gather", GatherConfig(bj=8, bd=256, programs=16,
-                                                         poison=True))):
+                                                         poison=True)),
+                          ("pallas_gather", GatherConfig(bj=4, bd=256, programs=16,
+                                                         prefetch=True, poison=True))):
             kern = jax.jit(lambda t, impl=impl, cfg=cfg: fused_sparse_ffn(
                 x, wg, wu, wd, t, implementation=impl, config=cfg, **kw))
             for frac in (0.0, 0.5, 0.9, 1.0):

@@ -57,6 +57,30 @@ def load_tile(w_ref, rows, row_ok, c0: int, bd: int, n: int):
     return t.astype(jnp.float32)
 
 
+def load_rows(w_ref, rows, row_ok, bd: int, n: int):
+    """Every column chunk of the rows, [R, bd] float32 tiles: issued together, so all of
+    them are in flight at once (a prefetch: nothing waits on them until they are used)."""
+    return [load_tile(w_ref, rows, row_ok, c0, bd, n) for c0, _ in chunks(n, bd)]
+
+
+def tile_dots(tiles, vecs):
+    """[row . v for each row of the tiles] for each v in vecs (``load_rows`` tiles)."""
+    if len(vecs) == 1:
+        acc = None
+        for ci, t in enumerate(tiles):
+            p = t * vecs[0][ci][None, :]
+            acc = p if acc is None else acc + p
+        return [jnp.sum(acc, axis=1)]
+    return [sum(jnp.sum(t * v[ci][None, :], axis=1) for ci, t in enumerate(tiles))
+            for v in vecs]
+
+
+def accumulate_tiles(acc, tiles, coefs):
+    """acc[b][c] += sum_r coefs[b][r] * tiles[c][r]  (down projection, tiles preloaded)."""
+    return [[a + jnp.sum(coefs[b][:, None] * t, axis=0) for a, t in zip(acc[b], tiles)]
+            for b in range(len(coefs))]
+
+
 def row_dots(w_ref, rows, row_ok, vecs, bd: int, n: int):
     """[w_ref[r] . v for r in rows] for each v in vecs (lists of float32 [bd] chunks).
 
@@ -116,3 +140,24 @@ def store_vec(ref, lead, c0: int, bd: int, n: int, val):
         plt.store(ref.at[(*lead, cols)], val, mask=cols < n)
     else:
         ref[(*lead, cols)] = val
+
+
+def kept_row_dots(refs, wd_ref, rows, row_ok, vecs, bd: int, n: int, prefetch: bool):
+    """Dots of the kept rows of each matrix in ``refs`` (gate and/or up) with each vector,
+    and W_down's tiles of the same rows when ``prefetch`` (else None: read them later in
+    ``accumulate_kept``). Prefetch puts the down loads in flight with the gate/up loads,
+    one memory round trip per tile instead of two, at the cost of registers for both."""
+    if prefetch:
+        tiles = [load_rows(w, rows, row_ok, bd, n) for w in refs]
+        down = load_rows(wd_ref, rows, row_ok, bd, n)
+        return [tile_dots(t, vecs) for t in tiles], down
+    if len(refs) == 2:
+        return list(row_dots2(refs[0], refs[1], rows, row_ok, vecs, bd, n)), None
+    return [row_dots(refs[0], rows, row_ok, vecs, bd, n)], None
+
+
+def accumulate_kept(acc, wd_ref, down, rows, row_ok, coefs, bd: int, n: int):
+    """acc += coefs * W_down[rows] from ``kept_row_dots``'s prefetched tiles or a new read."""
+    if down is not None:
+        return accumulate_tiles(acc, down, coefs)
+    return accumulate_rows(acc, wd_ref, rows, row_ok, coefs, bd, n)

@@ -23,13 +23,11 @@ The predictor (pred_v [d, r], pred_u [m, r]) is always one layer's.
 
 scores: optionally the dense projection the rule compares, [..., m] float32, computed by
 the caller: u (m), act(g) (cats), z = (x V) U^T (d); keep |u| > tau, |act(g)| > tau,
-z > tau. The "pallas" kernel reads it with FusedConfig(score="xla") (the default for
-m / cats; passing scores without a config picks that default with score="xla").
+z > tau. The "pallas" kernel reads it with FusedConfig(score="xla") (the measured
+default for every method; without ``scores`` it is computed here first).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -104,11 +102,7 @@ def fused_sparse_ffn(x, w_gate, w_up, w_down, tau, *, act, method, pred_v=None, 
     else:
         from countdown_jax.kernels.fused_sparse_ffn.pallas_gpu import (
             default_config, fused_sparse_ffn_pallas_gpu)
-        cfg = config
-        if cfg is None:
-            cfg = default_config(w_down.dtype, method)
-            if scores is not None:
-                cfg = dataclasses.replace(cfg, score="xla")
+        cfg = config or default_config(w_down.dtype, method)
         h = sc = None
         if cfg.score == "xla":
             sc = get_scores()

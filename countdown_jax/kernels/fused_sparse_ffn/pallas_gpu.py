@@ -53,6 +53,9 @@ class FusedConfig:
     programs: int = 0            # grid size (0: ceil(blocks / blocks_per_program)); blocks
                                  # are dealt round-robin, so a multiple of the SM count
                                  # avoids a partial last wave
+    prefetch: bool = False       # issue the kept rows' W_down loads together with the
+                                 # gate/up loads (one memory round trip per tile, not two;
+                                 # holds every chunk of both tiles in registers)
 
     def __post_init__(self):
         for name in ("bn", "bd", "bds"):
@@ -74,15 +77,18 @@ class FusedConfig:
 
 
 def default_config(dtype, method: str = "m") -> FusedConfig:
-    """Fastest variant measured on an H100 at Llama-3.1-8B shapes (experiments/KERNEL_NOTES.md):
-    64-neuron blocks compacted into tiles of 8 kept rows; M and CATS take their scores from
-    XLA's dense GEMV (264 programs), D streams its 1 KB predictor rows in the kernel.
-    float32 rows: half the columns per 16-byte vector, so half the chunks."""
+    """Fastest variant measured on an H100 at Llama-3.1-8B shapes (run 6 of
+    experiments/results/bench_kernels.md): scores from XLA's dense GEMV (u, act(g), or the
+    predictor's z), blocks of neurons compacted into tiles of 4 kept rows whose W_down
+    loads are issued with their gate/up loads. M and CATS: 64-neuron blocks on 264
+    programs; D (three gathered matrices): 32-neuron blocks on 448 programs.
+    float32 rows: half the columns per 16-byte vector, so half the chunk width."""
     bd = 1024 if jnp.dtype(dtype).itemsize <= 2 else 512
     if method == "d":
-        return FusedConfig(bn=64, bds=bd // 8, bd=bd, num_warps=4, blocks_per_program=1,
-                           compact=8)
-    return FusedConfig(bn=64, bd=bd, num_warps=4, programs=264, compact=8, score="xla")
+        return FusedConfig(bn=32, bd=bd, num_warps=4, programs=448, compact=4,
+                           score="xla", prefetch=True)
+    return FusedConfig(bn=64, bd=bd, num_warps=4, programs=264, compact=4, score="xla",
+                       prefetch=True)
 
 
 def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
@@ -109,16 +115,15 @@ def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
     def sparse_part(acc, rows, ok, keep, dense_vals):
         """Read kept rows only: coefficients s per token, then accumulate s * W_down."""
         rows = rows + off
+        first = {"m": (wg_ref,), "cats": (wu_ref,), "d": (wg_ref, wu_ref)}[method]
+        dots, down = tt.kept_row_dots(first, wd_ref, rows, ok, xs, bd, d, cfg.prefetch)
         if method == "m":
-            g = tt.row_dots(wg_ref, rows, ok, xs, bd, d)
-            s = [jnp.where(keep[b], f(g[b]) * dense_vals[b], 0.0) for b in range(nb)]
+            s = [jnp.where(keep[b], f(dots[0][b]) * dense_vals[b], 0.0) for b in range(nb)]
         elif method == "cats":
-            u = tt.row_dots(wu_ref, rows, ok, xs, bd, d)
-            s = [jnp.where(keep[b], dense_vals[b] * u[b], 0.0) for b in range(nb)]
+            s = [jnp.where(keep[b], dense_vals[b] * dots[0][b], 0.0) for b in range(nb)]
         else:
-            g, u = tt.row_dots2(wg_ref, wu_ref, rows, ok, xs, bd, d)
-            s = [jnp.where(keep[b], f(g[b]) * u[b], 0.0) for b in range(nb)]
-        return tt.accumulate_rows(acc, wd_ref, rows, ok, s, bd, d)
+            s = [jnp.where(keep[b], f(dots[0][b]) * dots[1][b], 0.0) for b in range(nb)]
+        return tt.accumulate_kept(acc, wd_ref, down, rows, ok, s, bd, d)
 
     def body(i, carry):
         acc, cnts = carry

@@ -34,6 +34,7 @@ class GatherConfig:
     num_stages: int = 1
     reduce: str = "partial"  # "partial" | "atomic"
     poison: bool = False     # checks: partial sums start as NaN (must all be overwritten)
+    prefetch: bool = False   # W_down loads issued with the gate/up loads (_triton_tiles)
 
     def __post_init__(self):
         for name in ("bj", "bd"):
@@ -73,17 +74,16 @@ def _kernel(*refs, act, dense, m, d, cap, cfg: GatherConfig):
         rows = plt.load(idx_ref.at[n, slot], mask=live, other=0)
         ok = live & (rows >= 0) & (rows < m)    # never read outside the layer's rows
         wrows = rows + off
+        first = {"up": (wg_ref,), "gate": (wu_ref,)}.get(dense, (wg_ref, wu_ref))
+        dots, down = tt.kept_row_dots(first, wd_ref, wrows, ok, xs, bd, d, cfg.prefetch)
         if dense == "up":
-            (g,) = tt.row_dots(wg_ref, wrows, ok, xs, bd, d)
-            s = f(g) * plt.load(coef_ref.at[n, rows], mask=ok, other=0).astype(jnp.float32)
+            s = f(dots[0][0]) * plt.load(coef_ref.at[n, rows], mask=ok, other=0).astype(jnp.float32)
         elif dense == "gate":
-            (u,) = tt.row_dots(wu_ref, wrows, ok, xs, bd, d)
-            s = plt.load(coef_ref.at[n, rows], mask=ok, other=0).astype(jnp.float32) * u
+            s = plt.load(coef_ref.at[n, rows], mask=ok, other=0).astype(jnp.float32) * dots[0][0]
         else:
-            (g,), (u,) = tt.row_dots2(wg_ref, wu_ref, wrows, ok, xs, bd, d)
-            s = f(g) * u
+            s = f(dots[0][0]) * dots[1][0]
         s = jnp.where(ok, s, 0.0)
-        return tt.accumulate_rows([acc], wd_ref, wrows, ok, [s], bd, d)[0]
+        return tt.accumulate_kept([acc], wd_ref, down, wrows, ok, [s], bd, d)[0]
 
     acc0 = [jnp.zeros((bd,), jnp.float32) for _ in ch]
     acc = jax.lax.fori_loop(0, iters, body, acc0)

@@ -1,0 +1,151 @@
+"""Decode-step projections outside the sparse FFN: which weight layout XLA streams fastest.
+
+Run on a GPU (device tool):  PYTHONPATH=. python3 experiments/bench_projections.py --out DIR
+
+At batch 1 every projection is a GEMV: it should run at the HBM read ceiling. The decode
+profile (bench_decode_profile.csv) showed the 4096x4096 q and o projections as Triton GEMM
+fusions at ~2.4 TB/s while the MLP's reduction fusions read at ~3 TB/s, and the predictor's
+h = x V (V [d, r]) at ~0.6 TB/s. This times, at Llama-3.1-8B shapes in bf16, each
+projection written in the model's current form and in alternatives (2-D weight, weight
+stored transposed so the contraction runs along its contiguous axis, q/k/v fused into one
+matrix), from a profiler trace: per-kernel GPU time, compile excluded. Each program chains
+16 calls over 8 weight copies (more bytes than the 50 MB L2) so no call hits cache.
+
+Also measured: the HBM read ceiling (a reduction over 2 GiB; what a GEMV can reach) next
+to the copy ceiling (read + write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_profile import profile_call  # noqa: E402
+from hbm_ceiling import ceilings  # noqa: E402
+
+D, H, K, HD, R = 4096, 32, 8, 128, 512
+COPIES, CALLS = 8, 16
+HI = jax.lax.Precision.HIGHEST
+
+
+def forms():
+    """name -> (weight shape, f(x [1, d] bf16, w) -> [1, >= d] ) for one projection."""
+    def q_einsum(x, w):                      # model: wq [d, H, hd]
+        return jnp.einsum("btd,dhk->bthk", x[:, None], w).reshape(1, -1)
+
+    def o_einsum(x, w):                      # model: wo [H, hd, d]
+        return jnp.einsum("bthk,hkd->btd", x.reshape(1, 1, H, HD), w)[:, 0]
+
+    def row_major(x, w):                     # w [d, out]: contraction along the major axis
+        return jnp.einsum("bd,dn->bn", x, w)
+
+    def transposed(x, w):                    # w [out, d]: contraction along the minor axis
+        return jnp.einsum("bd,nd->bn", x, w)
+
+    def h_current(x, w):                     # predictor h = x V, V [d, r], float32
+        return jnp.einsum("nd,dr->nr", x, w, preferred_element_type=jnp.float32, precision=HI)
+
+    def h_transposed(x, w):                  # V stored [r, d]
+        return jnp.einsum("nd,rd->nr", x, w, preferred_element_type=jnp.float32, precision=HI)
+
+    def h_split_k(x, w):                     # V [d, r] as 16 slabs: more output tiles
+        part = jnp.einsum("nkc,kcr->nkr", x.reshape(1, 16, D // 16), w.reshape(16, D // 16, R),
+                          preferred_element_type=jnp.float32, precision=HI)
+        return jnp.sum(part, axis=1)
+
+    def z_current(x, w):                     # z = h U^T, h float32, U [m, r] bf16
+        h = x[:, :R].astype(jnp.float32)
+        return jnp.einsum("nr,mr->nm", h, w.astype(jnp.float32), precision=HI)
+
+    def z_hi_lo(x, w):                       # h = hi + lo (two bf16 rows): one bf16 GEMV
+        h = x[:, :R].astype(jnp.float32)
+        hi = h.astype(jnp.bfloat16)
+        lo = (h - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+        z = jnp.einsum("kr,mr->km", jnp.concatenate([hi, lo]), w,
+                       preferred_element_type=jnp.float32)
+        return z[:1] + z[1:]
+
+    qkv = (H + 2 * K) * HD
+    return {
+        "q einsum [d,H,hd] (model)": ((D, H, HD), q_einsum),
+        "q 2-D [d,H*hd]": ((D, H * HD), row_major),
+        "q transposed [H*hd,d]": ((H * HD, D), transposed),
+        "o einsum [H,hd,d] (model)": ((H, HD, D), o_einsum),
+        "o transposed [d,H*hd]": ((D, H * HD), transposed),
+        "k 2-D [d,K*hd]": ((D, K * HD), row_major),
+        "k transposed [K*hd,d]": ((K * HD, D), transposed),
+        "qkv fused 2-D [d,(H+2K)hd]": ((D, qkv), row_major),
+        "qkv fused transposed [(H+2K)hd,d]": ((qkv, D), transposed),
+        "h=xV [d,r] f32 (model)": ((D, R), h_current),
+        "h=xV transposed [r,d] f32": ((R, D), h_transposed),
+        "h=xV split-K 16 slabs f32": ((D, R), h_split_k),
+        "z=hU^T [m,r] f32 h (model)": ((14336, R), z_current),
+        "z=hU^T hi+lo bf16 rows": ((14336, R), z_hi_lo),
+    }
+
+
+def chain(f):
+    """CALLS dependent calls over the weight copies (x <- x + eps * out[:d])."""
+    def run(x, ws):
+        for i in range(CALLS):
+            y = f(x, ws[i % COPIES]).reshape(1, -1)
+            y = jnp.pad(y, ((0, 0), (0, max(0, D - y.shape[1]))))[:, :D]
+            x = (x.astype(jnp.float32) + 1e-3 * y.astype(jnp.float32)).astype(x.dtype)
+        return x
+    return jax.jit(run)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    ap.add_argument("--only", default="", help="comma list of form-name prefixes")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    dev = jax.devices()[0].device_kind
+    copy_bw, read_bw = ceilings()
+    print(f"{dev}: copy {copy_bw:.0f} GB/s (read+write), read {read_bw:.0f} GB/s", flush=True)
+    rows = [dict(device=dev, form="hbm copy 2 GiB", op="", us_per_call="", launches_per_call="",
+                 bytes=2 * 4 << 29, gb_per_s=f"{copy_bw:.0f}"),
+            dict(device=dev, form="hbm read 2 GiB", op="", us_per_call="", launches_per_call="",
+                 bytes=4 << 29, gb_per_s=f"{read_bw:.0f}")]
+    x = jax.random.normal(jax.random.key(0), (1, D), jnp.float32).astype(jnp.bfloat16)
+    only = [t for t in args.only.split(",") if t]
+    for name, (shape, f) in forms().items():
+        if only and not any(name.startswith(t) for t in only):
+            continue
+        ws = [(jax.random.normal(jax.random.key(i + 1), shape, jnp.float32) * 0.02
+               ).astype(jnp.bfloat16) for i in range(COPIES)]
+        nbytes = int(np.prod(shape)) * 2
+        g = chain(f)
+        jax.block_until_ready(g(x, ws))                      # compile + warm-up
+        prof, _ = profile_call(g, x, ws)
+        top = prof[0]                                        # the projection's kernel(s)
+        for r in prof[:4]:
+            per = r["us"] / CALLS
+            rows.append(dict(device=dev, form=name, op=r["op"], us_per_call=f"{per:.2f}",
+                             launches_per_call=f"{r['launches'] / CALLS:g}", bytes=nbytes,
+                             gb_per_s=f"{nbytes / per / 1e3:.0f}" if r is top else ""))
+        print(f"{name:36s} {top['op'][:34]:34s} {top['us'] / CALLS:7.2f} us "
+              f"{nbytes / (top['us'] / CALLS) / 1e3:6.0f} GB/s  (launches/call "
+              f"{top['launches'] / CALLS:g}; next: "
+              + ", ".join(f"{r['op'][:24]} {r['us'] / CALLS:.2f}" for r in prof[1:3]) + ")",
+              flush=True)
+        del ws
+    path = os.path.join(args.out, "bench_projections.csv")
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
