@@ -124,7 +124,7 @@ def stop_tokens(model: Model) -> tuple[int, ...]:
 def generate_text(model: Model, prompts: str | Sequence[str], *, method: str = "dense",
                   mode: str = "ideal", sparsity: float = 0.0, max_new_tokens: int = 32,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                  seed: int = 0, implementation: str = "masked",
+                  seed: int = 0, implementation: str = "masked", attention: str = "xla",
                   timed: bool = True) -> TextOutput:
     if model.tokenizer is None:
         raise ValueError("model was loaded without a tokenizer")
@@ -133,7 +133,8 @@ def generate_text(model: Model, prompts: str | Sequence[str], *, method: str = "
     spec, policy = sparsity_setup(model, method, mode, sparsity, implementation)
     tokens, lengths = encode(model.tokenizer, prompts)
     kwargs = dict(max_new_tokens=max_new_tokens, spec=spec,
-                  sampling=Sampling(temperature, top_k, top_p), stop_tokens=stop_tokens(model))
+                  sampling=Sampling(temperature, top_k, top_p), stop_tokens=stop_tokens(model),
+                  attention=attention)
     args = (model.params, model.cfg, jnp.asarray(tokens), jnp.asarray(lengths),
             jax.random.PRNGKey(seed), policy)
     if timed:  # compile once outside the timing

@@ -25,7 +25,8 @@ def _generate(args):
     out = api.generate_text(model, args.prompt, method=args.method, mode=args.mode,
                             sparsity=args.sparsity, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            seed=args.seed, implementation=args.implementation)
+                            seed=args.seed, implementation=args.implementation,
+                            attention=args.attention)
     if args.json:
         print(json.dumps({
             "text": out.texts[0], "token_ids": out.token_ids[0], "method": args.method,
@@ -48,6 +49,8 @@ def _add_generate(sub):
     p.add_argument("--mode", choices=MODES, default="ideal")
     p.add_argument("--sparsity", type=float, default=0.0)
     p.add_argument("--implementation", choices=IMPLEMENTATIONS, default="masked")
+    p.add_argument("--attention", choices=("xla", "pallas"), default="xla",
+                   help="decode attention: XLA, or the Pallas kernel (GPU)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -42,6 +42,7 @@ from countdown_jax.selection import (limit_to_capacity, mask_to_indices, select,
 __all__ = ["activation", "dense_ffn", "ffn"]
 
 # Run the Pallas kernels in interpret mode (CPU tests patch this; never set in production).
+# The model's decode-attention kernel reads it too.
 _PALLAS_INTERPRET = False
 # The fused kernel unrolls its tokens (and reads the union of their rows). Measured in the
 # Llama-8B decode (H100, experiments/results/bench_decode.md): 1.43-1.52x dense at one

@@ -71,11 +71,12 @@ class Generation(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "max_new_tokens", "sampling",
-                                             "stop_tokens", "cache_dtype"))
+                                             "stop_tokens", "cache_dtype", "attention"))
 def generate(params, cfg, prompt, lengths, key, policy=None, *, max_new_tokens: int,
              spec: SparseSpec = DENSE, sampling: Sampling = GREEDY,
-             stop_tokens: tuple[int, ...] = (), cache_dtype=None):
-    """prompt [B, T] int32 right-padded, lengths [B] int32 (>= 1)."""
+             stop_tokens: tuple[int, ...] = (), cache_dtype=None, attention: str = "xla"):
+    """prompt [B, T] int32 right-padded, lengths [B] int32 (>= 1). attention: the decode
+    steps' attention, "xla" or "pallas" (``model.decode_step``)."""
     b, t = prompt.shape
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -104,7 +105,8 @@ def generate(params, cfg, prompt, lengths, key, policy=None, *, max_new_tokens: 
 
     def body(s):
         logits, cache, kept = model_lib.decode_step(params, cfg, s["token"], s["pos"],
-                                                    s["cache"], spec=spec, policy=policy)
+                                                    s["cache"], spec=spec, policy=policy,
+                                                    attention=attention)
         key, sub = jax.random.split(s["key"])
         nxt = sample(sub, logits, sampling)
         live = ~s["done"]

@@ -20,13 +20,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from countdown_jax import ffn as ffn_module   # its _PALLAS_INTERPRET (CPU tests) covers all kernels
 from countdown_jax.attention import NO_WINDOW, attend, visibility
 from countdown_jax.config import ModelConfig
 from countdown_jax.ffn import ffn
+from countdown_jax.kernels.decode_attention.api import decode_attention
 from countdown_jax.norms import rms_norm
 from countdown_jax.policy import DENSE, SparseSpec
 from countdown_jax.rope import apply_rope, layer_inv_frequencies
-from countdown_jax.sharding import constrain_batch
+from countdown_jax.sharding import constrain_batch, multi_device_mesh
+
+
+_ATTENTION = ("xla", "pallas")
 
 
 # -- cache ---------------------------------------------------------------------------------
@@ -157,15 +162,14 @@ def _check_policy(cfg: ModelConfig, policy):
 
 def _decoder_layer(cfg: ModelConfig, spec, carry, xs, *, positions, kv, sparse,
                    collect: bool = False):
-    """One layer (the body of ``_run_layers``). ``kv(k, v, ck, cv, l, window)`` writes this
-    layer's cache slots and returns (keys, values, visibility mask, ck, cv): the only part
-    that differs between a whole sequence and a chunk against the cache."""
+    """One layer (the body of ``_run_layers``). ``kv(q, k, v, ck, cv, l, window)`` writes
+    this layer's cache slots and returns (attention output, ck, cv): the only part that
+    differs between a whole sequence and a chunk against the cache."""
     x, ck, cv = carry
     layer, inv_f, window, pol, l = xs
     h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
     q, k, v = _qkv(cfg, layer, h, positions, inv_f)
-    keys, values, mask, ck, cv = kv(k, v, ck, cv, l, window)
-    attn = attend(q, keys, values, mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+    attn, ck, cv = kv(q, k, v, ck, cv, l, window)
     x, kept = _attn_out_and_mlp(cfg, spec, layer, x, attn, pol, sparse, collect)
     return (x, ck, cv), kept
 
@@ -188,11 +192,12 @@ def _sequence(params, cfg: ModelConfig, tokens, lengths, cache, spec, policy, sp
     kv_valid = jnp.arange(T, dtype=jnp.int32)[None, :] < lengths[:, None]
     x = _embed(params, cfg, tokens)
 
-    def kv(k, v, ck, cv, l, window):
+    def kv(q, k, v, ck, cv, l, window):
         if ck is not None:  # slots [0, T) of this layer
             ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (l, 0, 0, 0, 0))
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (l, 0, 0, 0, 0))
-        return k, v, visibility(positions, positions[0], kv_valid, window), ck, cv
+        mask = visibility(positions, positions[0], kv_valid, window)
+        return attend(q, k, v, mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap), ck, cv
 
     body = functools.partial(_decoder_layer, cfg, spec, positions=positions, kv=kv,
                              sparse=sparse, collect=collect)
@@ -258,21 +263,23 @@ def _check_positions(pos, S: int):
 
 
 def decode_step(params, cfg: ModelConfig, token, pos, cache, *, spec: SparseSpec = DENSE,
-                policy=None, sparse=None):
+                policy=None, sparse=None, attention: str = "xla"):
     """token[B] at position pos[B]: writes k/v at slot pos[b], attends to slots <= pos[b]
     (and inside the layer's sliding window). Returns (logits [B, V] float32, cache,
     kept [L, B]). sparse: bool [B], default all True for a sparse spec.
+    attention: "xla" or "pallas" (``kernels.decode_attention``: one kernel per layer
+    reading the stacked cache in place; GPU, else the XLA path with a warning).
     """
     B = token.shape[0]
     if sparse is not None:
         sparse = jnp.asarray(sparse).reshape(B, 1)
     logits, cache, kept = extend(params, cfg, jnp.asarray(token)[:, None], pos, cache,
-                                 spec=spec, policy=policy, sparse=sparse)
+                                 spec=spec, policy=policy, sparse=sparse, attention=attention)
     return logits[:, 0], cache, kept[:, :, 0]
 
 
 def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec = DENSE,
-           policy=None, sparse=None, logits_at=None):
+           policy=None, sparse=None, logits_at=None, attention: str = "xla"):
     """A chunk tokens[B, T] continuing each row at positions start[b] + t (decode_step for
     T tokens at once, e.g. scoring continuations against a prefilled context).
 
@@ -280,7 +287,14 @@ def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec =
     start[b] must hold the row's earlier tokens). Returns (logits [B, T, V] float32 or at
     logits_at [B, P], cache, kept [L, B, T]). sparse: bool [B, T], default all True for a
     sparse spec. Padding at the end of a row only produces junk after the row's tokens.
+    attention: "xla" | "pallas"; the Pallas decode-attention kernel serves one token per
+    row (T = 1), longer chunks use the XLA path.
     """
+    if attention not in _ATTENTION:
+        raise ValueError(f"attention must be one of {_ATTENTION}, got {attention!r}")
+    if attention == "pallas" and multi_device_mesh():
+        raise ValueError("attention='pallas' runs on one device (XLA cannot partition the "
+                         "kernel); under a multi-device mesh use attention='xla'")
     B, T = tokens.shape
     S = cache["k"].shape[2]
     start = jnp.asarray(start, jnp.int32)
@@ -293,10 +307,18 @@ def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec =
     rows = jnp.arange(B)[:, None]
     x = _embed(params, cfg, tokens)
 
-    def kv(k, v, ck, cv, l, window):
+    def kv(q, k, v, ck, cv, l, window):
         ck = ck.at[l, rows, positions].set(k.astype(ck.dtype))
         cv = cv.at[l, rows, positions].set(v.astype(cv.dtype))
-        return ck[l], cv[l], visibility(positions, slots, all_valid, window), ck, cv
+        if attention == "pallas" and T == 1:     # reads layer l of the stack in place
+            out = decode_attention(q[:, 0], ck, cv, positions[:, 0], layer=l, window=window,
+                                   scale=cfg.attn_scale, softcap=cfg.attn_softcap,
+                                   implementation="pallas",
+                                   interpret=ffn_module._PALLAS_INTERPRET)
+            return out[:, None].astype(q.dtype), ck, cv
+        mask = visibility(positions, slots, all_valid, window)
+        out = attend(q, ck[l], cv[l], mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+        return out, ck, cv
 
     body = functools.partial(_decoder_layer, cfg, spec, positions=positions, kv=kv,
                              sparse=sparse)

@@ -261,6 +261,15 @@ def constrain_batch(x):
     return jax.lax.with_sharding_constraint(x, P(DATA))
 
 
+def multi_device_mesh() -> bool:
+    """True when a context mesh spans more than one device (custom kernels that XLA cannot
+    partition, such as the Pallas decode attention, refuse to trace there)."""
+    mesh = _context_mesh()
+    if mesh is None or getattr(mesh, "empty", False):
+        return False
+    return int(np.prod([s for _, s in dict(mesh.shape).items()])) > 1
+
+
 def splits_neurons() -> bool:
     """True when the FFN must run tensor parallel (called by ``ffn.ffn`` at trace time)."""
     return _context_model_axis() is not None

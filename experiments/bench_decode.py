@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import itertools
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -66,12 +68,13 @@ def calibrate(params, cfg, predictor, r, key):
     return np.asarray(tau), np.asarray(theta)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "spec", "steps"), donate_argnums=(2,))
-def decode_loop(params, cfg, cache, token, pos, policy, *, spec, steps):
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "steps", "attention"),
+                   donate_argnums=(2,))
+def decode_loop(params, cfg, cache, token, pos, policy, *, spec, steps, attention="xla"):
     def body(_, c):
         tok, p, cache, kept = c
         logits, cache, k = model_lib.decode_step(params, cfg, tok, p, cache, spec=spec,
-                                                 policy=policy)
+                                                 policy=policy, attention=attention)
         return jnp.argmax(logits, -1).astype(jnp.int32), p + 1, cache, kept + jnp.mean(k)
 
     tok, p, cache, kept = jax.lax.fori_loop(0, steps, body, (token, pos, cache, jnp.float32(0)))
@@ -79,7 +82,7 @@ def decode_loop(params, cfg, cache, token, pos, policy, *, spec, steps):
 
 
 def time_decode(params, cfg, spec, policy, batch, steps, repeats, prompt_len, key, *,
-                profile=False, hlo_dir=None):
+                profile=False, hlo_dir=None, attention="xla"):
     """(tokens/s, realised sparsity, s/step, profile rows or None, profile summary or None)."""
     cache = model_lib.init_cache(cfg, batch, prompt_len + steps + 1, jnp.bfloat16)
     tokens = jax.random.randint(key, (batch, prompt_len), 0, cfg.vocab_size)
@@ -88,7 +91,8 @@ def time_decode(params, cfg, spec, policy, batch, steps, repeats, prompt_len, ke
     logits, cache0, _ = prefill(params, tokens=tokens, lengths=lengths, cache=cache)
     tok0 = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
     pos0 = lengths
-    run = functools.partial(decode_loop, params, cfg, spec=spec, steps=steps)
+    run = functools.partial(decode_loop, params, cfg, spec=spec, steps=steps,
+                            attention=attention)
     t0 = time.perf_counter()
     _, cache, kept = run(jax.tree.map(jnp.copy, cache0), tok0, pos0, policy)
     jax.block_until_ready(cache)                      # compile + warm-up
@@ -105,7 +109,7 @@ def time_decode(params, cfg, spec, policy, batch, steps, repeats, prompt_len, ke
     prof = summ = None
     if profile and hlo_dir is not None:     # what the compiler made of one program
         txt = decode_loop.lower(params, cfg, jax.tree.map(jnp.copy, cache0), tok0, pos0, policy,
-                                spec=spec, steps=steps).compile().as_text()
+                                spec=spec, steps=steps, attention=attention).compile().as_text()
         Path(hlo_dir).mkdir(parents=True, exist_ok=True)
         layers = "unstacked" if isinstance(params["layers"], tuple) else "stacked"
         (Path(hlo_dir) / f"hlo_{spec.method}_{layers}.txt").write_text(txt)
@@ -138,9 +142,20 @@ def main(argv=None):
                     help="also trace one call per setting: per-op GPU time, idle gaps")
     ap.add_argument("--dump-hlo", default=None, help="with --profile: write optimized HLO here")
     ap.add_argument("--rank", type=int, default=512)
+    ap.add_argument("--attention", default="xla",
+                    help="comma list of decode attention implementations: xla, pallas")
+    ap.add_argument("--attention-config", default="",
+                    help="bs,split,num_warps of the Pallas decode-attention kernel "
+                         "(default: the kernel's DEFAULT_CONFIG)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new settings")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
+    if args.attention_config:
+        from countdown_jax.kernels.decode_attention import pallas_gpu as attn_kernel
+        bs, split, warps = (int(v) for v in args.attention_config.split(","))
+        attn_kernel.DEFAULT_CONFIG = attn_kernel.AttentionConfig(bs=bs, split=split,
+                                                                 num_warps=warps)
+        print("decode attention config:", attn_kernel.DEFAULT_CONFIG, flush=True)
 
     cfg = ModelConfig.from_hf(TINY if args.tiny else LLAMA8B)
     rank = min(args.rank, cfg.d_model)
@@ -154,18 +169,19 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    def record(method, impl, r, batch, layers, cap, res, note=""):
+    def record(method, impl, r, batch, layers, cap, res, note="", attention="xla"):
         tps, realised, step_s, prof, summ = res
         row = dict(device=device, shape=shape, method=method, implementation=impl,
                    sparsity=r, sparsity_realised=round(realised, 4), batch=batch,
-                   layers=layers, capacity=cap, tokens_per_s=round(tps, 2),
+                   layers=layers, capacity=cap, attention=attention, tokens_per_s=round(tps, 2),
                    ms_per_step=round(step_s * 1e3, 4), note=note)
         if summ:
             row.update(gpu_busy_ms_per_step=round(summ["busy_us"] / args.steps / 1e3, 4),
                        gpu_idle_ms_per_step=round(summ["idle_us"] / args.steps / 1e3, 4),
                        kernels_per_step=round(summ["kernels"] / args.steps, 1))
             for p in prof[:25]:
-                prof_rows.append(dict(setting=f"{method}/{impl}/r{r}/b{batch}/{layers}/c{cap}",
+                prof_rows.append(dict(setting=f"{method}/{impl}/r{r}/b{batch}/{layers}/c{cap}"
+                                              f"/attn-{attention}",
                                       op=p["op"][:120],
                                       us_per_step=round(p["us"] / args.steps, 2),
                                       launches_per_step=round(p["launches"] / args.steps, 2)))
@@ -181,12 +197,14 @@ def main(argv=None):
         forms["unstacked"] = jax.block_until_ready(model_lib.unstack_layers(params))
     caps = [None if c == "none" else float(c) for c in args.capacity.split(",")]
     m = cfg.d_ff
+    attentions = args.attention.split(",")
     for batch in batches:
-        for lf in layer_forms:
-            res = time_decode(forms[lf], cfg, SparseSpec(), None, batch, args.steps,
-                              args.repeats, args.prompt_len, key, profile=args.profile,
-                              hlo_dir=args.dump_hlo)
-            record("dense", "xla", 0.0, batch, lf, "", res)
+        for attn in attentions:
+            for lf in layer_forms:
+                res = time_decode(forms[lf], cfg, SparseSpec(), None, batch, args.steps,
+                                  args.repeats, args.prompt_len, key, profile=args.profile,
+                                  hlo_dir=args.dump_hlo, attention=attn)
+                record("dense", "xla", 0.0, batch, lf, "", res, attention=attn)
         for r in sparsities:
             tau, theta = calibrate(params, cfg, predictor, r, jax.random.PRNGKey(2))
             setups = {
@@ -194,33 +212,29 @@ def main(argv=None):
                 "d_countdown": ("predictor", make_policy(cfg.num_layers, theta=theta,
                                                          predictor=predictor)),
             }
-            for method in args.methods.split(","):
+            for method, impl, cf, attn, lf in itertools.product(
+                    args.methods.split(","), args.implementations.split(","), caps,
+                    attentions, layer_forms):
                 mode, policy = setups[method]
-                for impl in args.implementations.split(","):
-                    for cf in caps:
-                        # capacity: cf x the expected kept count absorbs per-token
-                        # variation; an overflowing token keeps its highest-ranked neurons
-                        # (counted in the realised sparsity). None: the exact rule, no
-                        # index list (pallas then runs the fused kernel on GPU).
-                        cap = None if cf is None else int(np.ceil(cf * (1 - r) * m))
-                        spec = SparseSpec(method=method, mode=mode, implementation=impl,
-                                          capacity=cap)
-                        for lf in layer_forms:
-                            if time.perf_counter() - t_start > args.budget_s:
-                                print("budget spent: stop", flush=True)
-                                return rows
-                            label = "none" if cf is None else f"{cf}x"
-                            try:
-                                res = time_decode(forms[lf], cfg, spec, policy, batch,
-                                                  args.steps, args.repeats, args.prompt_len,
-                                                  key, profile=args.profile,
-                                                  hlo_dir=args.dump_hlo)
-                                record(method, impl, r, batch, lf, label, res)
-                            except Exception as e:  # keep the other rows; say what failed
-                                nan = float("nan")
-                                record(method, impl, r, batch, lf, label,
-                                       (nan, nan, nan, None, None),
-                                       note=f"{type(e).__name__}: {str(e)[:200]}")
+                # capacity: cf x the expected kept count absorbs per-token variation; an
+                # overflowing token keeps its highest-ranked neurons (counted in the
+                # realised sparsity). None: the exact rule, no index list (pallas then
+                # runs the fused kernel on GPU).
+                cap = None if cf is None else int(np.ceil(cf * (1 - r) * m))
+                spec = SparseSpec(method=method, mode=mode, implementation=impl, capacity=cap)
+                if time.perf_counter() - t_start > args.budget_s:
+                    print("budget spent: stop", flush=True)
+                    return rows
+                label = "none" if cf is None else f"{cf}x"
+                try:
+                    res = time_decode(forms[lf], cfg, spec, policy, batch, args.steps,
+                                      args.repeats, args.prompt_len, key, profile=args.profile,
+                                      hlo_dir=args.dump_hlo, attention=attn)
+                    record(method, impl, r, batch, lf, label, res, attention=attn)
+                except Exception as e:  # keep the other rows; say what failed
+                    nan = float("nan")
+                    record(method, impl, r, batch, lf, label, (nan, nan, nan, None, None),
+                           note=f"{type(e).__name__}: {str(e)[:200]}", attention=attn)
     print(Path(out / f"{name}.md").read_text())
     return rows
 
@@ -244,19 +258,60 @@ def write(out: Path, name: str, rows, prof_rows):
         if r["method"] == "dense":
             dense[r["batch"]] = max(dense.get(r["batch"], 0.0), r["tokens_per_s"])
     lines = [f"Decode throughput, {rows[0]['shape']}, {rows[0]['device']}, bf16.", "",
-             "| method | impl | r | r realised | batch | layers | capacity | tokens/s | "
-             "ms/step | GPU busy ms | GPU idle ms | x best dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | impl | r | r realised | batch | layers | capacity | attention | "
+             "tokens/s | ms/step | GPU busy ms | GPU idle ms | x best dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = dense.get(r["batch"])
         lines.append(f"| {r['method']} | {r['implementation']} | {r['sparsity']} | "
                      f"{r['sparsity_realised']} | {r['batch']} | {r['layers']} | "
-                     f"{r['capacity']} | {r['tokens_per_s']} | {r['ms_per_step']} | "
+                     f"{r['capacity']} | {r.get('attention', 'xla')} | {r['tokens_per_s']} | "
+                     f"{r['ms_per_step']} | "
                      f"{r.get('gpu_busy_ms_per_step', '')} | "
                      f"{r.get('gpu_idle_ms_per_step', '')} | "
                      f"{r['tokens_per_s'] / base:.2f} |" if base else "|")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
+def plot(csv_path: Path, png_path: Path):
+    """ms/step of dense, M and D (batch 1, r = 0.9, unstacked, exact rule) per H100 run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in csv.DictReader(open(csv_path))
+            if r["batch"] == "1" and r["layers"] == "unstacked" and "H100" in r["run"]
+            and (r["method"] == "dense" or (r["sparsity"] == "0.9" and r["capacity"] == "none"))
+            and r["ms_per_step"] not in ("", "nan")]
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    bars = [("dense", "xla"), ("dense", "pallas"), ("m_countdown", "xla"),
+            ("m_countdown", "pallas"), ("d_countdown", "xla"), ("d_countdown", "pallas")]
+    colors = {"dense": "gray", "m_countdown": "tab:blue", "d_countdown": "tab:green"}
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    w = 0.8 / len(bars)
+    for i, (method, attn) in enumerate(bars):
+        xs, ys = [], []
+        for j, run in enumerate(runs):
+            v = [float(r["ms_per_step"]) for r in rows if r["run"] == run
+                 and r["method"] == method and r.get("attention", "xla") == attn]
+            if v:
+                xs.append(j + (i - len(bars) / 2 + 0.5) * w)
+                ys.append(v[0])
+        ax.bar(xs, ys, w, color=colors[method], alpha=1.0 if attn == "pallas" else 0.5,
+               hatch="" if attn == "pallas" else "//", label=f"{method}, {attn} attention")
+    ax.set_xticks(range(len(runs)))
+    ax.set_xticklabels([r.split(" H100")[0] + ("\n(prompt 2048)" if "prompt 2048" in r else "")
+                        for r in runs])
+    ax.set_ylabel("ms per decode step (lower is better)")
+    ax.set_title("Llama-3.1-8B shapes, 32 layers, batch 1, r = 0.9, NVIDIA H100 80GB HBM3")
+    ax.legend(fontsize=7, ncol=3)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--plot"]:       # figure from the committed CSV
+        res = Path(__file__).parent / "results"
+        plot(res / "bench_decode.csv", res / "bench_decode.png")
+    else:
+        main()

@@ -17,6 +17,18 @@ import tempfile
 from collections import defaultdict
 
 import jax
+import jax.numpy as jnp
+
+
+def chained(step, calls: int):
+    """jit of ``calls`` dependent calls, x <- x + 1e-3 * step(x, i, *args) (step returns
+    x's shape), so XLA can neither hoist nor merge them: a program to profile per call."""
+    def run(x, *args):
+        for i in range(calls):
+            y = step(x, i, *args)
+            x = (x.astype(jnp.float32) + 1e-3 * y.astype(jnp.float32)).astype(x.dtype)
+        return x
+    return jax.jit(run)
 
 
 def _device_events(pd):

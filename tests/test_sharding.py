@@ -198,7 +198,7 @@ def _worker():
     cache = sharding.shard_cache(M.init_cache(cfg, B, 16), cfg, mesh)
     tok = sharding.shard_batch(jnp.arange(B, dtype=jnp.int32) + 3, mesh)
     pos = sharding.shard_batch(jnp.full((B,), 5, jnp.int32), mesh)
-    step = jax.jit(M.decode_step, static_argnames=("cfg", "spec"))
+    step = jax.jit(M.decode_step, static_argnames=("cfg", "spec", "attention"))
     for name, spec, pol in (
             ("dense", SparseSpec(), None),
             ("m_threshold_gather", SparseSpec("m_countdown", "threshold",
@@ -210,6 +210,12 @@ def _worker():
             text = step.lower(sp, cfg, tok, pos, cache, spec=spec,
                               policy=sharding.shard_policy(pol, mesh)).compile().as_text()
         report["collectives"][name] = _collectives(text)
+    try:        # the Pallas decode attention is one-device only: refused under a mesh
+        with jax.set_mesh(mesh):
+            step.lower(sp, cfg, tok, pos, cache, attention="pallas")
+        report["pallas_attention_under_mesh"] = "accepted"
+    except ValueError as e:
+        report["pallas_attention_under_mesh"] = str(e)
 
     tick("collectives")
 
@@ -335,6 +341,10 @@ def test_sharded_masks_bit_for_bit(report, mesh, mode):
     assert r["kept"] > 0
     if mode == "threshold_cap":
         assert r["capped"] > 0, r                   # the global capacity cut was exercised
+
+
+def test_pallas_attention_refused_under_a_mesh(report):
+    assert "runs on one device" in report["pallas_attention_under_mesh"]
 
 
 def test_one_psum_per_ffn(report):

@@ -144,3 +144,24 @@ def test_fused_stack_shape_errors():
     with pytest.raises(ValueError, match="scores"):
         fused_sparse_ffn(x, w["gate"], w["up"], w["down"], 0.0, act="silu", method="m",
                          layer=0, scores=jnp.ones((1, M - 1)))
+
+
+def test_stack_past_int32_offsets_hands_the_kernel_one_layer(monkeypatch):
+    """A stack with more elements than int32 offsets address (shrunk here) is sliced per
+    layer before the kernel: same result, and the kernel sees [m, d] with no offset."""
+    from countdown_jax.kernels.sparse_ffn import api as sparse_api
+    w = stack(7)
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.standard_normal((2, D)), jnp.float32)
+    idx = jnp.asarray(np.stack([rng.permutation(M)[:8] for _ in range(2)]), jnp.int32)
+    count = jnp.asarray([8, 5], jnp.int32)
+    l = 2
+    ref = sparse_ffn(x, w["gate"][l], w["up"][l], w["down"][l], idx, count, act="silu")
+    flat, off, m = sparse_api._flat_stack(tuple(w.values()), l)
+    assert flat[0].shape == (L * M, D) and m == M
+    monkeypatch.setattr(sparse_api, "MAX_FLAT_ELEMENTS", M * D)          # one layer fits
+    flat, off, m = sparse_api._flat_stack(tuple(w.values()), l)
+    assert flat[0].shape == (M, D) and off == 0 and m == M
+    got = sparse_ffn(x, w["gate"], w["up"], w["down"], idx, count, act="silu",
+                     layer=jnp.int32(l), implementation="pallas_gpu", interpret=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)

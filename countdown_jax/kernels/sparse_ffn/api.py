@@ -35,7 +35,7 @@ def _fallback_warning(what: str):
         warnings.warn(what, stacklevel=3)
 
 
-def resolve_pallas(implementation: str, interpret: bool) -> str:
+def resolve_pallas(implementation: str, interpret: bool, what: str = "sparse FFN") -> str:
     """Map "pallas" to the platform's backend; "xla" where no compiled Pallas exists."""
     if implementation != "pallas":
         return implementation
@@ -47,7 +47,7 @@ def resolve_pallas(implementation: str, interpret: bool) -> str:
     if interpret:
         return "pallas_gpu"
     _fallback_warning(f"Pallas kernels need a GPU or TPU (backend is {backend!r}); "
-                      "sparse FFN falls back to the XLA reference")
+                      f"{what} falls back to the XLA reference")
     return "xla"
 
 
@@ -83,8 +83,14 @@ def _check(x, w_gate, w_up, w_down, idx, count, dense, coef):
                          f"{None if coef is None else coef.shape}")
 
 
+# The Pallas GPU kernels address elements with int32 offsets.
+MAX_FLAT_ELEMENTS = 2 ** 31 - 1
+
+
 def _flat_stack(ws, layer):
-    """Stacked [L, m, d] weights -> flat [L*m, d] views (free reshapes) + row offset."""
+    """Stacked [L, m, d] weights -> flat [L*m, d] views (free reshapes) + row offset.
+    A stack too large for int32 element offsets gives the layer's own slice instead
+    (XLA copies it: correct, but slower)."""
     if layer is None:
         if any(w.ndim != 2 for w in ws):
             raise ValueError("sparse_ffn: stacked [L, m, d] weights need layer=")
@@ -93,6 +99,9 @@ def _flat_stack(ws, layer):
         raise ValueError(f"sparse_ffn: layer= needs three [L, m, d] stacks, got "
                          f"{[w.shape for w in ws]}")
     nl, m, d = ws[0].shape
+    if nl * m * d > MAX_FLAT_ELEMENTS:
+        return tuple(jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)
+                     for w in ws), 0, m
     return tuple(w.reshape(nl * m, d) for w in ws), jnp.asarray(layer, jnp.int32) * m, m
 
 
