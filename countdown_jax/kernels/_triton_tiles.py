@@ -64,7 +64,9 @@ def load_rows(w_ref, rows, row_ok, bd: int, n: int):
 
 
 def tile_dots(tiles, vecs):
-    """[row . v for each row of the tiles] for each v in vecs (``load_rows`` tiles)."""
+    """[row . v for each row of the tiles] for each v in vecs (``load_rows`` tiles). Every
+    tile serves every vector (batch rows share the gather); with one vector the products
+    are summed over chunks first and reduced across columns once."""
     if len(vecs) == 1:
         acc = None
         for ci, t in enumerate(tiles):
@@ -82,56 +84,8 @@ def accumulate_tiles(acc, tiles, coefs):
 
 
 def row_dots(w_ref, rows, row_ok, vecs, bd: int, n: int):
-    """[w_ref[r] . v for r in rows] for each v in vecs (lists of float32 [bd] chunks).
-
-    Each tile is loaded once and used by every vector (batch rows share the gather).
-    With one vector, products are summed over chunks first and reduced across columns
-    once (one cross-thread reduction per call instead of one per chunk).
-    """
-    nb = len(vecs)
-    if nb == 1:
-        acc = None
-        for ci, (c0, _) in enumerate(chunks(n, bd)):
-            p = load_tile(w_ref, rows, row_ok, c0, bd, n) * vecs[0][ci][None, :]
-            acc = p if acc is None else acc + p
-        return [jnp.sum(acc, axis=1)]
-    outs = [None] * nb
-    for ci, (c0, _) in enumerate(chunks(n, bd)):
-        t = load_tile(w_ref, rows, row_ok, c0, bd, n)
-        for b in range(nb):
-            p = jnp.sum(t * vecs[b][ci][None, :], axis=1)
-            outs[b] = p if outs[b] is None else outs[b] + p
-    return outs
-
-
-def row_dots2(wa_ref, wb_ref, rows, row_ok, vecs, bd: int, n: int):
-    """row_dots of two matrices over the same gathered rows in one pass (gate and up)."""
-    nb = len(vecs)
-    acc_a, acc_b = [None] * nb, [None] * nb
-    for ci, (c0, _) in enumerate(chunks(n, bd)):
-        ta = load_tile(wa_ref, rows, row_ok, c0, bd, n)
-        tb = load_tile(wb_ref, rows, row_ok, c0, bd, n)
-        for b in range(nb):
-            if nb == 1:
-                pa, pb = ta * vecs[b][ci][None, :], tb * vecs[b][ci][None, :]
-            else:
-                pa = jnp.sum(ta * vecs[b][ci][None, :], axis=1)
-                pb = jnp.sum(tb * vecs[b][ci][None, :], axis=1)
-            acc_a[b] = pa if acc_a[b] is None else acc_a[b] + pa
-            acc_b[b] = pb if acc_b[b] is None else acc_b[b] + pb
-    if nb == 1:
-        return [jnp.sum(acc_a[0], axis=1)], [jnp.sum(acc_b[0], axis=1)]
-    return acc_a, acc_b
-
-
-def accumulate_rows(acc, wd_ref, rows, row_ok, coefs, bd: int, n: int):
-    """acc[b][c] += sum_r coefs[b][r] * wd_ref[rows[r], chunk c]  (down projection)."""
-    new = [list(a) for a in acc]
-    for ci, (c0, _) in enumerate(chunks(n, bd)):
-        t = load_tile(wd_ref, rows, row_ok, c0, bd, n)
-        for b in range(len(coefs)):
-            new[b][ci] = new[b][ci] + jnp.sum(coefs[b][:, None] * t, axis=0)
-    return new
+    """[w_ref[r] . v for r in rows] for each v in vecs (lists of float32 [bd] chunks)."""
+    return tile_dots(load_rows(w_ref, rows, row_ok, bd, n), vecs)
 
 
 def store_vec(ref, lead, c0: int, bd: int, n: int, val):
@@ -147,17 +101,13 @@ def kept_row_dots(refs, wd_ref, rows, row_ok, vecs, bd: int, n: int, prefetch: b
     and W_down's tiles of the same rows when ``prefetch`` (else None: read them later in
     ``accumulate_kept``). Prefetch puts the down loads in flight with the gate/up loads,
     one memory round trip per tile instead of two, at the cost of registers for both."""
-    if prefetch:
-        tiles = [load_rows(w, rows, row_ok, bd, n) for w in refs]
-        down = load_rows(wd_ref, rows, row_ok, bd, n)
-        return [tile_dots(t, vecs) for t in tiles], down
-    if len(refs) == 2:
-        return list(row_dots2(refs[0], refs[1], rows, row_ok, vecs, bd, n)), None
-    return [row_dots(refs[0], rows, row_ok, vecs, bd, n)], None
+    tiles = [load_rows(w, rows, row_ok, bd, n) for w in refs]
+    down = load_rows(wd_ref, rows, row_ok, bd, n) if prefetch else None
+    return [tile_dots(t, vecs) for t in tiles], down
 
 
 def accumulate_kept(acc, wd_ref, down, rows, row_ok, coefs, bd: int, n: int):
     """acc += coefs * W_down[rows] from ``kept_row_dots``'s prefetched tiles or a new read."""
-    if down is not None:
-        return accumulate_tiles(acc, down, coefs)
-    return accumulate_rows(acc, wd_ref, rows, row_ok, coefs, bd, n)
+    if down is None:
+        down = load_rows(wd_ref, rows, row_ok, bd, n)
+    return accumulate_tiles(acc, down, coefs)
