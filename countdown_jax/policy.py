@@ -8,8 +8,14 @@ leading layer axis, so one compile serves every value and ``jax.vmap`` sweeps th
       "sparsity":  float32 [L]   r in [0, 1): ideal / topk modes drop k = int(m r) neurons
       "threshold": float32 [L]   tau: threshold mode keeps q > tau
       "theta":     float32 [L]   predictor mode keeps z > theta (0 by default)
-      "predictor": {"V": [L, d, rank], "U": [L, m, rank]}   z = (x V) U^T
+      "predictor": {"Vt": [L, rank, d], "U": [L, m, rank]}   z = (x Vt^T) U^T
     }
+
+The predictor is given as {"V": [L, d, rank], "U": [L, m, rank]} (z = (x V) U^T, the
+paper's form, what training saves) and stored with V transposed, so both of its GEMVs read
+one contiguous row per output like every weight here: h = x V as a column reduction ran at
+0.65 TB/s (6.4 us per layer at rank 512 on an H200), as rows at 5 TB/s (0.8 us)
+(experiments/results/bench_projections.csv).
 
 Only the keys a spec needs must be present (``make_policy`` builds and checks them).
 Inside the scan over layers the FFN sees one layer's slice (leading axis dropped); a sweep
@@ -130,8 +136,9 @@ def make_policy(num_layers: int, *, sparsity=None, threshold=None, theta=None,
     """Build a validated policy pytree (float32 arrays with leading axis L).
 
     Scalars broadcast to every layer. ``sparsity`` must lie in [0, 1); ``predictor`` is
-    {"V": [L, d, rank], "U": [L, m, rank]} (its floating dtype is kept). ``theta``
-    defaults to 0 when a predictor is given.
+    {"V": [L, d, rank], "U": [L, m, rank]} (its floating dtype is kept; stored as
+    {"Vt": [L, rank, d], "U"}, see the module docstring; a policy's own {"Vt", "U"} is
+    accepted as is). ``theta`` defaults to 0 when a predictor is given.
     """
     if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) \
             or num_layers < 1:
@@ -157,23 +164,29 @@ def make_policy(num_layers: int, *, sparsity=None, threshold=None, theta=None,
 
 
 def _check_predictor(predictor, num_layers):
-    if not isinstance(predictor, dict) or set(predictor) != {"V", "U"}:
+    """{"V": [L, d, rank], "U": [L, m, rank]} (or a policy's {"Vt": [L, rank, d], "U"})
+    -> the stored form {"Vt": [L, rank, d], "U": [L, m, rank]}."""
+    keys = set(predictor) if isinstance(predictor, dict) else None
+    if keys not in ({"V", "U"}, {"Vt", "U"}):
         got = sorted(predictor) if isinstance(predictor, dict) else type(predictor).__name__
         raise ValueError(f"predictor must be a dict with keys 'V' [L, d, rank] and "
                          f"'U' [L, m, rank], got {got}")
+    vkey = "V" if "V" in keys else "Vt"
+    dims = {"V": "d, rank", "Vt": "rank, d", "U": "m, rank"}
     out = {}
-    for key in ("V", "U"):
+    for key in (vkey, "U"):
         a = jnp.asarray(predictor[key])
         if not jnp.issubdtype(a.dtype, jnp.floating):
             raise ValueError(f"predictor {key!r} must be floating point, got {a.dtype}")
         if a.ndim != 3 or a.shape[0] != num_layers:
             raise ValueError(f"predictor {key!r} must have shape [L={num_layers}, "
-                             f"{'d' if key == 'V' else 'm'}, rank], got {list(a.shape)}")
+                             f"{dims[key]}], got {list(a.shape)}")
         out[key] = a
-    if out["V"].shape[2] != out["U"].shape[2]:
-        raise ValueError(f"predictor ranks differ: V {list(out['V'].shape)} vs "
+    vt = out[vkey] if vkey == "Vt" else jnp.swapaxes(out[vkey], 1, 2)
+    if vt.shape[1] != out["U"].shape[2]:
+        raise ValueError(f"predictor ranks differ: {vkey} {list(out[vkey].shape)} vs "
                          f"U {list(out['U'].shape)}")
-    return out
+    return {"Vt": vt, "U": out["U"]}
 
 
 def check_policy(spec: SparseSpec, policy, *, num_layers: int, d: int | None = None,
@@ -227,14 +240,18 @@ def _require_keys(spec, policy):
 
 
 def _check_predictor_dims(pred, d, m, lead):
-    if not isinstance(pred, dict) or set(pred) != {"V", "U"}:
-        raise ValueError("predictor must be a dict with keys 'V' and 'U'")
-    v, u = np.shape(pred["V"]), np.shape(pred["U"])
-    if len(v) != lead + 2 or len(u) != lead + 2 or v[-1] != u[-1]:
-        raise ValueError(f"predictor shapes V {list(v)}, U {list(u)} do not match "
-                         f"{'[L, ' if lead else '['}d, rank] and {'[L, ' if lead else '['}m, rank]")
-    if d is not None and v[-2] != d:
-        raise ValueError(f"predictor V {list(v)} expects model width d={v[-2]}, MLP input has d={d}")
+    """A policy's (lead=1) or one layer's (lead=0) stored predictor {"Vt", "U"}."""
+    if not isinstance(pred, dict) or set(pred) != {"Vt", "U"}:
+        got = sorted(pred) if isinstance(pred, dict) else type(pred).__name__
+        raise ValueError(f"a policy's predictor must be a dict with keys 'Vt' and 'U' (as "
+                         f"make_policy stores {{'V', 'U'}}), got {got}")
+    v, u = np.shape(pred["Vt"]), np.shape(pred["U"])
+    if len(v) != lead + 2 or len(u) != lead + 2 or v[-2] != u[-1]:
+        pre = "[L, " if lead else "["
+        raise ValueError(f"predictor shapes Vt {list(v)}, U {list(u)} do not match "
+                         f"{pre}rank, d] and {pre}m, rank]")
+    if d is not None and v[-1] != d:
+        raise ValueError(f"predictor Vt {list(v)} expects model width d={v[-1]}, MLP input has d={d}")
     if m is not None and u[-2] != m:
         raise ValueError(f"predictor U {list(u)} expects m={u[-2]} neurons, the MLP has m={m}")
 

@@ -137,7 +137,8 @@ def schedule(peak_lr: float, warmup: int):
 def _logits(pred, x):
     """z [R, L, b, m] for predictors {"V": [R, L, d, k], "U": [R, L, m, k]}, x [L, b, d]."""
     per_layer = jax.vmap(predictor_logits, in_axes=(0, 0))         # over L
-    return jax.vmap(per_layer, in_axes=(0, None))(pred, x)         # over R
+    stored = {"Vt": jnp.swapaxes(pred["V"], -1, -2), "U": pred["U"]}  # policy.py's layout
+    return jax.vmap(per_layer, in_axes=(0, None))(stored, x)       # over R
 
 
 def _bce(pred, x, labels):

@@ -65,8 +65,9 @@ def rank_quantity(method: str, mlp, x, act: str, *, g=None, u=None):
 
 
 def predictor_logits(predictor, x):
-    """z [..., m] float32 = (x V) U^T for one layer's predictor {"V": [d, rank], "U": [m, rank]}."""
-    h = jnp.einsum("...d,dr->...r", x, predictor["V"], preferred_element_type=jnp.float32,
+    """z [..., m] float32 = (x V) U^T for one layer's stored predictor {"Vt": [rank, d],
+    "U": [m, rank]} (V transposed: both GEMVs read rows, see policy.py)."""
+    h = jnp.einsum("...d,rd->...r", x, predictor["Vt"], preferred_element_type=jnp.float32,
                    precision=HIGHEST)
     return jnp.einsum("...r,mr->...m", h, predictor["U"].astype(jnp.float32), precision=HIGHEST)
 

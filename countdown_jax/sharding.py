@@ -10,7 +10,7 @@ What goes where (``param_specs``):
   * FFN: gate/up/down are [L, m, d] row-per-neuron, so one spec on the m axis splits all
     three; each device selects among its own neurons and the partial down projections
     meet in ONE psum per layer (``tensor_parallel_ffn``, an explicit shard_map). The
-    predictor's U [L, m, rank] splits with them; V and per-layer scalars are replicated.
+    predictor's U [L, m, rank] splits with them; Vt and per-layer scalars are replicated.
     Rules that rank across neurons (ideal, topk, a capacity cut) stay exact across
     devices (``parallel_selection``); ``SparseSpec.shard_capacity`` trades that
     exactness of the capacity cut for no extra communication.

@@ -274,12 +274,14 @@ def write(out: Path, name: str, rows, prof_rows):
 
 
 def plot(csv_path: Path, png_path: Path):
-    """ms/step of dense, M and D (batch 1, r = 0.9, unstacked, exact rule) per H100 run."""
+    """ms/step of dense, M and D (batch 1, r = 0.9, unstacked, exact rule) per H100 / H200
+    run (the card is in each run's name; compare bars within a run)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in csv.DictReader(open(csv_path))
-            if r["batch"] == "1" and r["layers"] == "unstacked" and "H100" in r["run"]
+            if r["batch"] == "1" and r["layers"] == "unstacked"
+            and ("H100" in r["run"] or "H200" in r["run"])
             and (r["method"] == "dense" or (r["sparsity"] == "0.9" and r["capacity"] == "none"))
             and r["ms_per_step"] not in ("", "nan")]
     runs = list(dict.fromkeys(r["run"] for r in rows))
@@ -299,10 +301,11 @@ def plot(csv_path: Path, png_path: Path):
         ax.bar(xs, ys, w, color=colors[method], alpha=1.0 if attn == "pallas" else 0.5,
                hatch="" if attn == "pallas" else "//", label=f"{method}, {attn} attention")
     ax.set_xticks(range(len(runs)))
-    ax.set_xticklabels([r.split(" H100")[0] + ("\n(prompt 2048)" if "prompt 2048" in r else "")
-                        for r in runs])
+    ax.set_xticklabels([r.split(" ")[0] + "\n" + r.split(" ")[1] +
+                        ("\n(prompt 2048)" if "prompt 2048" in r else "") +
+                        ("\n(V [d, r])" if "V [d r]" in r else "") for r in runs], fontsize=7)
     ax.set_ylabel("ms per decode step (lower is better)")
-    ax.set_title("Llama-3.1-8B shapes, 32 layers, batch 1, r = 0.9, NVIDIA H100 80GB HBM3")
+    ax.set_title("Llama-3.1-8B shapes, 32 layers, batch 1, r = 0.9 (H100 80GB HBM3 / H200)")
     ax.legend(fontsize=7, ncol=3)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -39,6 +39,7 @@ import numpy as np
 
 from countdown_jax.kernels.fused_sparse_ffn.api import fused_sparse_ffn
 from countdown_jax.kernels.fused_sparse_ffn.pallas_gpu import FusedConfig
+from countdown_jax.kernels.fused_sparse_ffn.pallas_gpu import default_config as fused_default
 from countdown_jax.kernels.fused_sparse_ffn.reference import project, selection_scores
 from countdown_jax.kernels.sparse_ffn.pallas_gpu import GatherConfig
 from countdown_jax.ffn import activation
@@ -82,7 +83,7 @@ def make_problem(name, dtype, batch, nsets, seed=0):
         k = jax.random.split(jax.random.key(seed * 100 + s), 5)
         f = lambda kk, shape, scale: (jax.random.normal(kk, shape, jnp.float32) * scale).astype(dtype)
         sets.append((f(k[0], (m, d), d ** -0.5), f(k[1], (m, d), d ** -0.5),
-                     f(k[2], (m, d), m ** -0.5), f(k[3], (d, RANK), d ** -0.5),
+                     f(k[2], (m, d), m ** -0.5), f(k[3], (RANK, d), d ** -0.5),
                      f(k[4], (m, RANK), RANK ** -0.5)))
     x0 = jax.random.normal(jax.random.key(seed + 7), (batch, d), jnp.float32).astype(dtype)
     jax.block_until_ready((sets, x0))
@@ -96,7 +97,7 @@ def scores(p: Problem, method, s):
     key = (p.name, str(p.dtype), method, p.x0.shape[0])
     if key not in _score_fn:
         _score_fn[key] = jax.jit(lambda x, wg, wu, v, u: selection_scores(
-            x, wg, wu, act=p.act, method=method, pred_v=v, pred_u=u)[0])
+            x, wg, wu, act=p.act, method=method, pred_vt=v, pred_u=u)[0])
     wg, wu, _, v, u = p.sets[s]
     return np.asarray(_score_fn[key](p.x0, wg, wu, v, u), np.float64)
 
@@ -137,7 +138,7 @@ def dense_step(p: Problem):
 def sparse_step(p: Problem, method, impl, config=None, capacity=None):
     def f(x, w, tau):
         wg, wu, wd, v, u = w
-        return fused_sparse_ffn(x, wg, wu, wd, tau, act=p.act, method=method, pred_v=v,
+        return fused_sparse_ffn(x, wg, wu, wd, tau, act=p.act, method=method, pred_vt=v,
                                 pred_u=u, implementation=impl, capacity=capacity,
                                 config=config, interpret=INTERPRET)
     return f
@@ -200,7 +201,7 @@ def reference(p: Problem, method, tau0):
             if fkey not in _ref_fn:
                 _ref_fn.clear()
                 _ref_fn[fkey] = jax.jit(lambda x, wg, wu, wd, v, u, t: fused_sparse_ffn(
-                    x, wg, wu, wd, t, act=p.act, method=method, pred_v=v, pred_u=u,
+                    x, wg, wu, wd, t, act=p.act, method=method, pred_vt=v, pred_u=u,
                     implementation="xla"))
             y, c = _ref_fn[fkey](p.x0, wg, wu, wd, v, u, tau0)
         _ref_cache[key] = (np.asarray(y, np.float64), np.asarray(c))
@@ -226,7 +227,7 @@ def check(p: Problem, method, impl, config, capacity, rs=(0.5, 0.9)):
     for r in rs:
         taus, _ = thresholds(p, method, r)
         tau = taus[0]
-        kw = dict(act=p.act, method=method, pred_v=v, pred_u=u)
+        kw = dict(act=p.act, method=method, pred_vt=v, pred_u=u)
         ref, rc = jax.jit(lambda x: fused_sparse_ffn(x, wg, wu, wd, tau, implementation="xla",
                                                      **kw))(p.x0)
         y, c = jax.jit(lambda x: fused_sparse_ffn(x, wg, wu, wd, tau, implementation=impl,
@@ -568,6 +569,69 @@ def plan_s3(R: Runner, best):
     plan_full(R, {**best, **won}, first=p)
 
 
+def s4_variants():
+    """Session 4 probe of the chosen kernels (labels -> configs): software pipelining
+    (num_stages), smaller compaction tiles (fewer registers held per round trip), several
+    blocks per program (programs out of lock-step), narrower column chunks."""
+    replace = dataclasses.replace
+    m0 = fused_default(jnp.bfloat16, "m")
+    d0 = fused_default(jnp.bfloat16, "d")
+    return {
+        "m": {"xs-bn64-bd1024-w4-p264-c4-pf-s2": replace(m0, num_stages=2),
+              "xs-bn64-bd1024-w4-p264-c4-pf-s3": replace(m0, num_stages=3),
+              "xs-bn64-bd1024-w4-p264-c2-pf": replace(m0, compact=2),
+              "xs-bn64-bd512-w4-p264-c4-pf": replace(m0, bd=512),
+              "xs-bn16-bd1024-w4-p264-c4-pf": replace(m0, bn=16),
+              "xs-bn128-bd1024-w8-p132-c8-pf": replace(m0, bn=128, num_warps=8, programs=132,
+                                                       compact=8)},
+        "d": {"xs-bn32-bd1024-w4-p448-c4-pf-s2": replace(d0, num_stages=2),
+              "xs-bn32-bd1024-w4-p448-c4-pf-s3": replace(d0, num_stages=3),
+              "xs-bn32-bd1024-w4-p448-c2-pf": replace(d0, compact=2),
+              "xs-bn16-bd1024-w4-p448-c4-pf": replace(d0, bn=16)},
+    }
+
+
+def plan_s4(R: Runner, best):
+    """Session 4: a probe of variants of the chosen kernels against them (llama bf16, r =
+    0.9 / 0.5, same run), stage profiles of any that win, then the plan_full steps named
+    by --only (the index-list / plain-XLA rows run 6's budget skipped)."""
+    add_ceilings(R)
+    p = make_problem("llama-3.1-8b", jnp.bfloat16, 1, R.args.sets)
+    R.baseline(p)
+    fused = dict(TUNE_FUSED + TUNE_XLA_SCORE + TUNE_PREFETCH)
+    for method, variants in s4_variants().items():
+        res = {}
+        for label, cfg in [(best[method], fused[best[method]]), *variants.items()]:
+            t = R.pallas(p, method, label, cfg, (0.9, 0.5))
+            if 0.9 in t:
+                res[label] = t[0.9]
+        if res:
+            win = min(res, key=res.get)
+            log(f"s4 {method}: best {win} {res[win]:.2f} us (chosen {best[method]}: "
+                f"{res.get(best[method], float('nan')):.2f})")
+            if win != best[method] and R.left() > 120:
+                stage_profile(R, p, method, "pallas-fused", win, 0.9)
+                R.poison_check(p, method, win, variants[win])
+    if R.args.only:
+        plan_full(R, best, first=p)
+
+
+def plan_stages(R: Runner, best):
+    """Per-kernel stage times of the chosen kernels (llama bf16, batch 1) at r = 0.9 and at
+    r = 1.0 (nothing kept: what a call costs before any row is gathered), with dense and
+    the harness's own update in the same run."""
+    add_ceilings(R)
+    p = make_problem("llama-3.1-8b", jnp.bfloat16, 1, R.args.sets)
+    R.baseline(p)
+    fused = dict(TUNE_FUSED + TUNE_XLA_SCORE + TUNE_PREFETCH)
+    stage_profile(R, p, "loop-overhead", "xla", "x<-x0+eps*y only", 0.0)
+    stage_profile(R, p, "dense", "xla-dense", "einsum", 0.0)
+    for method in METHODS:
+        R.pallas(p, method, best[method], fused[best[method]], (0.9, 1.0))
+        for r in (0.9, 1.0):
+            stage_profile(R, p, method, "pallas-fused", best[method], r)
+
+
 def plan_all(R: Runner):
     """Ceiling; variant sweep at llama bf16 (r = 0.9, 0.5); poison checks of the winners;
     then every shape x dtype x method x r with the winners; batch 4/8 at llama bf16."""
@@ -637,23 +701,26 @@ def plan_full(R: Runner, best, first=None):
         for method in METHODS:
             R.xla_gather(p, method, xla_ratios)
 
-    # in order of importance, each step guarded by the time budget
-    steps = [("llama-3.1-8b", jnp.bfloat16, 1,
+    # in order of importance, each step guarded by the time budget; kind: which kernels
+    # (--only "shape/dtype/batch" runs every step of that problem, ":kind" just one)
+    steps = [("llama-3.1-8b", jnp.bfloat16, 1, "both",
               lambda p: (fused_all(p, RATIOS + (1.0,)), gathered(p, RATIOS, RATIOS[1:])))]
-    steps += [(s, jnp.bfloat16, 1, lambda p: fused_all(p, RATIOS)) for s in others]
-    steps += [("llama-3.1-8b", jnp.bfloat16, b,
+    steps += [(s, jnp.bfloat16, 1, "fused", lambda p: fused_all(p, RATIOS)) for s in others]
+    steps += [("llama-3.1-8b", jnp.bfloat16, b, "both",
                lambda p: (fused_all(p, (0.5, 0.8, 0.9, 0.95)), gathered(p, (0.9,), ())))
               for b in R.args.batches]
-    steps += [("llama-3.1-8b", jnp.float32, 1,
+    steps += [("llama-3.1-8b", jnp.float32, 1, "both",
                lambda p: (fused_all(p, RATIOS), gathered(p, (0.5, 0.9), (0.9,))))]
-    steps += [(s, jnp.float32, 1, lambda p: fused_all(p, RATIOS)) for s in others]
-    steps += [(s, jnp.bfloat16, 1, lambda p: gathered(p, (0.5, 0.9), (0.9,))) for s in others]
+    steps += [(s, jnp.float32, 1, "fused", lambda p: fused_all(p, RATIOS)) for s in others]
+    steps += [(s, jnp.bfloat16, 1, "gathered", lambda p: gathered(p, (0.5, 0.9), (0.9,)))
+              for s in others]
     only = [t for t in R.args.only.split(",") if t]
-    for name, dtype, batch, run in steps:
-        if only and f"{name}/{dtype.__name__}/{batch}" not in only:
+    for name, dtype, batch, kind, run in steps:
+        key = f"{name}/{dtype.__name__}/{batch}"
+        if only and key not in only and f"{key}:{kind}" not in only:
             continue
         if R.left() < 45:
-            log(f"budget left {R.left():.0f}s: skip {name} {dtype.__name__} B={batch}")
+            log(f"budget left {R.left():.0f}s: skip {name} {dtype.__name__} B={batch} {kind}")
             R.add(shape=name, dtype=dtype.__name__, batch=batch, note="not run: time budget")
             continue
         run(problem(name, dtype, batch))
@@ -707,12 +774,15 @@ def plan_focus(R: Runner, kernel_best):
 
 # ----------------------------------------------------------------------------- report
 
-CHOSEN = {  # (method, implementation, variant) of the current defaults (run 6)
+CHOSEN = {  # (method, implementation, variant) of the current defaults (chosen in run 6)
     "m": ("pallas-fused", "xs-bn64-bd1024-w4-p264-c4-pf"),
     "cats": ("pallas-fused", "xs-bn64-bd1024-w4-p264-c4-pf"),
     "d": ("pallas-fused", "xs-bn32-bd1024-w4-p448-c4-pf"),
 }
-MATRIX_RUN = "6"    # the run that timed every shape x dtype x batch with the chosen kernels
+# runs that timed every shape x dtype x batch with the chosen kernels: 10 = the current code
+# (predictor stored Vt [r, d]) on an H200; 6 = session 3 on an H100 (predictor V [d, r])
+MATRIX_RUNS = ("10", "6")
+MATRIX_RUN = MATRIX_RUNS[0]
 
 
 def stage_table(path):
@@ -727,7 +797,9 @@ def stage_table(path):
          "call)", "", "Ops above 0.3 us per call; \"busy\" is the union of kernel intervals "
          "per call (the harness's input update included, ~0.3 us). `input_reduce_fusion_14` "
          "is XLA's dense GEMV (gate+up for dense, up / gate for M / CATS, z = hU^T for D), "
-         "`_9` / `_20` the partial-sum reduce / D's h = xV.", "",
+         "`_9` the partial-sum reduce (`_20` for dense: the down GEMV's split-K reduce). D's "
+         "predictor: runs 6 and 8 (V [d, r]) spend `_20` + `loop_multiply_fusion_6` + `_14` "
+         "on h and z; run 9 (Vt [r, d]) `_24` (h) + `_14` (z).", "",
          "| run | method | variant | r | kernels (us per call) | busy |", "|---|---|---|---|---|---|"]
     for (run, method, variant, r), ops in by.items():
         busy = [o["us_per_call"] for o in ops if o["op"] == "(busy)"]
@@ -797,10 +869,13 @@ def report(csv_path, md_path, png_path):
     dense = {run: float(get(run, "dense", "xla-dense", "einsum", "0.0")["us_per_call"])
              for run in runs if get(run, "dense", "xla-dense", "einsum", "0.0")}
     L = ["# Sparse FFN kernels: one decode token, per-FFN GPU time", "",
-         f"Card: {', '.join(dev)} (`jax.devices()[0].device_kind`), jax 0.11.2, Pallas Triton "
+         f"Cards: {', '.join(dev)} (`jax.devices()[0].device_kind`), jax 0.11.2, Pallas Triton "
          "lowering. Each run is one call of the device tool (runs 1-3: session 1, 4-5: "
-         "session 2, 6: session 3); a call may get another H100, so every run re-measures "
-         "dense and the HBM ceilings and comparisons stay within a run. Time inside one "
+         "session 2, 6: session 3, all on H100s; 7-10: session 4, on H200s, the only card "
+         "lent then: the card is in every CSV row); a call may get another card, so every "
+         "run re-measures dense and the HBM ceilings and comparisons stay within a run. "
+         "Runs 1-8 compute D's predictor hidden h = xV from V [d, r] (a column reduction); "
+         "runs 9-10 from the stored transpose Vt [r, d] (the current code, policy.py). Time inside one "
          "jitted `fori_loop`, compile excluded, median of 5-7 runs; every time includes one "
          "input-update op per call (`loop-overhead` row, NOT subtracted; from run 6 the loop "
          "is unrolled 5x, which cut it from 5-10 us to 3-4 us per call). GB/s = bytes the "
@@ -828,11 +903,13 @@ def report(csv_path, md_path, png_path):
           f"{m}: `{v[1]}`" for m, v in CHOSEN.items()) +
           " (`xs-` = scores from XLA's dense GEMV, sparse part in the kernel; `-pf` = the "
           "kept rows' W_down loads issued with their gate/up loads; `cN` = kept rows "
-          "compacted into tiles of N; `pN` = N programs). Targets were M, CATS <= 55 us and "
-          "D <= 30 us: missed, see the stage table and KERNEL_NOTES.md. Official release on "
-          "an H100 (anchors.md): M 90, D 74, dense 134 us.", ""]
+          "compacted into tiles of N; `pN` = N programs). Targets (issue 5, on an H100): M, "
+          "CATS <= 55 us and D <= 30 us; see the stage table and KERNEL_NOTES.md for what "
+          "separates each kernel from them. Official release on an H100 (anchors.md): M 90, "
+          "D 74, dense 134 us.", ""]
     L += stage_table(os.path.join(os.path.dirname(csv_path), "bench_kernels_stages.csv"))
-    L += matrix_tables(rows, MATRIX_RUN)
+    for run in MATRIX_RUNS:
+        L += matrix_tables(rows, run)
     L += [
 "## Llama-3.1-8B MLP (4096 x 14336), bf16, batch 1, r = 0.9, every variant", "",
           "| run | method | implementation | variant | us | x dense (same run) | GB/s needed-bytes | "
@@ -867,9 +944,10 @@ def report(csv_path, md_path, png_path):
           "stream for the others).", ""]
     other = [r for r in rows if r["us_per_call"] and r["method"] not in ("loop-overhead",)
              and not (r["shape"] == "llama-3.1-8b" and r["dtype"] == "bfloat16"
-                      and r["batch"] == "1") and r["run"] != MATRIX_RUN]
+                      and r["batch"] == "1") and r["run"] not in MATRIX_RUNS]
     if other:
-        L += ["## Other shapes, earlier runs (runs 4-5: session 2's kernels)", "",
+        L += ["## Other shapes, other runs (runs 4-5: session 2's kernels; 7: session 4's "
+              "first H200 call, predictor V [d, r])", "",
               "| run | shape | dtype | batch | method | implementation | variant | r | us | "
               "GB/s |", "|---|---|---|---|---|---|---|---|---|---|"]
         L += [f"| {r['run']} | {r['shape']} | {r['dtype']} | {r['batch']} | {r['method']} | "
@@ -894,20 +972,23 @@ def report(csv_path, md_path, png_path):
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
     colors = {"m": "tab:blue", "cats": "tab:orange", "d": "tab:green"}
     for (run, method, impl, variant), by in sorted(val.items()):
-        if len(by) < 3 or method not in colors or run not in (MATRIX_RUN, "4"):
+        if len(by) < 3 or method not in colors or run not in MATRIX_RUNS:
             continue
         xs_ = sorted(float(x) for x in by if float(x) < 1.0)
         ys = [float(by[str(x)]["us_per_call"]) for x in xs_]
         ax.plot(xs_, ys, "-" if run == MATRIX_RUN else ":", marker="o", color=colors[method],
                 alpha=1.0 if impl == "pallas-fused" else 0.45,
                 label=f"{method} {impl} {variant} (run {run})")
-    for run in (MATRIX_RUN, "4"):
+    for run in MATRIX_RUNS:
         if run in dense:
             ax.axhline(dense[run], color="black", lw=1, ls="-" if run == MATRIX_RUN else ":",
                        label=f"XLA dense bf16 (run {run})")
     ax.set_xlabel("sparsity r")
     ax.set_ylabel("us per FFN call (one token)")
-    ax.set_title(f"Llama-3.1-8B MLP bf16, batch 1, {dev[0]}")
+    cards = {r["run"]: r["device"].replace("NVIDIA ", "") for r in rows}
+    ax.set_title("Llama-3.1-8B MLP bf16, batch 1: " + ", ".join(
+        f"run {run} {cards.get(run, '')}" + (" solid" if run == MATRIX_RUN else " dotted")
+        for run in MATRIX_RUNS), fontsize=9)
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
     # right: speedup over the same run's dense, every shape and dtype (chosen kernels)
@@ -929,7 +1010,8 @@ def report(csv_path, md_path, png_path):
     bx.axhline(1.0, color="black", lw=1)
     bx.set_xlabel("sparsity r")
     bx.set_ylabel("x XLA dense (same run, same shape and dtype)")
-    bx.set_title(f"Chosen kernels, every shape, bf16 (solid) / fp32 (dashed), run {MATRIX_RUN}")
+    bx.set_title(f"Chosen kernels, every shape, bf16 (solid) / fp32 (dashed), run {MATRIX_RUN} "
+                 f"({cards.get(MATRIX_RUN, '')})", fontsize=9)
     bx.legend(fontsize=5, ncol=3)
     bx.grid(alpha=0.3)
     fig.tight_layout()
@@ -939,7 +1021,8 @@ def report(csv_path, md_path, png_path):
 def main():
     global INTERPRET
     ap = argparse.ArgumentParser()
-    ap.add_argument("--plan", default="all", choices=["all", "full", "focus", "probe", "report", "s3"])
+    ap.add_argument("--plan", default="all", choices=["all", "full", "focus", "probe", "report", "s3", "s4",
+                                              "stages"])
     ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--reps", type=int, default=7)
@@ -947,7 +1030,8 @@ def main():
     ap.add_argument("--batches", type=int, nargs="*", default=[4, 8])
     ap.add_argument("--budget-s", type=float, default=520)
     ap.add_argument("--best", default="", help="json {method: label, 'gather': label}")
-    ap.add_argument("--only", default="", help="full: comma list of shape/dtype/batch steps")
+    ap.add_argument("--only", default="", help="full / s4: comma list of shape/dtype/batch "
+                    "steps, each optionally :fused, :gathered or :both (one kind of step)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     ap.add_argument("--xs-best", default="", help="focus: json {method: label}, skips the sweep")
     ap.add_argument("--methods", nargs="*", default=list(METHODS), help="focus: all-r methods")
@@ -975,6 +1059,10 @@ def main():
             plan_all(R)
         elif args.plan == "s3":
             plan_s3(R, json.loads(args.best))
+        elif args.plan == "stages":
+            plan_stages(R, json.loads(args.best))
+        elif args.plan == "s4":
+            plan_s4(R, json.loads(args.best))
         elif args.plan == "focus":
             plan_focus(R, json.loads(args.best) if args.best else {})
         else:

@@ -55,10 +55,15 @@ def forms():
     def h_transposed(x, w):                  # V stored [r, d]
         return jnp.einsum("nd,rd->nr", x, w, preferred_element_type=jnp.float32, precision=HI)
 
-    def h_split_k(x, w):                     # V [d, r] as 16 slabs: more output tiles
-        part = jnp.einsum("nkc,kcr->nkr", x.reshape(1, 16, D // 16), w.reshape(16, D // 16, R),
-                          preferred_element_type=jnp.float32, precision=HI)
-        return jnp.sum(part, axis=1)
+    def split_k(slabs, **kw):                # w [d, n] as slabs along d: more output tiles
+        def f(x, w):
+            part = jnp.einsum("nkc,kcr->nkr", x.reshape(1, slabs, D // slabs),
+                              w.reshape(slabs, D // slabs, w.shape[-1]), **kw)
+            return jnp.sum(part, axis=1)
+        return f
+
+    def kv_fused(x, w):                      # k and v as one [d, 2K*hd] column reduction
+        return jnp.einsum("bd,dn->bn", x, w)
 
     def z_current(x, w):                     # z = h U^T, h float32, U [m, r] bf16
         h = x[:, :R].astype(jnp.float32)
@@ -73,6 +78,7 @@ def forms():
         return z[:1] + z[1:]
 
     qkv = (H + 2 * K) * HD
+    f32 = dict(preferred_element_type=jnp.float32, precision=HI)
     return {
         "q einsum [d,H,hd] (model)": ((D, H, HD), q_einsum),
         "q 2-D [d,H*hd]": ((D, H * HD), row_major),
@@ -85,7 +91,12 @@ def forms():
         "qkv fused transposed [(H+2K)hd,d]": ((qkv, D), transposed),
         "h=xV [d,r] f32 (model)": ((D, R), h_current),
         "h=xV transposed [r,d] f32": ((R, D), h_transposed),
-        "h=xV split-K 16 slabs f32": ((D, R), h_split_k),
+        "h=xV split-K 8 slabs f32": ((D, R), split_k(8, **f32)),
+        "h=xV split-K 16 slabs f32": ((D, R), split_k(16, **f32)),
+        "h=xV split-K 32 slabs f32": ((D, R), split_k(32, **f32)),
+        "kv fused 2-D [d,2K*hd]": ((D, 2 * K * HD), kv_fused),
+        "kv split-K 16 slabs f32": ((D, 2 * K * HD), split_k(16, preferred_element_type=jnp.float32)),
+        "kv split-K 32 slabs f32": ((D, 2 * K * HD), split_k(32, preferred_element_type=jnp.float32)),
         "z=hU^T [m,r] f32 h (model)": ((14336, R), z_current),
         "z=hU^T hi+lo bf16 rows": ((14336, R), z_hi_lo),
     }

@@ -36,6 +36,30 @@ def test_bench_kernels_smoke_plan_s3(tmp_path):
     assert (tmp_path / "bench_kernels_stages.csv").exists()
 
 
+def test_bench_kernels_smoke_plans_s4_and_stages(tmp_path):
+    """Session 4's probe (variants vs the chosen kernels, then one ``:kind`` step of the
+    full plan) and the stage-profile plan."""
+    best = {"m": "xs-bn64-bd1024-w4-p264-c4-pf", "cats": "xs-bn64-bd1024-w4-p264-c4-pf",
+            "d": "xs-bn32-bd1024-w4-p448-c4-pf", "gather": "bj8-bd1024-w4-p132"}
+    common = ("--smoke", "--iters", 1, "--reps", 1, "--sets", 1, "--best", json.dumps(best))
+    r = _run(EXP / "bench_kernels.py", "--plan", "s4", "--out", tmp_path / "s4",
+             "--only", "gemma-2-9b/bfloat16/1:gathered", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "s4" / "bench_kernels.csv")))
+    assert not [x for x in rows if "FAILED" in x["note"]]
+    probed = {x["variant"] for x in rows if x["shape"] == "llama-3.1-8b" and x["us_per_call"]}
+    assert {"xs-bn64-bd1024-w4-p264-c4-pf-s2", "xs-bn32-bd1024-w4-p448-c2-pf"} <= probed
+    gemma = {(x["method"], x["implementation"]) for x in rows
+             if x["shape"] == "gemma-2-9b" and x["us_per_call"]}
+    assert ("m", "pallas-gather") in gemma and ("d", "xla-gather") in gemma
+    assert not [x for x in gemma if x[1] == "pallas-fused"]     # ":gathered" ran only that step
+    r = _run(EXP / "bench_kernels.py", "--plan", "stages", "--out", tmp_path / "st", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "st" / "bench_kernels.csv")))
+    assert {(x["method"], x["sparsity"]) for x in rows if x["us_per_call"]} >= {
+        ("m", "0.9"), ("m", "1.0"), ("d", "0.9"), ("d", "1.0"), ("dense", "0.0")}
+
+
 def test_bench_kernels_report_from_committed_csv(tmp_path):
     """--plan report regenerates the markdown and plot from experiments/results."""
     for name in ("bench_kernels.csv", "bench_kernels_stages.csv"):

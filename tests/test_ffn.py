@@ -339,7 +339,8 @@ def test_pallas_fused_path_equals_masked(monkeypatch, method, mode):
     mlp = jax.tree.map(jnp.asarray, mlp)
     # threshold halfway between two neighbouring scores: no score sits on it
     spec_m = SparseSpec(method, mode, "masked")
-    q = np.sort(np.asarray(sel.spec_quantity(spec_m, mlp, x, "silu", {"predictor": pred})).ravel())
+    stored = {"Vt": pred["V"].T, "U": pred["U"]}              # as make_policy stores it
+    q = np.sort(np.asarray(sel.spec_quantity(spec_m, mlp, x, "silu", {"predictor": stored})).ravel())
     cut = (q[len(q) // 2] + q[len(q) // 2 + 1]) / 2
     layer = _layer(mode, float(cut), pred if mode == "predictor" else None)
     spec_p = SparseSpec(method, mode, "pallas")

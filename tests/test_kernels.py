@@ -9,6 +9,7 @@ fed several selections (random, all kept, none kept), which are data, not shapes
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import jax
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from countdown_jax.kernels.fused_sparse_ffn.api import fused_sparse_ffn
-from countdown_jax.kernels.fused_sparse_ffn.pallas_gpu import FusedConfig
+from countdown_jax.kernels.fused_sparse_ffn.pallas_gpu import FusedConfig, default_config
 from countdown_jax.kernels.fused_sparse_ffn.reference import selection_scores
 from countdown_jax.kernels.sparse_ffn import api as sparse_api
 from countdown_jax.kernels.sparse_ffn.api import index_list, sparse_ffn
@@ -35,7 +36,7 @@ def rel_err(a, b):
 def weights(seed, m=M, d=D, dtype=jnp.float32):
     k = jax.random.split(jax.random.key(seed), 6)
     w = [jax.random.normal(k[i], (m, d), jnp.float32).astype(dtype) for i in range(3)]
-    v = (jax.random.normal(k[3], (d, R), jnp.float32) / np.sqrt(d)).astype(dtype)
+    v = (jax.random.normal(k[3], (R, d), jnp.float32) / np.sqrt(d)).astype(dtype)  # Vt
     u = jax.random.normal(k[4], (m, R), jnp.float32).astype(dtype)
     return w, v, u
 
@@ -157,10 +158,10 @@ FUSED_CASES = [
 def test_fused_kernel_matches_reference(method, n, dtype, cfg):
     (wg, wu, wd), v, u = weights(11, dtype=dtype)
     x = jax.random.normal(jax.random.key(12), (n, D), jnp.float32).astype(dtype)
-    q, _ = selection_scores(x, wg, wu, act="silu", method=method, pred_v=v, pred_u=u)
+    q, _ = selection_scores(x, wg, wu, act="silu", method=method, pred_vt=v, pred_u=u)
 
     def run(impl, tau):
-        return fused_sparse_ffn(x, wg, wu, wd, tau, act="silu", method=method, pred_v=v,
+        return fused_sparse_ffn(x, wg, wu, wd, tau, act="silu", method=method, pred_vt=v,
                                 pred_u=u, implementation=impl, interpret=True, config=cfg)
 
     kern = jax.jit(lambda t: run("pallas", t))
@@ -185,9 +186,9 @@ def test_fused_kernel_matches_reference(method, n, dtype, cfg):
 def test_index_list_pipelines_match_reference(method):
     (wg, wu, wd), v, u = weights(21)
     x = jax.random.normal(jax.random.key(22), (2, D), jnp.float32)
-    q, _ = selection_scores(x, wg, wu, act="silu", method=method, pred_v=v, pred_u=u)
+    q, _ = selection_scores(x, wg, wu, act="silu", method=method, pred_vt=v, pred_u=u)
     tau = gap_tau(q, 0.7)
-    kw = dict(act="silu", method=method, pred_v=v, pred_u=u, interpret=True)
+    kw = dict(act="silu", method=method, pred_vt=v, pred_u=u, interpret=True)
     ref, rc = fused_sparse_ffn(x, wg, wu, wd, tau, implementation="xla", **kw)
     for impl, cap in (("xla_gather", 16), ("pallas_gather", None)):
         y, cnt = fused_sparse_ffn(x, wg, wu, wd, tau, implementation=impl, capacity=cap,
@@ -236,10 +237,12 @@ def test_kernels_compiled_on_gpu(dtype):
     tol = 1e-2 if dtype == jnp.bfloat16 else 1e-4
     x = jax.random.normal(jax.random.key(42), (n, d), jnp.float32).astype(dtype)
     for method in ("m", "cats", "d"):
-        q, _ = selection_scores(x, wg, wu, act="silu", method=method, pred_v=v, pred_u=u)
-        kw = dict(act="silu", method=method, pred_v=v, pred_u=u)
+        q, _ = selection_scores(x, wg, wu, act="silu", method=method, pred_vt=v, pred_u=u)
+        kw = dict(act="silu", method=method, pred_vt=v, pred_u=u)
         ref = jax.jit(lambda t: fused_sparse_ffn(x, wg, wu, wd, t, implementation="xla", **kw))
-        for impl, cfg in (("pallas", FusedConfig(bn=16, bd=256, poison=True)),
+        default = dataclasses.replace(default_config(dtype, method), poison=True)
+        for impl, cfg in (("pallas", default),   # the shipped one: XLA scores + prefetch
+                          ("pallas", FusedConfig(bn=16, bd=256, poison=True)),
                           ("pallas", FusedConfig(bn=64, bd=512, compact=8, reduce="atomic",
                                                  poison=True)),
                           ("pallas", FusedConfig(bn=64, bd=256, compact=8, prefetch=True,

@@ -24,7 +24,8 @@ def test_make_policy_broadcasts_and_types():
         assert pol[k].shape == (L,) and pol[k].dtype == jnp.float32
     np.testing.assert_array_equal(pol["sparsity"], np.float32(0.7))
     np.testing.assert_array_equal(pol["theta"], 0.0)                 # default with a predictor
-    assert pol["predictor"]["V"].shape == (L, D, RANK)
+    assert set(pol["predictor"]) == {"Vt", "U"}                      # V stored transposed
+    assert pol["predictor"]["Vt"].shape == (L, RANK, D)
     assert make_policy(L, sparsity=0.0)["sparsity"].tolist() == [0.0] * L
     assert set(make_policy(L, threshold=-np.inf)) == {"threshold"}
     check_policy(SparseSpec("d_countdown", "predictor"), pol, num_layers=L, d=D, m=M)
@@ -63,6 +64,24 @@ def test_per_layer_values_must_be_scalar_or_L(key, value):
 def test_bad_predictor(pred, match):
     with pytest.raises(ValueError, match=match):
         make_policy(L, predictor=pred)
+
+
+def test_predictor_stored_transposed():
+    """make_policy takes the paper's V [L, d, rank] and stores Vt [L, rank, d]; a policy's
+    own predictor is accepted again as is; a layer slice in the old form is refused."""
+    rng = np.random.default_rng(0)
+    pred = {"V": rng.standard_normal((L, D, RANK)).astype(np.float32),
+            "U": rng.standard_normal((L, M, RANK)).astype(np.float32)}
+    pol = make_policy(L, predictor=pred)
+    np.testing.assert_array_equal(pol["predictor"]["Vt"], np.swapaxes(pred["V"], 1, 2))
+    again = make_policy(L, predictor=pol["predictor"])
+    np.testing.assert_array_equal(again["predictor"]["Vt"], pol["predictor"]["Vt"])
+    with pytest.raises(ValueError, match=r"predictor 'Vt' must have shape \[L=4, rank, d\]"):
+        make_policy(L, predictor={"Vt": pred["V"][0], "U": pred["U"]})
+    spec = SparseSpec("d_countdown", "predictor")
+    old = {"theta": np.float32(0), "predictor": {"V": pred["V"][0], "U": pred["U"][0]}}
+    with pytest.raises(ValueError, match="keys 'Vt' and 'U'"):
+        check_layer(spec, old, d=D, m=M)
 
 
 def test_bad_num_layers():

@@ -92,7 +92,7 @@ def test_saved_predictor_loads_through_api(tmp_path, recorded):
     model = api.Model(params=params, cfg=cfg, path=tmp_path)
     spec, pol = api.sparsity_setup(model, "d_countdown", "predictor", 0.8, theta_offset=0.25)
     assert spec.mode == "predictor"
-    np.testing.assert_allclose(np.asarray(pol["predictor"]["V"]), init["V"])
+    np.testing.assert_allclose(np.asarray(pol["predictor"]["Vt"]), np.swapaxes(init["V"], 1, 2))
     np.testing.assert_allclose(np.asarray(pol["theta"]), theta + 0.25)
     logits, kept = M.forward(params, cfg, jnp.asarray([[5, 6, 7, 8]], jnp.int32), spec=spec,
                              policy=pol)

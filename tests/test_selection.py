@@ -106,7 +106,8 @@ def test_predictor_logits_vs_numpy():
     pred = {"V": rng.standard_normal((d, rank)).astype(np.float32),
             "U": rng.standard_normal((m, rank)).astype(np.float32)}
     x = rng.standard_normal((3, d)).astype(np.float32)
-    got = sel.predictor_logits(jax.tree.map(jnp.asarray, pred), jnp.asarray(x))
+    stored = {"Vt": jnp.asarray(pred["V"].T), "U": jnp.asarray(pred["U"])}   # as policies hold it
+    got = sel.predictor_logits(stored, jnp.asarray(x))
     want = ref.predictor_logits({k: v.astype(np.float64) for k, v in pred.items()},
                                 x.astype(np.float64))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -96,9 +96,9 @@ def test_fused_kernel_reads_only_its_layer(method, n, cfg):
     w = stack(5)
     rng = np.random.default_rng(6)
     x = jnp.asarray(rng.standard_normal((n, D)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((D, 4)) / np.sqrt(D), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((4, D)) / np.sqrt(D), jnp.float32)    # Vt [r, d]
     u = jnp.asarray(rng.standard_normal((M, 4)), jnp.float32)
-    kw = dict(act="silu", method=method, pred_v=v, pred_u=u, interpret=True)
+    kw = dict(act="silu", method=method, pred_vt=v, pred_u=u, interpret=True)
     stacked = jax.jit(lambda ws, t, l: fused_sparse_ffn(
         x, *ws, t, implementation="pallas", config=cfg, layer=l, **kw))
     sliced = jax.jit(lambda ws, t: fused_sparse_ffn(
@@ -107,7 +107,7 @@ def test_fused_kernel_reads_only_its_layer(method, n, cfg):
         own = tuple(w[k][l] for k in ("gate", "up", "down"))
         poisoned = tuple(w[k].at[jnp.arange(L) != l].set(jnp.nan) for k in ("gate", "up", "down"))
         q = np.sort(np.asarray(selection_scores(x, *own[:2], act="silu", method=method,
-                                                pred_v=v, pred_u=u)[0]), axis=1)
+                                                pred_vt=v, pred_u=u)[0]), axis=1)
         taus = {"random": jnp.asarray((q[:, 20] + q[:, 21]) / 2, jnp.float32),
                 "all": jnp.asarray(q[:, 0] - 1, jnp.float32),
                 "none": jnp.asarray(q[:, -1] + 1, jnp.float32)}

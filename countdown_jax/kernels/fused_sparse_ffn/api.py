@@ -19,7 +19,7 @@ Weights: [m, d] each, or the model's stacked [L, m, d] with ``layer`` (a traced 
 the kernels then read layer l's rows in place as flat [L*m, d] rows from l*m on (a
 sliced layer handed to a custom call is copied whole); whole-matrix XLA work (the dense
 scoring GEMV, the "xla" reference) slices the layer, which XLA fuses into its GEMV.
-The predictor (pred_v [d, r], pred_u [m, r]) is always one layer's.
+The predictor (pred_vt [r, d] = V transposed, pred_u [m, r]) is always one layer's.
 
 scores: optionally the dense projection the rule compares, [..., m] float32, computed by
 the caller: u (m), act(g) (cats), z = (x V) U^T (d); keep |u| > tau, |act(g)| > tau,
@@ -42,11 +42,11 @@ IMPLEMENTATIONS = ("xla", "xla_gather", "pallas_gather", "pallas")
 _DENSE = {"m": "up", "cats": "gate", "d": None}
 
 
-def fused_sparse_ffn(x, w_gate, w_up, w_down, tau, *, act, method, pred_v=None, pred_u=None,
+def fused_sparse_ffn(x, w_gate, w_up, w_down, tau, *, act, method, pred_vt=None, pred_u=None,
                      implementation: str = "xla", capacity: int | None = None,
                      interpret: bool = False, config=None, layer=None, scores=None):
     """x [..., d]; tau scalar or one per token; returns (y [..., d], kept count [...])."""
-    check_method(method, pred_v, pred_u, scores)
+    check_method(method, pred_vt, pred_u, scores)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown fused_sparse_ffn implementation {implementation!r}; "
                          f"expected one of {IMPLEMENTATIONS}")
@@ -58,10 +58,10 @@ def fused_sparse_ffn(x, w_gate, w_up, w_down, tau, *, act, method, pred_v=None, 
         if w.shape[-2:] != (m, d):
             raise ValueError(f"fused_sparse_ffn: {name} must be [m, d] = {(m, d)}"
                              f"{' per layer' if layer is not None else ''}, got {w.shape}")
-    if method == "d" and pred_v is not None and pred_u is not None and (
-            pred_v.shape[0] != d or pred_u.shape[0] != m or pred_v.shape[1] != pred_u.shape[1]):
-        raise ValueError(f"fused_sparse_ffn: predictor must be V [d={d}, r] and U [m={m}, r], "
-                         f"got {pred_v.shape} and {pred_u.shape}")
+    if method == "d" and pred_vt is not None and pred_u is not None and (
+            pred_vt.shape[1] != d or pred_u.shape[0] != m or pred_vt.shape[0] != pred_u.shape[1]):
+        raise ValueError(f"fused_sparse_ffn: predictor must be Vt [r, d={d}] and U [m={m}, r], "
+                         f"got {pred_vt.shape} and {pred_u.shape}")
     x2 = x.reshape(-1, d)
     n = x2.shape[0]
     tau = jnp.broadcast_to(jnp.asarray(tau, jnp.float32).reshape(-1), (n,))
@@ -80,7 +80,7 @@ def fused_sparse_ffn(x, w_gate, w_up, w_down, tau, *, act, method, pred_v=None, 
         if scores is not None:
             return scores
         wg, wu, _ = layer_matrices()
-        return dense_scores(x2, wg, wu, act=act, method=method, pred_v=pred_v, pred_u=pred_u)
+        return dense_scores(x2, wg, wu, act=act, method=method, pred_vt=pred_vt, pred_u=pred_u)
 
     impl = implementation
     if impl == "pallas":
@@ -89,7 +89,7 @@ def fused_sparse_ffn(x, w_gate, w_up, w_down, tau, *, act, method, pred_v=None, 
 
     if impl == "xla":
         y, cnt = fused_sparse_ffn_reference(x2, *layer_matrices(), tau, act=act,
-                                            method=method, pred_v=pred_v, pred_u=pred_u,
+                                            method=method, pred_vt=pred_vt, pred_u=pred_u,
                                             scores=scores)
     elif impl in ("xla_gather", "pallas_gather"):
         cap = m if capacity is None else int(capacity)
@@ -110,7 +110,7 @@ def fused_sparse_ffn(x, w_gate, w_up, w_down, tau, *, act, method, pred_v=None, 
             raise ValueError("fused_sparse_ffn: scores are read only with "
                              "FusedConfig(score='xla')")
         elif method == "d":
-            h = predictor_hidden(x2, pred_v)
+            h = predictor_hidden(x2, pred_vt)
         y, cnt = fused_sparse_ffn_pallas_gpu(x2, *flat, tau, act=act, method=method, h=h,
                                              pred_u=pred_u, config=cfg, interpret=interpret,
                                              scores=sc, row_offset=off, m=m)

@@ -5,12 +5,13 @@ the kernels are checked against, not a fast path):
 
     method "m"    (M-COUNTDOWN): u = W_up x,               keep |u_i|      > tau
     method "cats" (CATS):        a = act(W_gate x),        keep |a_i|      > tau
-    method "d"    (D-COUNTDOWN): z = U h, h = V^T x (rank r), keep z_i    > tau (theta)
+    method "d"    (D-COUNTDOWN): z = U h, h = Vt x (rank r),  keep z_i    > tau (theta)
     s_i = act(g_i) * u_i  for kept i, else 0;   y = sum_i s_i * W_down[i]
 
-Weights are row-per-neuron [m, d] (W_down transposed); the predictor is V [d, r] and
-U [m, r]. tau is a scalar or one value per token. Returns y (x.dtype) and the number of
-kept neurons per token (int32).
+Weights are row-per-neuron [m, d] (W_down transposed); the predictor is Vt [r, d] (V
+transposed, as policies store it: both its GEMVs read rows) and U [m, r]. tau is a
+scalar or one value per token. Returns y (x.dtype) and the number of kept neurons per
+token (int32).
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from countdown_jax.kernels.sparse_ffn.reference import HIGHEST
 METHODS = ("m", "cats", "d")
 
 
-def check_method(method, pred_v, pred_u, scores=None):
+def check_method(method, pred_vt, pred_u, scores=None):
     if method not in METHODS:
         raise ValueError(f"fused sparse FFN method must be one of {METHODS}, got {method!r}")
-    if method == "d" and scores is None and (pred_v is None or pred_u is None):
-        raise ValueError("method 'd' needs the predictor: pred_v [d, r] and pred_u [m, r] "
+    if method == "d" and scores is None and (pred_vt is None or pred_u is None):
+        raise ValueError("method 'd' needs the predictor: pred_vt [r, d] and pred_u [m, r] "
                          "(or its logits as scores)")
 
 
@@ -41,22 +42,22 @@ def project(x, w):
     return jnp.einsum("nk,mk->nm", x, w, preferred_element_type=jnp.float32, precision=HIGHEST)
 
 
-def predictor_hidden(x, pred_v):
-    """h = x V [N, r] in float32. Kept in float32: rounding h to bf16 moves logits by ~1e-3
-    relative, so two XLA programs that round differently would select differently near
-    the threshold; in float32 only the summation order differs (~1e-6)."""
-    return jnp.einsum("nd,dr->nr", x, pred_v, preferred_element_type=jnp.float32,
+def predictor_hidden(x, pred_vt):
+    """h = x V = x Vt^T [N, r] in float32. Kept in float32: rounding h to bf16 moves
+    logits by ~1e-3 relative, so two XLA programs that round differently would select
+    differently near the threshold; in float32 only the summation order differs (~1e-6)."""
+    return jnp.einsum("nd,rd->nr", x, pred_vt, preferred_element_type=jnp.float32,
                       precision=HIGHEST)
 
 
-def dense_scores(x, w_gate, w_up, *, act, method, pred_v=None, pred_u=None):
+def dense_scores(x, w_gate, w_up, *, act, method, pred_vt=None, pred_u=None):
     """The dense projection each rule selects on, [N, m] float32: u (m), act(g) (cats),
     z = (x V) U^T (d)."""
     if method == "m":
         return project(x, w_up)
     if method == "cats":
         return activation(act)(project(x, w_gate))
-    return project(predictor_hidden(x, pred_v), pred_u)
+    return project(predictor_hidden(x, pred_vt), pred_u)
 
 
 def scores_to_selection(method, scores):
@@ -65,19 +66,19 @@ def scores_to_selection(method, scores):
     return (scores, None) if method == "d" else (jnp.abs(scores), scores)
 
 
-def selection_scores(x, w_gate, w_up, *, act, method, pred_v=None, pred_u=None):
+def selection_scores(x, w_gate, w_up, *, act, method, pred_vt=None, pred_u=None):
     """(quantity compared with tau [N, m] float32, the dense coefficient or None)."""
     return scores_to_selection(method, dense_scores(x, w_gate, w_up, act=act, method=method,
-                                                    pred_v=pred_v, pred_u=pred_u))
+                                                    pred_vt=pred_vt, pred_u=pred_u))
 
 
 def fused_sparse_ffn_reference(x, w_gate, w_up, w_down, tau, *, act, method,
-                               pred_v=None, pred_u=None, scores=None):
+                               pred_vt=None, pred_u=None, scores=None):
     """scores: ``dense_scores`` computed by the caller (None: computed here)."""
-    check_method(method, pred_v, pred_u, scores)
+    check_method(method, pred_vt, pred_u, scores)
     if scores is None:
         scores = dense_scores(x, w_gate, w_up, act=act, method=method,
-                              pred_v=pred_v, pred_u=pred_u)
+                              pred_vt=pred_vt, pred_u=pred_u)
     q, _ = scores_to_selection(method, scores)
     tau = jnp.broadcast_to(jnp.asarray(tau, jnp.float32).reshape(-1, 1), (x.shape[0], 1))
     keep = q > tau
