@@ -264,10 +264,7 @@ def constrain_batch(x):
 def multi_device_mesh() -> bool:
     """True when a context mesh spans more than one device (custom kernels that XLA cannot
     partition, such as the Pallas decode attention, refuse to trace there)."""
-    mesh = _context_mesh()
-    if mesh is None or getattr(mesh, "empty", False):
-        return False
-    return int(np.prod([s for _, s in dict(mesh.shape).items()])) > 1
+    return math.prod(dict(_context_mesh().shape).values()) > 1   # no mesh: shape {} -> 1
 
 
 def splits_neurons() -> bool:

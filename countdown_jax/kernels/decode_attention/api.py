@@ -4,9 +4,10 @@ the backend.
 implementation:
   "xla"     the model's attention (``reference``): what XLA makes of scores, mask,
             softmax and the value product
-  "pallas"  the Pallas GPU kernel (``pallas_gpu``: one program per row and kv head,
-            online softmax, the stacked cache read in place). TPU and CPU: falls back to
-            "xla" with a warning (CPU: unless interpret=True).
+  "pallas"  the Pallas GPU kernel (``pallas_gpu``: one program per row, query head and
+            cache split, online softmax, splits merged in XLA, the stacked cache read in
+            place). TPU and CPU: falls back to "xla" with a warning (CPU: unless
+            interpret=True).
 
 q [B, Hq, hd] (Hq a multiple of Hkv); caches [B, S, Hkv, hd], or the model's stacked
 [L, B, S, Hkv, hd] with ``layer`` (a traced index); pos int [B]: each row's query
