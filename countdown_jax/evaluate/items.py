@@ -1,0 +1,107 @@
+"""Scored requests (items): context tokens run dense, continuation tokens sparse."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+# Few distinct shapes = few compiles (each spec compiles once per continuation bucket):
+# the KV cache of every item with a continuation is MAX_SCORED_CONTEXT + its bucket long,
+# whatever the context bucket of its (dense, single-spec) prefill.
+MAX_SCORED_CONTEXT = 128
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One scored request. ``score_from``: continuation index from which tokens count."""
+
+    task: str
+    doc: int
+    choice: int
+    context: tuple[int, ...]
+    continuation: tuple[int, ...]
+    score_from: int = 0
+    nbytes: int = 0        # UTF-8 bytes of the continuation string (acc_norm)
+
+
+def encode_pair(tokenizer, context: str, continuation: str, max_context: int = 1024):
+    """lm-eval-harness style: continuation tokens = tokens of (context + continuation)
+    after the context's own tokens; the tokenizer's special tokens (BOS) lead the context.
+    A context longer than max_context keeps its first token and its last tokens."""
+    ctx = tokenizer.encode(context, add_special_tokens=True)
+    whole = tokenizer.encode(context + continuation, add_special_tokens=True)
+    if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
+        cont = whole[len(ctx):]
+    else:  # the boundary merged into one token: encode the continuation alone
+        cont = tokenizer.encode(continuation, add_special_tokens=False)
+    if not ctx or not cont:
+        raise ValueError(f"empty context or continuation after tokenization: "
+                         f"{context[-40:]!r} / {continuation!r}")
+    if len(ctx) > max_context:
+        ctx = ctx[:1] + ctx[len(ctx) - max_context + 1:]
+    return tuple(ctx), tuple(cont)
+
+
+def mc_items(tokenizer, docs, max_context: int = 1024) -> list[Item]:
+    """Items of multiple-choice docs. A context is cut (first token + last tokens) to
+    MAX_SCORED_CONTEXT only when its continuation has sparse positions (> 1 token)."""
+    items = []
+    for d in docs:
+        for i, (c, y) in enumerate(zip(d.contexts, d.continuations)):
+            ctx, cont = encode_pair(tokenizer, c, y, max_context)
+            if len(cont) > 1 and len(ctx) > MAX_SCORED_CONTEXT:
+                ctx = ctx[:1] + ctx[len(ctx) - MAX_SCORED_CONTEXT + 1:]
+            items.append(Item(d.task, d.doc_id, i, ctx, cont, 0, len(y.encode("utf-8"))))
+    return items
+
+
+def perplexity_items(tokenizer, texts, *, task: str = "boolq_ppl", prefix: int = 64,
+                     scored: int = 41, min_tokens: int = 32) -> list[Item]:
+    """Passage = dense prefix (up to ``prefix`` tokens, at most half the passage) + up to
+    ``scored`` sparse tokens; perplexity counts the tokens predicted from sparse states
+    (continuation index >= 1)."""
+    items = []
+    for i, t in enumerate(texts):
+        ids = tokenizer.encode(t, add_special_tokens=True)
+        if len(ids) < min_tokens:
+            continue
+        c = min(prefix, len(ids) // 2)
+        y = ids[c:c + scored]
+        items.append(Item(task, i, 0, tuple(ids[:c]), tuple(y), 1))
+    return items
+
+
+def lambada_items(tokenizer, lambada, *, task: str = "lambada", sparse_tail: int = 32,
+                  max_context: int = MAX_SCORED_CONTEXT + 32) -> list[Item]:
+    """LAMBADA with sparse decoding of the passage's end: the last ``sparse_tail`` context
+    tokens and the target word run sparse after a dense prefix (the rest of the passage),
+    and the target word is scored (accuracy = every target token is the greedy one)."""
+    items = []
+    for it in lambada:
+        ctx, tgt = encode_pair(tokenizer, it.context, it.target, max_context)
+        h = max(1, len(ctx) - sparse_tail)
+        y = ctx[h:] + tgt
+        items.append(Item(task, it.doc_id, 0, ctx[:h], y, len(y) - len(tgt)))
+    return items
+
+
+def build_items(tokenizer, tasks: Sequence[str], n_docs: dict | int, *, seed: int = 0,
+                ppl_texts: int = 32, lambada: int = 32):
+    """Items for the requested tasks plus the gold labels of the multiple-choice ones."""
+    from countdown_jax import data
+
+    items, gold = [], {}
+    for task in tasks:
+        n = n_docs.get(task) if isinstance(n_docs, dict) else n_docs
+        if task == "boolq_ppl":
+            items += perplexity_items(tokenizer, data.subsample(data.perplexity_texts(),
+                                                                ppl_texts, seed))
+        elif task == "lambada":
+            items += lambada_items(tokenizer, data.subsample(data.lambada_items(), lambada, seed))
+        elif task in data.MC_TASKS:
+            docs = data.subsample(data.eval_docs(task), n, seed)
+            gold[task] = {d.doc_id: d.gold for d in docs}
+            items += mc_items(tokenizer, docs)
+        else:
+            raise ValueError(f"unknown task {task!r}; expected one of "
+                             f"{list(data.MC_TASKS) + ['boolq_ppl', 'lambada']}")
+    return items, gold

@@ -1,0 +1,58 @@
+"""Settings: one static spec plus the stacked policies (every r) that share it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+from countdown_jax.policy import DENSE, SparseSpec, make_policy, stack_policies
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A spec plus R policies sharing it (e.g. every r of one method/mode)."""
+
+    name: str                      # e.g. "cats/ideal"
+    spec: SparseSpec
+    sparsities: tuple[float, ...]  # target r per policy (0 for dense)
+    policies: Any = None           # stacked policy pytree, leading axis R (None: dense)
+
+    @property
+    def size(self) -> int:
+        return len(self.sparsities)
+
+
+def dense_setting() -> Setting:
+    return Setting("dense", DENSE, (0.0,), None)
+
+
+def ideal_setting(num_layers: int, method: str, sparsities: Sequence[float],
+                  mode: str = "ideal") -> Setting:
+    pols = [make_policy(num_layers, sparsity=r) for r in sparsities]
+    return Setting(f"{method}/{mode}", SparseSpec(method=method, mode=mode),
+                   tuple(float(r) for r in sparsities), stack_policies(pols))
+
+
+def stacked_setting(name: str, spec: SparseSpec, sparsities, policies: Sequence[dict]) -> Setting:
+    return Setting(name, spec, tuple(float(r) for r in sparsities), stack_policies(policies))
+
+
+
+def settings_for(model, methods, modes, sparsities) -> list[Setting]:
+    """Dense plus, per method/mode, one setting stacking every r (practical modes read the
+    calibrated thresholds / trained predictors saved with the model)."""
+    from countdown_jax import api
+
+    out = [dense_setting()]
+    L = model.cfg.num_layers
+    for method in methods:
+        for mode in modes:
+            if mode == "ideal":
+                out.append(ideal_setting(L, method, sparsities))
+                continue
+            practical = "predictor" if method in ("d_countdown", "dejavu") else "threshold"
+            pols = []
+            for r in sparsities:
+                spec, pol = api.sparsity_setup(model, method, practical, r)
+                pols.append(pol)
+            out.append(stacked_setting(f"{method}/{practical}", spec, sparsities, pols))
+    return out
