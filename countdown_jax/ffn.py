@@ -18,6 +18,8 @@ Implementations (``spec.implementation``):
             cats         gate GEMV dense (selects on act(g)); up/down rows gathered
             m_countdown  up GEMV dense (selects on u); gate/down rows gathered
             predictor    (d_countdown, dejavu) x V U^T only; gate/up/down all gathered
+            cascade      (d_countdown) x V U^T; gate/up rows of the candidates gathered,
+                         down rows of those with |s| > tau
           Oracle modes of d_countdown / dejavu / s_countdown (ideal, topk, threshold)
           need the dense s (or g) to select: an upper bound on quality, not a speedup.
   pallas  as gather, with the Pallas kernels. On a GPU the threshold rules of m_countdown
@@ -36,7 +38,7 @@ import jax.numpy as jnp
 from countdown_jax import parallel_selection
 from countdown_jax.gated import activation, coefficients, down_sum, layer_weights, project
 from countdown_jax.policy import DENSE, SparseSpec, check_layer
-from countdown_jax.selection import (limit_to_capacity, mask_to_indices, select,
+from countdown_jax.selection import (limit_to_capacity, mask_to_indices, refine, select,
                                      spec_quantity)
 
 __all__ = ["activation", "dense_ffn", "ffn"]
@@ -111,7 +113,9 @@ def _masked(mlp, x, act, spec, layer, sparse):
     g, u, s = coefficients(mlp, x, act)
     q = spec_quantity(spec, mlp, x, act, layer, g=g, u=u)
     rule, mask = _choose(spec, q, layer)
+    # (cascade: the capacity caps the candidates, so ``dropped`` counts candidates cut)
     dropped = jnp.sum(rule, axis=-1, dtype=jnp.int32) - jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    mask = refine(spec, mask, s, layer)
     if sparse is not None:
         mask = mask | ~sparse[..., None]
         dropped = jnp.where(sparse, dropped, 0)
@@ -160,12 +164,18 @@ def _gathered(stack, x, act, spec, layer, sparse):
     else:
         rule, mask = _choose(spec, q, layer)
         idx, count = mask_to_indices(mask, spec.capacity)
-        # The kernel reads the kept rows straight from the model's stack when it has one.
-        y = sparse_ffn(xs, stack["gate"], stack["up"], stack["down"], idx, count, act=act,
-                       dense=dense, coef=coef, layer=stack.get("layer"),
-                       implementation="xla" if spec.implementation == "gather"
-                       else spec.implementation, interpret=_PALLAS_INTERPRET)
         dropped = jnp.sum(rule, axis=-1, dtype=jnp.int32) - count
+        # The kernel reads the kept rows straight from the model's stack when it has one.
+        # Cascade: idx lists the candidates; the kernel keeps those with |s| > tau and
+        # returns how many it kept.
+        s_tau = None
+        if spec.mode == "cascade":
+            s_tau = jnp.broadcast_to(layer["threshold"], (xs.shape[0],))
+        out = sparse_ffn(xs, stack["gate"], stack["up"], stack["down"], idx, count, act=act,
+                         dense=dense, coef=coef, layer=stack.get("layer"),
+                         implementation="xla" if spec.implementation == "gather"
+                         else spec.implementation, interpret=_PALLAS_INTERPRET, s_tau=s_tau)
+        y, count = out if s_tau is not None else (out, count)
     kept = _fraction(count, m)
     if sparse is not None:
         sp = sparse.reshape(-1)

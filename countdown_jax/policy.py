@@ -8,6 +8,7 @@ leading layer axis, so one compile serves every value and ``jax.vmap`` sweeps th
       "sparsity":  float32 [L]   r in [0, 1): ideal / topk modes drop k = int(m r) neurons
       "threshold": float32 [L]   tau: threshold mode keeps q > tau
       "theta":     float32 [L]   predictor mode keeps z > theta (0 by default)
+                                 cascade mode: z > theta picks candidates, then |s| > tau
       "predictor": {"Vt": [L, rank, d], "U": [L, m, rank]}   z = (x Vt^T) U^T
     }
 
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 METHODS = ("dense", "cats", "m_countdown", "d_countdown", "dejavu", "s_countdown")
-MODES = ("ideal", "topk", "threshold", "predictor")
+MODES = ("ideal", "topk", "threshold", "predictor", "cascade")
 IMPLEMENTATIONS = ("masked", "gather", "pallas")
 
 # Which modes each method supports. CATS and M rank a quantity the FFN computes densely
@@ -42,7 +43,7 @@ METHOD_MODES = {
     "cats": ("ideal", "topk", "threshold"),
     "m_countdown": ("ideal", "topk", "threshold"),
     "d_countdown": MODES,
-    "dejavu": MODES,
+    "dejavu": ("ideal", "topk", "threshold", "predictor"),
     "s_countdown": ("ideal", "topk"),
 }
 
@@ -52,6 +53,7 @@ MODE_KEYS = {
     "topk": ("sparsity",),
     "threshold": ("threshold",),
     "predictor": ("theta", "predictor"),
+    "cascade": ("theta", "predictor", "threshold"),
 }
 SCALAR_KEYS = ("sparsity", "threshold", "theta")
 
@@ -62,7 +64,9 @@ class SparseSpec:
 
     method: which quantity is ranked (see ``selection.py``).
     mode: ideal (per-token oracle k-th value), topk (exactly m-k kept), threshold
-        (per-layer tau), predictor (low-rank logits > theta).
+        (per-layer tau), predictor (low-rank logits > theta), cascade (d_countdown only:
+        the predictor's z > theta picks candidates, their exact s is computed, and
+        |s| > tau keeps the final set; see selection.py).
     implementation: masked = float reference (dense cost, exact maths, used for quality
         sweeps); gather = XLA gather of a capacity-padded index list (skips the work);
         pallas = the Pallas kernels.

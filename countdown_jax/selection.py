@@ -19,6 +19,11 @@ computed in the MLP's dtype and ranked in float32. Modes (``select``):
                the cut.
     threshold  keep q > tau (per-layer scalar).
     predictor  q is the predictor logit z = (x V) U^T; keep z > theta.
+    cascade    (d_countdown) two stages: the predictor picks candidates z > theta (set
+               low, for recall), the FFN computes the exact s of the candidates only,
+               and ``refine`` keeps |s| > tau. Reads the predictor, gate and up rows of
+               the candidates and W_down rows of the final set: D's oracle quantity at
+               a fraction of the cost of computing it densely.
 
 Every ranking here (topk, and the capacity cut in ``limit_to_capacity``) is the one
 ``keep_largest``: larger q first, equal q -> lower index first; -0.0 equals +0.0.
@@ -74,7 +79,7 @@ def predictor_logits(predictor, x):
 
 def spec_quantity(spec: SparseSpec, mlp, x, act: str, layer, *, g=None, u=None):
     """What ``select`` ranks for ``spec``: the predictor logits in predictor mode, else q."""
-    if spec.mode == "predictor":
+    if spec.mode in ("predictor", "cascade"):
         return predictor_logits(layer["predictor"], x)
     return rank_quantity(spec.method, mlp, x, act, g=g, u=u)
 
@@ -154,9 +159,17 @@ def select(spec: SparseSpec, q, layer):
         return topk_mask(q, layer["sparsity"])
     if spec.mode == "threshold":
         return q > layer["threshold"]
-    if spec.mode == "predictor":
+    if spec.mode in ("predictor", "cascade"):     # cascade: the candidates
         return q > layer["theta"]
     raise ValueError(f"unknown sparsity mode {spec.mode!r}")
+
+
+def refine(spec: SparseSpec, mask, s, layer):
+    """The cascade's second stage: of the candidates in ``mask``, keep |s| > tau (s: the
+    exact coefficients act(g) * u, compared in float32). Other modes: ``mask`` unchanged."""
+    if spec.mode != "cascade":
+        return mask
+    return mask & (jnp.abs(s.astype(jnp.float32)) > layer["threshold"])
 
 
 def limit_to_capacity(mask, q, capacity: int | None):

@@ -107,8 +107,18 @@ def _flat_stack(ws, layer):
 
 def sparse_ffn(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=None,
                implementation: str = "xla", interpret: bool = False, config=None,
-               layer=None):
-    """See module docstring. ``config``: backend tuning (GatherConfig or TPU block size)."""
+               layer=None, s_tau=None):
+    """See module docstring. ``config``: backend tuning (GatherConfig or TPU block size).
+
+    s_tau [N] float32 (cascade rule, dense=None only): listed neurons with |s| <= s_tau
+    are dropped after their s is computed; returns (y, kept [N] int32). Runs on the XLA
+    reference (the fused kernel handles the cascade on GPU).
+    """
+    if s_tau is not None:
+        if dense is not None or s_tau.shape != (x.shape[0],):
+            raise ValueError(f"sparse_ffn: s_tau must be [N={x.shape[0]}] with dense=None, "
+                             f"got {s_tau.shape} with dense={dense!r}")
+        implementation = "xla"
     if layer is not None and w_down.ndim == 3:
         _check(x, w_gate[0], w_up[0], w_down[0], idx, count, dense, coef)
     else:
@@ -117,8 +127,8 @@ def sparse_ffn(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=Non
     if impl in ("xla", "pallas_gpu"):
         (w_gate, w_up, w_down), off, m = _flat_stack((w_gate, w_up, w_down), layer)
     if impl == "xla":
-        return sparse_ffn_reference(x, w_gate, w_up, w_down, idx, count,
-                                    act=act, dense=dense, coef=coef, row_offset=off, m=m)
+        return sparse_ffn_reference(x, w_gate, w_up, w_down, idx, count, act=act,
+                                    dense=dense, coef=coef, row_offset=off, m=m, s_tau=s_tau)
     if impl == "pallas_gpu":
         from countdown_jax.kernels.sparse_ffn.pallas_gpu import sparse_ffn_pallas_gpu
         return sparse_ffn_pallas_gpu(x, w_gate, w_up, w_down, idx, count, act=act,

@@ -21,8 +21,11 @@ HIGHEST = jax.lax.Precision.HIGHEST   # float32 means float32 on GPUs too (no TF
 
 
 def sparse_ffn_reference(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=None,
-                         row_offset=0, m=None):
+                         row_offset=0, m=None, s_tau=None):
     """x [N, d]; w_* [R, d]; idx [N, C] int32; count [N] int32; coef [N, m] when dense is set.
+
+    s_tau [N] float32 (the cascade rule): of the listed neurons only those with
+    |s_i| > s_tau contribute; returns (y, kept [N] int32) instead of y.
 
     Neuron i of the layer is weight row ``row_offset + i`` (R = m and offset 0 for one
     layer's matrices; a flattened [L*m, d] stack with offset l*m reads layer l in place).
@@ -52,6 +55,10 @@ def sparse_ffn_reference(x, w_gate, w_up, w_down, idx, count, *, act, dense=None
         s = activation(act)(dots(w_gate)) * dots(w_up)
     else:
         raise ValueError(f"dense must be 'up', 'gate' or None, got {dense!r}")
+    if s_tau is not None:
+        valid = valid & (jnp.abs(s) > s_tau[:, None])
     s = jnp.where(valid, s, 0.0)
     y = jnp.einsum("nc,ncd->nd", s, rows(w_down).astype(jnp.float32), precision=HIGHEST)
+    if s_tau is not None:
+        return y.astype(x.dtype), jnp.sum(valid, axis=1, dtype=jnp.int32)
     return y.astype(x.dtype)
