@@ -145,6 +145,32 @@ def calibration_texts() -> list[str]:
     return boolq + sciq
 
 
+# Reading-comprehension passages (none of these tasks is evaluated here): task, requests
+# variant, the label that opens each passage inside a request's context.
+PASSAGE_SOURCES = (("squad", "bpb_5shot", "Background: "), ("drop", "bpb_5shot", "Passage: "),
+                   ("coqa", "bpb_0shot", "Passage: "))
+
+
+def reading_passages(min_chars: int = 200) -> list[str]:
+    """Unique passages of the SQuAD / DROP / CoQA requests (Wikipedia, news, stories)."""
+    out = []
+    for task, variant, label in PASSAGE_SOURCES:
+        for r in read_requests(task, variant):
+            for seg in r["request"]["context"].split(label)[1:]:
+                p = seg.split("\n")[0].strip()
+                if len(p) >= min_chars:
+                    out.append(p)
+    return unique(out)
+
+
+def fitting_texts() -> list[str]:
+    """Text for calibration and predictor training at scale (~0.5M tokens): the held-out
+    calibration text plus the reading-comprehension passages, minus any passage that is
+    also BoolQ text (so nothing evaluated is fitted on)."""
+    boolq = set(boolq_passages())
+    return unique(calibration_texts() + [p for p in reading_passages() if p not in boolq])
+
+
 def perplexity_texts() -> list[str]:
     """Evaluation slice of the BoolQ passages (disjoint from ``calibration_texts``)."""
     return [p for p in unique(boolq_passages()) if not is_calibration_text(p)]
