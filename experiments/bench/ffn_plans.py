@@ -19,7 +19,6 @@ comparisons stay within a run (a device call may land on another card).
 from __future__ import annotations
 
 import json
-import math
 
 import jax.numpy as jnp
 

@@ -12,7 +12,7 @@ import time
 import jax
 
 from . import harness
-from .ffn_problem import (UNSELECTED, Problem, bytes_needed, check, compare, dense_step,
+from .ffn_problem import (Problem, bytes_needed, check, compare, dense_step,
                           make_problem, overhead_step, reference, sparse_step, thresholds)
 from .ffn_variants import Scale, for_dtype
 
