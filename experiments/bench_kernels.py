@@ -22,15 +22,15 @@ import time
 
 from experiments.bench.ffn_problem import METHODS
 
-RENAMED = {"all": "tune", "full": "matrix", "focus": "xla-scores", "s3": "prefetch",
-           "s4": "probe"}   # plan names before issue #15 ("probe" was the Mosaic probe)
+RENAMED = {"all": "tune", "full": "matrix", "focus": "xla-scores", "probe": "mosaic-gpu"}
 EPILOG = ("plans: tune (variant sweep, then the matrix), matrix (every shape x dtype x "
           "method x r with --best), xla-scores (sparse-only kernels fed by XLA's GEMV), "
           "prefetch (W_down-prefetch variants vs --best, stage profiles, rest of the "
           "matrix), probe (one knob of the chosen kernels at a time), stages (profiler "
           "stage times of --best), mosaic-gpu (can Mosaic GPU gather rows?), report "
-          "(bench_kernels.md/.png from the CSVs in --out). Renamed: " +
-          ", ".join(f"{a} -> {b}" for a, b in RENAMED.items()) + "; probe -> mosaic-gpu.")
+          "(bench_kernels.md/.png from the CSVs in --out). Plans renamed by purpose (issue "
+          "#15): " + ", ".join(f"{a} -> {b}" for a, b in RENAMED.items()) + "; the two "
+          "numbered plans became prefetch and probe (README).")
 
 
 def parse_args(argv=None):
@@ -44,7 +44,8 @@ def parse_args(argv=None):
     ap.add_argument("--sets", type=int, default=2)
     ap.add_argument("--batches", type=int, nargs="*", default=[4, 8])
     ap.add_argument("--budget-s", type=float, default=520)
-    ap.add_argument("--best", default="", help="json {method: label, 'gather': label}")
+    ap.add_argument("--best", default="", help="json {method: label, 'gather': label}; "
+                    "prefetch / probe / stages default to the kernels' shipped defaults")
     ap.add_argument("--only", default="", help="matrix / prefetch / probe: comma list of "
                     "shape/dtype/batch steps, each optionally :fused, :gathered or :both "
                     "(one kind of step)")
@@ -68,7 +69,7 @@ def main(argv=None):
 
     from experiments.bench.ffn_plans import PLANS
     from experiments.bench.ffn_runner import Runner, log
-    from experiments.bench.ffn_variants import GPU, SMOKE
+    from experiments.bench.ffn_variants import GPU, SMOKE, chosen
     log(f"jax {jax.__version__} devices {jax.devices()}")
     if args.plan == "mosaic-gpu":
         from experiments.bench.mosaic_probe import probe_mosaic_gpu
@@ -76,6 +77,8 @@ def main(argv=None):
         return 0
     R = Runner(args, SMOKE if args.smoke else GPU)
     best = json.loads(args.best) if args.best else {}
+    if not best and args.plan in ("prefetch", "probe", "stages"):    # these compare to them
+        best = {**chosen(), "gather": R.scale.tune_gather[0][0]}
     try:
         PLANS[args.plan](R, best)
     finally:
