@@ -2,6 +2,7 @@
 
 Run on a GPU (device tool):
     PYTHONPATH=. python3 experiments/bench_attention.py --out DIR [--pick FILE]
+    (or python -m experiments.bench_attention from the repository root)
 
 Llama-3.1-8B decode shapes: one token, 32 query / 8 kv heads of 128, a stacked bf16 cache
 [32 layers, 1, S, 8, 128] read at layer l (as the model does). Each program chains 16
@@ -15,7 +16,6 @@ config with the lowest summed time over both lengths as "bs,split,num_warps".
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import os
 import sys
@@ -24,13 +24,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_profile import chained, profile_call  # noqa: E402
+from countdown_jax.kernels.decode_attention.api import decode_attention
+from countdown_jax.kernels.decode_attention.pallas_gpu import AttentionConfig
+from experiments.bench.harness import write_csv
+from experiments.bench.profile import chained, profile_call
+from experiments.bench.shapes import LLAMA_3_1_8B
 
-from countdown_jax.kernels.decode_attention.api import decode_attention  # noqa: E402
-from countdown_jax.kernels.decode_attention.pallas_gpu import AttentionConfig  # noqa: E402
-
-L, HKV, G, HD, CALLS = 32, 8, 4, 128, 16
+L = LLAMA_3_1_8B["num_hidden_layers"]
+HKV = LLAMA_3_1_8B["num_key_value_heads"]
+G = LLAMA_3_1_8B["num_attention_heads"] // HKV      # query heads per kv head
+HD = LLAMA_3_1_8B["head_dim"]
+CALLS = 16
 
 
 def chain(impl, cfg):
@@ -73,10 +77,7 @@ def main():
             total[label] = total.get(label, 0.0) + us
             print(f"S={S:5d} {label:22s} busy {us:7.2f} us/call (kernel {kern:6.2f}, "
                   f"{summ['kernels'] / CALLS:.1f} kernels/call)", flush=True)
-    with open(os.path.join(args.out, "bench_attention.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(os.path.join(args.out, "bench_attention.csv"), rows)
     best = min((k for k in total if k != "xla"), key=total.get)
     print("best", best, f"{total[best]:.2f} us summed (xla {total.get('xla', float('nan')):.2f})")
     if args.pick:

@@ -4,25 +4,24 @@ predictor), XLA gather vs Pallas, batch 1 and 4.
 
 Every timed call is ONE compiled program running ``--steps`` decode steps in a
 ``lax.fori_loop`` (the next token is the argmax of the last, so nothing can be hoisted);
-compile is excluded; the median of ``--repeats`` calls is reported.
+compile is excluded; the median of ``--repeats`` calls is reported
+(experiments/bench/decode.py).
 
 Thresholds / predictor offsets are set per layer from the MLP inputs of a random prompt
 so the realised sparsity is near the target; the realised value is measured from the
 masks actually applied and written beside the speed.
 
-    python experiments/bench_decode.py --out experiments/results     # on the GPU
-    python experiments/bench_decode.py --tiny                          # CPU smoke run
+From the repository root:
+    PYTHONPATH=. python3 experiments/bench_decode.py --out DIR     # on the GPU
+    python -m experiments.bench_decode --tiny --out /tmp/decode     # CPU smoke run
+    python -m experiments.bench_decode --plot      # bench_decode.png from the committed CSV
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import functools
 import itertools
 import json
-import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -34,94 +33,14 @@ from countdown_jax import model as model_lib
 from countdown_jax.config import ModelConfig
 from countdown_jax.policy import SparseSpec, make_policy
 from countdown_jax.sharding import random_params
-
-LLAMA8B = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256,
-               hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
-               rope_theta=500000.0, hidden_act="silu", tie_word_embeddings=False,
-               max_position_embeddings=8192, bos_token_id=1, eos_token_id=2)
-TINY = dict(LLAMA8B, vocab_size=512, hidden_size=64, intermediate_size=256,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-
-
-def random_predictor(key, cfg, rank, dtype=jnp.bfloat16):
-    kv, ku = jax.random.split(key)
-    L, d, m = cfg.num_layers, cfg.d_model, cfg.d_ff
-    return {"V": (jax.random.normal(kv, (L, d, rank)) / np.sqrt(d)).astype(dtype),
-            "U": (jax.random.normal(ku, (L, m, rank)) / np.sqrt(rank)).astype(dtype)}
-
-
-def calibrate(params, cfg, predictor, r, key):
-    """Per-layer tau (quantile of |u|) and theta (quantile of z) at sparsity r, from the
-    MLP inputs of a random 64-token prompt."""
-    tokens = jax.random.randint(key, (1, 64), 0, cfg.vocab_size)
-    _, _, xs = jax.jit(functools.partial(model_lib.forward, cfg=cfg, collect=True,
-                                         logits_at=jnp.zeros((1, 0), jnp.int32)))(params,
-                                                                                   tokens=tokens)
-    xs = xs.reshape(cfg.num_layers, -1, cfg.d_model).astype(jnp.float32)
-    up = params["layers"]["mlp"]["up"].astype(jnp.float32)
-    u = jnp.abs(jnp.einsum("ltd,lmd->ltm", xs, up))
-    z = jnp.einsum("ltr,lmr->ltm", jnp.einsum("ltd,ldr->ltr", xs, predictor["V"].astype(jnp.float32)),
-                   predictor["U"].astype(jnp.float32))
-    tau = jnp.quantile(u.reshape(cfg.num_layers, -1), r, axis=1)
-    theta = jnp.quantile(z.reshape(cfg.num_layers, -1), r, axis=1)
-    return np.asarray(tau), np.asarray(theta)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "spec", "steps", "attention"),
-                   donate_argnums=(2,))
-def decode_loop(params, cfg, cache, token, pos, policy, *, spec, steps, attention="xla"):
-    def body(_, c):
-        tok, p, cache, kept = c
-        logits, cache, k = model_lib.decode_step(params, cfg, tok, p, cache, spec=spec,
-                                                 policy=policy, attention=attention)
-        return jnp.argmax(logits, -1).astype(jnp.int32), p + 1, cache, kept + jnp.mean(k)
-
-    tok, p, cache, kept = jax.lax.fori_loop(0, steps, body, (token, pos, cache, jnp.float32(0)))
-    return tok, cache, kept / steps
-
-
-def time_decode(params, cfg, spec, policy, batch, steps, repeats, prompt_len, key, *,
-                profile=False, hlo_dir=None, attention="xla"):
-    """(tokens/s, realised sparsity, s/step, profile rows or None, profile summary or None)."""
-    cache = model_lib.init_cache(cfg, batch, prompt_len + steps + 1, jnp.bfloat16)
-    tokens = jax.random.randint(key, (batch, prompt_len), 0, cfg.vocab_size)
-    lengths = jnp.full((batch,), prompt_len, jnp.int32)
-    prefill = jax.jit(functools.partial(model_lib.prefill, cfg=cfg))
-    logits, cache0, _ = prefill(params, tokens=tokens, lengths=lengths, cache=cache)
-    tok0 = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
-    pos0 = lengths
-    run = functools.partial(decode_loop, params, cfg, spec=spec, steps=steps,
-                            attention=attention)
-    t0 = time.perf_counter()
-    _, cache, kept = run(jax.tree.map(jnp.copy, cache0), tok0, pos0, policy)
-    jax.block_until_ready(cache)                      # compile + warm-up
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        cache = jax.tree.map(jnp.copy, cache0)
-        jax.block_until_ready(cache)
-        t0 = time.perf_counter()
-        _, cache, kept = run(cache, tok0, pos0, policy)
-        jax.block_until_ready(cache)
-        times.append(time.perf_counter() - t0)
-    t = statistics.median(times)
-    prof = summ = None
-    if profile and hlo_dir is not None:     # what the compiler made of one program
-        txt = decode_loop.lower(params, cfg, jax.tree.map(jnp.copy, cache0), tok0, pos0, policy,
-                                spec=spec, steps=steps, attention=attention).compile().as_text()
-        Path(hlo_dir).mkdir(parents=True, exist_ok=True)
-        layers = "unstacked" if isinstance(params["layers"], tuple) else "stacked"
-        (Path(hlo_dir) / f"hlo_{spec.method}_{layers}.txt").write_text(txt)
-    if profile:
-        from gpu_profile import profile_call   # experiments/ is on sys.path as the script dir
-        prof, summ = profile_call(run, jax.tree.map(jnp.copy, cache0), tok0, pos0, policy)
-    print(f"  compile+first call {compile_s:.1f} s", flush=True)
-    return batch * steps / t, 1.0 - float(kept), t / steps, prof, summ
+from experiments.bench.decode import calibrate, plot, random_predictor, time_decode, write
+from experiments.bench.shapes import LLAMA_3_1_8B, TINY_DECODER
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--plot", action="store_true",
+                    help="only rebuild bench_decode.png from bench_decode.csv in --out")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run)")
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--name", default=None, help="output file stem (default bench_decode)")
@@ -149,15 +68,19 @@ def main(argv=None):
                          "(default: the kernel's DEFAULT_CONFIG)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new settings")
     args = ap.parse_args(argv)
+    if args.plot:
+        plot(Path(args.out) / "bench_decode.csv", Path(args.out) / "bench_decode.png")
+        return []
     t_start = time.perf_counter()
     if args.attention_config:
+        # decode_step takes no attention config, so the kernel's default is what it uses
         from countdown_jax.kernels.decode_attention import pallas_gpu as attn_kernel
         bs, split, warps = (int(v) for v in args.attention_config.split(","))
         attn_kernel.DEFAULT_CONFIG = attn_kernel.AttentionConfig(bs=bs, split=split,
                                                                  num_warps=warps)
         print("decode attention config:", attn_kernel.DEFAULT_CONFIG, flush=True)
 
-    cfg = ModelConfig.from_hf(TINY if args.tiny else LLAMA8B)
+    cfg = ModelConfig.from_hf(TINY_DECODER if args.tiny else LLAMA_3_1_8B)
     rank = min(args.rank, cfg.d_model)
     device = jax.devices()[0].device_kind
     shape = "tiny" if args.tiny else "llama3.1-8b"
@@ -239,82 +162,5 @@ def main(argv=None):
     return rows
 
 
-def write(out: Path, name: str, rows, prof_rows):
-    fields = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    with open(out / f"{name}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    if prof_rows:
-        with open(out / f"{name}_profile.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(prof_rows[0]))
-            w.writeheader()
-            w.writerows(prof_rows)
-    # the best dense decode of the same batch in this run is the baseline
-    dense = {}
-    for r in rows:
-        if r["method"] == "dense":
-            dense[r["batch"]] = max(dense.get(r["batch"], 0.0), r["tokens_per_s"])
-    lines = [f"Decode throughput, {rows[0]['shape']}, {rows[0]['device']}, bf16.", "",
-             "| method | impl | r | r realised | batch | layers | capacity | attention | "
-             "tokens/s | ms/step | GPU busy ms | GPU idle ms | x best dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        base = dense.get(r["batch"])
-        lines.append(f"| {r['method']} | {r['implementation']} | {r['sparsity']} | "
-                     f"{r['sparsity_realised']} | {r['batch']} | {r['layers']} | "
-                     f"{r['capacity']} | {r.get('attention', 'xla')} | {r['tokens_per_s']} | "
-                     f"{r['ms_per_step']} | "
-                     f"{r.get('gpu_busy_ms_per_step', '')} | "
-                     f"{r.get('gpu_idle_ms_per_step', '')} | "
-                     f"{r['tokens_per_s'] / base:.2f} |" if base else "|")
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-
-
-def plot(csv_path: Path, png_path: Path):
-    """ms/step of dense, M and D (batch 1, r = 0.9, unstacked, exact rule) per H100 / H200
-    run (the card is in each run's name; compare bars within a run)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [r for r in csv.DictReader(open(csv_path))
-            if r["batch"] == "1" and r["layers"] == "unstacked"
-            and ("H100" in r["run"] or "H200" in r["run"])
-            and (r["method"] == "dense" or (r["sparsity"] == "0.9" and r["capacity"] == "none"))
-            and r["ms_per_step"] not in ("", "nan")]
-    runs = list(dict.fromkeys(r["run"] for r in rows))
-    bars = [("dense", "xla"), ("dense", "pallas"), ("m_countdown", "xla"),
-            ("m_countdown", "pallas"), ("d_countdown", "xla"), ("d_countdown", "pallas")]
-    colors = {"dense": "gray", "m_countdown": "tab:blue", "d_countdown": "tab:green"}
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    w = 0.8 / len(bars)
-    for i, (method, attn) in enumerate(bars):
-        xs, ys = [], []
-        for j, run in enumerate(runs):
-            v = [float(r["ms_per_step"]) for r in rows if r["run"] == run
-                 and r["method"] == method and r.get("attention", "xla") == attn]
-            if v:
-                xs.append(j + (i - len(bars) / 2 + 0.5) * w)
-                ys.append(v[0])
-        ax.bar(xs, ys, w, color=colors[method], alpha=1.0 if attn == "pallas" else 0.5,
-               hatch="" if attn == "pallas" else "//", label=f"{method}, {attn} attention")
-    ax.set_xticks(range(len(runs)))
-    ax.set_xticklabels([r.split(" ")[0] + "\n" + r.split(" ")[1] +
-                        ("\n(prompt 2048)" if "prompt 2048" in r else "") +
-                        ("\n(V [d, r])" if "V [d r]" in r else "") for r in runs], fontsize=7)
-    ax.set_ylabel("ms per decode step (lower is better)")
-    ax.set_title("Llama-3.1-8B shapes, 32 layers, batch 1, r = 0.9 (H100 80GB HBM3 / H200)")
-    ax.legend(fontsize=7, ncol=3)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-
-
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--plot"]:       # figure from the committed CSV
-        res = Path(__file__).parent / "results"
-        plot(res / "bench_decode.csv", res / "bench_decode.png")
-    else:
-        main()
+    main()

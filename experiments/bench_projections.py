@@ -1,6 +1,7 @@
 """Decode-step projections outside the sparse FFN: which weight layout XLA streams fastest.
 
-Run on a GPU (device tool):  PYTHONPATH=. python3 experiments/bench_projections.py --out DIR
+Run on a GPU (device tool), from the repository root:
+    PYTHONPATH=. python3 experiments/bench_projections.py --out DIR
 
 At batch 1 every projection is a GEMV: it should run at the HBM read ceiling. The decode
 profile (bench_decode_profile.csv) showed the 4096x4096 q and o projections as Triton GEMM
@@ -18,7 +19,6 @@ to the copy ceiling (read + write).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 
@@ -26,11 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_profile import chained, profile_call  # noqa: E402
-from hbm_ceiling import ceilings  # noqa: E402
+from experiments.bench.harness import ceilings, gb_per_s, write_csv
+from experiments.bench.profile import chained, profile_call
+from experiments.bench.shapes import LLAMA_3_1_8B
 
-D, H, K, HD, R = 4096, 32, 8, 128, 512
+D = LLAMA_3_1_8B["hidden_size"]
+H = LLAMA_3_1_8B["num_attention_heads"]
+K = LLAMA_3_1_8B["num_key_value_heads"]
+HD = LLAMA_3_1_8B["head_dim"]
+M = LLAMA_3_1_8B["intermediate_size"]
+R = 512                                      # D-COUNTDOWN predictor rank
 COPIES, CALLS = 8, 16
 HI = jax.lax.Precision.HIGHEST
 
@@ -97,8 +102,8 @@ def forms():
         "kv fused 2-D [d,2K*hd]": ((D, 2 * K * HD), kv_fused),
         "kv split-K 16 slabs f32": ((D, 2 * K * HD), split_k(16, preferred_element_type=jnp.float32)),
         "kv split-K 32 slabs f32": ((D, 2 * K * HD), split_k(32, preferred_element_type=jnp.float32)),
-        "z=hU^T [m,r] f32 h (model)": ((14336, R), z_current),
-        "z=hU^T hi+lo bf16 rows": ((14336, R), z_hi_lo),
+        "z=hU^T [m,r] f32 h (model)": ((M, R), z_current),
+        "z=hU^T hi+lo bf16 rows": ((M, R), z_hi_lo),
     }
 
 
@@ -139,18 +144,15 @@ def main():
             per = r["us"] / CALLS
             rows.append(dict(device=dev, form=name, op=r["op"], us_per_call=f"{per:.2f}",
                              launches_per_call=f"{r['launches'] / CALLS:g}", bytes=nbytes,
-                             gb_per_s=f"{nbytes / per / 1e3:.0f}" if r is top else ""))
+                             gb_per_s=f"{gb_per_s(nbytes, per):.0f}" if r is top else ""))
         print(f"{name:36s} {top['op'][:34]:34s} {top['us'] / CALLS:7.2f} us "
-              f"{nbytes / (top['us'] / CALLS) / 1e3:6.0f} GB/s  (launches/call "
+              f"{gb_per_s(nbytes, top['us'] / CALLS):6.0f} GB/s  (launches/call "
               f"{top['launches'] / CALLS:g}; next: "
               + ", ".join(f"{r['op'][:24]} {r['us'] / CALLS:.2f}" for r in prof[1:3]) + ")",
               flush=True)
         del ws
     path = os.path.join(args.out, "bench_projections.csv")
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(path, rows)
     print("wrote", path)
     return 0
 

@@ -3,12 +3,12 @@ parallelism), dense vs M-COUNTDOWN vs D-COUNTDOWN, at Llama-3.1-8B shapes.
 
 Random bf16 weights are created on the devices already sharded (``sharding.random_params``
 with a mesh), so no device ever holds the whole tensor-parallel model. Each timed call is
-ONE compiled program of ``--steps`` greedy decode steps (``bench_decode.decode_loop``);
+ONE compiled program of ``--steps`` greedy decode steps (``bench.decode.decode_loop``);
 compile is excluded and the median of ``--repeats`` calls is reported. The one-device
 rows are measured in the same run, on the same machine.
 
 Sparse rows use the practical modes (M: per-layer thresholds on |u|; D: a rank-512
-predictor), calibrated per layer from a random prompt (``bench_decode.calibrate``) and
+predictor), calibrated per layer from a random prompt (``bench.decode.calibrate``) and
 the XLA-gather (and, if asked, Pallas) FFN with index lists of capacity 1.5 (1 - r) m.
 Under tensor parallelism two capacity scopes are timed:
   global  the capacity caps a token's kept neurons across devices: masks equal the
@@ -20,24 +20,22 @@ Under tensor parallelism two capacity scopes are timed:
           is measured from the masks applied).
 
     # 2 GPUs (NVLink multicast must stay off; the script also forces it off):
-    NCCL_NVLS_ENABLE=0 python experiments/bench_spmd.py --out experiments/results
+    NCCL_NVLS_ENABLE=0 python -m experiments.bench_spmd --out experiments/results
     # the Pallas FFN as well, into its own files:
-    NCCL_NVLS_ENABLE=0 python experiments/bench_spmd.py --implementations pallas \
+    NCCL_NVLS_ENABLE=0 python -m experiments.bench_spmd --implementations pallas \
         --name bench_spmd_pallas --out experiments/results
     # CPU smoke run with 2 fake devices:
-    python experiments/bench_spmd.py --tiny --cpu-devices 2 --out /tmp/spmd
+    python -m experiments.bench_spmd --tiny --cpu-devices 2 --out /tmp/spmd
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -99,18 +97,16 @@ def main(argv=None):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count="
                                    f"{args.cpu_devices}").strip()
-    here = Path(__file__).resolve().parent
-    sys.path[:0] = [str(here), str(here.parent)]
-
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
-    from bench_decode import LLAMA8B, TINY, calibrate, decode_loop, random_predictor
     from countdown_jax import model as model_lib
     from countdown_jax import sharding
     from countdown_jax.config import ModelConfig
     from countdown_jax.policy import SparseSpec, make_policy
+    from experiments.bench.decode import calibrate, decode_loop, random_predictor
+    from experiments.bench.harness import write_csv
+    from experiments.bench.shapes import LLAMA_3_1_8B, TINY_DECODER
 
     # Same random weights whatever the sharding (the default since jax 0.5; made sure
     # where the option still exists).
@@ -119,7 +115,7 @@ def main(argv=None):
     except (AttributeError, KeyError, ValueError):
         pass
     t_start = time.perf_counter()
-    cfg = ModelConfig.from_hf(TINY if args.tiny else LLAMA8B)
+    cfg = ModelConfig.from_hf(TINY_DECODER if args.tiny else LLAMA_3_1_8B)
     shape = "tiny" if args.tiny else "llama3.1-8b"
     m, L = cfg.d_ff, cfg.num_layers
     rank = min(args.rank, cfg.d_model)
@@ -193,11 +189,7 @@ def main(argv=None):
         return tok0.shape[0] * args.steps / t, 1.0 - float(kept), t / args.steps
 
     def write():
-        with open(out / f"{name}.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: r.get(k, "") for k in FIELDS})
+        write_csv(out / f"{name}.csv", rows, FIELDS)
         (out / f"{name}.md").write_text(table(rows, device_kind, shape, args))
 
     # Most wanted first, so a --budget-s cut drops the least: every batch and mesh with

@@ -1,31 +1,29 @@
-"""Measured HBM ceilings of the card, for GB/s comparisons in the benchmarks.
+"""Measured HBM ceilings of the card (copy: read + written bytes; read: bytes read), for
+GB/s comparisons; the implementation is ``experiments.bench.harness.ceilings``.
 
-copy: device-to-device copy (x <- x * s), bytes read + written; read: a reduction
-(c <- c + sum(x + c)), bytes read only; that is what a batch-1 GEMV (all reads) can reach.
-Each is timed as a jitted 10-step loop over a 2 GiB float32 array, median of ``reps``.
+    PYTHONPATH=. python3 experiments/hbm_ceiling.py [--elements N]     # prints both
 """
 
 from __future__ import annotations
 
-import time
+import argparse
+import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from experiments.bench.harness import ceilings  # noqa: F401  (re-exported)
 
 
-def ceilings(n: int = 1 << 29, reps: int = 10):
-    """(copy GB/s, read GB/s) over n float32 elements (default 2 GiB)."""
-    a = jnp.ones((n,), jnp.float32)
-    cp = jax.jit(lambda a, s: jax.lax.fori_loop(0, 10, lambda i, c: c * s, a))
-    rd = jax.jit(lambda a: jax.lax.fori_loop(0, 10, lambda i, c: c + jnp.sum(a + c), 0.0))
-    out = []
-    for f, args, nbytes in ((cp, (a, jnp.float32(1.0)), 2 * 4 * n), (rd, (a,), 4 * n)):
-        jax.block_until_ready(f(*args))
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            ts.append((time.perf_counter() - t0) / 10)
-        out.append(nbytes / np.median(ts) / 1e9)
-    return tuple(out)
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--elements", type=int, default=1 << 29,
+                    help="float32 elements of the test array (default 2 GiB)")
+    args = ap.parse_args(argv)
+    import jax
+    copy_bw, read_bw = ceilings(n=args.elements)
+    print(f"{jax.devices()[0].device_kind}: HBM copy {copy_bw:.0f} GB/s (read+write), "
+          f"read {read_bw:.0f} GB/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
