@@ -82,11 +82,13 @@ def _context_model_mesh() -> bool:
 
 
 def _param(value, axes):
-    """An ``nnx.Param`` with sharding metadata; placed at once only under a mesh with the
-    "model" axis (flax shards annotated Variables on creation and refuses to without a
-    mesh)."""
-    return nnx.Param(jnp.asarray(value), out_sharding=axes,
-                     eager_sharding=_context_model_mesh())
+    """An ``nnx.Param`` with sharding metadata, placed at once under a mesh with the
+    "model" axis. (Not flax's eager sharding: it refuses annotated Variables without a
+    mesh, and under ``jax.set_mesh`` it rejects single-device inputs.)"""
+    value = jnp.asarray(value)
+    if _context_model_mesh():
+        value = jax.device_put(value, P(*axes))
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 def shard_module(module, mesh):
