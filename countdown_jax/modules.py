@@ -101,7 +101,7 @@ def shard_module(module, mesh):
 def _layer_policy(policy):
     """One layer's policy as ``ffn.ffn`` reads it: a predictor given as {"V": [d, rank],
     "U"} (the paper's form) becomes {"Vt": [rank, d], "U"} (policy.py)."""
-    if policy is None or not isinstance(policy.get("predictor"), dict) \
+    if not isinstance(policy, dict) or not isinstance(policy.get("predictor"), dict) \
             or "V" not in policy["predictor"]:
         return policy
     pred = policy["predictor"]

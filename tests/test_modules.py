@@ -265,6 +265,11 @@ def test_jit_compiles_once_and_vmap_sweeps_policies():
     levels = jnp.array([0.1, 0.5, 0.9], jnp.float32)
     singles = [run(mlp, x, {"sparsity": r}) for r in levels]
     assert len(traces) == 1                              # new values, no retrace
+    held = nnx.jit(lambda m, x: (traces.append(1), m(x, return_kept=True))[1])
+    for i, r in enumerate(levels):                       # the held policy is data too
+        mlp.set_policy({"sparsity": r})
+        np.testing.assert_array_equal(held(mlp, x)[1], singles[i][1])
+    assert len(traces) == 2
     for sweep in (jax.vmap(lambda p: mlp(x, p, return_kept=True))({"sparsity": levels}),
                   nnx.vmap(lambda m, p: m(x, p, return_kept=True), in_axes=(None, 0))(
                       mlp, {"sparsity": levels})):
