@@ -409,6 +409,10 @@ def _worker():
         ("m_topk", SparseSpec("m_countdown", "topk"), make_policy(cfg.num_layers, sparsity=0.7)),
         ("cats_threshold_gather", SparseSpec("cats", "threshold", "gather"),
          make_policy(cfg.num_layers, threshold=0.3)),
+        ("d_predictor_gather", SparseSpec("d_countdown", "predictor", "gather"),
+         make_policy(cfg.num_layers, theta=0.5, predictor={
+             "V": jax.random.normal(jax.random.key(3), (cfg.num_layers, cfg.d_model, 8)),
+             "U": jax.random.normal(jax.random.key(4), (cfg.num_layers, cfg.d_ff, 8))})),
     ]:
         single = SparseGatedMLP.from_params(params, cfg, 1, spec=spec, policy=pol)
         y0, k0 = single(x, return_kept=True)
@@ -454,7 +458,8 @@ def sharded():
     return json.loads(lines[-1][len("RESULT "):])
 
 
-@pytest.mark.parametrize("name", ["dense", "m_topk", "cats_threshold_gather"])
+@pytest.mark.parametrize("name", ["dense", "m_topk", "cats_threshold_gather",
+                                  "d_predictor_gather"])
 def test_sharded_module_equals_single_device(sharded, name):
     r = sharded[name]
     assert r["y_max_abs"] < 1e-5 and r["kept_equal"], r
