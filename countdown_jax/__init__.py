@@ -14,6 +14,7 @@ _EXPORTS = {
     "DENSE": "countdown_jax.policy", "SparseSpec": "countdown_jax.policy",
     "make_policy": "countdown_jax.policy",
     "stack_layers": "countdown_jax.model", "unstack_layers": "countdown_jax.model",
+    "SparseGatedMLP": "countdown_jax.modules", "CountdownLM": "countdown_jax.modules",
 }
 __all__ = sorted(_EXPORTS)
 
