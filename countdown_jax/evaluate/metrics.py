@@ -102,7 +102,7 @@ def summarize(scores: Scores, mc_gold: dict, *, model: str = "") -> list[dict]:
             if st.spec.is_dense:
                 realised = 0.0
             base = dict(model=model, method=st.spec.method, mode=_mode_label(st.spec),
-                        setting=st.name, sparsity_target=st.sparsities[r],
+                        setting=st.name, policy_index=r, sparsity_target=st.sparsities[r],
                         sparsity_realised=realised, task=task, n_examples=n_ex)
             if task in mc_gold:
                 for metric in ("acc", "acc_norm"):

@@ -3,6 +3,7 @@ sparse continuation against that cache (vmapped over the setting's policies)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -59,26 +60,51 @@ def _continuation_sweep(params, cfg, cache, y_in, y_tgt, start, valid, policies,
 
 @dataclasses.dataclass
 class Scores:
-    """Per setting index s, per item: lp [n_tokens] (position 0 dense), greedy flags."""
+    """Per setting s, policy r and item i: log p of each continuation token (position 0
+    from the dense context) and greedy flags, kept as the per-batch blocks the scorer
+    produced (per-item arrays for 10^5 items x 10^2 settings would cost minutes of
+    Python); ``item_ll`` / ``item_greedy`` reduce the blocks vectorised."""
 
     items: list[Item]
     settings: list[Setting]
-    lp: list[list[np.ndarray]]           # [setting][r] -> object array of per-item lp
-    hit: list[list[np.ndarray]]
+    blocks: list[dict]                   # idx [nb], lp0/hit0 [nb], lp/hit: [s] -> [R, nb, T]
     kept: dict                           # (setting, r, task) -> (sum kept [L], n tokens)
     seconds: float = 0.0
+    compile_seconds: float = 0.0
+
+    def __post_init__(self):
+        self._where = {}
+        for b, blk in enumerate(self.blocks):
+            for j, i in enumerate(blk["idx"]):
+                self._where[int(i)] = (b, j)
 
     def token_lp(self, s: int, r: int, i: int) -> np.ndarray:
-        return self.lp[s][r][i]
+        b, j = self._where[i]
+        blk, n = self.blocks[b], len(self.items[i].continuation) - 1
+        return np.concatenate([[blk["lp0"][j]], blk["lp"][s][r, j, :n]])
+
+    def _reduce(self, s: int, r: int, greedy: bool) -> np.ndarray:
+        out = np.zeros(len(self.items), bool if greedy else np.float64)
+        for blk in self.blocks:
+            idx = blk["idx"]
+            sf = np.array([self.items[i].score_from for i in idx])
+            n_in = np.array([len(self.items[i].continuation) - 1 for i in idx])
+            t = np.arange(blk["lp"][s].shape[-1])[None, :]
+            scored = (t >= np.maximum(sf - 1, 0)[:, None]) & (t < n_in[:, None])
+            if greedy:
+                rest = np.all(blk["hit"][s][r] | ~scored, axis=1)
+                out[idx] = rest & (blk["hit0"] | (sf > 0))
+            else:
+                rest = np.sum(np.where(scored, blk["lp"][s][r], 0.0), axis=1)
+                out[idx] = rest + np.where(sf == 0, blk["lp0"], 0.0)
+        return out
 
     def item_ll(self, s: int, r: int) -> np.ndarray:
         """Summed log-likelihood of each item's scored tokens (index >= score_from)."""
-        return np.array([self.lp[s][r][i][it.score_from:].sum()
-                         for i, it in enumerate(self.items)])
+        return self._reduce(s, r, greedy=False)
 
     def item_greedy(self, s: int, r: int) -> np.ndarray:
-        return np.array([bool(self.hit[s][r][i][it.score_from:].all())
-                         for i, it in enumerate(self.items)])
+        return self._reduce(s, r, greedy=True)
 
     def item_count(self) -> np.ndarray:
         return np.array([len(it.continuation) - it.score_from for it in self.items])
@@ -98,10 +124,11 @@ def _bucket(n: int, buckets) -> int:
     raise ValueError(f"length {n} exceeds the largest bucket {buckets[-1]}")
 
 
-def _batches(items: list[Item], vocab: int, stacked: int, max_rows: int = MAX_ROWS):
+def _batches(items: list[Item], vocab: int, stacked: int, max_rows: int = MAX_ROWS,
+             logit_budget: int = LOGIT_BUDGET_BYTES):
     """Group item indices by (context bucket, continuation bucket): (ctx_len, cont_len,
     cache_len, rows, indices). Rows per continuation bucket are fixed (a power of two with
-    the logits of ``stacked`` settings under LOGIT_BUDGET_BYTES) so a continuation shape
+    the logits of ``stacked`` settings under ``logit_budget``) so a continuation shape
     compiles once across tasks."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, it in enumerate(items):
@@ -114,7 +141,7 @@ def _batches(items: list[Item], vocab: int, stacked: int, max_rows: int = MAX_RO
     out = []
     for (tc, tn), idx in sorted(groups.items()):
         per_row = max(tn, 1) * vocab * 4 * max(stacked, 1)
-        rows = max(1, min(max_rows, LOGIT_BUDGET_BYTES // per_row))
+        rows = max(1, min(max_rows, logit_budget // per_row))
         rows = 1 << int(math.floor(math.log2(rows)))
         if tn == 0:  # prefill only: size the batch to the group
             rows = min(rows, 1 << int(math.ceil(math.log2(len(idx)))))
@@ -124,29 +151,92 @@ def _batches(items: list[Item], vocab: int, stacked: int, max_rows: int = MAX_RO
     return out
 
 
+class _Programs:
+    """One compiled executable per (function, static args, shapes), compiled ahead of the
+    loop (``warm``: in parallel threads; XLA compiles outside the GIL), so the scoring loop
+    never stalls on a compile and never retraces."""
+
+    def __init__(self, params, cfg):
+        self.params, self.cfg, self.exe = params, cfg, {}
+        self.seconds = 0.0
+
+    def _lower(self, key):
+        kind, a, b, rows, _, spec, pols = key
+        i32 = jax.ShapeDtypeStruct
+        if kind == "ctx":
+            tc, cache_len = a, b
+            args = (i32((rows, tc), jnp.int32), i32((rows,), jnp.int32), i32((rows,), jnp.int32))
+            return _dense_context.lower(self.params, self.cfg, *args, cache_len=cache_len)
+        tn, cache_len = a, b
+        cache = jax.eval_shape(lambda: model_lib.init_cache(self.cfg, rows, cache_len,
+                                                            self.params["embed"].dtype))
+        t = i32((rows, tn), jnp.int32)
+        return _continuation_sweep.lower(self.params, self.cfg, cache, t, t,
+                                         i32((rows,), jnp.int32), i32((rows, tn), jnp.bool_),
+                                         pols, spec=spec)
+
+    def warm(self, keys, threads: int):
+        todo = list({k[:5]: k for k in keys if k[:5] not in self.exe}.values())
+        t0 = time.perf_counter()
+
+        def build(k):
+            return k[:5], self._lower(k).compile()
+
+        if threads > 1:
+            with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+                done = list(pool.map(build, todo))
+        else:
+            done = [build(k) for k in todo]
+        self.exe.update(done)
+        self.seconds += time.perf_counter() - t0
+
+    def __call__(self, key, *args):
+        if key[:5] not in self.exe:
+            self.warm([key], 1)
+        return self.exe[key[:5]](*args)
+
+
+def _keys(batches, settings):
+    """Every program the loop will run: (kind, len, cache_len, rows, setting, spec, pols)."""
+    keys = []
+    for tc, tn, cache_len, rows, _ in batches:
+        keys.append(("ctx", tc, cache_len, rows, -1, None, None))
+        if tn:
+            keys += [("cont", tn, cache_len, rows, s, st.spec, st.policies)
+                     for s, st in enumerate(settings)]
+    return keys
+
+
 def score(params, cfg, items: list[Item], settings: list[Setting], *,
-          progress: bool = True, desc: str = "score", max_rows: int = MAX_ROWS) -> Scores:
-    """Log-probabilities of every item's continuation under every setting."""
+          progress: bool = True, desc: str = "score", max_rows: int = MAX_ROWS,
+          logit_budget: int = LOGIT_BUDGET_BYTES, compile_threads: int = 1) -> Scores:
+    """Log-probabilities of every item's continuation under every setting.
+
+    Every program is compiled first (``compile_threads`` > 1: in parallel), then each batch
+    runs its dense context once and every setting against that cache, dispatched together
+    so the device never waits on the host between settings."""
     t0 = time.perf_counter()
-    lp = [[[None] * len(items) for _ in range(st.size)] for st in settings]
-    hit = [[[None] * len(items) for _ in range(st.size)] for st in settings]
     kept: dict = {}
     stacked = max(st.size for st in settings)
-    batches = _batches(items, cfg.vocab_size, stacked, max_rows)
+    batches = _batches(items, cfg.vocab_size, stacked, max_rows, logit_budget)
+    programs = _Programs(params, cfg)
+    programs.warm(_keys(batches, settings), compile_threads)
     total = sum(len(b[4]) for b in batches)
     bar = tqdm(total=total, desc=desc, unit="item", disable=not progress)
     L = cfg.num_layers
+    tasks = np.array([it.task for it in items])
+    blocks = []
     for tc, tn, cache_len, rows, idx in batches:
         nb = len(idx)
+        T = max(tn, 1)
         ctx = np.zeros((rows, tc), np.int32)
         clen = np.ones((rows,), np.int32)
         first = np.zeros((rows,), np.int32)
-        y_in = np.zeros((rows, max(tn, 1)), np.int32)
-        y_tgt = np.zeros((rows, max(tn, 1)), np.int32)
-        valid = np.zeros((rows, max(tn, 1)), bool)
+        y_in = np.zeros((rows, T), np.int32)
+        y_tgt = np.zeros((rows, T), np.int32)
+        valid = np.zeros((rows, T), bool)
         for j, i in enumerate(idx):
-            it = items[i]
-            c, y = it.context, it.continuation
+            c, y = items[i].context, items[i].continuation
             ctx[j, :len(c)] = c
             clen[j] = len(c)
             first[j] = y[0]
@@ -154,30 +244,33 @@ def score(params, cfg, items: list[Item], settings: list[Setting], *,
             y_in[j, :n] = y[:-1]
             y_tgt[j, :n] = y[1:]
             valid[j, :n] = True
-        cache, lp0, hit0 = _dense_context(params, cfg, jnp.asarray(ctx), jnp.asarray(clen),
-                                          jnp.asarray(first), cache_len=cache_len)
-        lp0, hit0 = np.asarray(lp0), np.asarray(hit0)
+        cache, lp0, hit0 = programs(("ctx", tc, cache_len, rows, -1), params, ctx, clen,
+                                    first)
+        outs = []
         for s, st in enumerate(settings):
             if tn == 0:
-                outs = (np.zeros((st.size, rows, 1)), np.ones((st.size, rows, 1), bool),
-                        np.zeros((st.size, L, rows)))
+                outs.append((np.zeros((st.size, rows, 1)), np.ones((st.size, rows, 1), bool),
+                             np.zeros((st.size, L, rows))))
             else:
-                outs = _continuation_sweep(params, cfg, cache, jnp.asarray(y_in),
-                                           jnp.asarray(y_tgt), jnp.asarray(clen),
-                                           jnp.asarray(valid), st.policies, spec=st.spec)
-                outs = [np.asarray(o) for o in outs]
-            lpr, hitr, keptr = outs
-            for r in range(st.size):
-                for j, i in enumerate(idx):
-                    n = len(items[i].continuation) - 1
-                    lp[s][r][i] = np.concatenate([[lp0[j]], lpr[r, j, :n]])
-                    hit[s][r][i] = np.concatenate([[hit0[j]], hitr[r, j, :n]])
-                if tn == 0:
-                    continue
-                for j, i in enumerate(idx):
-                    task = items[i].task
+                outs.append(programs(("cont", tn, cache_len, rows, s), params, cache, y_in,
+                                     y_tgt, clen, valid, st.policies))
+        blk = {"idx": np.asarray(idx), "lp0": np.asarray(lp0)[:nb],
+               "hit0": np.asarray(hit0)[:nb], "lp": [], "hit": []}
+        row_task = tasks[idx]
+        n_valid = valid[:nb].sum(axis=1).astype(np.float64)
+        for s, (lpr, hitr, keptr) in enumerate(outs):
+            blk["lp"].append(np.asarray(lpr)[:, :nb])
+            blk["hit"].append(np.asarray(hitr)[:, :nb])
+            if tn == 0:
+                continue
+            keptr = np.asarray(keptr)[:, :, :nb]
+            for task in np.unique(row_task):
+                on = row_task == task
+                for r in range(settings[s].size):
                     k0, n0 = kept.get((s, r, task), (np.zeros(L), 0.0))
-                    kept[(s, r, task)] = (k0 + keptr[r, :, j], n0 + float(valid[j].sum()))
+                    kept[(s, r, task)] = (k0 + keptr[r][:, on].sum(axis=1),
+                                          n0 + float(n_valid[on].sum()))
+        blocks.append(blk)
         bar.update(nb)
     bar.close()
-    return Scores(items, settings, lp, hit, kept, time.perf_counter() - t0)
+    return Scores(items, settings, blocks, kept, time.perf_counter() - t0, programs.seconds)

@@ -1,0 +1,243 @@
+"""Tables, plots and the goal check of the quality frontier (quality_frontier.py writes the
+CSVs through ``write_outputs``; run this alone to rebuild the report from them).
+
+    python -m experiments.frontier_report [--out experiments/results]
+
+Goal check (issue: "close at least half of the log-perplexity gap between the best paper
+rule (practical) and D-ideal at 40% and 55% of dense FFN bytes, with mean MC accuracy no
+worse within error"): every curve is interpolated linearly in (bytes_share, log ppl) and
+(bytes_share, accuracy); D-ideal sits at its oracle bytes (kept share: a free, perfect
+predictor); a point outside a curve's span is not extrapolated (reported as n/a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+MC_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "openbookqa")
+FIELDS = ["model", "rule", "method", "mode", "setting", "policy_index", "rank",
+          "candidates", "candidates_target", "predictor_r", "sparsity_target",
+          "sparsity_realised", "bytes_share", "bytes_share_oracle", "task", "metric", "score",
+          "stderr", "dense_score", "diff_stderr", "n_examples"]
+PAPER_PRACTICAL = ("cats-practical", "m_countdown-practical", "d_countdown-practical")
+GOAL_BYTES = (0.40, 0.55)
+
+
+def _f(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def mc_mean_rows(rows):
+    """Per (model, setting, policy, metric): the mean over the multiple-choice tasks with
+    sparse positions (BoolQ's one-token answers cannot change), stderrs combined."""
+    groups = defaultdict(list)
+    for r in rows:
+        if r["task"] in MC_TASKS and r["metric"] in ("acc", "acc_norm"):
+            groups[(r["model"], r["setting"], int(r["policy_index"]), r["metric"])].append(r)
+    out = []
+    for (_, _, _, _), rs in groups.items():
+        n = len(rs)
+        base = dict(rs[0])
+        base.update(task="mc_mean", n_examples=sum(int(r["n_examples"]) for r in rs),
+                    score=np.mean([_f(r["score"]) for r in rs]),
+                    dense_score=np.mean([_f(r["dense_score"]) for r in rs]),
+                    stderr=math.sqrt(sum(_f(r["stderr"]) ** 2 for r in rs)) / n,
+                    diff_stderr=math.sqrt(sum(_f(r["diff_stderr"]) ** 2 for r in rs)) / n)
+        out.append(base)
+    return out
+
+
+def with_oracle_bytes(row):
+    kept = 1.0 - (_f(row["sparsity_realised"]) if row["rule"] != "dense" else 0.0)
+    oracle = row["mode"] == "ideal" and row["method"] in ("d_countdown", "dejavu", "s_countdown")
+    row["bytes_share_oracle"] = kept if oracle else row["bytes_share"]
+    return row
+
+
+def read_csv(path: Path):
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_csv(path: Path, rows, fields, model=None, by_task=False):
+    """Rows of other models already in the file are kept (models run one at a time), and
+    with ``by_task`` the model's rows of tasks not in ``rows`` too (task groups run apart)."""
+    tasks = {r["task"] for r in rows} if by_task else None
+    old = [r for r in read_csv(path) if model is not None and (
+        r.get("model") != model or (tasks is not None and r.get("task") not in tasks))]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in old + list(rows):
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def curve(rows, model, rule, task, metric, oracle=False):
+    """(bytes, score, stderr) sorted by bytes for one rule."""
+    pts = [(_f(r["bytes_share_oracle" if oracle else "bytes_share"]), _f(r["score"]),
+            _f(r["stderr"])) for r in rows
+           if r["model"] == model and r["rule"].startswith(rule) and r["task"] == task
+           and r["metric"] == metric]
+    return sorted(p for p in pts if np.isfinite(p[0]) and np.isfinite(p[1]))
+
+
+def frontier(pts):
+    """The best score reachable at or under each byte share (lower-left hull for ppl is
+    taken by the caller with a sign): keeps the Pareto points in bytes order."""
+    out, best = [], -np.inf
+    for b, s, se in pts:
+        if s > best:
+            out.append((b, s, se))
+            best = s
+    return out
+
+
+def at(pts, b, log=False):
+    """Linear interpolation of a Pareto curve at bytes b (None outside its span)."""
+    if len(pts) < 2 or not pts[0][0] <= b <= pts[-1][0]:
+        return None
+    xs = [p[0] for p in pts]
+    ys = [math.log(p[1]) if log else p[1] for p in pts]
+    se = np.interp(b, xs, [p[2] for p in pts])
+    y = float(np.interp(b, xs, ys))
+    return (math.exp(y) if log else y), float(se)
+
+
+def pareto(rows, model, rule, task, metric, lower_is_better=False, oracle=False):
+    pts = curve(rows, model, rule, task, metric, oracle)
+    if lower_is_better:
+        return [(b, -s, se) for b, s, se in frontier([(b, -s, se) for b, s, se in pts])]
+    return frontier(pts)
+
+
+def goal_check(rows, model):
+    """Rows of the goal table for one model (ppl on boolq_ppl, acc_norm mean over MC)."""
+    ppl = {rule: pareto(rows, model, rule, "boolq_ppl", "ppl", lower_is_better=True)
+           for rule in PAPER_PRACTICAL + ("d_countdown-cascade",)}
+    ppl["d_countdown-ideal"] = pareto(rows, model, "d_countdown-ideal", "boolq_ppl", "ppl",
+                                      lower_is_better=True, oracle=True)
+    acc = {rule: pareto(rows, model, rule, "mc_mean", "acc_norm")
+           for rule in PAPER_PRACTICAL + ("d_countdown-cascade",)}
+    out = []
+    for b in GOAL_BYTES:
+        paper = {r: at(ppl[r], b, log=True) for r in PAPER_PRACTICAL}
+        paper = {r: v for r, v in paper.items() if v is not None}
+        best = min(paper, key=lambda r: paper[r][0]) if paper else None
+        ideal, casc = at(ppl["d_countdown-ideal"], b, log=True), at(ppl["d_countdown-cascade"],
+                                                                     b, log=True)
+        closed = float("nan")
+        if best and ideal and casc:
+            gap = math.log(paper[best][0]) - math.log(ideal[0])
+            closed = (math.log(paper[best][0]) - math.log(casc[0])) / gap if gap > 0 else \
+                float("nan")
+        a_best = at(acc[best], b) if best else None
+        a_casc = at(acc["d_countdown-cascade"], b)
+        out.append(dict(model=model, bytes_share=b, best_paper_rule=best,
+                        ppl_best_paper=paper[best][0] if best else None,
+                        ppl_d_ideal=ideal[0] if ideal else None,
+                        ppl_cascade=casc[0] if casc else None, gap_closed=closed,
+                        acc_best_paper=a_best[0] if a_best else None,
+                        acc_cascade=a_casc[0] if a_casc else None,
+                        acc_stderr=max(a_best[1], a_casc[1]) if a_best and a_casc else None,
+                        goal_met=bool(closed >= 0.5 and a_best and a_casc
+                                      and a_casc[0] >= a_best[0] - 2 * max(a_best[1],
+                                                                           a_casc[1]))))
+    return out
+
+
+def plot(rows, model, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rules = sorted({r["rule"] for r in rows if r["model"] == model and r["rule"] != "dense"})
+    colors = {"cats": "tab:blue", "m_countdown": "tab:orange", "d_countdown-ideal": "k",
+              "d_countdown-practical": "tab:green", "d_countdown-cascade": "tab:red"}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, (task, metric, title) in zip(axes, (
+            ("boolq_ppl", "ppl", "BoolQ-passage perplexity / dense (log)"),
+            ("mc_mean", "acc_norm", "mean MC acc_norm (6 tasks)"))):
+        dense = [_f(r["score"]) for r in rows if r["model"] == model and r["rule"] == "dense"
+                 and r["task"] == task and r["metric"] == metric]
+        for rule in rules:
+            oracle = rule == "d_countdown-ideal"
+            pts = curve(rows, model, rule, task, metric, oracle=oracle)
+            if not pts:
+                continue
+            base = next((c for k, c in colors.items() if rule.startswith(k)), "tab:gray")
+            ls = "--" if ("ideal" in rule and not oracle) else "-"
+            scale = dense[0] if metric == "ppl" and dense else 1.0
+            front = pareto(rows, model, rule, task, metric, lower_is_better=metric == "ppl",
+                           oracle=oracle)
+            alpha = 0.5 + 0.5 * ("rank" not in rule or rule.endswith("rank64"))
+            ax.scatter([p[0] for p in pts], [p[1] / scale for p in pts], s=8, color=base,
+                       alpha=0.4 * alpha)
+            ax.plot([p[0] for p in front], [p[1] / scale for p in front], ls, marker="o",
+                    ms=3, color=base, alpha=alpha,
+                    label=rule + (" (oracle bytes)" if oracle else ""))
+        if dense and metric != "ppl":
+            ax.axhline(dense[0], color="gray", lw=0.8, label="dense")
+        if metric == "ppl":
+            ax.set_yscale("log")
+            ax.axhline(1.0, color="gray", lw=0.8)
+        for b in GOAL_BYTES:
+            ax.axvline(b, color="gray", ls=":", lw=0.8)
+        ax.set_xlabel("FFN weight bytes read per decode token / dense")
+        ax.set_title(f"{model}: {title}", fontsize=10)
+    axes[0].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(out: Path):
+    rows = read_csv(out / "frontier.csv")
+    models = sorted({r["model"] for r in rows})
+    goal = [g for m in models for g in goal_check(rows, m)]
+    if goal:
+        write_csv(out / "frontier_goal.csv", goal, list(goal[0]))
+    for m in models:
+        plot(rows, m, out / f"frontier_{m}.png")
+    return goal
+
+
+def write_outputs(out: Path, model: str, *, fit_rows=None, rows=None, timing=None):
+    if fit_rows:
+        for r in fit_rows:
+            r["model"] = model
+        fields = ["model"] + sorted({k for r in fit_rows for k in r} - {"model"})
+        write_csv(out / "frontier_fit.csv", fit_rows, fields, model=model)
+    if rows:
+        rows = [with_oracle_bytes(r) for r in rows]
+        rows = rows + [with_oracle_bytes(r) for r in mc_mean_rows(rows)]
+        write_csv(out / "frontier.csv", rows, FIELDS, model=model, by_task=True)
+    if timing:
+        path = out / "frontier_timing.json"
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        old.setdefault(model, {})[timing["tasks"]] = timing
+        path.write_text(json.dumps(old, indent=1))
+    return report(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="experiments/results")
+    for g in report(Path(ap.parse_args(argv).out)):
+        print(json.dumps(g))
+
+
+if __name__ == "__main__":
+    main()

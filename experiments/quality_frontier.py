@@ -1,0 +1,314 @@
+"""Quality at scale: fit every practical rule on ~1M tokens, score every rule x mode x r on
+the full task sets, and place each setting by the FFN bytes it reads (the frontier).
+
+    python -m experiments.quality_frontier --model smollm2 --stage all      # GPU
+    python -m experiments.quality_frontier --model smollm2 --quick          # CPU smoke run
+
+Stages (``--stage``; fits are kept in ``--work`` between them):
+  fit   fitting text (data.fitting_texts, plus text sampled from the model itself on a
+        GPU) -> CATS / M thresholds at every r (the release's mean-k-th rule), D |s|
+        thresholds (quantile) for the cascade, D predictors at several ranks trained
+        online to the best validation BCE (predictor_online), cascade candidate cut-offs.
+  eval  dense + {CATS, M, D} ideal + {CATS, M} threshold + D predictor (per rank) +
+        D cascade (per rank) on every rc_0shot document, all of LAMBADA and every BoolQ
+        passage not used for fitting; summarised with each setting's bytes_share.
+Results: experiments/results/frontier.csv, frontier_fit.csv, frontier_<model>.png,
+frontier_timing.json (RESULTS.md reads them; experiments/frontier_report.py makes the
+tables and the goal check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from countdown_jax import api
+from countdown_jax import calibrate as C
+from countdown_jax import data as D
+from countdown_jax import evaluate as E
+from countdown_jax import predictor as P
+from countdown_jax import predictor_online as PO
+from countdown_jax.cost import bytes_share
+from countdown_jax.generate import Sampling, generate
+from countdown_jax.policy import SparseSpec, make_policy
+from experiments.frontier_report import write_outputs
+
+R_SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+TRAIN_R = (0.3, 0.5, 0.7, 0.8, 0.9)
+# cascade: final kept share k, candidate share c = min(ratio * k, 0.95)
+CASCADE_K = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+CASCADE_RATIO = (1.5, 2.5)
+TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "openbookqa",
+         "boolq", "lambada", "boolq_ppl")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    seq_len: int = 256
+    sample_rows: int = 2560          # rows of text sampled from the model (GPU only)
+    max_train_rows: int | None = None
+    sample_batch: int = 512
+    prompt_len: int = 32
+    calib_rows: int = 1024           # rows for the threshold statistics
+    val_rows: int = 64               # held-out rows: predictor validation, cascade cut-offs
+    ranks: tuple[int, ...] = (64, 128, 256)
+    batch_rows: int = 16
+    max_epochs: float = 4.0
+    eval_every: int = 40
+    patience: int = 3
+    n_docs: int | None = None        # None: every document
+    tasks: tuple[str, ...] = TASKS
+    max_rows: int = 256
+    logit_budget: int = 8 << 30
+    compile_threads: int = 12
+    calib_batch: int = 32
+    r_sweep: tuple[float, ...] = R_SWEEP
+    train_r: tuple[float, ...] = TRAIN_R
+    cascade_k: tuple[float, ...] = CASCADE_K
+
+
+QUICK = Scale(seq_len=64, sample_rows=0, max_train_rows=24, calib_rows=8, val_rows=4, ranks=(8,),
+              batch_rows=4, max_epochs=1.0, eval_every=4, patience=2, n_docs=3,
+              tasks=("arc_easy", "winogrande", "lambada", "boolq_ppl"), max_rows=8,
+              logit_budget=1 << 27, compile_threads=1, calib_batch=4,
+              r_sweep=(0.5, 0.9), train_r=(0.5, 0.8), cascade_k=(0.1, 0.3))
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- fit ----------------------------------------------------------------------------------
+def fitting_rows(model, sc: Scale):
+    """(train rows [N, T], val rows [V, T]) of fitting text, split by document; plus rows
+    sampled from the model (prompt = a train row's first tokens) when sample_rows > 0."""
+    train_t, val_t = D.split_texts(D.fitting_texts(), 0.05, seed=0)
+    train, tl = D.pack_tokens(model.tokenizer, train_t, sc.seq_len)
+    val, vl = D.pack_tokens(model.tokenizer, val_t, sc.seq_len, max_rows=sc.val_rows)
+    train, val = train[tl == sc.seq_len][:sc.max_train_rows], val[vl == sc.seq_len]
+    rows = [train]
+    if sc.sample_rows:
+        rng = np.random.default_rng(1)
+        new = sc.seq_len - sc.prompt_len
+        for s in range(0, sc.sample_rows, sc.sample_batch):
+            pick = rng.choice(len(train), sc.sample_batch)
+            prompt = jnp.asarray(train[pick, :sc.prompt_len])
+            g = generate(model.params, model.cfg, prompt,
+                         jnp.full((sc.sample_batch,), sc.prompt_len, jnp.int32),
+                         jax.random.PRNGKey(s), max_new_tokens=new,
+                         sampling=Sampling(temperature=1.0, top_p=0.95))
+            full = np.concatenate([np.asarray(prompt), np.asarray(g.tokens)], axis=1)
+            rows.append(full[np.asarray(g.num_tokens) == new])     # no early stop inside
+    return np.concatenate(rows), val
+
+
+def fit(model, sc: Scale, work: Path):
+    params, cfg = model.params, model.cfg
+    t0 = time.perf_counter()
+    train, val = fitting_rows(model, sc)
+    n_text = int((train.shape[0] - 0) * sc.seq_len)
+    log(f"fitting rows: {train.shape[0]} x {sc.seq_len} = {n_text} tokens "
+        f"(val {val.shape[0]} rows); {time.perf_counter() - t0:.0f} s")
+    fits, rows = {}, []
+    calib = train[np.random.default_rng(2).permutation(len(train))[:sc.calib_rows]]
+    clen = np.full((len(calib),), sc.seq_len, np.int32)
+    for method in ("cats", "m_countdown"):
+        st = C.collect_stats(params, cfg, calib, clen, method=method, sparsities=sc.r_sweep,
+                             forward="ideal", batch_size=sc.calib_batch)
+        fits[f"tau_{method}"] = np.stack([st.thresholds(r, "mean_kth") for r in sc.r_sweep])
+    st = C.collect_stats(params, cfg, calib, clen, method="d_countdown",
+                         sparsities=[1.0 - k for k in sc.cascade_k], forward="dense",
+                         batch_size=sc.calib_batch)
+    fits["tau_s"] = np.stack([st.thresholds(1.0 - k, "quantile") for k in sc.cascade_k])
+    log(f"thresholds: {time.perf_counter() - t0:.0f} s")
+
+    vdata = P.record(params, cfg, val, np.full((len(val),), sc.seq_len, np.int32),
+                     method="d_countdown", sparsities=sc.train_r, batch_size=8)
+    oc = PO.OnlineConfig(ranks=sc.ranks, batch_rows=sc.batch_rows, max_epochs=sc.max_epochs,
+                         eval_every=sc.eval_every, patience=sc.patience)
+    preds, hist = PO.train_online(params, cfg, train, vdata, oc=oc)
+    log(f"predictors: {hist['steps']} steps, {hist['tokens']} tokens, "
+        f"{hist['seconds']:.0f} s, best val BCE {hist['best_val_bce']}")
+    shares = sorted({min(q * k, 0.95) for k in sc.cascade_k for q in CASCADE_RATIO})
+    fits["cascade_shares"] = np.asarray(shares)
+    for k, pred in preds.items():
+        fits[f"V_{k}"], fits[f"U_{k}"] = np.asarray(pred["V"]), np.asarray(pred["U"])
+        theta_c = PO.theta_for_share(pred, vdata, shares)                  # [R, L, S]
+        fits[f"theta_c_{k}"] = theta_c
+        met = P.metrics(pred, vdata)
+        for i, r in enumerate(sc.train_r):
+            for layer in range(cfg.num_layers):
+                rows.append(dict(kind="predictor", rank=k, sparsity_target=r, layer=layer,
+                                 **{m: float(met[m][i, layer]) for m in
+                                    ("precision", "recall", "f1", "realised_sparsity",
+                                     "bce")}))
+        # the cascade's first stage: recall of the oracle set within the candidates
+        for si, c in enumerate(shares):
+            i = _nearest(sc.train_r, 1.0 - c)
+            mc = P.metrics(pred, vdata, theta=theta_c[:, :, si])
+            rows.append(dict(kind="cascade_candidates", rank=k, sparsity_target=sc.train_r[i],
+                             layer=-1, candidates=c, recall=float(mc["recall"][i].mean()),
+                             precision=float(mc["precision"][i].mean()),
+                             realised_sparsity=float(mc["realised_sparsity"][i].mean())))
+    for k, curve in hist["val_bce"].items():
+        rows += [dict(kind="val_bce", rank=int(k), step=s, bce=b) for s, b in curve]
+    work.mkdir(parents=True, exist_ok=True)
+    np.savez(work / "fits.npz", **fits)
+    meta = dict(train_tokens=int(train.size), val_tokens=int(val.size),
+                sampled_rows=sc.sample_rows, steps=hist["steps"],
+                trained_tokens=hist["tokens"], train_seconds=hist["seconds"],
+                fit_seconds=time.perf_counter() - t0)
+    (work / "fits.json").write_text(json.dumps(meta, indent=1))
+    return rows, meta
+
+
+def _nearest(values, x):
+    return int(np.argmin([abs(v - x) for v in values]))
+
+
+# -- eval ---------------------------------------------------------------------------------
+def settings(model, sc: Scale, fits):
+    """[(Setting, per-policy info dicts)] of every rule; info holds rank / candidates."""
+    L = model.cfg.num_layers
+    out = [(E.dense_setting(), [{}])]
+    for method in ("cats", "m_countdown", "d_countdown"):
+        out.append((E.ideal_setting(L, method, sc.r_sweep), [{}] * len(sc.r_sweep)))
+    for method in ("cats", "m_countdown"):
+        pols = [make_policy(L, threshold=t) for t in fits[f"tau_{method}"]]
+        out.append((E.stacked_setting(f"{method}/threshold", SparseSpec(method, "threshold"),
+                                      sc.r_sweep, pols), [{}] * len(pols)))
+    shares = list(fits["cascade_shares"])
+    for k in sc.ranks:
+        V, U = fits[f"V_{k}"], fits[f"U_{k}"]
+        pols = [make_policy(L, predictor={"V": V[i], "U": U[i]}) for i in range(len(V))]
+        out.append((E.stacked_setting(f"d_countdown/predictor-rank{k}",
+                                      SparseSpec("d_countdown", "predictor"), sc.train_r, pols),
+                    [dict(rank=k)] * len(pols)))
+        pols, info, targets = [], [], []
+        for ki, kk in enumerate(sc.cascade_k):
+            for q in CASCADE_RATIO:
+                c = min(q * kk, 0.95)
+                si, i = shares.index(c), _nearest(sc.train_r, 1.0 - c)
+                pols.append(make_policy(L, predictor={"V": V[i], "U": U[i]},
+                                        theta=fits[f"theta_c_{k}"][i, :, si],
+                                        threshold=fits["tau_s"][ki]))
+                info.append(dict(rank=k, candidates_target=c, predictor_r=sc.train_r[i]))
+                targets.append(1.0 - kk)
+        out.append((E.stacked_setting(f"d_countdown/cascade-rank{k}",
+                                      SparseSpec("d_countdown", "cascade"), targets, pols),
+                    info))
+    return out
+
+
+def candidate_shares(model, setting, held):
+    """The cascade's realised candidate share per policy, on held-out evaluation text: its
+    first stage alone is the predictor rule at theta (D-predictor forward)."""
+    tokens, lengths = held
+    spec = SparseSpec("d_countdown", "predictor")
+    out = []
+    for r in range(setting.size):
+        pol = jax.tree.map(lambda a: a[r], setting.policies)
+        pol = {k: pol[k] for k in ("theta", "predictor")}
+        out.append(1.0 - float(np.mean(C.realised_sparsity(model.params, model.cfg, tokens,
+                                                             lengths, spec, pol, 32))))
+    return out
+
+
+def evaluate(model, name, sc: Scale, fits):
+    cfg = model.cfg
+    t0 = time.perf_counter()
+    items, gold = E.build_items(model.tokenizer, sc.tasks, sc.n_docs, ppl_texts=sc.n_docs,
+                                lambada=sc.n_docs)
+    sets = settings(model, sc, fits)
+    n_settings = sum(st.size for st, _ in sets)
+    n_sparse = sum(len(it.continuation) - 1 for it in items)
+    log(f"{name}: {len(items)} items ({n_sparse} sparse tokens) x {n_settings} settings")
+    scores = E.score(model.params, cfg, items, [st for st, _ in sets], max_rows=sc.max_rows,
+                     logit_budget=sc.logit_budget, compile_threads=sc.compile_threads,
+                     desc=name)
+    log(f"{name}: scored in {scores.seconds:.0f} s (compile {scores.compile_seconds:.0f} s)")
+    rows = E.summarize(scores, gold, model=name)
+    held = C.calibration_rows(model.tokenizer, sc.seq_len, sc.val_rows, held_out=True)
+    cands = {st.name: candidate_shares(model, st, held) for st, _ in sets
+             if st.spec.mode == "cascade"}
+    infos = {st.name: inf for st, inf in sets}
+    by_name = {st.name: st for st, _ in sets}
+    out = []
+    for row in rows:
+        st = by_name[row["setting"]]
+        r_idx = row["policy_index"]
+        extra = dict(infos[st.name][r_idx])
+        kept = 1.0 - (row["sparsity_realised"] if np.isfinite(row["sparsity_realised"])
+                      else 0.0)
+        cand = cands[st.name][r_idx] if st.name in cands else None
+        extra["candidates"] = cand
+        row["bytes_share"] = bytes_share(st.spec.method, st.spec.mode, kept, m=cfg.d_ff,
+                                         d=cfg.d_model, rank=extra.get("rank", 0),
+                                         candidates=None if cand is None else max(cand, kept))
+        row["rule"] = _rule(st)
+        out.append({**row, **extra})
+    timing = dict(model=name, tasks="+".join(sc.tasks), items=len(items), sparse_tokens=n_sparse, settings=n_settings,
+                  seconds=scores.seconds, compile_seconds=scores.compile_seconds,
+                  items_x_settings_per_s=len(items) * n_settings / scores.seconds,
+                  total_seconds=time.perf_counter() - t0, device=str(jax.devices()[0]))
+    return out, timing
+
+
+def _rule(st):
+    if st.spec.is_dense:
+        return "dense"
+    mode = {"ideal": "ideal", "threshold": "practical", "predictor": "practical",
+            "cascade": "cascade"}[st.spec.mode]
+    return f"{st.spec.method}-{mode}" + (f"-{st.name.split('-')[-1]}" if "rank" in st.name
+                                        else "")
+
+
+def load_model(name: str, dtype: str):
+    from conversion.registry_models import converted
+    path = Path(name) if Path(name).is_dir() else converted(name, dtype)
+    return api.load(path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2", help="smollm2 | gemma3 | a converted dir")
+    ap.add_argument("--name", default=None, help="model name in the CSVs (default --model)")
+    ap.add_argument("--stage", choices=("fit", "eval", "all"), default="all")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run (tiny sizes)")
+    ap.add_argument("--dtype", default="float32", help="dtype of a registry conversion")
+    ap.add_argument("--work", default=None, help="where fits are kept (default out/<name>)")
+    ap.add_argument("--out", default="experiments/results")
+    ap.add_argument("--tasks", nargs="+", default=None, choices=TASKS,
+                    help="evaluate these tasks only (default: all; results of other tasks "
+                         "already in frontier.csv are kept)")
+    args = ap.parse_args(argv)
+    sc = QUICK if args.quick else Scale()
+    if args.tasks:
+        sc = dataclasses.replace(sc, tasks=tuple(args.tasks))
+    name = args.name or Path(args.model).name
+    work = Path(args.work or f"out/frontier-{name}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model, args.dtype)
+    log(f"{name}: {model.cfg.num_layers} layers, d={model.cfg.d_model}, m={model.cfg.d_ff}, "
+        f"device {jax.devices()[0]}")
+    fit_rows = None
+    if args.stage in ("fit", "all"):
+        fit_rows, meta = fit(model, sc, work)
+        log(f"fit: {meta}")
+    rows = timing = None
+    if args.stage in ("eval", "all"):
+        fits = dict(np.load(work / "fits.npz", allow_pickle=False))
+        rows, timing = evaluate(model, name, sc, fits)
+    write_outputs(out, name, fit_rows=fit_rows, rows=rows, timing=timing)
+
+
+if __name__ == "__main__":
+    main()
