@@ -13,6 +13,7 @@ import dataclasses
 import re
 from typing import Callable, Mapping
 
+import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -234,7 +235,8 @@ def hf_to_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], dtype, *,
     tensor. A tied checkpoint that also stores ``lm_head.weight`` is accepted only when it
     equals the embedding.
     """
-    dtype = np.dtype(dtype)
+    # by name through ml_dtypes: NumPy knows "bfloat16" only once something registered it
+    dtype = np.dtype(getattr(ml_dtypes, dtype, dtype) if isinstance(dtype, str) else dtype)
     table = [(rule, rule.regex) for rule in TABLES[cfg.family] if rule.when(cfg)]
     L = cfg.num_layers
     top: dict = {}
