@@ -138,9 +138,17 @@ def test_one_stage_open_equals_the_other_rule(impl):
 
 
 @pytest.mark.parametrize("m,d", [(37, 19), (130, 33)])
-def test_capacity_caps_candidates(m, d):
+def test_capacity_caps_candidates(monkeypatch, m, d):
     """The capacity cuts the candidates (highest z kept, counted in ``dropped``); the
-    second stage then refines what is left. masked == gather == NumPy."""
+    second stage then refines what is left. masked == gather == pallas (the index-list
+    kernel with s_tau, interpret mode as on a GPU) == NumPy."""
+    import countdown_jax.ffn as ffn_mod
+    from countdown_jax.kernels.sparse_ffn import pallas_gpu
+    monkeypatch.setattr(ffn_mod, "_PALLAS_INTERPRET", True)
+    calls = []
+    real = pallas_gpu.sparse_ffn_pallas_gpu
+    monkeypatch.setattr(pallas_gpu, "sparse_ffn_pallas_gpu",
+                        lambda *a, **kw: calls.append(kw["s_tau"] is not None) or real(*a, **kw))
     mlp, x, pred = _problem(11 * m, m=m, d=d)
     mlp64, x64, pred64 = _to64(mlp), _to64(x), _to64(pred)
     cap, theta, tau = m // 4, -3.0, 0.3
@@ -149,7 +157,7 @@ def test_capacity_caps_candidates(m, d):
     cand, keep = ref.cascade(mlp64, x64, pred64, theta, tau, "silu", capacity=cap)
     assert (rule.sum(-1) > cap).any() and (keep.sum(-1) < cand.sum(-1)).any()
     outs = []
-    for impl in ("masked", "gather"):
+    for impl in ("masked", "gather", "pallas"):
         run = jax.jit(functools.partial(ffn, act="silu", spec=_spec(impl, capacity=cap),
                                         return_dropped=True))
         y, kept, dropped = run(_jnp(mlp), jnp.asarray(x), policy=_layer(theta, tau, pred))
@@ -158,7 +166,9 @@ def test_capacity_caps_candidates(m, d):
         np.testing.assert_allclose(y, ref.sparse_ffn(mlp64, x64, keep, "silu"), rtol=1e-4,
                                    atol=1e-5, err_msg=impl)
         outs.append(y)
-    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert calls == [True]
+    for y in outs[1:]:
+        np.testing.assert_allclose(y, outs[0], rtol=1e-5, atol=1e-5)
 
 
 def _influence_problem():
@@ -230,6 +240,47 @@ def test_vmap_sweep_compiles_once(impl):
         np.testing.assert_array_equal(_counts(k, 37), keep.sum(-1))
         np.testing.assert_allclose(ys[i], y, rtol=1e-5, atol=1e-5)
     assert len(traces) == 2                                 # one more for the unbatched jit
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_fused_path_equals_masked(monkeypatch, n):
+    """implementation="pallas" routes decode tokens to the fused kernel's method "dc"
+    (interpret mode forced, as on a GPU): the masked kept set, y within float32 rounding.
+    It reads the model's stack in place (the other layer NaN) and none of the rows the
+    cascade skips (NaN): the non-candidates' gate/up/down, the refined-out W_down rows."""
+    import countdown_jax.ffn as ffn_mod
+    from countdown_jax.kernels.fused_sparse_ffn import api as fused_api
+    monkeypatch.setattr(ffn_mod, "_PALLAS_INTERPRET", True)
+    monkeypatch.setattr(ffn_mod, "_FUSED_MAX_TOKENS", 3)      # several tokens too
+    calls = []
+    real = fused_api.fused_sparse_ffn
+    monkeypatch.setattr(fused_api, "fused_sparse_ffn",
+                        lambda *a, **kw: calls.append(kw["method"]) or real(*a, **kw))
+    mlp, x, pred = _problem(30, tokens=(4,))
+    x = x[1:1 + n]                                   # token 0 of _problem is all zero
+    z = np.sort(ref.predictor_logits(_to64(pred), _to64(x)).ravel())
+    a = np.sort(np.abs(ref.coefficients(_to64(mlp), _to64(x), "silu")[2]).ravel())
+    # thresholds halfway between neighbouring values: no value sits on them
+    theta = (z[len(z) // 2] + z[len(z) // 2 + 1]) / 2
+    tau = (a[len(a) * 2 // 3] + a[len(a) * 2 // 3 + 1]) / 2
+    layer = _layer(theta, tau, pred)
+    mlp, x = _jnp(mlp), jnp.asarray(x)
+    cand, keep = _library_masks(mlp, x, layer)
+    never, refined = ~cand.any(0), cand.any(0) & ~keep.any(0)
+    assert never.any() and refined.any() and keep.any(-1).all()
+    own = {"gate": mlp["gate"].at[never].set(jnp.nan), "up": mlp["up"].at[never].set(jnp.nan),
+           "down": mlp["down"].at[never | refined].set(jnp.nan)}
+    stack = {k: jnp.stack([jnp.full_like(v, jnp.nan), v]) for k, v in own.items()}
+    run = jax.jit(lambda w, pol, spec: ffn(w, x, act="silu", spec=spec, policy=pol,
+                                           return_dropped=True), static_argnums=2)
+    y, kept, dropped = run({**stack, "layer": jnp.int32(1)}, layer, _spec("pallas"))
+    ym, km, _ = run(mlp, layer, _spec("masked"))
+    assert calls == ["dc"]
+    assert np.isfinite(np.asarray(y)).all()
+    np.testing.assert_array_equal(_counts(kept, 37), keep.sum(-1))
+    np.testing.assert_array_equal(_counts(km, 37), keep.sum(-1))
+    np.testing.assert_array_equal(np.asarray(dropped), 0)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ym), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- model
