@@ -23,7 +23,8 @@ Implementations (``spec.implementation``):
           Oracle modes of d_countdown / dejavu / s_countdown (ideal, topk, threshold)
           need the dense s (or g) to select: an upper bound on quality, not a speedup.
   pallas  as gather, with the Pallas kernels. On a GPU the threshold rules of m_countdown
-          and cats and d_countdown's predictor, without a capacity and for at most
+          and cats and d_countdown's predictor and cascade (method "dc": W_down rows read
+          only for |s| > tau), without a capacity and for at most
           ``_FUSED_MAX_TOKENS`` tokens (decode), run ``kernels.fused_sparse_ffn``
           instead: the threshold is applied inside the kernel (no index list), on the
           same scores ``select`` compares (XLA's dense u / act(g) / z), so the kept
@@ -52,7 +53,7 @@ _PALLAS_INTERPRET = False
 _FUSED_MAX_TOKENS = 1
 # (method, mode) -> the fused kernel's method, where its rule equals ``select``'s.
 _FUSED_RULES = {("m_countdown", "threshold"): "m", ("cats", "threshold"): "cats",
-                ("d_countdown", "predictor"): "d"}
+                ("d_countdown", "predictor"): "d", ("d_countdown", "cascade"): "dc"}
 
 
 def dense_ffn(mlp, x, act: str):
@@ -154,12 +155,14 @@ def _gathered(stack, x, act, spec, layer, sparse):
     if fused is not None:
         # Same scores and comparison as ``select``: |u| > tau, |act(g)| > tau, z > theta
         # (q is |coef| for m / cats). The kernel reads the stack in place; given scores,
-        # it takes its measured default config with score="xla".
+        # it takes its measured default config with score="xla". Cascade: the candidates
+        # z > theta, then |s| > tau inside the kernel (``refine``'s comparison).
         tau = layer["threshold"] if spec.mode == "threshold" else layer["theta"]
         y, count = fused_sparse_ffn(
             xs, stack["gate"], stack["up"], stack["down"], tau, act=act, method=fused,
             implementation="pallas", interpret=_PALLAS_INTERPRET,
-            layer=stack.get("layer"), scores=q if coef is None else coef)
+            layer=stack.get("layer"), scores=q if coef is None else coef,
+            tau_s=layer["threshold"] if fused == "dc" else None)
         dropped = jnp.zeros(count.shape, jnp.int32)      # no capacity: nothing cut
     else:
         rule, mask = _choose(spec, q, layer)

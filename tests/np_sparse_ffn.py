@@ -77,3 +77,16 @@ def cap_row(mask, q, capacity):
 def sparse_ffn(mlp, x, mask, act_name):
     _, _, s = coefficients(mlp, x, act_name)
     return (s * mask) @ mlp["down"]
+
+
+def cascade(mlp, x, pred, theta, tau, act_name, capacity=None):
+    """The cascade rule: (candidates, kept) masks. Candidates z > theta (the ``capacity``
+    highest z when more pass), kept = the candidates with |s| > tau."""
+    z = predictor_logits(pred, x)
+    cand = select("predictor", z, theta)
+    if capacity is not None:
+        flat = [cap_row(mr, zr, capacity) for mr, zr in
+                zip(cand.reshape(-1, z.shape[-1]), z.reshape(-1, z.shape[-1]))]
+        cand = np.stack(flat).reshape(z.shape)
+    _, _, s = coefficients(mlp, x, act_name)
+    return cand, cand & (np.abs(s) > tau)

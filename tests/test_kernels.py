@@ -19,7 +19,8 @@ import pytest
 
 from countdown_jax.kernels.fused_sparse_ffn.api import fused_sparse_ffn
 from countdown_jax.kernels.fused_sparse_ffn.pallas_gpu import FusedConfig, default_config
-from countdown_jax.kernels.fused_sparse_ffn.reference import selection_scores
+from countdown_jax.gated import activation
+from countdown_jax.kernels.fused_sparse_ffn.reference import project, selection_scores
 from countdown_jax.kernels.sparse_ffn import api as sparse_api
 from countdown_jax.kernels.sparse_ffn.api import index_list, sparse_ffn
 from countdown_jax.kernels.sparse_ffn.pallas_gpu import GatherConfig
@@ -111,6 +112,52 @@ def test_gather_kernel_matches_reference(dense, act, n, dtype, cfg):
             assert rel_err(y, dense_y) < (1e-2 if dtype == jnp.bfloat16 else 1e-5)
 
 
+@pytest.mark.parametrize("n,dtype,cfg", [
+    (1, jnp.float32, GatherConfig(bj=4, bd=8, programs=3, poison=True)),
+    (3, jnp.bfloat16, GatherConfig(bj=8, bd=16, programs=2, reduce="atomic", poison=True)),
+    (2, jnp.float32, GatherConfig(bj=4, bd=32, programs=4))])
+def test_gather_kernel_cascade(n, dtype, cfg):
+    """s_tau: of the listed neurons only |s| > s_tau are kept (count returned); W_down rows
+    of the others are never read (NaN there changes nothing)."""
+    (wg, wu, wd), _, _ = weights(61, dtype=dtype)
+    x = jax.random.normal(jax.random.key(62), (n, D), jnp.float32).astype(dtype)
+    s = exact_s(x, wg, wu)
+
+    def run(impl, w_down, idx, cnt, s_tau):
+        return sparse_ffn(x, wg, wu, w_down, idx, cnt, act="silu", implementation=impl,
+                          interpret=True, config=cfg, s_tau=s_tau)
+
+    kern = jax.jit(lambda w, i, c, t: run("pallas_gpu", w, i, c, t))
+    ref = jax.jit(lambda i, c, t: run("xla", wd, i, c, t))
+    big = jnp.full((n,), 1e30, jnp.float32)
+    for name, idx, cnt in selections(63, n):
+        for s_case, s_tau in (("mid", gap_tau(jnp.abs(s), 0.5)), ("all", -big),
+                              ("none", big)):
+            (y, kept), (r, rk) = kern(wd, idx, cnt, s_tau), ref(idx, cnt, s_tau)
+            case = f"{name}/{s_case}"
+            np.testing.assert_array_equal(np.asarray(kept), np.asarray(rk), err_msg=case)
+            if name == "none" or s_case == "none":
+                assert np.all(np.asarray(y, np.float32) == 0) and not np.asarray(kept).any()
+                continue
+            assert rel_err(y, r) < 1e-5, case
+            if s_case == "all":
+                np.testing.assert_array_equal(np.asarray(kept), np.asarray(cnt))
+            if s_case == "mid":
+                listed = np.zeros((n, M), bool)
+                for b in range(n):
+                    listed[b, np.asarray(idx[b, :int(cnt[b])])] = True
+                keep = listed & np.asarray(jnp.abs(s) > s_tau[:, None])
+                np.testing.assert_array_equal(np.asarray(kept), keep.sum(1), err_msg=case)
+                assert (keep.sum(1) < listed.sum(1)).all()
+                unread = ~keep.any(0)      # not listed, or refined out, for every token
+                yp, kp = kern(wd.at[unread].set(jnp.nan), idx, cnt, s_tau)
+                np.testing.assert_array_equal(np.asarray(yp), np.asarray(y), err_msg=case)
+    with pytest.raises(ValueError, match="prefetch"):
+        sparse_ffn(x, wg, wu, wd, *selections(63, n)[0][1:], act="silu", s_tau=big,
+                   implementation="pallas_gpu", interpret=True,
+                   config=GatherConfig(prefetch=True))
+
+
 def test_tpu_block_kernel_matches_reference():
     (wg, wu, wd), _, _ = weights(5)
     n = 2
@@ -180,6 +227,110 @@ def test_fused_kernel_matches_reference(method, n, dtype, cfg):
             assert rel_err(y, r) < 1e-5, case
         if case == "all":
             assert np.all(np.asarray(cnt) == M)
+
+
+# --------------------------------------------------------------------------- the cascade (dc)
+
+def cascade_taus(q, s, cand_frac, keep_frac):
+    """(tau, tau_s) per token: candidates z > tau are ~cand_frac of m, and |s| > tau_s
+    ~keep_frac of m (so ~cand_frac * keep_frac kept), no value near either threshold."""
+    return gap_tau(q, 1 - cand_frac), gap_tau(jnp.abs(s), 1 - keep_frac)
+
+
+def exact_s(x, wg, wu, act="silu"):
+    """s = act(g) * u [N, m] float32 (float32 accumulation, no TF32 on a GPU)."""
+    return activation(act)(project(x, wg)) * project(x, wu)
+
+
+CASCADE_CASES = [
+    # n, dtype, act, config (prefetch is off: W_down rows are known only after s)
+    (1, jnp.float32, "silu", FusedConfig(bn=8, bd=8, blocks_per_program=2, poison=True)),
+    (2, jnp.bfloat16, "gelu_tanh", FusedConfig(bn=16, bd=8, bds=4, compact=4,
+                                               reduce="atomic")),
+    (1, jnp.bfloat16, "silu", FusedConfig(bn=16, bd=16, score="xla", programs=2, compact=4,
+                                          poison=True)),
+    (3, jnp.float32, "silu", FusedConfig(bn=32, bd=32, score="xla", programs=3, poison=True)),
+    (1, jnp.float32, "silu", dataclasses.replace(default_config(jnp.float32, "dc"),
+                                                 poison=True)),
+]
+
+
+@pytest.mark.parametrize("n,dtype,act,cfg", CASCADE_CASES)
+def test_cascade_kernel_matches_reference(n, dtype, act, cfg):
+    """Method dc: candidates z > tau, then |s| > tau_s; kept count = the final set.
+    Rows the kernel must not read are NaN: every row of the non-candidates and the W_down
+    rows of the candidates refined out (for every token)."""
+    (wg, wu, wd), v, u = weights(51, dtype=dtype)
+    x = jax.random.normal(jax.random.key(52), (n, D), jnp.float32).astype(dtype)
+    q, _ = selection_scores(x, wg, wu, act=act, method="dc", pred_vt=v, pred_u=u)
+    s = exact_s(x, wg, wu, act)
+
+    def run(impl, w, tau, tau_s):
+        return fused_sparse_ffn(x, *w, tau, act=act, method="dc", pred_vt=v, pred_u=u,
+                                implementation=impl, interpret=True, config=cfg, tau_s=tau_s)
+
+    kern = jax.jit(lambda w, t, ts: run("pallas", w, t, ts))
+    ref = jax.jit(lambda t, ts: run("xla", (wg, wu, wd), t, ts))
+    big = jnp.full((n,), 1e30, jnp.float32)
+    rng = np.random.default_rng(53)
+    cases = {"random": cascade_taus(q, s, rng.uniform(0.5, 0.9), rng.uniform(0.3, 0.7)),
+             "all": (-big, -big), "none (candidates)": (big, -big),
+             "none (refined)": (-big, big),
+             "per-token": (gap_tau(q, 0.3), jnp.asarray(rng.uniform(0.0, 1.0, n), jnp.float32))}
+    for case, (tau, tau_s) in cases.items():
+        y, cnt = kern((wg, wu, wd), tau, tau_s)
+        r, rc = ref(tau, tau_s)
+        np.testing.assert_array_equal(np.asarray(cnt), np.asarray(rc), err_msg=case)
+        if case.startswith("none"):
+            assert np.all(np.asarray(y, np.float32) == 0) and np.all(np.asarray(cnt) == 0)
+        else:
+            assert rel_err(y, r) < 1e-5, case
+        if case == "all":
+            assert np.all(np.asarray(cnt) == M)
+        if case != "random":
+            continue
+        cand = np.asarray(q > tau[:, None])
+        keep = cand & np.asarray(jnp.abs(s) > tau_s[:, None])
+        np.testing.assert_array_equal(np.asarray(cnt), keep.sum(1))
+        assert (keep.sum(1) < cand.sum(1)).all() and keep.any(1).all()
+        never = ~cand.any(0)
+        refined = cand.any(0) & ~keep.any(0)
+        assert never.any() and refined.any()
+        poisoned = (wg.at[never].set(jnp.nan), wu.at[never].set(jnp.nan),
+                    wd.at[never | refined].set(jnp.nan))
+        yp, cp = kern(poisoned, tau, tau_s)
+        np.testing.assert_array_equal(np.asarray(cp), np.asarray(cnt))
+        np.testing.assert_array_equal(np.asarray(yp), np.asarray(y), err_msg="read a skipped row")
+
+
+def test_cascade_index_list_pipelines_match_reference():
+    (wg, wu, wd), v, u = weights(55)
+    x = jax.random.normal(jax.random.key(56), (2, D), jnp.float32)
+    q, _ = selection_scores(x, wg, wu, act="silu", method="dc", pred_vt=v, pred_u=u)
+    tau, tau_s = cascade_taus(q, exact_s(x, wg, wu), 0.7, 0.5)
+    kw = dict(act="silu", method="dc", pred_vt=v, pred_u=u, interpret=True, tau_s=tau_s)
+    ref, rc = fused_sparse_ffn(x, wg, wu, wd, tau, implementation="xla", **kw)
+    assert (np.asarray(rc) > 0).all()
+    for impl in ("xla_gather", "pallas_gather"):
+        y, cnt = fused_sparse_ffn(x, wg, wu, wd, tau, implementation=impl, **kw)
+        np.testing.assert_array_equal(np.asarray(cnt), np.asarray(rc), err_msg=impl)
+        assert rel_err(y, ref) < 1e-5, impl
+
+
+def test_cascade_api_errors():
+    (wg, wu, wd), v, u = weights(57)
+    x = jax.random.normal(jax.random.key(58), (2, D), jnp.float32)
+    kw = dict(act="silu", pred_vt=v, pred_u=u)
+    with pytest.raises(ValueError, match="tau_s"):
+        fused_sparse_ffn(x, wg, wu, wd, 0.0, method="dc", **kw)
+    with pytest.raises(ValueError, match="tau_s"):
+        fused_sparse_ffn(x, wg, wu, wd, 0.0, method="d", tau_s=0.1, **kw)
+    with pytest.raises(ValueError, match="tau_s must be a scalar or one value per token"):
+        fused_sparse_ffn(x, wg, wu, wd, 0.0, method="dc", tau_s=jnp.zeros(3), **kw)
+    with pytest.raises(ValueError, match="prefetch"):
+        fused_sparse_ffn(x, wg, wu, wd, 0.0, method="dc", tau_s=0.1, implementation="pallas",
+                         interpret=True, config=FusedConfig(prefetch=True), **kw)
+    assert not default_config(jnp.bfloat16, "dc").prefetch
 
 
 @pytest.mark.parametrize("method", ["m", "cats", "d"])
@@ -261,3 +412,26 @@ def test_kernels_compiled_on_gpu(dtype):
                     assert np.all(np.asarray(y, np.float32) == 0)
                 else:
                     assert rel_err(y, r) < tol, (method, frac, impl, cfg)
+    # the cascade: candidates z > tau, W_down rows of |s| > tau_s only
+    q, _ = selection_scores(x, wg, wu, act="silu", method="dc", pred_vt=v, pred_u=u)
+    s = exact_s(x, wg, wu)
+    kw = dict(act="silu", method="dc", pred_vt=v, pred_u=u)
+    ref = jax.jit(lambda t, ts: fused_sparse_ffn(x, wg, wu, wd, t, implementation="xla",
+                                                 tau_s=ts, **kw))
+    for impl, cfg in (
+            ("pallas", dataclasses.replace(default_config(dtype, "dc"), poison=True)),
+            ("pallas", FusedConfig(bn=16, bd=256, poison=True)),
+            ("pallas", FusedConfig(bn=64, bd=512, compact=8, reduce="atomic", poison=True)),
+            ("pallas", FusedConfig(bn=32, bd=256, compact=4, score="xla", programs=100,
+                                   poison=True)),
+            ("pallas_gather", GatherConfig(bj=8, bd=256, programs=16, poison=True))):
+        kern = jax.jit(lambda t, ts, impl=impl, cfg=cfg: fused_sparse_ffn(
+            x, wg, wu, wd, t, implementation=impl, config=cfg, tau_s=ts, **kw))
+        for cand, keep in ((1.0, 1.0), (0.7, 0.5), (0.3, 0.2), (0.0, 1.0), (1.0, 0.0)):
+            tau, tau_s = cascade_taus(q, s, cand, keep)
+            (y, cnt), (r, rc) = kern(tau, tau_s), ref(tau, tau_s)
+            np.testing.assert_array_equal(np.asarray(cnt), np.asarray(rc))
+            if cand == 0.0 or keep == 0.0:
+                assert np.all(np.asarray(y, np.float32) == 0) and not np.asarray(cnt).any()
+            else:
+                assert rel_err(y, r) < tol, (cand, keep, impl, cfg)

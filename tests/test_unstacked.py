@@ -95,7 +95,9 @@ def test_pallas_decode_on_gpu_matches_xla_gather(tiny, layers):
     for method, mode, pol in (
             ("m_countdown", "threshold", _policy(cfg)),
             ("cats", "threshold", make_policy(L, threshold=np.full((L,), 0.1, np.float32))),
-            ("d_countdown", "predictor", make_policy(L, theta=0.5, predictor=pred))):
+            ("d_countdown", "predictor", make_policy(L, theta=0.5, predictor=pred)),
+            ("d_countdown", "cascade", make_policy(L, theta=0.0, threshold=0.05,
+                                                   predictor=pred))):
         out = {}
         for impl in ("gather", "pallas"):
             spec = SparseSpec(method=method, mode=mode, implementation=impl)

@@ -22,9 +22,14 @@ scoring GEMV, the "xla" reference) slices the layer, which XLA fuses into its GE
 The predictor (pred_vt [r, d] = V transposed, pred_u [m, r]) is always one layer's.
 
 scores: optionally the dense projection the rule compares, [..., m] float32, computed by
-the caller: u (m), act(g) (cats), z = (x V) U^T (d); keep |u| > tau, |act(g)| > tau,
+the caller: u (m), act(g) (cats), z = (x V) U^T (d, dc); keep |u| > tau, |act(g)| > tau,
 z > tau. The "pallas" kernel reads it with FusedConfig(score="xla") (the measured
 default for every method; without ``scores`` it is computed here first).
+
+method "dc" (the cascade): z > tau picks candidates as "d", their exact s is computed and
+only |s| > tau_s (scalar or one per token, required) are kept; the count returned is the
+final kept count. The "pallas" kernel reads W_down rows of those only; the index-list
+paths list the candidates and sparse_ffn refines them (``s_tau``).
 """
 
 from __future__ import annotations
@@ -33,20 +38,22 @@ import jax
 import jax.numpy as jnp
 
 from countdown_jax.kernels.fused_sparse_ffn.reference import (
-    check_method, dense_scores, fused_sparse_ffn_reference, predictor_hidden,
-    scores_to_selection)
+    PREDICTED, check_method, dense_scores, fused_sparse_ffn_reference, per_token,
+    predictor_hidden, scores_to_selection)
 from countdown_jax.kernels.sparse_ffn.api import (_flat_stack, index_list, resolve_pallas,
                                                   sparse_ffn)
 
 IMPLEMENTATIONS = ("xla", "xla_gather", "pallas_gather", "pallas")
-_DENSE = {"m": "up", "cats": "gate", "d": None}
+_DENSE = {"m": "up", "cats": "gate", "d": None, "dc": None}
 
 
 def fused_sparse_ffn(x, w_gate, w_up, w_down, tau, *, act, method, pred_vt=None, pred_u=None,
                      implementation: str = "xla", capacity: int | None = None,
-                     interpret: bool = False, config=None, layer=None, scores=None):
-    """x [..., d]; tau scalar or one per token; returns (y [..., d], kept count [...])."""
-    check_method(method, pred_vt, pred_u, scores)
+                     interpret: bool = False, config=None, layer=None, scores=None,
+                     tau_s=None):
+    """x [..., d]; tau (and tau_s for "dc") scalar or one per token; returns
+    (y [..., d], kept count [...])."""
+    check_method(method, pred_vt, pred_u, scores, tau_s)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown fused_sparse_ffn implementation {implementation!r}; "
                          f"expected one of {IMPLEMENTATIONS}")
@@ -58,13 +65,15 @@ def fused_sparse_ffn(x, w_gate, w_up, w_down, tau, *, act, method, pred_vt=None,
         if w.shape[-2:] != (m, d):
             raise ValueError(f"fused_sparse_ffn: {name} must be [m, d] = {(m, d)}"
                              f"{' per layer' if layer is not None else ''}, got {w.shape}")
-    if method == "d" and pred_vt is not None and pred_u is not None and (
+    if method in PREDICTED and pred_vt is not None and pred_u is not None and (
             pred_vt.shape[1] != d or pred_u.shape[0] != m or pred_vt.shape[0] != pred_u.shape[1]):
         raise ValueError(f"fused_sparse_ffn: predictor must be Vt [r, d={d}] and U [m={m}, r], "
                          f"got {pred_vt.shape} and {pred_u.shape}")
     x2 = x.reshape(-1, d)
     n = x2.shape[0]
-    tau = jnp.broadcast_to(jnp.asarray(tau, jnp.float32).reshape(-1), (n,))
+    tau = _tokens("tau", tau, n)
+    if tau_s is not None:
+        tau_s = _tokens("tau_s", tau_s, n)
     if scores is not None:
         if scores.shape != lead + (m,):
             raise ValueError(f"fused_sparse_ffn: scores must be [..., m] = {lead + (m,)}, "
@@ -90,7 +99,7 @@ def fused_sparse_ffn(x, w_gate, w_up, w_down, tau, *, act, method, pred_vt=None,
     if impl == "xla":
         y, cnt = fused_sparse_ffn_reference(x2, *layer_matrices(), tau, act=act,
                                             method=method, pred_vt=pred_vt, pred_u=pred_u,
-                                            scores=scores)
+                                            scores=scores, tau_s=tau_s)
     elif impl in ("xla_gather", "pallas_gather"):
         cap = m if capacity is None else int(capacity)
         q, coef = scores_to_selection(method, get_scores())
@@ -98,7 +107,9 @@ def fused_sparse_ffn(x, w_gate, w_up, w_down, tau, *, act, method, pred_vt=None,
         kernel = "xla" if impl == "xla_gather" else "pallas"
         y = sparse_ffn(x2, w_gate, w_up, w_down, idx, jnp.minimum(cnt, cap), act=act,
                        dense=_DENSE[method], coef=coef, implementation=kernel,
-                       interpret=interpret, config=config, layer=layer)
+                       interpret=interpret, config=config, layer=layer, s_tau=tau_s)
+        if tau_s is not None:       # the cascade: the count kept after |s| > tau_s
+            y, cnt = y
     else:
         from countdown_jax.kernels.fused_sparse_ffn.pallas_gpu import (
             default_config, fused_sparse_ffn_pallas_gpu)
@@ -109,9 +120,18 @@ def fused_sparse_ffn(x, w_gate, w_up, w_down, tau, *, act, method, pred_vt=None,
         elif scores is not None:
             raise ValueError("fused_sparse_ffn: scores are read only with "
                              "FusedConfig(score='xla')")
-        elif method == "d":
+        elif method in PREDICTED:
             h = predictor_hidden(x2, pred_vt)
         y, cnt = fused_sparse_ffn_pallas_gpu(x2, *flat, tau, act=act, method=method, h=h,
                                              pred_u=pred_u, config=cfg, interpret=interpret,
-                                             scores=sc, row_offset=off, m=m)
+                                             scores=sc, row_offset=off, m=m, tau_s=tau_s)
     return y.reshape(*lead, d), cnt.reshape(lead)
+
+
+def _tokens(name, t, n):
+    """A threshold given as a scalar or one value per token -> float32 [n]."""
+    t = jnp.asarray(t, jnp.float32)
+    if t.size not in (1, n):
+        raise ValueError(f"fused_sparse_ffn: {name} must be a scalar or one value per token "
+                         f"({n}), got shape {t.shape}")
+    return per_token(t, n)[:, 0]

@@ -8,6 +8,9 @@ Per block of ``bn`` consecutive neurons a program
      up for D) and of W_down, and accumulates s * W_down[row] in float32 registers.
 No index list and no host sync: the selection never leaves the kernel. The dense scoring
 stream of co-resident programs hides the latency of the dependent sparse loads.
+Method "dc" (the cascade) selects candidates as D, forms their exact s from the gate/up
+rows, and reads W_down rows only where |s| > tau_s (its kept count): the down loads
+depend on s, so they cannot be issued with the gate/up loads (``prefetch`` must be off).
 
 Two ways to read the kept rows of a block (``compact``):
   0  predicated loads over all ``bn`` rows (masked-off rows move no bytes),
@@ -81,25 +84,27 @@ def default_config(dtype, method: str = "m") -> FusedConfig:
     experiments/results/bench_kernels.md): scores from XLA's dense GEMV (u, act(g), or the
     predictor's z), blocks of neurons compacted into tiles of 4 kept rows whose W_down
     loads are issued with their gate/up loads. M and CATS: 64-neuron blocks on 264
-    programs; D (three gathered matrices): 32-neuron blocks on 448 programs.
+    programs; D (three gathered matrices): 32-neuron blocks on 448 programs. The cascade
+    (dc): D's, without prefetch (its W_down rows are known only after s; not measured).
     float32 rows: half the columns per 16-byte vector, so half the chunk width."""
     bd = 1024 if jnp.dtype(dtype).itemsize <= 2 else 512
-    if method == "d":
+    if method in ("d", "dc"):
         return FusedConfig(bn=32, bd=bd, num_warps=4, programs=448, compact=4,
-                           score="xla", prefetch=True)
+                           score="xla", prefetch=method == "d")
     return FusedConfig(bn=64, bd=bd, num_warps=4, programs=264, compact=4, score="xla",
                        prefetch=True)
 
 
 def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
-    x_ref, s_ref, ws_ref, wg_ref, wu_ref, wd_ref, tau_ref, off_ref = refs[:8]
+    x_ref, s_ref, ws_ref, wg_ref, wu_ref, wd_ref, tau_ref, off_ref, taus_ref = refs[:9]
     out_ref, cnt_ref = refs[-2:]
     p = pl.program_id(0)
     off = off_ref[0]          # first weight row of this layer (0, or l*m in a flat stack)
-    # U (method d) is one layer's [m, r]: only the model's weights carry the offset.
-    ws_off = 0 if method == "d" else off
+    pred = method in ("d", "dc")
+    # U (methods d, dc) is one layer's [m, r]: only the model's weights carry the offset.
+    ws_off = 0 if pred else off
     bn, bd = cfg.bn, cfg.bd
-    bds = cfg.bds or (min(512, pl.next_power_of_2(ds)) if method == "d" else bd)
+    bds = cfg.bds or (min(512, pl.next_power_of_2(ds)) if pred else bd)
     ch = tt.chunks(d, bd)
     f = activation(act)
     nblk = -(-m // bn)
@@ -107,23 +112,31 @@ def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
     nmine = (nblk - p + P - 1) // P          # blocks p, p+P, p+2P, ... (round-robin)
 
     xs = [[tt.load_vec(x_ref, (b,), c0, bd, d) for c0, _ in ch] for b in range(nb)]
-    ss = xs if (cfg.score == "xla" or (method != "d" and bds == bd)) else [
+    ss = xs if (cfg.score == "xla" or (not pred and bds == bd)) else [
         [tt.load_vec(s_ref, (b,), c0, bds, ds) for c0, _ in tt.chunks(ds, bds)]
         for b in range(nb)]
     taus = [tau_ref[b] for b in range(nb)]
+    tss = [taus_ref[b] for b in range(nb)]          # the cascade's |s| threshold (dc)
 
-    def sparse_part(acc, rows, ok, keep, dense_vals):
-        """Read kept rows only: coefficients s per token, then accumulate s * W_down."""
+    def sparse_part(carry, rows, ok, keep, dense_vals):
+        """Read kept rows only: coefficients s per token, then accumulate s * W_down.
+        carry: (acc, cnts); dc counts its kept rows here (known only after s)."""
+        acc, cnts = carry
         rows = rows + off
-        first = {"m": (wg_ref,), "cats": (wu_ref,), "d": (wg_ref, wu_ref)}[method]
+        first = (wg_ref, wu_ref) if pred else {"m": (wg_ref,), "cats": (wu_ref,)}[method]
         dots, down = tt.kept_row_dots(first, wd_ref, rows, ok, xs, bd, d, cfg.prefetch)
         if method == "m":
-            s = [jnp.where(keep[b], f(dots[0][b]) * dense_vals[b], 0.0) for b in range(nb)]
+            s = [f(dots[0][b]) * dense_vals[b] for b in range(nb)]
         elif method == "cats":
-            s = [jnp.where(keep[b], dense_vals[b] * dots[0][b], 0.0) for b in range(nb)]
+            s = [dense_vals[b] * dots[0][b] for b in range(nb)]
         else:
-            s = [jnp.where(keep[b], f(dots[0][b]) * dots[1][b], 0.0) for b in range(nb)]
-        return tt.accumulate_kept(acc, wd_ref, down, rows, ok, s, bd, d)
+            s = [f(dots[0][b]) * dots[1][b] for b in range(nb)]
+        if method == "dc":      # second stage: W_down rows of |s| > tau_s only
+            keep = [k & (jnp.abs(v) > t) for k, v, t in zip(keep, s, tss)]
+            ok = _any(keep)
+            cnts = [c + jnp.sum(k.astype(jnp.int32)) for c, k in zip(cnts, keep)]
+        s = [jnp.where(k, v, 0.0) for k, v in zip(keep, s)]
+        return tt.accumulate_kept(acc, wd_ref, down, rows, ok, s, bd, d), cnts
 
     def body(i, carry):
         acc, cnts = carry
@@ -146,13 +159,12 @@ def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
             keep = [sc[b] > taus[b] for b in range(nb)]
         if rv is not None:
             keep = [k & rv for k in keep]
-        anyk = keep[0]
-        for k in keep[1:]:
-            anyk = anyk | k
-        cnts = [c + jnp.sum(k.astype(jnp.int32)) for c, k in zip(cnts, keep)]
+        anyk = _any(keep)
+        if method != "dc":
+            cnts = [c + jnp.sum(k.astype(jnp.int32)) for c, k in zip(cnts, keep)]
 
         if not cfg.compact:
-            return sparse_part(acc, rows, anyk, keep, dense_vals), cnts
+            return sparse_part((acc, cnts), rows, anyk, keep, dense_vals)
 
         # In-block compaction: slot j holds the block's j-th kept row.
         bj = cfg.compact
@@ -161,7 +173,7 @@ def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
         nk = jnp.sum(ki)
         lane = jnp.arange(bn, dtype=jnp.int32)
 
-        def tile(j, acc):
+        def tile(j, carry):
             slot = j * bj + jnp.arange(bj, dtype=jnp.int32)
             pos = jnp.sum((cs[None, :] <= slot[:, None]).astype(jnp.int32), axis=1)
             sv = slot < nk
@@ -172,9 +184,9 @@ def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
 
             kc = [(pick(k.astype(jnp.float32)) > 0) & sv for k in keep]
             vc = [None if v is None else pick(v) for v in dense_vals]
-            return sparse_part(acc, blk * bn + pos, sv, kc, vc)
+            return sparse_part(carry, blk * bn + pos, sv, kc, vc)
 
-        return jax.lax.fori_loop(0, (nk + bj - 1) // bj, tile, acc), cnts
+        return jax.lax.fori_loop(0, (nk + bj - 1) // bj, tile, (acc, cnts))
 
     acc0 = [[jnp.zeros((bd,), jnp.float32) for _ in ch] for _ in range(nb)]
     cnt0 = [jnp.int32(0) for _ in range(nb)]
@@ -188,17 +200,31 @@ def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
                 plt.atomic_add(out_ref, (b, tt.col_index(c0, bd)), a)
 
 
+def _any(masks):
+    out = masks[0]
+    for k in masks[1:]:
+        out = out | k
+    return out
+
+
 def fused_sparse_ffn_pallas_gpu(x, w_gate, w_up, w_down, tau, *, act, method, h=None,
                                 pred_u=None, config: FusedConfig | None = None,
-                                interpret: bool = False, scores=None, row_offset=0, m=None):
-    """x [N, d]; tau [N] float32; for method "d": h = x V [N, r] and U [m, r].
+                                interpret: bool = False, scores=None, row_offset=0, m=None,
+                                tau_s=None):
+    """x [N, d]; tau [N] float32; for methods "d", "dc": h = x V [N, r] and U [m, r];
+    "dc" also tau_s [N] float32 (keep the candidates with |s| > tau_s).
 
     Weights [R, d]: neuron i is row ``row_offset + i`` (R = m = one layer, or a flattened
     [L*m, d] stack with ``m`` given). scores [N, m] float32, read instead of a scoring
-    stream when ``config.score == "xla"`` (required then): u (m), act(g) (cats), z (d).
+    stream when ``config.score == "xla"`` (required then): u (m), act(g) (cats), z (d, dc).
     """
     cfg = config or default_config(w_down.dtype, method)
     nb, d = x.shape
+    if (method == "dc") != (tau_s is not None):
+        raise ValueError("tau_s is required for method 'dc' and only for it")
+    if method == "dc" and cfg.prefetch:
+        raise ValueError("method 'dc' reads W_down rows only after s is known: "
+                         "FusedConfig(prefetch=True) does not apply, use prefetch=False")
     m = w_down.shape[0] if m is None else m
     if cfg.score == "xla":      # XLA's GEMV is the fastest dense stream; the kernel reads it
         if scores is None or scores.shape != (nb, m):
@@ -208,13 +234,15 @@ def fused_sparse_ffn_pallas_gpu(x, w_gate, w_up, w_down, tau, *, act, method, h=
     else:
         if scores is not None:
             raise ValueError("scores are read only with FusedConfig(score='xla')")
-        ws, sin = {"m": (w_up, x), "cats": (w_gate, x), "d": (pred_u, h)}[method]
+        ws, sin = {"m": (w_up, x), "cats": (w_gate, x), "d": (pred_u, h),
+                   "dc": (pred_u, h)}[method]
         ds = ws.shape[1]
     P = cfg.grid(m)
     kern = functools.partial(_kernel, method=method, act=act, m=m, d=d, ds=ds, nb=nb, cfg=cfg)
     params = plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    tau_s = jnp.zeros((nb,), jnp.float32) if tau_s is None else tau_s   # unused unless dc
     args = (x, sin, ws, w_gate, w_up, w_down, tau.astype(jnp.float32),
-            jnp.reshape(jnp.asarray(row_offset, jnp.int32), (1,)))
+            jnp.reshape(jnp.asarray(row_offset, jnp.int32), (1,)), tau_s.astype(jnp.float32))
     dp = -(-d // cfg.bd) * cfg.bd
     y_shape = (jax.ShapeDtypeStruct((P, nb, d), jnp.float32) if cfg.reduce == "partial"
                else jax.ShapeDtypeStruct((nb, dp), jnp.float32))

@@ -111,19 +111,22 @@ def sparse_ffn(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=Non
     """See module docstring. ``config``: backend tuning (GatherConfig or TPU block size).
 
     s_tau [N] float32 (cascade rule, dense=None only): listed neurons with |s| <= s_tau
-    are dropped after their s is computed; returns (y, kept [N] int32). Runs on the XLA
-    reference (the fused kernel handles the cascade on GPU).
+    are dropped after their s is computed (the GPU kernel then reads no W_down row of
+    theirs); returns (y, kept [N] int32). The TPU kernel has no cascade: XLA runs it there.
     """
     if s_tau is not None:
         if dense is not None or s_tau.shape != (x.shape[0],):
             raise ValueError(f"sparse_ffn: s_tau must be [N={x.shape[0]}] with dense=None, "
                              f"got {s_tau.shape} with dense={dense!r}")
-        implementation = "xla"
     if layer is not None and w_down.ndim == 3:
         _check(x, w_gate[0], w_up[0], w_down[0], idx, count, dense, coef)
     else:
         _check(x, w_gate, w_up, w_down, idx, count, dense, coef)
     impl = resolve_pallas(implementation, interpret)
+    if impl == "pallas_tpu" and s_tau is not None:
+        _fallback_warning("the TPU sparse FFN kernel has no cascade (s_tau); it runs on "
+                          "the XLA reference")
+        impl = "xla"
     if impl in ("xla", "pallas_gpu"):
         (w_gate, w_up, w_down), off, m = _flat_stack((w_gate, w_up, w_down), layer)
     if impl == "xla":
@@ -133,7 +136,7 @@ def sparse_ffn(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=Non
         from countdown_jax.kernels.sparse_ffn.pallas_gpu import sparse_ffn_pallas_gpu
         return sparse_ffn_pallas_gpu(x, w_gate, w_up, w_down, idx, count, act=act,
                                      dense=dense, coef=coef, config=config,
-                                     interpret=interpret, row_offset=off, m=m)
+                                     interpret=interpret, row_offset=off, m=m, s_tau=s_tau)
     if layer is not None:  # TPU block gather: one layer's matrices (a sliced copy)
         w_gate, w_up, w_down = (jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)
                                 for w in (w_gate, w_up, w_down))
