@@ -40,9 +40,9 @@ import numpy as np
 from countdown_jax.kernels.fused_sparse_ffn.api import fused_sparse_ffn
 from countdown_jax.kernels.fused_sparse_ffn.pallas_gpu import FusedConfig
 from countdown_jax.kernels.fused_sparse_ffn.pallas_gpu import default_config as fused_default
-from countdown_jax.kernels.fused_sparse_ffn.reference import project, selection_scores
+from countdown_jax.kernels.fused_sparse_ffn.reference import project_f32 as project, selection_scores
 from countdown_jax.kernels.sparse_ffn.pallas_gpu import GatherConfig
-from countdown_jax.ffn import activation
+from countdown_jax.gated import activation
 
 SHAPES = {  # name: (d, m, act)
     "llama-3.1-8b": (4096, 14336, "silu"),

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from countdown_jax import ffn as ffn_mod
 from countdown_jax import model as M
 from countdown_jax.kernels.decode_attention.api import decode_attention
 from countdown_jax.kernels.decode_attention.pallas_gpu import AttentionConfig
@@ -119,8 +118,7 @@ def _decode(params, cfg, attention, steps=3):
 
 
 @pytest.mark.parametrize("variant", ["llama", "window+softcap", "unstacked"])
-def test_model_decode_pallas_attention_equals_xla(monkeypatch, variant):
-    monkeypatch.setattr(ffn_mod, "_PALLAS_INTERPRET", True)
+def test_model_decode_pallas_attention_equals_xla(monkeypatch, pallas_interpret, variant):
     if variant == "window+softcap":     # sliding-window layers (Mistral rule) + a softcap
         params, cfg = tiny_model(seed=4, model_type="mistral",
                                  architectures=["MistralForCausalLM"], sliding_window=3)
@@ -173,14 +171,14 @@ def test_kernel_and_model_compiled_on_gpu():
 def test_cache_past_int32_offsets(monkeypatch):
     """A stacked cache past int32 element offsets (shrunk here) is read as this layer's
     slice; a single layer past them is refused with a clear error."""
-    from countdown_jax.kernels.decode_attention import api
+    from countdown_jax.kernels import _platform
     q, k, v, pos, layer = _case(3, 2, 20, 2, 2, 8, jnp.float32, seed=9)
     kw = dict(scale=0.3, implementation="pallas", interpret=True,
               config=AttentionConfig(bs=8, split=8))
     ref = decode_attention(q, k, v, pos, layer=layer, **kw)
-    monkeypatch.setattr(api, "MAX_FLAT_ELEMENTS", k[0].size)      # one layer fits exactly
+    monkeypatch.setattr(_platform, "MAX_FLAT_ELEMENTS", k[0].size)  # one layer fits exactly
     np.testing.assert_array_equal(np.asarray(decode_attention(q, k, v, pos, layer=layer, **kw)),
                                   np.asarray(ref))
-    monkeypatch.setattr(api, "MAX_FLAT_ELEMENTS", k[0].size - 1)
+    monkeypatch.setattr(_platform, "MAX_FLAT_ELEMENTS", k[0].size - 1)
     with pytest.raises(ValueError, match="int32 offsets"):
         decode_attention(q, k, v, pos, layer=layer, **kw)

@@ -16,12 +16,19 @@ token (int32).
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 
-from countdown_jax.ffn import activation
-from countdown_jax.kernels.sparse_ffn.reference import HIGHEST
+from countdown_jax.gated import HIGHEST, activation, project
+
+__all__ = ["METHODS", "check_method", "dense_scores", "fused_sparse_ffn_reference",
+           "predictor_hidden", "project_f32", "scores_to_selection", "selection_scores"]
 
 METHODS = ("m", "cats", "d")
+
+# x [N, k] . w [m, k] -> [N, m] float32 (float32 accumulation, no TF32, no f32 copy of w).
+project_f32 = functools.partial(project, float32=True)
 
 
 def check_method(method, pred_vt, pred_u, scores=None):
@@ -30,16 +37,6 @@ def check_method(method, pred_vt, pred_u, scores=None):
     if method == "d" and scores is None and (pred_vt is None or pred_u is None):
         raise ValueError("method 'd' needs the predictor: pred_vt [r, d] and pred_u [m, r] "
                          "(or its logits as scores)")
-
-
-def project(x, w):
-    """x [N, k] . w [m, k] -> [N, m] float32 (float32 accumulation, no TF32, no f32 copy of w).
-
-    Mixed dtypes (float32 h against bf16 U): written as multiply + reduce so XLA fuses the
-    upcast into one pass over w instead of materialising a float32 copy of it."""
-    if x.dtype != w.dtype:
-        return jnp.sum(x.astype(jnp.float32)[:, None, :] * w.astype(jnp.float32)[None], axis=-1)
-    return jnp.einsum("nk,mk->nm", x, w, preferred_element_type=jnp.float32, precision=HIGHEST)
 
 
 def predictor_hidden(x, pred_vt):
@@ -54,10 +51,10 @@ def dense_scores(x, w_gate, w_up, *, act, method, pred_vt=None, pred_u=None):
     """The dense projection each rule selects on, [N, m] float32: u (m), act(g) (cats),
     z = (x V) U^T (d)."""
     if method == "m":
-        return project(x, w_up)
+        return project_f32(x, w_up)
     if method == "cats":
-        return activation(act)(project(x, w_gate))
-    return project(predictor_hidden(x, pred_vt), pred_u)
+        return activation(act)(project_f32(x, w_gate))
+    return project_f32(predictor_hidden(x, pred_vt), pred_u)
 
 
 def scores_to_selection(method, scores):
@@ -82,6 +79,6 @@ def fused_sparse_ffn_reference(x, w_gate, w_up, w_down, tau, *, act, method,
     q, _ = scores_to_selection(method, scores)
     tau = jnp.broadcast_to(jnp.asarray(tau, jnp.float32).reshape(-1, 1), (x.shape[0], 1))
     keep = q > tau
-    s = jnp.where(keep, activation(act)(project(x, w_gate)) * project(x, w_up), 0.0)
+    s = jnp.where(keep, activation(act)(project_f32(x, w_gate)) * project_f32(x, w_up), 0.0)
     y = jnp.einsum("nm,md->nd", s, w_down.astype(jnp.float32), precision=HIGHEST)
     return y.astype(x.dtype), jnp.sum(keep, axis=-1, dtype=jnp.int32)
