@@ -41,11 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from countdown_jax import layout
 from countdown_jax.config import ModelConfig
 
 __all__ = ["AXES", "DATA", "MODEL", "axis_size", "batch_spec", "cache_specs",
            "check_batch", "check_tensor_parallel", "constrain_batch", "context_mesh",
-           "make_mesh", "multi_device_mesh", "param_specs", "policy_specs",
+           "make_mesh", "mesh_axes", "multi_device_mesh", "param_specs", "policy_specs",
            "random_params", "shard_batch", "shard_cache", "shard_params", "shard_policy",
            "splits_heads", "splits_neurons"]
 
@@ -98,32 +99,30 @@ def check_tensor_parallel(cfg: ModelConfig, model: int):
                          f"m={cfg.d_ff} neurons evenly: m must be divisible by {model}")
 
 
-def param_specs(cfg: ModelConfig, mesh, params=None) -> dict:
-    """PartitionSpecs mirroring the params pytree of ``layout.py`` (keys from ``params``
-    when given, else from ``cfg``)."""
+def mesh_axes(cfg: ModelConfig, mesh) -> dict:
+    """Logical axis (``layout.AXIS_SIZES``) -> mesh axis or None: the placement rules."""
     model = axis_size(mesh, MODEL)
-    check_tensor_parallel(cfg, model)
-    qh = kvh = MODEL if splits_heads(cfg, model) else None
-    layer = {
-        "attn_norm": P(), "mlp_norm": P(),
-        "wq": P(None, None, qh, None), "wk": P(None, None, kvh, None),
-        "wv": P(None, None, kvh, None), "wo": P(None, qh, None, None),
-        "bq": P(None, qh, None), "bk": P(None, kvh, None), "bv": P(None, kvh, None),
-        "q_norm": P(), "k_norm": P(), "post_attn_norm": P(), "post_mlp_norm": P(),
-        "mlp": {k: P(None, MODEL, None) for k in ("gate", "up", "down")},
-    }
-    top = {"embed": P(), "final_norm": P(), "lm_head": P(None, MODEL)}
+    heads = MODEL if splits_heads(cfg, model) else None
+    return {"mlp": MODEL, "q_heads": heads, "kv_heads": heads,
+            "vocab_out": None if cfg.vocab_size % model else MODEL}
+
+
+def param_specs(cfg: ModelConfig, mesh, params=None) -> dict:
+    """PartitionSpecs mirroring the params pytree (``layout.PARAMS``: keys from ``params``
+    when given, else the config's declared leaves)."""
+    check_tensor_parallel(cfg, axis_size(mesh, MODEL))
+    rules = mesh_axes(cfg, mesh)
+    every = layout.logical_axes()
     if params is None:
-        params = jax.eval_shape(lambda: random_params(cfg, jax.random.key(0)))
-    unknown = [k for k in params if k not in top and k != "layers"]
-    unknown += [f"layers.{k}" for k in params["layers"] if k not in layer]
+        params = layout.logical_axes(cfg)
+    unknown = [k for k in params if k not in every]
+    unknown += [f"layers.{k}" for k in params.get("layers", {}) if k not in every["layers"]]
     if unknown:
         raise ValueError(f"no placement for params {unknown}; see layout.py")
-    specs = {k: top[k] for k in params if k != "layers"}
-    specs["layers"] = {k: layer[k] for k in params["layers"]}
-    if cfg.vocab_size % model and "lm_head" in specs:
-        specs["lm_head"] = P()
-    return specs
+    keys = {k: (every[k] if k != "layers" else
+                {n: every["layers"][n] for n in params["layers"]}) for k in params}
+    return jax.tree.map(lambda axes: P(*(rules.get(a) for a in axes)), keys,
+                        is_leaf=lambda x: isinstance(x, tuple))
 
 
 def policy_specs(policy) -> dict | None:
@@ -192,65 +191,24 @@ def shard_batch(arrays, mesh):
 
 
 def random_params(cfg: ModelConfig, key, dtype=jnp.float32, mesh=None):
-    """Random params in the layout of ``layout.py`` (1/sqrt(fan-in) scale, unit norms).
-
-    With ``mesh`` every leaf is created already sharded (one jit with out_shardings), so
-    a model larger than one device's memory never materialises on one device.
-    """
-    L, d, m, V = cfg.num_layers, cfg.d_model, cfg.d_ff, cfg.vocab_size
-    hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    shapes = {
-        "embed": ((V, d), 1.0),
-        "final_norm": ((d,), None),
-        "layers": {
-            "attn_norm": ((L, d), None), "mlp_norm": ((L, d), None),
-            "wq": ((L, d, hq, hd), d ** -0.5), "wk": ((L, d, hkv, hd), d ** -0.5),
-            "wv": ((L, d, hkv, hd), d ** -0.5), "wo": ((L, hq, hd, d), (hq * hd) ** -0.5),
-            "mlp": {"gate": ((L, m, d), d ** -0.5), "up": ((L, m, d), d ** -0.5),
-                    "down": ((L, m, d), m ** -0.5)},
-        },
-    }
-    if not cfg.tie_embeddings:
-        shapes["lm_head"] = ((d, V), d ** -0.5)
-    if cfg.qkv_bias:
-        shapes["layers"].update(bq=((L, hq, hd), 0.1), bk=((L, hkv, hd), 0.1),
-                                bv=((L, hkv, hd), 0.1))
-    if cfg.qk_norm:
-        shapes["layers"].update(q_norm=((L, hd), None), k_norm=((L, hd), None))
-    if cfg.sandwich_norm:
-        shapes["layers"].update(post_attn_norm=((L, d), None), post_mlp_norm=((L, d), None))
-    leaves, tree = jax.tree.flatten(
-        shapes, is_leaf=lambda x: isinstance(x, tuple) and isinstance(x[0], tuple))
-
-    def build(key):
-        keys = jax.random.split(key, len(leaves))
-        out = []
-        for k, (shape, scale) in zip(keys, leaves):
-            if scale is None:   # norm scale: around 1
-                out.append((1.0 + 0.1 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
-            else:
-                out.append((scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
-        return jax.tree.unflatten(tree, out)
-
-    if mesh is None:
-        return jax.jit(build)(key)
-    abstract = jax.eval_shape(build, key)
-    shardings = _named(mesh, param_specs(cfg, mesh, abstract))
-    return jax.jit(build, out_shardings=shardings)(key)
+    """``layout.random_params`` (1/sqrt(fan-in) scale, unit norms); with ``mesh`` every
+    leaf is created already sharded, so a model larger than one device's memory never
+    materialises on one device."""
+    shardings = None if mesh is None else _named(mesh, param_specs(cfg, mesh))
+    return layout.random_params(cfg, key, dtype, shardings=shardings)
 
 
 # -- the mesh in context ------------------------------------------------------------------------
-def _context_model_axis():
-    """Size of the context mesh's "model" axis when it is still to be split here (Auto or
-    Explicit), else None (no mesh, size 1, or already inside a shard_map over it)."""
+def _open_axis(name: str) -> int | None:
+    """Size of the context mesh's ``name`` axis when it is still to be split here (Auto or
+    Explicit, size > 1), else None (no mesh, no such axis, size 1, or already inside a
+    shard_map over it)."""
     mesh = context_mesh()
-    if mesh is None or getattr(mesh, "empty", False) or MODEL not in mesh.axis_names:
+    if mesh is None or getattr(mesh, "empty", False) or name not in mesh.axis_names:
         return None
-    size = axis_size(mesh, MODEL)
-    kind = dict(zip(mesh.axis_names, mesh.axis_types))[MODEL]
-    if size == 1 or kind == AxisType.Manual:
-        return None
-    return size
+    size = axis_size(mesh, name)
+    kind = dict(zip(mesh.axis_names, mesh.axis_types))[name]
+    return None if size == 1 or kind == AxisType.Manual else size
 
 
 def constrain_batch(x):
@@ -258,12 +216,8 @@ def constrain_batch(x):
     (size > 1) and the batch divides; else x unchanged. Called on the embeddings by the
     model, so any caller - generate, evaluation, calibration - runs data parallel under
     ``jax.set_mesh`` even when its inputs arrive replicated."""
-    mesh = context_mesh()
-    if mesh is None or getattr(mesh, "empty", False) or DATA not in mesh.axis_names:
-        return x
-    n = axis_size(mesh, DATA)
-    kind = dict(zip(mesh.axis_names, mesh.axis_types))[DATA]
-    if n == 1 or kind == AxisType.Manual or x.ndim == 0 or x.shape[0] % n:
+    n = _open_axis(DATA)
+    if n is None or x.ndim == 0 or x.shape[0] % n:
         return x
     return jax.lax.with_sharding_constraint(x, P(DATA))
 
@@ -276,4 +230,4 @@ def multi_device_mesh() -> bool:
 
 def splits_neurons() -> bool:
     """True when the FFN must run tensor parallel (called by ``ffn.ffn`` at trace time)."""
-    return _context_model_axis() is not None
+    return _open_axis(MODEL) is not None
