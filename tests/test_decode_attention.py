@@ -18,7 +18,7 @@ import pytest
 from countdown_jax import model as M
 from countdown_jax.kernels.decode_attention.api import decode_attention
 from countdown_jax.kernels.decode_attention.pallas_gpu import AttentionConfig
-from tiny_params import tiny_model
+from tests.support import tiny_params
 
 CASES = [  # L, B, S, Hkv, G, hd, window, softcap, (bs, split), dtype
     (3, 3, 37, 2, 4, 16, None, None, (8, 64), jnp.float32),      # one split
@@ -96,7 +96,7 @@ def test_api_errors():
     with pytest.raises(ValueError, match="q must be"):
         decode_attention(q[:, :3], k[0], v[0], pos, scale=1.0)
     with pytest.raises(ValueError, match="attention must be"):
-        tiny_p, cfg = tiny_model()
+        tiny_p, cfg = tiny_params.tiny_model()
         M.decode_step(tiny_p, cfg, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32),
                       M.init_cache(cfg, 1, 4), attention="flash")
 
@@ -120,12 +120,13 @@ def _decode(params, cfg, attention, steps=3):
 @pytest.mark.parametrize("variant", ["llama", "window+softcap", "unstacked"])
 def test_model_decode_pallas_attention_equals_xla(monkeypatch, pallas_interpret, variant):
     if variant == "window+softcap":     # sliding-window layers (Mistral rule) + a softcap
-        params, cfg = tiny_model(seed=4, model_type="mistral",
-                                 architectures=["MistralForCausalLM"], sliding_window=3)
+        params, cfg = tiny_params.tiny_model(seed=4, model_type="mistral",
+                                             architectures=["MistralForCausalLM"],
+                                             sliding_window=3)
         cfg = dataclasses.replace(cfg, attn_softcap=2.0)
         assert cfg.layer_sliding[0] and cfg.sliding_window == 3
     else:
-        params, cfg = tiny_model(seed=4)
+        params, cfg = tiny_params.tiny_model(seed=4)
     params = jax.tree.map(jnp.asarray, params)
     if variant == "unstacked":
         params = M.unstack_layers(params)
@@ -159,7 +160,7 @@ def test_kernel_and_model_compiled_on_gpu():
         tol = 1e-5 if dtype == jnp.float32 else 1e-2
         err = np.max(np.abs(y - ref)) / np.max(np.abs(ref))
         assert np.all(np.isfinite(y)) and err < tol, (S, hd, dtype, err)
-    params, cfg = tiny_model(seed=4)
+    params, cfg = tiny_params.tiny_model(seed=4)
     params = jax.tree.map(jnp.asarray, params)
     for form in (params, M.unstack_layers(params)):
         with jax.default_matmul_precision("float32"):        # the XLA path without TF32

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import np_sparse_ffn as ref
+from tests.support import np_sparse_ffn as ref
 from countdown_jax import selection as sel
 from countdown_jax.ffn import dense_ffn, ffn
 from countdown_jax.policy import DENSE, SparseSpec, make_policy, stack_policies

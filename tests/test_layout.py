@@ -13,11 +13,11 @@ from jax.sharding import PartitionSpec as P
 
 from conversion.names import TABLES
 from countdown_jax import layout, sharding
-from tests.tiny_params import tiny_model
+from tests.support import tiny_params
 
 
 def _configs():
-    _, cfg = tiny_model()
+    _, cfg = tiny_params.tiny_model()
     full = dataclasses.replace(cfg, qkv_bias=True, qk_norm=True, sandwich_norm=True,
                                tie_embeddings=False)
     return {"llama_tied": cfg, "everything": full}
@@ -57,7 +57,7 @@ def test_mlp_logical_axes():
 
 @pytest.mark.parametrize("family", sorted(TABLES))
 def test_converter_shapes_follow_the_declaration(family):
-    _, cfg = tiny_model()
+    _, cfg = tiny_params.tiny_model()
     cfg = dataclasses.replace(cfg, family=family, qkv_bias=True, qk_norm=True,
                               sandwich_norm=True, tie_embeddings=False)
     d, m, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
