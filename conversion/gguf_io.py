@@ -288,11 +288,6 @@ def read_gguf(path, progress: bool = True) -> tuple[dict, dict[str, np.ndarray]]
     return cfg, tensors
 
 
-def read_gguf_config(path) -> dict:
-    """Only the config dict (no dequantization)."""
-    return config_from_metadata(_open(path))
-
-
 # ---------------------------------------------------------------------------- tokenizer
 
 def save_tokenizer_from_gguf(gguf_path, out_dir) -> Path:

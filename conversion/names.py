@@ -1,10 +1,12 @@
 """HF tensor names -> our params layout (countdown_jax/layout.py), one table per family.
 
 Each table row: a regex over the HF name (``{i}`` = layer index), the target path(s) in
-the params pytree, the HF shape it must have, and the transform into our layout (transpose
-of down_proj, heads split out of q/k/v/o, Phi-3's fused qkv / gate_up split, Gemma's 1+w
-norm folding). ``hf_to_params`` applies the table, checks every shape, and reports missing,
-unexpected and duplicate tensors by name.
+the params pytree and the transform into our layout (transpose of down_proj, heads split
+out of q/k/v/o, Phi-3's fused qkv / gate_up split, Gemma's 1+w norm folding). The shape
+the HF tensor must have and whether the config holds it are not written here: they follow
+from the targets' declaration in ``countdown_jax/layout.py`` and the transform's HF form.
+``hf_to_params`` applies the table, checks every shape, and reports missing, unexpected
+and duplicate tensors by name.
 """
 
 from __future__ import annotations
@@ -17,149 +19,153 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from countdown_jax import layout
 from countdown_jax.config import ModelConfig
 
 Path = tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
+class Transform:
+    """HF tensor -> our leaves (``apply``), and the HF form of one target's shape
+    (``hf_shape``: our per-layer shape -> the HF rows it comes from; several targets'
+    forms are concatenated along axis 0, as Phi-3's fused tensors are)."""
+
+    apply: Callable[[ModelConfig, np.ndarray], tuple[np.ndarray, ...]]
+    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+
+    def __call__(self, cfg, w):
+        return self.apply(cfg, w)
+
+
+@dataclasses.dataclass(frozen=True)
 class Rule:
     hf: str  # HF name with "{i}" for the layer index
     targets: tuple[Path, ...]  # paths under params (under params["layers"] when per-layer)
-    shape: Callable[[ModelConfig], tuple[int, ...]]  # expected HF shape
-    transform: Callable[[ModelConfig, np.ndarray], tuple[np.ndarray, ...]]
+    transform: Transform
     per_layer: bool = True
-    when: Callable[[ModelConfig], bool] = lambda cfg: True  # rule applies to this config
 
     @property
     def regex(self) -> re.Pattern:
         return re.compile("^" + re.escape(self.hf).replace(r"\{i\}", r"(\d+)") + "$")
 
+    def _leaves(self):
+        tree = layout.PARAMS["layers"] if self.per_layer else layout.PARAMS
+        out = []
+        for path in self.targets:
+            node = tree
+            for k in path:
+                node = node[k]
+            out.append(node)
+        return out
+
+    def when(self, cfg: ModelConfig) -> bool:
+        """The config holds this tensor (its targets are declared for it)."""
+        return all(leaf.present(cfg) for leaf in self._leaves())
+
+    def shape(self, cfg: ModelConfig) -> tuple[int, ...]:
+        """The HF shape this tensor must have, from the targets' declared shapes."""
+        forms = [self.transform.hf_shape(leaf.shape(cfg)) for leaf in self._leaves()]
+        return (sum(f[0] for f in forms),) + forms[0][1:]
+
 
 # -- transforms (HF torch Linear weight is [out, in]) ------------------------------------
-def _same(cfg, w):
+def _same_fn(cfg, w):
     return (w,)
 
 
-def _norm(cfg, w):
+def _norm_fn(cfg, w):
     # Gemma applies (1 + w); fold it so one RMSNorm serves every family. Add in float32.
     if cfg.norm_offset:
         return ((w.astype(np.float32) + np.float32(cfg.norm_offset)),)
     return (w,)
 
 
-def _in_heads(heads_of):
-    """[H*hd, d] -> [d, H, hd]."""
-    def f(cfg, w):
-        return (np.ascontiguousarray(w.T).reshape(cfg.d_model, heads_of(cfg), cfg.head_dim),)
-    return f
+def _in_heads_fn(cfg, w):
+    """[H*hd, d] -> [d, H, hd] (H from the rows)."""
+    return (np.ascontiguousarray(w.T).reshape(cfg.d_model, -1, cfg.head_dim),)
 
 
-def _bias_heads(heads_of):
-    def f(cfg, b):
-        return (b.reshape(heads_of(cfg), cfg.head_dim),)
-    return f
+def _bias_heads_fn(cfg, b):
+    return (b.reshape(-1, cfg.head_dim),)
 
 
-def _out_heads(cfg, w):
+def _out_heads_fn(cfg, w):
     """o_proj [d, H*hd] -> [H, hd, d]."""
     return (np.ascontiguousarray(w.T).reshape(cfg.num_heads, cfg.head_dim, cfg.d_model),)
 
 
-def _transpose(cfg, w):
+def _transpose_fn(cfg, w):
     return (np.ascontiguousarray(w.T),)
 
 
-def _split_qkv(cfg, w):
+def _split_qkv_fn(cfg, w):
     """Phi-3 qkv_proj [(H + 2 Hkv) hd, d] -> wq, wk, wv (rows: q heads, k heads, v heads)."""
     q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     q, k, v = w[:q_rows], w[q_rows:q_rows + kv_rows], w[q_rows + kv_rows:]
-    return (_in_heads(lambda c: c.num_heads)(cfg, q)[0],
-            _in_heads(lambda c: c.num_kv_heads)(cfg, k)[0],
-            _in_heads(lambda c: c.num_kv_heads)(cfg, v)[0])
+    return tuple(_in_heads_fn(cfg, part)[0] for part in (q, k, v))
 
 
-def _split_gate_up(cfg, w):
+def _split_gate_up_fn(cfg, w):
     """Phi-3 gate_up_proj [2m, d] -> gate (first m rows), up (last m rows)."""
     return (w[:cfg.d_ff], w[cfg.d_ff:])
 
 
-_Hq = lambda c: c.num_heads  # noqa: E731
-_Hkv = lambda c: c.num_kv_heads  # noqa: E731
+_AS_IS = lambda s: s                                  # noqa: E731
+_IN_HEADS = lambda s: (s[1] * s[2], s[0])             # noqa: E731  [d, H, hd] <- [H*hd, d]
+_same = Transform(_same_fn, _AS_IS)
+_norm = Transform(_norm_fn, _AS_IS)
+_in_heads = Transform(_in_heads_fn, _IN_HEADS)
+_bias_heads = Transform(_bias_heads_fn, lambda s: (s[0] * s[1],))       # [H, hd] <- [H*hd]
+_out_heads = Transform(_out_heads_fn, lambda s: (s[2], s[0] * s[1]))    # [H, hd, d] <- [d, H*hd]
+_transpose = Transform(_transpose_fn, lambda s: s[::-1])
+_split_qkv = Transform(_split_qkv_fn, _IN_HEADS)
+_split_gate_up = Transform(_split_gate_up_fn, _AS_IS)
 
 
 # -- the tables ----------------------------------------------------------------------------
 def _common_top() -> list[Rule]:
     return [
-        Rule("model.embed_tokens.weight", (("embed",),),
-             lambda c: (c.vocab_size, c.d_model), _same, per_layer=False),
-        Rule("model.norm.weight", (("final_norm",),), lambda c: (c.d_model,), _norm,
-             per_layer=False),
-        Rule("lm_head.weight", (("lm_head",),), lambda c: (c.vocab_size, c.d_model),
-             _transpose, per_layer=False, when=lambda c: not c.tie_embeddings),
+        Rule("model.embed_tokens.weight", (("embed",),), _same, per_layer=False),
+        Rule("model.norm.weight", (("final_norm",),), _norm, per_layer=False),
+        Rule("lm_head.weight", (("lm_head",),), _transpose, per_layer=False),
     ]
 
 
 def _attn_rules(fused: bool) -> list[Rule]:
     p = "model.layers.{i}.self_attn."
-    qkv_shape = lambda c, h: (h(c) * c.head_dim, c.d_model)  # noqa: E731
     if fused:
-        rules = [Rule(p + "qkv_proj.weight", (("wq",), ("wk",), ("wv",)),
-                      lambda c: ((c.num_heads + 2 * c.num_kv_heads) * c.head_dim, c.d_model),
-                      _split_qkv)]
+        rules = [Rule(p + "qkv_proj.weight", (("wq",), ("wk",), ("wv",)), _split_qkv)]
     else:
-        rules = [
-            Rule(p + "q_proj.weight", (("wq",),), lambda c: qkv_shape(c, _Hq), _in_heads(_Hq)),
-            Rule(p + "k_proj.weight", (("wk",),), lambda c: qkv_shape(c, _Hkv), _in_heads(_Hkv)),
-            Rule(p + "v_proj.weight", (("wv",),), lambda c: qkv_shape(c, _Hkv), _in_heads(_Hkv)),
-        ]
-    rules += [
-        Rule(p + "o_proj.weight", (("wo",),), lambda c: (c.d_model, c.num_heads * c.head_dim),
-             _out_heads),
-        Rule(p + "q_proj.bias", (("bq",),), lambda c: (c.num_heads * c.head_dim,),
-             _bias_heads(_Hq), when=lambda c: c.qkv_bias),
-        Rule(p + "k_proj.bias", (("bk",),), lambda c: (c.num_kv_heads * c.head_dim,),
-             _bias_heads(_Hkv), when=lambda c: c.qkv_bias),
-        Rule(p + "v_proj.bias", (("bv",),), lambda c: (c.num_kv_heads * c.head_dim,),
-             _bias_heads(_Hkv), when=lambda c: c.qkv_bias),
-        Rule(p + "q_norm.weight", (("q_norm",),), lambda c: (c.head_dim,), _norm,
-             when=lambda c: c.qk_norm),
-        Rule(p + "k_norm.weight", (("k_norm",),), lambda c: (c.head_dim,), _norm,
-             when=lambda c: c.qk_norm),
-    ]
+        rules = [Rule(p + f"{n}_proj.weight", ((f"w{n}",),), _in_heads) for n in "qkv"]
+    rules += [Rule(p + "o_proj.weight", (("wo",),), _out_heads)]
+    rules += [Rule(p + f"{n}_proj.bias", ((f"b{n}",),), _bias_heads) for n in "qkv"]
+    rules += [Rule(p + f"{n}_norm.weight", ((f"{n}_norm",),), _norm) for n in "qk"]
     return rules
 
 
 def _mlp_rules(fused: bool) -> list[Rule]:
     p = "model.layers.{i}.mlp."
+    down = Rule(p + "down_proj.weight", (("mlp", "down"),), _transpose)
     if fused:
-        return [
-            Rule(p + "gate_up_proj.weight", (("mlp", "gate"), ("mlp", "up")),
-                 lambda c: (2 * c.d_ff, c.d_model), _split_gate_up),
-            Rule(p + "down_proj.weight", (("mlp", "down"),), lambda c: (c.d_model, c.d_ff),
-                 _transpose),
-        ]
-    return [
-        Rule(p + "gate_proj.weight", (("mlp", "gate"),), lambda c: (c.d_ff, c.d_model), _same),
-        Rule(p + "up_proj.weight", (("mlp", "up"),), lambda c: (c.d_ff, c.d_model), _same),
-        Rule(p + "down_proj.weight", (("mlp", "down"),), lambda c: (c.d_model, c.d_ff),
-             _transpose),
-    ]
+        return [Rule(p + "gate_up_proj.weight", (("mlp", "gate"), ("mlp", "up")),
+                     _split_gate_up), down]
+    return [Rule(p + "gate_proj.weight", (("mlp", "gate"),), _same),
+            Rule(p + "up_proj.weight", (("mlp", "up"),), _same), down]
 
 
 def _layer_norm_rules(gemma: bool) -> list[Rule]:
     p = "model.layers.{i}."
-    d = lambda c: (c.d_model,)  # noqa: E731
     if gemma:
         return [
-            Rule(p + "input_layernorm.weight", (("attn_norm",),), d, _norm),
-            Rule(p + "post_attention_layernorm.weight", (("post_attn_norm",),), d, _norm),
-            Rule(p + "pre_feedforward_layernorm.weight", (("mlp_norm",),), d, _norm),
-            Rule(p + "post_feedforward_layernorm.weight", (("post_mlp_norm",),), d, _norm),
+            Rule(p + "input_layernorm.weight", (("attn_norm",),), _norm),
+            Rule(p + "post_attention_layernorm.weight", (("post_attn_norm",),), _norm),
+            Rule(p + "pre_feedforward_layernorm.weight", (("mlp_norm",),), _norm),
+            Rule(p + "post_feedforward_layernorm.weight", (("post_mlp_norm",),), _norm),
         ]
     return [
-        Rule(p + "input_layernorm.weight", (("attn_norm",),), d, _norm),
-        Rule(p + "post_attention_layernorm.weight", (("mlp_norm",),), d, _norm),
+        Rule(p + "input_layernorm.weight", (("attn_norm",),), _norm),
+        Rule(p + "post_attention_layernorm.weight", (("mlp_norm",),), _norm),
     ]
 
 

@@ -1,7 +1,8 @@
 """countdown-jax: COUNTDOWN contextual activation sparsity for gated-MLP decoders in JAX.
 
 Top-level names load lazily, so importing a submodule (e.g. ``countdown_jax.kernels``)
-does not pull in the model, the tokenizer stack or transformers.
+does not pull in the model, the tokenizer stack or transformers. ``__all__`` and ``dir()``
+list them all the same (for IDEs and tab completion).
 """
 
 import importlib
@@ -23,3 +24,7 @@ def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'countdown_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+__all__ = ["NO_WINDOW", "attend", "visibility"]
+
 NO_WINDOW = 1 << 30  # window value for layers without a sliding window
 _MASKED = -1e30  # finite, so a fully masked (padding) query row gives no NaN
 

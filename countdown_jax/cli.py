@@ -11,7 +11,7 @@ import importlib
 import json
 import sys
 
-from countdown_jax.policy import METHODS, MODES, IMPLEMENTATIONS
+from countdown_jax.policy import METHODS, MODES, ACCEPTED_IMPLEMENTATIONS as IMPLEMENTATIONS
 
 # module that defines register(subparsers) for each subcommand group
 COMMAND_MODULES = ("conversion.convert", "countdown_jax.calibrate", "countdown_jax.predictor",

@@ -14,6 +14,9 @@ import json
 import math
 from typing import Any, Mapping
 
+__all__ = ["ACTIVATIONS", "ARCHITECTURES", "FAMILIES", "LAYER_TYPES", "ModelConfig",
+           "ROPE_TYPES", "RopeConfig", "UnsupportedConfig"]
+
 # model_type -> family. "gemma3" is the multimodal wrapper: its text_config is used and the
 # vision tower is dropped at conversion (see conversion/names.py).
 FAMILIES = {

@@ -10,10 +10,12 @@ marking tokens that run sparse (None = all tokens follow ``spec``; the others ru
 Returns y [..., d] in x.dtype and kept [...] float32: fraction of the m neurons used
 (from the mask actually applied, capacity cut included; 1.0 for dense tokens).
 
-Implementations (``spec.implementation``):
+Implementations (``spec.implementation``; "xla" and "pallas" are the kernels' vocabulary,
+``kernels._platform``, and what the spec hands them):
   masked  the numerical reference: dense g, u, s for every neuron, mask applied to s.
           Dense cost - for quality sweeps and as the oracle of the other two, not speed.
-  gather  capacity-padded index list -> ``kernels.sparse_ffn`` (XLA gather). Only the
+  xla     (earlier name: "gather") capacity-padded index list -> ``kernels.sparse_ffn``
+          with implementation="xla" (XLA gather). Only the
           work the method keeps dense is done densely:
             cats         gate GEMV dense (selects on act(g)); up/down rows gathered
             m_countdown  up GEMV dense (selects on u); gate/down rows gathered
@@ -22,13 +24,16 @@ Implementations (``spec.implementation``):
                          down rows of those with |s| > tau
           Oracle modes of d_countdown / dejavu / s_countdown (ideal, topk, threshold)
           need the dense s (or g) to select: an upper bound on quality, not a speedup.
-  pallas  as gather, with the Pallas kernels. On a GPU the threshold rules of m_countdown
+  pallas  as xla, with the Pallas kernels. On a GPU the threshold rules of m_countdown
           and cats and d_countdown's predictor and cascade (method "dc": W_down rows read
           only for |s| > tau), without a capacity and for at most
           ``_FUSED_MAX_TOKENS`` tokens (decode), run ``kernels.fused_sparse_ffn``
           instead: the threshold is applied inside the kernel (no index list), on the
           same scores ``select`` compares (XLA's dense u / act(g) / z), so the kept
           set is the same. Elsewhere the index list as above (CPU: XLA, with a warning).
+
+Under a mesh whose "model" axis splits the neurons, ``ffn`` hands its single-device body
+to ``ffn_parallel`` (the tensor parallel form); the body never looks at the mesh.
 """
 
 from __future__ import annotations
@@ -37,16 +42,19 @@ import jax
 import jax.numpy as jnp
 
 from countdown_jax import parallel_selection
+from countdown_jax.ffn_parallel import tensor_parallel_ffn
 from countdown_jax.gated import activation, coefficients, down_sum, layer_weights, project
+from countdown_jax.kernels._platform import pallas_backend
+# The kernel ops are called through their api modules (one attribute look-up at trace time).
+from countdown_jax.kernels.fused_sparse_ffn import api as fused_sparse_ffn_api
+from countdown_jax.kernels.sparse_ffn import api as sparse_ffn_api
 from countdown_jax.policy import DENSE, SparseSpec, check_layer
-from countdown_jax.selection import (limit_to_capacity, mask_to_indices, refine, select,
-                                     spec_quantity)
+from countdown_jax.selection import (kept_fraction, limit_to_capacity, mask_to_indices,
+                                     refine, select, spec_quantity)
+from countdown_jax.sharding import splits_neurons
 
-__all__ = ["activation", "dense_ffn", "ffn"]
+__all__ = ["dense_ffn", "ffn"]
 
-# Run the Pallas kernels in interpret mode (CPU tests patch this; never set in production).
-# The model's decode-attention kernel reads it too.
-_PALLAS_INTERPRET = False
 # The fused kernel unrolls its tokens (and reads the union of their rows). Measured in the
 # Llama-8B decode (H100, experiments/results/bench_decode.md): 1.43-1.52x dense at one
 # token, but 0.3-0.5x at four, so more than one token takes the index list (same rule).
@@ -68,30 +76,33 @@ def ffn(mlp, x, *, act: str, spec: SparseSpec = DENSE, policy=None, sparse=None,
     return_dropped: also return dropped [...] int32, how many neurons that passed the rule
     were cut by ``spec.capacity`` (0 when the capacity is never exceeded).
     """
-    from countdown_jax import sharding  # lazy: sharding calls back into ffn
     if spec.is_dense or spec.implementation == "masked":
-        mlp = layer_weights(mlp)        # only the gather/pallas paths read the stack in place
-    if sharding.splits_neurons():       # a mesh with a "model" axis is in context
-        return sharding.tensor_parallel_ffn(layer_weights(mlp), x, act=act, spec=spec,
-                                            policy=policy, sparse=sparse,
-                                            return_dropped=return_dropped)
-    if spec.is_dense:
-        y, kept = dense_ffn(mlp, x, act), jnp.ones(x.shape[:-1], jnp.float32)
-        dropped = jnp.zeros(x.shape[:-1], jnp.int32)
+        mlp = layer_weights(mlp)        # only the xla/pallas paths read the stack in place
+    if splits_neurons():                # a mesh with a "model" axis is in context
+        out = tensor_parallel_ffn(_one_device_ffn, layer_weights(mlp), x, act=act,
+                                  spec=spec, policy=policy, sparse=sparse)
     else:
-        m, d = mlp["gate"].shape[-2:]
-        if x.shape[-1] != d:
-            raise ValueError(f"MLP input has width {x.shape[-1]}, weights expect d={d}")
-        activation(act)                                  # unknown activation: fail early
-        check_layer(spec, policy, d=d, m=m)
-        if sparse is not None:
-            sparse = jnp.asarray(sparse)
-            if sparse.dtype != jnp.bool_ or sparse.shape != x.shape[:-1]:
-                raise ValueError(f"sparse must be bool{list(x.shape[:-1])} (one flag per "
-                                 f"token), got {sparse.dtype}{list(sparse.shape)}")
-        run = _masked if spec.implementation == "masked" else _gathered
-        y, kept, dropped = run(mlp, x, act, spec, policy, sparse)
-    return (y, kept, dropped) if return_dropped else (y, kept)
+        out = _one_device_ffn(mlp, x, act=act, spec=spec, policy=policy, sparse=sparse)
+    return out if return_dropped else out[:2]
+
+
+def _one_device_ffn(mlp, x, *, act, spec, policy, sparse):
+    """(y, kept, dropped) on this device's neurons (all of them, or a shard_map's slice)."""
+    if spec.is_dense:
+        return dense_ffn(mlp, x, act), jnp.ones(x.shape[:-1], jnp.float32), \
+            jnp.zeros(x.shape[:-1], jnp.int32)
+    m, d = mlp["gate"].shape[-2:]
+    if x.shape[-1] != d:
+        raise ValueError(f"MLP input has width {x.shape[-1]}, weights expect d={d}")
+    activation(act)                                  # unknown activation: fail early
+    check_layer(spec, policy, d=d, m=m)
+    if sparse is not None:
+        sparse = jnp.asarray(sparse)
+        if sparse.dtype != jnp.bool_ or sparse.shape != x.shape[:-1]:
+            raise ValueError(f"sparse must be bool{list(x.shape[:-1])} (one flag per "
+                             f"token), got {sparse.dtype}{list(sparse.shape)}")
+    run = _masked if spec.implementation == "masked" else _gathered
+    return run(mlp, x, act, spec, policy, sparse)
 
 
 def _choose(spec, q, layer):
@@ -102,12 +113,6 @@ def _choose(spec, q, layer):
         return parallel_selection.choose(spec, q, layer, shard)
     rule = select(spec, q, layer)
     return rule, limit_to_capacity(rule, q, spec.capacity)
-
-
-def _fraction(count, m):
-    # count / m, and exactly 1.0 when all are kept (GPUs may divide via a reciprocal,
-    # giving 37/37 = 0.99999994).
-    return jnp.where(count >= m, 1.0, count.astype(jnp.float32) / m).astype(jnp.float32)
 
 
 def _masked(mlp, x, act, spec, layer, sparse):
@@ -121,34 +126,30 @@ def _masked(mlp, x, act, spec, layer, sparse):
         mask = mask | ~sparse[..., None]
         dropped = jnp.where(sparse, dropped, 0)
     y = down_sum(jnp.where(mask, s, jnp.zeros_like(s)), mlp["down"])
-    return y.astype(x.dtype), _fraction(jnp.sum(mask, axis=-1, dtype=jnp.int32), mask.shape[-1]), dropped
+    kept = kept_fraction(jnp.sum(mask, axis=-1, dtype=jnp.int32), mask.shape[-1])
+    return y.astype(x.dtype), kept, dropped
 
 
 def _fused_method(spec, n_tokens):
     """The fused kernel's method when it runs this spec's exact rule on this platform."""
-    from countdown_jax.kernels.sparse_ffn.api import resolve_pallas
     method = _FUSED_RULES.get((spec.method, spec.mode))
     if (method is None or spec.implementation != "pallas" or spec.capacity is not None
             or n_tokens > _FUSED_MAX_TOKENS or parallel_selection.current() is not None):
         return None      # capacity cuts / cross-device rules live in the index-list path
-    return method if resolve_pallas("pallas", _PALLAS_INTERPRET) == "pallas_gpu" else None
+    return method if pallas_backend() == "pallas_gpu" else None
 
 
 def _gathered(stack, x, act, spec, layer, sparse):
-    # Lazy import: the kernels' reference imports ``activation`` from this module.
-    from countdown_jax.kernels.fused_sparse_ffn.api import fused_sparse_ffn
-    from countdown_jax.kernels.sparse_ffn.api import sparse_ffn
-
     mlp = layer_weights(stack)      # whole-matrix uses (dense GEMVs) slice the layer
     m, d = mlp["gate"].shape
     lead = x.shape[:-1]
     xs = x.reshape(-1, d)
     g = u = coef = dense = None
     if spec.mode != "predictor" and spec.method == "cats":
-        g = project(mlp["gate"], xs)
+        g = project(xs, mlp["gate"])
         coef, dense = activation(act)(g), "gate"
     elif spec.mode != "predictor" and spec.method == "m_countdown":
-        u = project(mlp["up"], xs)
+        u = project(xs, mlp["up"])
         coef, dense = u, "up"
     q = spec_quantity(spec, mlp, xs, act, layer, g=g, u=u)
     fused = _fused_method(spec, xs.shape[0])
@@ -158,10 +159,10 @@ def _gathered(stack, x, act, spec, layer, sparse):
         # it takes its measured default config with score="xla". Cascade: the candidates
         # z > theta, then |s| > tau inside the kernel (``refine``'s comparison).
         tau = layer["threshold"] if spec.mode == "threshold" else layer["theta"]
-        y, count = fused_sparse_ffn(
+        y, count = fused_sparse_ffn_api.fused_sparse_ffn(
             xs, stack["gate"], stack["up"], stack["down"], tau, act=act, method=fused,
-            implementation="pallas", interpret=_PALLAS_INTERPRET,
-            layer=stack.get("layer"), scores=q if coef is None else coef,
+            implementation="pallas", layer=stack.get("layer"),
+            scores=q if coef is None else coef,
             tau_s=layer["threshold"] if fused == "dc" else None)
         dropped = jnp.zeros(count.shape, jnp.int32)      # no capacity: nothing cut
     else:
@@ -174,12 +175,12 @@ def _gathered(stack, x, act, spec, layer, sparse):
         s_tau = None
         if spec.mode == "cascade":
             s_tau = jnp.broadcast_to(layer["threshold"], (xs.shape[0],))
-        out = sparse_ffn(xs, stack["gate"], stack["up"], stack["down"], idx, count, act=act,
-                         dense=dense, coef=coef, layer=stack.get("layer"),
-                         implementation="xla" if spec.implementation == "gather"
-                         else spec.implementation, interpret=_PALLAS_INTERPRET, s_tau=s_tau)
+        out = sparse_ffn_api.sparse_ffn(xs, stack["gate"], stack["up"], stack["down"], idx,
+                                        count, act=act, dense=dense, coef=coef,
+                                        layer=stack.get("layer"),
+                                        implementation=spec.implementation, s_tau=s_tau)
         y, count = out if s_tau is not None else (out, count)
-    kept = _fraction(count, m)
+    kept = kept_fraction(count, m)
     if sparse is not None:
         sp = sparse.reshape(-1)
         # Dense tokens take the dense path; when every token is sparse (decode) the

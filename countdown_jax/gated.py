@@ -3,14 +3,17 @@
     g = W_gate x,  u = W_up x,  s = act(g) * u,  y = sum_i s_i W_down[i]
 
 Weights are row-per-neuron [m, d] (see layout.py). This module is the leaf the FFN
-(ffn.py), the rules (selection.py) and the kernels' reference build on, so none of them
-imports another in a circle.
+(ffn.py), the rules (selection.py) and every kernel build on: the activation, the one
+projection and the one precision setting live here and nowhere else.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+__all__ = ["ACTIVATIONS", "HIGHEST", "activation", "coefficients", "down_sum",
+           "layer_weights", "project"]
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 
@@ -41,9 +44,20 @@ def layer_weights(mlp):
             for k in ("gate", "up", "down")}
 
 
-def project(w, x):
-    """x [..., d] times row-per-neuron w [m, d] -> [..., m] (one GEMV per token)."""
-    return jnp.einsum("...d,md->...m", x, w, precision=HIGHEST)
+def project(x, w, *, float32: bool = False):
+    """x [..., k] times row-per-neuron w [m, k] -> [..., m] (one GEMV per token).
+
+    float32=False: in the promoted dtype of x and w (the model's path).
+    float32=True: float32 accumulation and result without a float32 copy of w (the
+    kernels' references). Mixed dtypes (float32 h against bf16 U) are then written as
+    multiply + reduce, so XLA fuses the upcast into one pass over w.
+    """
+    if not float32:
+        return jnp.einsum("...k,mk->...m", x, w, precision=HIGHEST)
+    if x.dtype != w.dtype:
+        return jnp.sum(x.astype(jnp.float32)[..., None, :] * w.astype(jnp.float32), axis=-1)
+    return jnp.einsum("...k,mk->...m", x, w, preferred_element_type=jnp.float32,
+                      precision=HIGHEST)
 
 
 def down_sum(s, w_down):
@@ -53,6 +67,6 @@ def down_sum(s, w_down):
 
 def coefficients(mlp, x, act: str):
     """Dense (g, u, s) for every neuron, in x's dtype."""
-    g = project(mlp["gate"], x)
-    u = project(mlp["up"], x)
+    g = project(x, mlp["gate"])
+    u = project(x, mlp["up"])
     return g, u, activation(act)(g) * u

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from countdown_jax import model as model_lib
 from countdown_jax.policy import DENSE, SparseSpec
 
+__all__ = ["GREEDY", "Generation", "Sampling", "generate", "sample"]
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:

@@ -20,15 +20,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from countdown_jax import ffn as ffn_module   # its _PALLAS_INTERPRET (CPU tests) covers all kernels
 from countdown_jax.attention import NO_WINDOW, attend, visibility
 from countdown_jax.config import ModelConfig
 from countdown_jax.ffn import ffn
 from countdown_jax.kernels.decode_attention.api import decode_attention
 from countdown_jax.norms import rms_norm
-from countdown_jax.policy import DENSE, SparseSpec
+from countdown_jax.policy import DENSE, SparseSpec, check_layer_axis
 from countdown_jax.rope import apply_rope, layer_inv_frequencies
 from countdown_jax.sharding import constrain_batch, multi_device_mesh
+
+__all__ = ["decode_step", "extend", "forward", "init_cache", "prefill", "stack_layers",
+           "unstack_layers"]
 
 
 _ATTENTION = ("xla", "pallas")
@@ -153,13 +155,6 @@ def _run_layers(params, cfg: ModelConfig, body, carry, policy):
     return jax.lax.scan(scan_body, carry, (scanned, inv_freq, windows, policy, layer_ids))
 
 
-def _check_policy(cfg: ModelConfig, policy):
-    for leaf in jax.tree_util.tree_leaves(policy):
-        if leaf.ndim == 0 or leaf.shape[0] != cfg.num_layers:
-            raise ValueError(f"policy leaves need a leading layer axis of {cfg.num_layers}; "
-                             f"got shape {leaf.shape}")
-
-
 def _decoder_layer(cfg: ModelConfig, spec, carry, xs, *, positions, kv, sparse,
                    collect: bool = False):
     """One layer (the body of ``_run_layers``). ``kv(q, k, v, ck, cv, l, window)`` writes
@@ -187,7 +182,7 @@ def _sequence(params, cfg: ModelConfig, tokens, lengths, cache, spec, policy, sp
     B, T = tokens.shape
     if lengths is None:
         lengths = jnp.full((B,), T, jnp.int32)
-    _check_policy(cfg, policy)
+    check_layer_axis(policy, cfg.num_layers)      # contents: the FFN, per layer
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     kv_valid = jnp.arange(T, dtype=jnp.int32)[None, :] < lengths[:, None]
     x = _embed(params, cfg, tokens)
@@ -301,7 +296,7 @@ def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec =
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
     _check_positions(positions, S)
     # sparse=None: every token follows spec (no per-token dense fallback to trace)
-    _check_policy(cfg, policy)
+    check_layer_axis(policy, cfg.num_layers)      # contents: the FFN, per layer
     slots = jnp.arange(S, dtype=jnp.int32)
     all_valid = jnp.ones((B, S), bool)
     rows = jnp.arange(B)[:, None]
@@ -313,8 +308,7 @@ def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec =
         if attention == "pallas" and T == 1:     # reads layer l of the stack in place
             out = decode_attention(q[:, 0], ck, cv, positions[:, 0], layer=l, window=window,
                                    scale=cfg.attn_scale, softcap=cfg.attn_softcap,
-                                   implementation="pallas",
-                                   interpret=ffn_module._PALLAS_INTERPRET)
+                                   implementation="pallas")   # interpret: _platform's setting
             return out[:, None].astype(q.dtype), ck, cv
         mask = visibility(positions, slots, all_valid, window)
         out = attend(q, ck[l], cv[l], mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+__all__ = ["rms_norm"]
+
 
 def rms_norm(x, scale, eps: float):
     x32 = x.astype(jnp.float32)

@@ -1,6 +1,6 @@
 """Selection when the m neurons are split over the devices of a mesh axis (tensor parallel).
 
-Inside ``sharding``'s shard_map each device sees q [..., m / S] for its slice of neurons.
+Inside ``ffn_parallel``'s shard_map each device sees q [..., m / S] for its slice of neurons.
 Rules that look only at one neuron (threshold, predictor) stay local. Rules that rank
 over all m (ideal: the k-th smallest q; topk: the m - k largest with index tie-breaks;
 the capacity cut: the C highest-ranked) need the global order. We gather q over the
@@ -9,7 +9,7 @@ traced and has no static bound), run the single-device rule from ``selection`` o
 keep this device's slice. Every device runs the same deterministic rule on the same
 gathered values, so the sharded masks equal the single-device masks bit for bit.
 
-The context below is set only while ``sharding`` traces its shard_map body, so it is part
+The context below is set only while ``ffn_parallel`` traces its shard_map body, so it is part
 of that trace and never of a jit cache key.
 """
 
@@ -23,6 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from countdown_jax import selection
+
+__all__ = ["Shard", "choose", "current", "gather_neurons", "local_slice",
+           "needs_global_order", "sharded_neurons"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +100,6 @@ def choose(spec, q, layer, shard: Shard):
     else:
         rule = selection.select(spec, q, layer)
     if shard.capacity_scope == "shard":
-        # spec.capacity here is the per-shard capacity (sharding passes shard_capacity).
+        # spec.capacity here is the per-shard capacity (ffn_parallel passes shard_capacity).
         return rule, selection.limit_to_capacity(rule, q, spec.capacity)
     return rule, rule

@@ -31,9 +31,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = ["ACCEPTED_IMPLEMENTATIONS", "DENSE", "IMPLEMENTATIONS",
+           "LEGACY_IMPLEMENTATIONS", "METHODS", "METHOD_MODES", "MODES", "MODE_KEYS",
+           "SCALAR_KEYS", "SparseSpec", "check_layer", "check_layer_axis", "check_policy",
+           "make_policy", "stack_policies"]
+
 METHODS = ("dense", "cats", "m_countdown", "d_countdown", "dejavu", "s_countdown")
 MODES = ("ideal", "topk", "threshold", "predictor", "cascade")
-IMPLEMENTATIONS = ("masked", "gather", "pallas")
+# "xla" / "pallas" are the kernels' vocabulary (``kernels._platform``), the same words as the
+# model's ``attention=``; "masked" is the FFN's dense oracle (no kernel).
+IMPLEMENTATIONS = ("masked", "xla", "pallas")
+LEGACY_IMPLEMENTATIONS = {"gather": "xla"}      # earlier names, still accepted
+ACCEPTED_IMPLEMENTATIONS = IMPLEMENTATIONS + tuple(LEGACY_IMPLEMENTATIONS)
 
 # Which modes each method supports. CATS and M rank a quantity the FFN computes densely
 # anyway, so a predictor would add work, not save it; S-COUNTDOWN needs the dense s and
@@ -68,8 +77,8 @@ class SparseSpec:
         the predictor's z > theta picks candidates, their exact s is computed, and
         |s| > tau keeps the final set; see selection.py).
     implementation: masked = float reference (dense cost, exact maths, used for quality
-        sweeps); gather = XLA gather of a capacity-padded index list (skips the work);
-        pallas = the Pallas kernels.
+        sweeps); xla = XLA gather of a capacity-padded index list (skips the work; the
+        earlier name "gather" is accepted and stored as "xla"); pallas = the Pallas kernels.
     capacity: static upper bound on kept neurons per token (None = m). When more pass,
         the ``capacity`` highest-ranked are kept (every implementation applies the same
         cut, so masked stays the reference of gather).
@@ -89,13 +98,17 @@ class SparseSpec:
     shard_capacity: int | None = None
 
     def __post_init__(self):
+        if self.implementation in LEGACY_IMPLEMENTATIONS:
+            object.__setattr__(self, "implementation",
+                               LEGACY_IMPLEMENTATIONS[self.implementation])
         if self.method not in METHODS:
             raise ValueError(f"unknown sparsity method {self.method!r}; expected one of {METHODS}")
         if self.mode not in MODES:
             raise ValueError(f"unknown sparsity mode {self.mode!r}; expected one of {MODES}")
         if self.implementation not in IMPLEMENTATIONS:
             raise ValueError(
-                f"unknown implementation {self.implementation!r}; expected one of {IMPLEMENTATIONS}")
+                f"unknown implementation {self.implementation!r}; expected one of "
+                f"{IMPLEMENTATIONS} (or an earlier name: {LEGACY_IMPLEMENTATIONS})")
         if self.mode not in METHOD_MODES[self.method]:
             raise ValueError(
                 f"sparsity method {self.method!r} does not support mode {self.mode!r}; "
@@ -193,9 +206,26 @@ def _check_predictor(predictor, num_layers):
     return {"Vt": vt, "U": out["U"]}
 
 
+def check_layer_axis(policy, num_layers: int):
+    """Every leaf of a whole-model policy has the leading layer axis L (what the model's
+    scan / loop over layers slices; the FFN checks the slice's contents)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(policy):
+        shape = tuple(np.shape(leaf))
+        if not shape or shape[0] != num_layers:
+            name = jax.tree_util.keystr(path)
+            if name.strip("[]'") in SCALAR_KEYS:
+                raise ValueError(f"policy {name.strip('[]')} must have shape [L]=[{num_layers}] "
+                                 f"(a leading layer axis), got {list(shape)}")
+            raise ValueError(f"policy leaves need a leading layer axis of {num_layers}; "
+                             f"{name} has shape {shape}")
+
+
 def check_policy(spec: SparseSpec, policy, *, num_layers: int, d: int | None = None,
                  m: int | None = None):
-    """Check a whole-model policy carries what ``spec`` reads, with leading axis L."""
+    """Check a whole-model policy: the leading layer axis L on every leaf
+    (``check_layer_axis``), and that it carries what ``spec`` reads (shapes against d, m
+    when given)."""
+    check_layer_axis(policy, num_layers)
     if spec.is_dense:
         return
     _require_keys(spec, policy)

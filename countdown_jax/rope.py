@@ -13,6 +13,8 @@ import numpy as np
 
 from countdown_jax.config import ModelConfig, RopeConfig
 
+__all__ = ["apply_rope", "inv_frequencies", "layer_inv_frequencies", "rotate_half"]
+
 
 def inv_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
     """float32 [head_dim // 2] inverse frequencies, after the configured scaling."""

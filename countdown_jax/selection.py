@@ -38,6 +38,10 @@ import jax.numpy as jnp
 from countdown_jax.gated import HIGHEST, activation, project
 from countdown_jax.policy import SparseSpec
 
+__all__ = ["ideal_mask", "keep_largest", "kept_fraction", "kth_smallest",
+           "limit_to_capacity", "mask_to_indices", "num_dropped", "predictor_logits",
+           "rank_quantity", "select", "spec_quantity", "topk_mask"]
+
 # int(m r) for the r the user wrote, although the policy holds float32(r): m*r in float32
 # is off by at most ~m*2^-23, so a tolerance of m*2^-21 lands exact products (m=10,
 # r=0.7 -> 7) on the integer. (Python's float64 int() can itself round such a product
@@ -51,9 +55,9 @@ def rank_quantity(method: str, mlp, x, act: str, *, g=None, u=None):
     Computes only the projections the rule needs; pass ``g`` / ``u`` if already computed.
     """
     if g is None and method in ("cats", "d_countdown", "dejavu", "s_countdown"):
-        g = project(mlp["gate"], x)
+        g = project(x, mlp["gate"])
     if u is None and method in ("m_countdown", "d_countdown", "s_countdown"):
-        u = project(mlp["up"], x)
+        u = project(x, mlp["up"])
     if method == "cats":
         return jnp.abs(activation(act)(g)).astype(jnp.float32)
     if method == "m_countdown":
@@ -183,6 +187,12 @@ def limit_to_capacity(mask, q, capacity: int | None):
     over = jnp.any(jnp.sum(mask, axis=-1) > capacity)
     return jax.lax.cond(over, lambda mk, qq: keep_largest(qq, capacity, valid=mk),
                         lambda mk, qq: mk, mask, q)
+
+
+def kept_fraction(count, m: int):
+    """count / m as float32, and exactly 1.0 when all are kept (GPUs may divide via a
+    reciprocal, giving 37/37 = 0.99999994)."""
+    return jnp.where(count >= m, 1.0, count.astype(jnp.float32) / m).astype(jnp.float32)
 
 
 def mask_to_indices(mask, capacity: int | None = None, q=None):

@@ -9,7 +9,7 @@
 What goes where (``param_specs``):
   * FFN: gate/up/down are [L, m, d] row-per-neuron, so one spec on the m axis splits all
     three; each device selects among its own neurons and the partial down projections
-    meet in ONE psum per layer (``tensor_parallel_ffn``, an explicit shard_map). The
+    meet in ONE psum per layer (``ffn_parallel``, an explicit shard_map). The
     predictor's U [L, m, rank] splits with them; Vt and per-layer scalars are replicated.
     Rules that rank across neurons (ideal, topk, a capacity cut) stay exact across
     devices (``parallel_selection``); ``SparseSpec.shard_capacity`` trades that
@@ -24,8 +24,10 @@ What goes where (``param_specs``):
     The model calls ``constrain_batch`` on its embeddings, so callers whose inputs arrive
     replicated (evaluation, sweeps) still run data parallel.
 
-The sharded FFN is picked by the model's one FFN call (``ffn.ffn``) whenever the mesh in
-context (``jax.set_mesh``) has a "model" axis of size > 1; without a mesh nothing changes
+This module holds the mesh, the placement specs and the placing; it computes nothing.
+The sharded FFN (``ffn_parallel``) is picked by the model's one FFN call (``ffn.ffn``)
+whenever the mesh in context (``jax.set_mesh``) has a "model" axis of size > 1
+(``splits_neurons``); without a mesh nothing changes
 (the mesh is part of jit's cache key, so no stale trace is reused). Meshes built here use
 AxisType.Auto (``jax.make_mesh`` defaults to Explicit axes in jax 0.10).
 """
@@ -39,8 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from countdown_jax import parallel_selection
+from countdown_jax import layout
 from countdown_jax.config import ModelConfig
+
+__all__ = ["AXES", "DATA", "MODEL", "axis_size", "batch_spec", "cache_specs",
+           "check_batch", "check_tensor_parallel", "constrain_batch", "context_mesh",
+           "make_mesh", "mesh_axes", "multi_device_mesh", "param_specs", "policy_specs",
+           "random_params", "shard_batch", "shard_cache", "shard_params", "shard_policy",
+           "splits_heads", "splits_neurons"]
 
 DATA = "data"
 MODEL = "model"
@@ -62,14 +70,14 @@ def make_mesh(model: int = 1, data: int = 1, devices=None) -> Mesh:
     return Mesh(grid, AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
 
-def _context_mesh():
+def context_mesh():
     """The mesh set by ``jax.set_mesh`` (abstract; empty when none). Public in
     jax.sharding on 0.10; also exported at the top level in later releases."""
     get = getattr(jax.sharding, "get_abstract_mesh", None) or jax.get_abstract_mesh
     return get()
 
 
-def _axis_size(mesh, name) -> int:
+def axis_size(mesh, name) -> int:
     return int(dict(mesh.shape).get(name, 1))
 
 
@@ -91,32 +99,30 @@ def check_tensor_parallel(cfg: ModelConfig, model: int):
                          f"m={cfg.d_ff} neurons evenly: m must be divisible by {model}")
 
 
+def mesh_axes(cfg: ModelConfig, mesh) -> dict:
+    """Logical axis (``layout.AXIS_SIZES``) -> mesh axis or None: the placement rules."""
+    model = axis_size(mesh, MODEL)
+    heads = MODEL if splits_heads(cfg, model) else None
+    return {"mlp": MODEL, "q_heads": heads, "kv_heads": heads,
+            "vocab_out": None if cfg.vocab_size % model else MODEL}
+
+
 def param_specs(cfg: ModelConfig, mesh, params=None) -> dict:
-    """PartitionSpecs mirroring the params pytree of ``layout.py`` (keys from ``params``
-    when given, else from ``cfg``)."""
-    model = _axis_size(mesh, MODEL)
-    check_tensor_parallel(cfg, model)
-    qh = kvh = MODEL if splits_heads(cfg, model) else None
-    layer = {
-        "attn_norm": P(), "mlp_norm": P(),
-        "wq": P(None, None, qh, None), "wk": P(None, None, kvh, None),
-        "wv": P(None, None, kvh, None), "wo": P(None, qh, None, None),
-        "bq": P(None, qh, None), "bk": P(None, kvh, None), "bv": P(None, kvh, None),
-        "q_norm": P(), "k_norm": P(), "post_attn_norm": P(), "post_mlp_norm": P(),
-        "mlp": {k: P(None, MODEL, None) for k in ("gate", "up", "down")},
-    }
-    top = {"embed": P(), "final_norm": P(), "lm_head": P(None, MODEL)}
+    """PartitionSpecs mirroring the params pytree (``layout.PARAMS``: keys from ``params``
+    when given, else the config's declared leaves)."""
+    check_tensor_parallel(cfg, axis_size(mesh, MODEL))
+    rules = mesh_axes(cfg, mesh)
+    every = layout.logical_axes()
     if params is None:
-        params = jax.eval_shape(lambda: random_params(cfg, jax.random.key(0)))
-    unknown = [k for k in params if k not in top and k != "layers"]
-    unknown += [f"layers.{k}" for k in params["layers"] if k not in layer]
+        params = layout.logical_axes(cfg)
+    unknown = [k for k in params if k not in every]
+    unknown += [f"layers.{k}" for k in params.get("layers", {}) if k not in every["layers"]]
     if unknown:
         raise ValueError(f"no placement for params {unknown}; see layout.py")
-    specs = {k: top[k] for k in params if k != "layers"}
-    specs["layers"] = {k: layer[k] for k in params["layers"]}
-    if cfg.vocab_size % model and "lm_head" in specs:
-        specs["lm_head"] = P()
-    return specs
+    keys = {k: (every[k] if k != "layers" else
+                {n: every["layers"][n] for n in params["layers"]}) for k in params}
+    return jax.tree.map(lambda axes: P(*(rules.get(a) for a in axes)), keys,
+                        is_leaf=lambda x: isinstance(x, tuple))
 
 
 def policy_specs(policy) -> dict | None:
@@ -136,7 +142,7 @@ def policy_specs(policy) -> dict | None:
 
 def cache_specs(cfg: ModelConfig, mesh) -> dict:
     """KV cache [L, B, S, Hkv, hd]: batch on "data", kv heads on "model" when divisible."""
-    s = P(None, DATA, None, MODEL if splits_heads(cfg, _axis_size(mesh, MODEL)) else None,
+    s = P(None, DATA, None, MODEL if splits_heads(cfg, axis_size(mesh, MODEL)) else None,
           None)
     return {"k": s, "v": s}
 
@@ -147,7 +153,7 @@ def batch_spec(ndim: int = 1) -> P:
 
 
 def check_batch(batch: int, mesh):
-    data = _axis_size(mesh, DATA)
+    data = axis_size(mesh, DATA)
     if batch % data:
         raise ValueError(f"batch {batch} does not split over data={data} devices; pad the "
                          f"batch to a multiple of {data}")
@@ -163,7 +169,7 @@ def shard_policy(policy, mesh):
         return None
     if "predictor" in policy:
         m = np.shape(policy["predictor"]["U"])[-2]
-        model = _axis_size(mesh, MODEL)
+        model = axis_size(mesh, MODEL)
         if m % model:
             raise ValueError(f"predictor U has m={m} rows, not divisible by model={model}")
     return jax.device_put(policy, _named(mesh, policy_specs(policy)))
@@ -185,65 +191,24 @@ def shard_batch(arrays, mesh):
 
 
 def random_params(cfg: ModelConfig, key, dtype=jnp.float32, mesh=None):
-    """Random params in the layout of ``layout.py`` (1/sqrt(fan-in) scale, unit norms).
-
-    With ``mesh`` every leaf is created already sharded (one jit with out_shardings), so
-    a model larger than one device's memory never materialises on one device.
-    """
-    L, d, m, V = cfg.num_layers, cfg.d_model, cfg.d_ff, cfg.vocab_size
-    hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    shapes = {
-        "embed": ((V, d), 1.0),
-        "final_norm": ((d,), None),
-        "layers": {
-            "attn_norm": ((L, d), None), "mlp_norm": ((L, d), None),
-            "wq": ((L, d, hq, hd), d ** -0.5), "wk": ((L, d, hkv, hd), d ** -0.5),
-            "wv": ((L, d, hkv, hd), d ** -0.5), "wo": ((L, hq, hd, d), (hq * hd) ** -0.5),
-            "mlp": {"gate": ((L, m, d), d ** -0.5), "up": ((L, m, d), d ** -0.5),
-                    "down": ((L, m, d), m ** -0.5)},
-        },
-    }
-    if not cfg.tie_embeddings:
-        shapes["lm_head"] = ((d, V), d ** -0.5)
-    if cfg.qkv_bias:
-        shapes["layers"].update(bq=((L, hq, hd), 0.1), bk=((L, hkv, hd), 0.1),
-                                bv=((L, hkv, hd), 0.1))
-    if cfg.qk_norm:
-        shapes["layers"].update(q_norm=((L, hd), None), k_norm=((L, hd), None))
-    if cfg.sandwich_norm:
-        shapes["layers"].update(post_attn_norm=((L, d), None), post_mlp_norm=((L, d), None))
-    leaves, tree = jax.tree.flatten(
-        shapes, is_leaf=lambda x: isinstance(x, tuple) and isinstance(x[0], tuple))
-
-    def build(key):
-        keys = jax.random.split(key, len(leaves))
-        out = []
-        for k, (shape, scale) in zip(keys, leaves):
-            if scale is None:   # norm scale: around 1
-                out.append((1.0 + 0.1 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
-            else:
-                out.append((scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
-        return jax.tree.unflatten(tree, out)
-
-    if mesh is None:
-        return jax.jit(build)(key)
-    abstract = jax.eval_shape(build, key)
-    shardings = _named(mesh, param_specs(cfg, mesh, abstract))
-    return jax.jit(build, out_shardings=shardings)(key)
+    """``layout.random_params`` (1/sqrt(fan-in) scale, unit norms); with ``mesh`` every
+    leaf is created already sharded, so a model larger than one device's memory never
+    materialises on one device."""
+    shardings = None if mesh is None else _named(mesh, param_specs(cfg, mesh))
+    return layout.random_params(cfg, key, dtype, shardings=shardings)
 
 
-# -- the tensor parallel FFN ------------------------------------------------------------------
-def _context_model_axis():
-    """Size of the context mesh's "model" axis when it is still to be split here (Auto or
-    Explicit), else None (no mesh, size 1, or already inside a shard_map over it)."""
-    mesh = _context_mesh()
-    if mesh is None or getattr(mesh, "empty", False) or MODEL not in mesh.axis_names:
+# -- the mesh in context ------------------------------------------------------------------------
+def _open_axis(name: str) -> int | None:
+    """Size of the context mesh's ``name`` axis when it is still to be split here (Auto or
+    Explicit, size > 1), else None (no mesh, no such axis, size 1, or already inside a
+    shard_map over it)."""
+    mesh = context_mesh()
+    if mesh is None or getattr(mesh, "empty", False) or name not in mesh.axis_names:
         return None
-    size = _axis_size(mesh, MODEL)
-    kind = dict(zip(mesh.axis_names, mesh.axis_types))[MODEL]
-    if size == 1 or kind == AxisType.Manual:
-        return None
-    return size
+    size = axis_size(mesh, name)
+    kind = dict(zip(mesh.axis_names, mesh.axis_types))[name]
+    return None if size == 1 or kind == AxisType.Manual else size
 
 
 def constrain_batch(x):
@@ -251,12 +216,8 @@ def constrain_batch(x):
     (size > 1) and the batch divides; else x unchanged. Called on the embeddings by the
     model, so any caller - generate, evaluation, calibration - runs data parallel under
     ``jax.set_mesh`` even when its inputs arrive replicated."""
-    mesh = _context_mesh()
-    if mesh is None or getattr(mesh, "empty", False) or DATA not in mesh.axis_names:
-        return x
-    n = _axis_size(mesh, DATA)
-    kind = dict(zip(mesh.axis_names, mesh.axis_types))[DATA]
-    if n == 1 or kind == AxisType.Manual or x.ndim == 0 or x.shape[0] % n:
+    n = _open_axis(DATA)
+    if n is None or x.ndim == 0 or x.shape[0] % n:
         return x
     return jax.lax.with_sharding_constraint(x, P(DATA))
 
@@ -264,65 +225,9 @@ def constrain_batch(x):
 def multi_device_mesh() -> bool:
     """True when a context mesh spans more than one device (custom kernels that XLA cannot
     partition, such as the Pallas decode attention, refuse to trace there)."""
-    return math.prod(dict(_context_mesh().shape).values()) > 1   # no mesh: shape {} -> 1
+    return math.prod(dict(context_mesh().shape).values()) > 1   # no mesh: shape {} -> 1
 
 
 def splits_neurons() -> bool:
     """True when the FFN must run tensor parallel (called by ``ffn.ffn`` at trace time)."""
-    return _context_model_axis() is not None
-
-
-def tensor_parallel_ffn(mlp, x, *, act, spec, policy=None, sparse=None,
-                        return_dropped: bool = False):
-    """``ffn.ffn`` with the m neurons split over the "model" axis of the context mesh.
-
-    Each device runs the single-device FFN (``ffn.ffn``) on its [m/S, d] rows; selection
-    that ranks across neurons goes through ``parallel_selection``. One float32 psum sums
-    the partial down projections together with the kept / dropped counts. Tokens are
-    split over "data" when the batch (x's leading axis) divides; otherwise they are
-    replicated there (same result, no data parallelism in the FFN).
-    """
-    from countdown_jax.ffn import _fraction, ffn  # ffn dispatches here: import at call time
-
-    mesh = _context_mesh()
-    S = _axis_size(mesh, MODEL)
-    m, d = mlp["gate"].shape
-    if m % S:
-        raise ValueError(f"tensor parallel FFN: m={m} neurons do not split over "
-                         f"model={S} devices")
-    m_local = m // S
-    n_data = _axis_size(mesh, DATA)
-    tok = DATA if (DATA in mesh.axis_names and x.ndim >= 2 and x.shape[0] % n_data == 0
-                   and n_data > 1) else None
-    x_spec = P(tok) if x.ndim >= 2 else P()
-    scope = "global"
-    if not spec.is_dense and spec.shard_capacity is not None:
-        # Per-shard capacity: each device's FFN sees it as its capacity.
-        scope = "shard"
-        spec = dataclasses.replace(spec, capacity=spec.shard_capacity)
-    shard = parallel_selection.Shard(MODEL, S, scope)
-    mlp_specs = {k: P(MODEL, None) for k in mlp}
-    pol_specs = P() if policy is None else policy_specs(policy)
-    sp_spec = x_spec
-
-    def body(mlp_l, x_l, pol_l, sparse_l):
-        with parallel_selection.sharded_neurons(shard):
-            y, kept, dropped = ffn(mlp_l, x_l, act=act, spec=spec, policy=pol_l,
-                                   sparse=sparse_l, return_dropped=True)
-        parts = [y.astype(jnp.float32)]
-        if not spec.is_dense:
-            # kept is count / m_local in float32: rounding recovers the count exactly.
-            count = jnp.round(kept * m_local)
-            parts += [count[..., None], dropped.astype(jnp.float32)[..., None]]
-        total = jax.lax.psum(jnp.concatenate(parts, axis=-1), MODEL)
-        y = total[..., :d].astype(x_l.dtype)
-        if spec.is_dense:
-            return y, jnp.ones(y.shape[:-1], jnp.float32), jnp.zeros(y.shape[:-1], jnp.int32)
-        count, dropped = (jnp.round(total[..., d + i]).astype(jnp.int32) for i in (0, 1))
-        return y, _fraction(count, m), dropped
-
-    out_tok = P(tok) if x.ndim >= 2 else P()
-    run = jax.shard_map(body, mesh=mesh, in_specs=(mlp_specs, x_spec, pol_specs, sp_spec),
-                        out_specs=(x_spec, out_tok, out_tok), check_vma=False)
-    y, kept, dropped = run(mlp, x, policy, sparse)
-    return (y, kept, dropped) if return_dropped else (y, kept)
+    return _open_axis(MODEL) is not None

@@ -12,14 +12,14 @@ import pytest
 from countdown_jax import calibrate as C
 from countdown_jax import model as M
 from countdown_jax.policy import SparseSpec
-from tiny_params import HF, tiny_model
+from tests.support import tiny_params
 
 RS = (0.5, 0.8)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    params, cfg = tiny_model(seed=2)
+    params, cfg = tiny_params.tiny_model(seed=2)
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, cfg.vocab_size, (10, 16)).astype(np.int32)
     lengths = np.full((10,), 16, np.int32)
@@ -106,7 +106,7 @@ def test_saved_thresholds_are_what_sparsity_setup_reads(tmp_path, setup):
     params, cfg, _, _ = setup
     from countdown_jax import api
 
-    (tmp_path / "config.json").write_text(json.dumps(HF))
+    (tmp_path / "config.json").write_text(json.dumps(tiny_params.HF))
     tau = np.linspace(0.1, 0.3, cfg.num_layers)
     C.save_thresholds(tmp_path, "cats", 0.7, tau, meta={"stat": "mean_kth"})
     model = api.Model(params=params, cfg=cfg, path=tmp_path)

@@ -15,14 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import np_sparse_ffn as ref
+from tests.support import np_sparse_ffn as ref
 from countdown_jax import model as M
 from countdown_jax import selection as sel
 from countdown_jax.ffn import dense_ffn, ffn
 from countdown_jax.gated import coefficients
 from countdown_jax.policy import SparseSpec, check_layer, make_policy, stack_policies
-from test_ffn import _problem
-from tiny_params import tiny_model
+from tests.test_ffn import _problem
+from tests.support import tiny_params
 
 SPEC = SparseSpec("d_countdown", "cascade")
 INF = np.inf
@@ -138,13 +138,12 @@ def test_one_stage_open_equals_the_other_rule(impl):
 
 
 @pytest.mark.parametrize("m,d", [(37, 19), (130, 33)])
-def test_capacity_caps_candidates(monkeypatch, m, d):
+def test_capacity_caps_candidates(monkeypatch, pallas_interpret, m, d):
     """The capacity cuts the candidates (highest z kept, counted in ``dropped``); the
     second stage then refines what is left. masked == gather == pallas (the index-list
     kernel with s_tau, interpret mode as on a GPU) == NumPy."""
     import countdown_jax.ffn as ffn_mod
     from countdown_jax.kernels.sparse_ffn import pallas_gpu
-    monkeypatch.setattr(ffn_mod, "_PALLAS_INTERPRET", True)
     calls = []
     real = pallas_gpu.sparse_ffn_pallas_gpu
     monkeypatch.setattr(pallas_gpu, "sparse_ffn_pallas_gpu",
@@ -250,7 +249,6 @@ def test_fused_path_equals_masked(monkeypatch, n):
     cascade skips (NaN): the non-candidates' gate/up/down, the refined-out W_down rows."""
     import countdown_jax.ffn as ffn_mod
     from countdown_jax.kernels.fused_sparse_ffn import api as fused_api
-    monkeypatch.setattr(ffn_mod, "_PALLAS_INTERPRET", True)
     monkeypatch.setattr(ffn_mod, "_FUSED_MAX_TOKENS", 3)      # several tokens too
     calls = []
     real = fused_api.fused_sparse_ffn
@@ -286,7 +284,7 @@ def test_fused_path_equals_masked(monkeypatch, n):
 # --------------------------------------------------------------------------- model
 
 def _model_and_policy(theta, tau, rank=4, seed=5):
-    params, cfg = tiny_model(seed=seed)
+    params, cfg = tiny_params.tiny_model(seed=seed)
     L, d, m = cfg.num_layers, cfg.d_model, cfg.d_ff
     rng = np.random.default_rng(seed)
     pred = {"V": (rng.standard_normal((L, d, rank)) / np.sqrt(d)).astype(np.float32),

@@ -11,7 +11,7 @@ import pytest
 
 from conversion import checkpoint as ck
 from countdown_jax.config import ModelConfig
-from tests.tiny_params import HF, tiny_model
+from tests.support import tiny_params
 
 
 def _bits(x):
@@ -31,14 +31,14 @@ def _assert_same_tree(a, b):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_model_round_trip_is_bit_exact(tmp_path, dtype):
-    params, cfg = tiny_model(seed=3)
+    params, cfg = tiny_params.tiny_model(seed=3)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
     # Values bf16 cannot hold exactly in its mantissa and odd bit patterns (subnormal, -0).
     params["final_norm"] = params["final_norm"].at[:3].set(
         jnp.array([-0.0, 1e-40, 3.14159265], dtype))
-    out = ck.save_model(tmp_path / "m", params, HF)
+    out = ck.save_model(tmp_path / "m", params, tiny_params.HF)
     loaded, cfg2, hf = ck.load_model(out)
-    assert hf == HF and cfg2 == cfg
+    assert hf == tiny_params.HF and cfg2 == cfg
     _assert_same_tree(params, loaded)
     assert all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(loaded))
     assert ck.params_dtype(out) == dtype
@@ -48,8 +48,8 @@ def test_model_round_trip_is_bit_exact(tmp_path, dtype):
 
 
 def test_named_trees(tmp_path):
-    params, _ = tiny_model()
-    d = ck.save_model(tmp_path / "m", params, HF)
+    params, _ = tiny_params.tiny_model()
+    d = ck.save_model(tmp_path / "m", params, tiny_params.HF)
     assert ck.list_trees(d) == []
     tree = {"threshold": np.linspace(-1, 1, 3, dtype=np.float32),
             "pred": {"V": np.arange(12, dtype=jnp.bfloat16).reshape(3, 4),
@@ -91,16 +91,16 @@ def test_named_trees(tmp_path):
 # orbax's async machinery leaves unawaited coroutines after a failed restore; harmless.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_malformed_model_dirs(tmp_path):
-    params, _ = tiny_model()
+    params, _ = tiny_params.tiny_model()
     with pytest.raises(FileNotFoundError, match="model directory not found"):
         ck.load_model(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ck.ModelDirError, match="no config.json"):
         ck.load_model(tmp_path / "empty")
 
-    good = ck.save_model(tmp_path / "good", params, HF)
+    good = ck.save_model(tmp_path / "good", params, tiny_params.HF)
     with pytest.raises(FileExistsError, match="not empty"):
-        ck.save_model(good, params, HF)
+        ck.save_model(good, params, tiny_params.HF)
 
     def broken(name, damage):
         d = tmp_path / name
@@ -122,7 +122,8 @@ def test_malformed_model_dirs(tmp_path):
         ck.load_model(d)
 
     def wrong_vocab(d):
-        (d / "config.json").write_text(json.dumps({**HF, "vocab_size": HF["vocab_size"] + 1}))
+        hf = tiny_params.HF
+        (d / "config.json").write_text(json.dumps({**hf, "vocab_size": hf["vocab_size"] + 1}))
     d = broken("vocab", wrong_vocab)
     with pytest.raises(ck.ModelDirError, match="params/embed has shape"):
         ck.load_model(d)
@@ -145,9 +146,9 @@ def test_malformed_model_dirs(tmp_path):
 
     # The original survived all of that, and a failed save leaves nothing behind.
     loaded, cfg, _ = ck.load_model(good)
-    assert cfg == ModelConfig.from_hf(HF)
+    assert cfg == ModelConfig.from_hf(tiny_params.HF)
     with pytest.raises(ValueError):
-        ck.save_model(tmp_path / "fail", {"embed": [1, 2]}, HF)
+        ck.save_model(tmp_path / "fail", {"embed": [1, 2]}, tiny_params.HF)
     assert not (tmp_path / "fail").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     gc.collect()  # orbax's abandoned restore coroutines: report them here, not in a later test

@@ -55,15 +55,12 @@ def test_readme_library_example(smollm2_dir):
     assert np.all(out.realised_sparsity_per_layer > 0.69)
 
 
-def test_generate_with_pallas_attention_matches_xla(capsys, smollm2_dir, monkeypatch):
+def test_generate_with_pallas_attention_matches_xla(capsys, smollm2_dir, pallas_interpret):
     """The decode-attention kernel (interpret mode on CPU) on the real model: 9 query heads
     in 3 groups of 3, head size 64; same greedy tokens as XLA's attention."""
-    from countdown_jax import ffn
-
     base = ["--prompt", "The capital of France is", "--max-new-tokens", 5,
             "--method", "m_countdown", "--sparsity", 0.5]
     xla = run_json(capsys, smollm2_dir, *base)
-    monkeypatch.setattr(ffn, "_PALLAS_INTERPRET", True)
     pal = run_json(capsys, smollm2_dir, *base, "--attention", "pallas")
     assert pal["token_ids"] == xla["token_ids"]
     assert pal["realised_sparsity"] == pytest.approx(xla["realised_sparsity"], abs=1e-6)

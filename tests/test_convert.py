@@ -12,8 +12,8 @@ from conversion.hf_dir import read_hf_checkpoint
 from conversion.names import hf_to_params
 from countdown_jax import cli
 from countdown_jax import model as M
-from tests import real_models as rm
-from tests import tiny_hf
+from tests.support import real_models as rm
+from tests.support import tiny_hf
 
 
 def _layout_shapes(cfg):

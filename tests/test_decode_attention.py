@@ -15,11 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from countdown_jax import ffn as ffn_mod
 from countdown_jax import model as M
 from countdown_jax.kernels.decode_attention.api import decode_attention
 from countdown_jax.kernels.decode_attention.pallas_gpu import AttentionConfig
-from tiny_params import tiny_model
+from tests.support import tiny_params
 
 CASES = [  # L, B, S, Hkv, G, hd, window, softcap, (bs, split), dtype
     (3, 3, 37, 2, 4, 16, None, None, (8, 64), jnp.float32),      # one split
@@ -97,7 +96,7 @@ def test_api_errors():
     with pytest.raises(ValueError, match="q must be"):
         decode_attention(q[:, :3], k[0], v[0], pos, scale=1.0)
     with pytest.raises(ValueError, match="attention must be"):
-        tiny_p, cfg = tiny_model()
+        tiny_p, cfg = tiny_params.tiny_model()
         M.decode_step(tiny_p, cfg, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32),
                       M.init_cache(cfg, 1, 4), attention="flash")
 
@@ -119,15 +118,15 @@ def _decode(params, cfg, attention, steps=3):
 
 
 @pytest.mark.parametrize("variant", ["llama", "window+softcap", "unstacked"])
-def test_model_decode_pallas_attention_equals_xla(monkeypatch, variant):
-    monkeypatch.setattr(ffn_mod, "_PALLAS_INTERPRET", True)
+def test_model_decode_pallas_attention_equals_xla(monkeypatch, pallas_interpret, variant):
     if variant == "window+softcap":     # sliding-window layers (Mistral rule) + a softcap
-        params, cfg = tiny_model(seed=4, model_type="mistral",
-                                 architectures=["MistralForCausalLM"], sliding_window=3)
+        params, cfg = tiny_params.tiny_model(seed=4, model_type="mistral",
+                                             architectures=["MistralForCausalLM"],
+                                             sliding_window=3)
         cfg = dataclasses.replace(cfg, attn_softcap=2.0)
         assert cfg.layer_sliding[0] and cfg.sliding_window == 3
     else:
-        params, cfg = tiny_model(seed=4)
+        params, cfg = tiny_params.tiny_model(seed=4)
     params = jax.tree.map(jnp.asarray, params)
     if variant == "unstacked":
         params = M.unstack_layers(params)
@@ -161,7 +160,7 @@ def test_kernel_and_model_compiled_on_gpu():
         tol = 1e-5 if dtype == jnp.float32 else 1e-2
         err = np.max(np.abs(y - ref)) / np.max(np.abs(ref))
         assert np.all(np.isfinite(y)) and err < tol, (S, hd, dtype, err)
-    params, cfg = tiny_model(seed=4)
+    params, cfg = tiny_params.tiny_model(seed=4)
     params = jax.tree.map(jnp.asarray, params)
     for form in (params, M.unstack_layers(params)):
         with jax.default_matmul_precision("float32"):        # the XLA path without TF32
@@ -173,14 +172,14 @@ def test_kernel_and_model_compiled_on_gpu():
 def test_cache_past_int32_offsets(monkeypatch):
     """A stacked cache past int32 element offsets (shrunk here) is read as this layer's
     slice; a single layer past them is refused with a clear error."""
-    from countdown_jax.kernels.decode_attention import api
+    from countdown_jax.kernels import _platform
     q, k, v, pos, layer = _case(3, 2, 20, 2, 2, 8, jnp.float32, seed=9)
     kw = dict(scale=0.3, implementation="pallas", interpret=True,
               config=AttentionConfig(bs=8, split=8))
     ref = decode_attention(q, k, v, pos, layer=layer, **kw)
-    monkeypatch.setattr(api, "MAX_FLAT_ELEMENTS", k[0].size)      # one layer fits exactly
+    monkeypatch.setattr(_platform, "MAX_FLAT_ELEMENTS", k[0].size)  # one layer fits exactly
     np.testing.assert_array_equal(np.asarray(decode_attention(q, k, v, pos, layer=layer, **kw)),
                                   np.asarray(ref))
-    monkeypatch.setattr(api, "MAX_FLAT_ELEMENTS", k[0].size - 1)
+    monkeypatch.setattr(_platform, "MAX_FLAT_ELEMENTS", k[0].size - 1)
     with pytest.raises(ValueError, match="int32 offsets"):
         decode_attention(q, k, v, pos, layer=layer, **kw)

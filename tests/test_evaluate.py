@@ -14,12 +14,12 @@ import pytest
 from countdown_jax import evaluate as E
 from countdown_jax import model as M
 from countdown_jax.policy import SparseSpec, make_policy
-from tiny_params import tiny_model
+from tests.support import tiny_params
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return tiny_model(seed=1)
+    return tiny_params.tiny_model(seed=1)
 
 
 def _items(rng, n, vocab, task="t"):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import np_sparse_ffn as ref
+from tests.support import np_sparse_ffn as ref
 from countdown_jax import selection as sel
 from countdown_jax.ffn import dense_ffn, ffn
 from countdown_jax.policy import DENSE, SparseSpec, make_policy, stack_policies
@@ -318,14 +318,13 @@ def test_bfloat16_inputs():
 
 @pytest.mark.parametrize("method,mode", [("m_countdown", "threshold"), ("cats", "threshold"),
                                          ("d_countdown", "predictor")])
-def test_pallas_fused_path_equals_masked(monkeypatch, method, mode):
+def test_pallas_fused_path_equals_masked(monkeypatch, pallas_interpret, method, mode):
     """implementation="pallas" where the fused kernel applies (here: interpret mode forced,
     as on a GPU): same kept set as masked, y within float32 rounding, nothing dropped,
     dense-flagged tokens dense. The model's stacked weights + traced layer, other layer
     NaN (the kernel must read layer l's rows in place and nothing else)."""
     import countdown_jax.ffn as ffn_mod
     from countdown_jax.kernels.fused_sparse_ffn import api as fused_api
-    monkeypatch.setattr(ffn_mod, "_PALLAS_INTERPRET", True)
     # several tokens too (the model routes only single tokens there: measured faster)
     monkeypatch.setattr(ffn_mod, "_FUSED_MAX_TOKENS", 3)
     calls = []
@@ -359,10 +358,9 @@ def test_pallas_fused_path_equals_masked(monkeypatch, method, mode):
     assert len(calls) == 2       # the fused kernel ran (once per traced batch size)
 
 
-def test_pallas_routes_only_single_tokens_to_fused(monkeypatch):
+def test_pallas_routes_only_single_tokens_to_fused(pallas_interpret):
     """Batches of several tokens take the index list (the fused kernel is slower there)."""
     import countdown_jax.ffn as ffn_mod
-    monkeypatch.setattr(ffn_mod, "_PALLAS_INTERPRET", True)
     spec = SparseSpec("m_countdown", "threshold", "pallas")
     assert ffn_mod._fused_method(spec, 1) == "m"
     assert ffn_mod._fused_method(spec, 2) is None

@@ -13,7 +13,7 @@ import pytest
 from countdown_jax import model as model_lib
 from countdown_jax.generate import Sampling, generate, sample
 from countdown_jax.policy import SparseSpec, make_policy
-from tiny_params import tiny_model
+from tests.support import tiny_params
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec"))
@@ -39,7 +39,7 @@ def greedy_by_forward(params, cfg, prompt, n, spec=SparseSpec(), policy=None):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return tiny_model(seed=3)
+    return tiny_params.tiny_model(seed=3)
 
 
 def padded(prompts):

@@ -13,7 +13,7 @@ import pytest
 from conversion import gguf_io
 from conversion.names import hf_to_params
 from countdown_jax.config import ModelConfig
-from tests import real_models as rm
+from tests.support import real_models as rm
 
 
 def _semantics(cfg: ModelConfig) -> ModelConfig:
@@ -103,7 +103,7 @@ def test_broken_header(tmp_path):
 
 
 def test_truncated_file(tmp_path):
-    from tests import tiny_hf
+    from tests.support import tiny_hf
 
     src = tmp_path / "whole.gguf"
     _write_like_llama_cpp(src, "qwen3", tiny_hf.build("qwen3", seed=0))
@@ -222,7 +222,7 @@ SYNTHETIC = {  # tiny_hf variant, config overrides llama.cpp can represent
 def test_synthetic_gguf_matches_source_and_transformers(tmp_path, arch):
     import torch
     from transformers import AutoModelForCausalLM
-    from tests import tiny_hf
+    from tests.support import tiny_hf
 
     variant, overrides = SYNTHETIC[arch]
     model = tiny_hf.build(variant, seed=1, **overrides)
@@ -250,7 +250,7 @@ def test_synthetic_gguf_matches_source_and_transformers(tmp_path, arch):
 
 
 def test_unknown_tensor_is_named(tmp_path):
-    from tests import tiny_hf
+    from tests.support import tiny_hf
 
     path = tmp_path / "q.gguf"
     _write_like_llama_cpp(path, "qwen3", tiny_hf.build("qwen3"),

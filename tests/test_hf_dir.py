@@ -6,19 +6,16 @@ import json
 import os
 import pickle
 import shutil
-import sys
 import zipfile
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-import tiny_hf  # noqa: E402
-
-from conversion.hf_dir import CheckpointError, read_hf_checkpoint  # noqa: E402
-from conversion.names import ConversionError, expected_names, hf_to_params  # noqa: E402
-from countdown_jax.config import ModelConfig  # noqa: E402
+from conversion.hf_dir import CheckpointError, read_hf_checkpoint
+from conversion.names import ConversionError, expected_names, hf_to_params
+from countdown_jax.config import ModelConfig
+from tests.support import tiny_hf
 
 
 @pytest.fixture(scope="module")

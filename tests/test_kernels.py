@@ -20,8 +20,9 @@ import pytest
 from countdown_jax.kernels.fused_sparse_ffn.api import fused_sparse_ffn
 from countdown_jax.kernels.fused_sparse_ffn.pallas_gpu import FusedConfig, default_config
 from countdown_jax.gated import activation
-from countdown_jax.kernels.fused_sparse_ffn.reference import project, selection_scores
-from countdown_jax.kernels.sparse_ffn import api as sparse_api
+from countdown_jax.kernels.fused_sparse_ffn.reference import project_f32 as project
+from countdown_jax.kernels.fused_sparse_ffn.reference import selection_scores
+from countdown_jax.kernels import _platform
 from countdown_jax.kernels.sparse_ffn.api import index_list, sparse_ffn
 from countdown_jax.kernels.sparse_ffn.pallas_gpu import GatherConfig
 
@@ -367,7 +368,7 @@ def test_api_errors_and_cpu_fallback():
     with pytest.raises(ValueError, match="power of two"):
         FusedConfig(bn=12)
     if jax.default_backend() == "cpu":
-        sparse_api._warned.clear()
+        _platform.reset_fallback_warnings()
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             y = sparse_ffn(x, wg, wu, wd, idx, cnt, act="silu", implementation="pallas")

@@ -9,21 +9,17 @@ valid position is compared with transformers on the unpadded sequence.
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-import tiny_hf  # noqa: E402
-
-from conversion.hf_dir import read_hf_checkpoint  # noqa: E402
-from conversion.names import hf_to_params  # noqa: E402
-from countdown_jax import model as M  # noqa: E402
-from countdown_jax.config import ModelConfig, RopeConfig  # noqa: E402
+from conversion.hf_dir import read_hf_checkpoint
+from conversion.names import hf_to_params
+from countdown_jax import model as M
+from countdown_jax.config import ModelConfig, RopeConfig
+from tests.support import tiny_hf
 
 TOL = 1e-4
 LENS = (10, 6)  # right-padded batch: longer than every sliding window (4-5)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import np_sparse_ffn as ref
+from tests.support import np_sparse_ffn as ref
 from countdown_jax import model as model_lib
 from countdown_jax.ffn import ffn
 from countdown_jax.modules import CountdownLM, SparseGatedMLP, shard_module
@@ -225,8 +225,8 @@ def test_bad_input_is_refused():
 
 
 def test_from_params_equals_the_models_ffn():
-    from tiny_params import tiny_model
-    params, cfg = tiny_model()
+    from tests.support import tiny_params
+    params, cfg = tiny_params.tiny_model()
     spec = SparseSpec("d_countdown", "ideal")
     policy = make_policy(cfg.num_layers, sparsity=[0.3, 0.6, 0.9])
     x = jax.random.normal(jax.random.key(2), (4, cfg.d_model))
@@ -305,8 +305,8 @@ def test_gradient_reaches_only_kept_rows(spec, pol):
 
 # -- the whole decoder -------------------------------------------------------------------------
 def _lm():
-    from tiny_params import tiny_model
-    params, cfg = tiny_model()
+    from tests.support import tiny_params
+    params, cfg = tiny_params.tiny_model()
     return jax.tree.map(jnp.asarray, params), cfg
 
 
@@ -396,10 +396,10 @@ def _axes(a):
 
 def _worker():
     from countdown_jax import sharding
-    from tiny_params import tiny_model
+    from tests.support import tiny_params
 
     assert len(jax.devices()) == 4, jax.devices()
-    params, cfg = tiny_model(num_key_value_heads=2)
+    params, cfg = tiny_params.tiny_model(num_key_value_heads=2)
     params = jax.tree.map(jnp.asarray, params)
     mesh = sharding.make_mesh(model=2, data=2)
     x = jax.random.normal(jax.random.key(1), (4, 3, cfg.d_model))

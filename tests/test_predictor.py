@@ -12,14 +12,14 @@ import pytest
 from countdown_jax import model as M
 from countdown_jax import predictor as P
 from countdown_jax.selection import ideal_mask, rank_quantity
-from tiny_params import HF, tiny_model
+from tests.support import tiny_params
 
 RS = (0.5, 0.8)
 
 
 @pytest.fixture(scope="module")
 def recorded():
-    params, cfg = tiny_model(seed=3)
+    params, cfg = tiny_params.tiny_model(seed=3)
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, cfg.vocab_size, (24, 32)).astype(np.int32)
     lengths = np.full((24,), 32, np.int32)
@@ -85,7 +85,7 @@ def test_saved_predictor_loads_through_api(tmp_path, recorded):
     params, cfg, *_ = recorded
     from countdown_jax import api
 
-    (tmp_path / "config.json").write_text(json.dumps(HF))
+    (tmp_path / "config.json").write_text(json.dumps(tiny_params.HF))
     init = P.svd_init(params["layers"]["mlp"]["gate"], 4)
     theta = np.full((cfg.num_layers,), -0.5, np.float32)
     P.save_predictor(tmp_path, "d_countdown", 0.8, init["V"], init["U"], theta)

@@ -7,12 +7,12 @@ import pytest
 
 from countdown_jax import predictor as P
 from countdown_jax import predictor_online as PO
-from tests.tiny_params import tiny_model
+from tests.support import tiny_params
 
 
 @pytest.fixture(scope="module")
 def setup():
-    params, cfg = tiny_model(0)
+    params, cfg = tiny_params.tiny_model(0)
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, cfg.vocab_size, size=(48, 16)).astype(np.int32)
     val = P.record(params, cfg, tokens[:8], np.full((8,), 16, np.int32), method="d_countdown",

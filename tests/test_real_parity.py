@@ -19,7 +19,7 @@ import torch
 from conversion.checkpoint import load_model
 from countdown_jax import model as M
 from countdown_jax.data import boolq_passages
-from tests import real_models as rm
+from tests.support import real_models as rm
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Selection rules vs an independent NumPy float64 reference (tests/np_sparse_ffn.py)."""
+"""Selection rules vs an independent NumPy float64 reference (tests/support/np_sparse_ffn.py)."""
 
 from fractions import Fraction
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import np_sparse_ffn as ref
+from tests.support import np_sparse_ffn as ref
 from countdown_jax import selection as sel
 from countdown_jax.policy import SparseSpec
 

@@ -149,7 +149,7 @@ def test_fused_stack_shape_errors():
 def test_stack_past_int32_offsets_hands_the_kernel_one_layer(monkeypatch):
     """A stack with more elements than int32 offsets address (shrunk here) is sliced per
     layer before the kernel: same result, and the kernel sees [m, d] with no offset."""
-    from countdown_jax.kernels.sparse_ffn import api as sparse_api
+    from countdown_jax.kernels import _platform
     w = stack(7)
     rng = np.random.default_rng(8)
     x = jnp.asarray(rng.standard_normal((2, D)), jnp.float32)
@@ -157,10 +157,10 @@ def test_stack_past_int32_offsets_hands_the_kernel_one_layer(monkeypatch):
     count = jnp.asarray([8, 5], jnp.int32)
     l = 2
     ref = sparse_ffn(x, w["gate"][l], w["up"][l], w["down"][l], idx, count, act="silu")
-    flat, off, m = sparse_api._flat_stack(tuple(w.values()), l)
+    flat, off, m = _platform.flat_stack(tuple(w.values()), l)
     assert flat[0].shape == (L * M, D) and m == M
-    monkeypatch.setattr(sparse_api, "MAX_FLAT_ELEMENTS", M * D)          # one layer fits
-    flat, off, m = sparse_api._flat_stack(tuple(w.values()), l)
+    monkeypatch.setattr(_platform, "MAX_FLAT_ELEMENTS", M * D)            # one layer fits
+    flat, off, m = _platform.flat_stack(tuple(w.values()), l)
     assert flat[0].shape == (M, D) and off == 0 and m == M
     got = sparse_ffn(x, w["gate"], w["up"], w["down"], idx, count, act="silu",
                      layer=jnp.int32(l), implementation="pallas_gpu", interpret=True)

@@ -12,12 +12,12 @@ import pytest
 
 from countdown_jax import model as M
 from countdown_jax.policy import SparseSpec, make_policy
-from tiny_params import tiny_model
+from tests.support import tiny_params
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    params, cfg = tiny_model(seed=3)
+    params, cfg = tiny_params.tiny_model(seed=3)
     return jax.tree.map(jnp.asarray, params), cfg
 
 

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from countdown_jax.ffn import activation
+from countdown_jax.gated import activation
 from countdown_jax.kernels.fused_sparse_ffn.api import fused_sparse_ffn
-from countdown_jax.kernels.fused_sparse_ffn.reference import project, selection_scores
+from countdown_jax.kernels.fused_sparse_ffn.reference import project_f32 as project, selection_scores
 
 METHODS = ("cats", "m", "d")
 # rows of the timing loop that are not a sparse method: no threshold, every neuron "kept"

@@ -1,19 +1,22 @@
 """Sparse FFN with the selection included: x, weights, threshold -> y, kept count.
 
-implementation:
-  "xla"            dense masked reference (exact maths, dense cost: quality sweeps)
-  "xla_gather"     XLA scores + threshold -> index list (nonzero, size=capacity) ->
-                   sparse_ffn(implementation="xla"): plain jnp.take of the kept rows
-  "pallas_gather"  the same index list -> the Pallas gathered kernel (sparse_ffn)
-  "pallas"         ONE fused Pallas kernel: scoring GEMV, threshold and the gathered
-                   FFN (GPU). D's small first predictor GEMV (h = x V) runs in XLA.
-                   On TPU: "pallas_gather" through the TPU block kernel; on CPU: falls
-                   back to "xla" with a warning unless interpret=True.
+implementation (the vocabulary of every kernel op, ``kernels._platform``):
+  "xla"         dense masked reference (exact maths, dense cost: quality sweeps)
+  "pallas"      ONE fused Pallas kernel: scoring GEMV, threshold and the gathered FFN
+                (GPU, "pallas_gpu"). D's small first predictor GEMV (h = x V) runs in
+                XLA. On TPU ("pallas_tpu", no fused kernel): the index list through the
+                TPU block kernel; on CPU: falls back to "xla" with a warning unless in
+                interpret mode.
+gather=True: XLA scores + threshold -> index list (nonzero, size=capacity) ->
+  ``sparse_ffn`` with the same implementation ("xla": plain jnp.take of the kept rows;
+  "pallas": the Pallas gathered kernel).
+The names of earlier versions are accepted: "xla_gather" = ("xla", gather=True),
+"pallas_gather" = ("pallas", gather=True).
 
 Everything stays on device in one jitted program: thresholds are traced arrays, index
-lists have a static capacity, counts are device scalars. For "xla_gather" and
-"pallas_gather" a count above ``capacity`` truncates the list (the returned count is the
-untruncated one, so callers can detect it); "pallas" and "xla" never truncate.
+lists have a static capacity, counts are device scalars. With gather=True a
+count above ``capacity`` truncates the list (the returned count is the untruncated one, so
+callers can detect it); the fused kernel and the reference never truncate.
 
 Weights: [m, d] each, or the model's stacked [L, m, d] with ``layer`` (a traced index):
 the kernels then read layer l's rows in place as flat [L*m, d] rows from l*m on (a
@@ -34,32 +37,37 @@ paths list the candidates and sparse_ffn refines them (``s_tau``).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
+from countdown_jax.kernels._platform import (IMPLEMENTATIONS, check_implementation, flat_stack,
+                                             index_list, interpret_enabled, layer_slice,
+                                             resolve)
 from countdown_jax.kernels.fused_sparse_ffn.reference import (
     PREDICTED, check_method, dense_scores, fused_sparse_ffn_reference, per_token,
     predictor_hidden, scores_to_selection)
-from countdown_jax.kernels.sparse_ffn.api import (_flat_stack, index_list, resolve_pallas,
-                                                  sparse_ffn)
+from countdown_jax.kernels.sparse_ffn.api import sparse_ffn
 
-IMPLEMENTATIONS = ("xla", "xla_gather", "pallas_gather", "pallas")
+__all__ = ["IMPLEMENTATIONS", "LEGACY_IMPLEMENTATIONS", "fused_sparse_ffn"]
+
+# Earlier names -> (implementation, gather).
+LEGACY_IMPLEMENTATIONS = {"xla_gather": ("xla", True), "pallas_gather": ("pallas", True)}
 _DENSE = {"m": "up", "cats": "gate", "d": None, "dc": None}
 
 
 def fused_sparse_ffn(x, w_gate, w_up, w_down, tau, *, act, method, pred_vt=None, pred_u=None,
-                     implementation: str = "xla", capacity: int | None = None,
-                     interpret: bool = False, config=None, layer=None, scores=None,
-                     tau_s=None):
+                     implementation: str = "xla", gather: bool = False,
+                     capacity: int | None = None, interpret: bool | None = None, config=None,
+                     layer=None, scores=None, tau_s=None):
     """x [..., d]; tau (and tau_s for "dc") scalar or one per token; returns
     (y [..., d], kept count [...])."""
     check_method(method, pred_vt, pred_u, scores, tau_s)
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown fused_sparse_ffn implementation {implementation!r}; "
-                         f"expected one of {IMPLEMENTATIONS}")
+    if implementation in LEGACY_IMPLEMENTATIONS:
+        implementation, gather = LEGACY_IMPLEMENTATIONS[implementation]
+    check_implementation(implementation, "fused_sparse_ffn")
+    interpret = interpret_enabled(interpret)
     lead, d = x.shape[:-1], x.shape[-1]
     stack = (w_gate, w_up, w_down)
-    flat, off, m = _flat_stack(stack, layer)        # checks [L, m, d] stacks vs layer=
+    flat, off, m = flat_stack(stack, layer, "fused_sparse_ffn")   # checks stacks vs layer=
     m = w_down.shape[0] if m is None else m
     for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
         if w.shape[-2:] != (m, d):
@@ -81,9 +89,7 @@ def fused_sparse_ffn(x, w_gate, w_up, w_down, tau, *, act, method, pred_vt=None,
         scores = scores.reshape(n, m).astype(jnp.float32)
 
     def layer_matrices():      # whole matrices for XLA (it fuses the slice into its GEMV)
-        if layer is None:
-            return stack
-        return tuple(jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False) for w in stack)
+        return stack if layer is None else layer_slice(stack, layer)
 
     def get_scores():
         if scores is not None:
@@ -91,22 +97,21 @@ def fused_sparse_ffn(x, w_gate, w_up, w_down, tau, *, act, method, pred_vt=None,
         wg, wu, _ = layer_matrices()
         return dense_scores(x2, wg, wu, act=act, method=method, pred_vt=pred_vt, pred_u=pred_u)
 
-    impl = implementation
-    if impl == "pallas":
-        backend = resolve_pallas("pallas", interpret)
-        impl = {"pallas_gpu": "pallas", "pallas_tpu": "pallas_gather", "xla": "xla"}[backend]
+    # The index list resolves its backend in sparse_ffn; the fused kernel is GPU only.
+    impl = implementation if gather else resolve(implementation, interpret, "fused_sparse_ffn")
+    if impl == "pallas_tpu":
+        gather = True
 
-    if impl == "xla":
+    if impl == "xla" and not gather:
         y, cnt = fused_sparse_ffn_reference(x2, *layer_matrices(), tau, act=act,
                                             method=method, pred_vt=pred_vt, pred_u=pred_u,
                                             scores=scores, tau_s=tau_s)
-    elif impl in ("xla_gather", "pallas_gather"):
+    elif gather:
         cap = m if capacity is None else int(capacity)
         q, coef = scores_to_selection(method, get_scores())
         idx, cnt = index_list(q > tau[:, None], cap)
-        kernel = "xla" if impl == "xla_gather" else "pallas"
         y = sparse_ffn(x2, w_gate, w_up, w_down, idx, jnp.minimum(cnt, cap), act=act,
-                       dense=_DENSE[method], coef=coef, implementation=kernel,
+                       dense=_DENSE[method], coef=coef, implementation=implementation,
                        interpret=interpret, config=config, layer=layer, s_tau=tau_s)
         if tau_s is not None:       # the cascade: the count kept after |s| > tau_s
             y, cnt = y

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from countdown_jax.ffn import activation
+from countdown_jax.gated import activation
 from countdown_jax.kernels import _triton_tiles as tt
 
 

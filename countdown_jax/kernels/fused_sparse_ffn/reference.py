@@ -17,13 +17,20 @@ token (int32).
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 
-from countdown_jax.ffn import activation
-from countdown_jax.kernels.sparse_ffn.reference import HIGHEST
+from countdown_jax.gated import HIGHEST, activation, project
+
+__all__ = ["METHODS", "check_method", "dense_scores", "fused_sparse_ffn_reference",
+           "predictor_hidden", "project_f32", "scores_to_selection", "selection_scores"]
 
 METHODS = ("m", "cats", "d", "dc")
 PREDICTED = ("d", "dc")          # methods that select on the predictor's logits z
+
+# x [N, k] . w [m, k] -> [N, m] float32 (float32 accumulation, no TF32, no f32 copy of w).
+project_f32 = functools.partial(project, float32=True)
 
 
 def check_method(method, pred_vt, pred_u, scores=None, tau_s=None):
@@ -38,16 +45,6 @@ def check_method(method, pred_vt, pred_u, scores=None, tau_s=None):
                          f"{'unset' if tau_s is None else 'set'}")
 
 
-def project(x, w):
-    """x [N, k] . w [m, k] -> [N, m] float32 (float32 accumulation, no TF32, no f32 copy of w).
-
-    Mixed dtypes (float32 h against bf16 U): written as multiply + reduce so XLA fuses the
-    upcast into one pass over w instead of materialising a float32 copy of it."""
-    if x.dtype != w.dtype:
-        return jnp.sum(x.astype(jnp.float32)[:, None, :] * w.astype(jnp.float32)[None], axis=-1)
-    return jnp.einsum("nk,mk->nm", x, w, preferred_element_type=jnp.float32, precision=HIGHEST)
-
-
 def predictor_hidden(x, pred_vt):
     """h = x V = x Vt^T [N, r] in float32. Kept in float32: rounding h to bf16 moves
     logits by ~1e-3 relative, so two XLA programs that round differently would select
@@ -60,10 +57,10 @@ def dense_scores(x, w_gate, w_up, *, act, method, pred_vt=None, pred_u=None):
     """The dense projection each rule selects on, [N, m] float32: u (m), act(g) (cats),
     z = (x V) U^T (d, dc)."""
     if method == "m":
-        return project(x, w_up)
+        return project_f32(x, w_up)
     if method == "cats":
-        return activation(act)(project(x, w_gate))
-    return project(predictor_hidden(x, pred_vt), pred_u)
+        return activation(act)(project_f32(x, w_gate))
+    return project_f32(predictor_hidden(x, pred_vt), pred_u)
 
 
 def scores_to_selection(method, scores):
@@ -92,7 +89,7 @@ def fused_sparse_ffn_reference(x, w_gate, w_up, w_down, tau, *, act, method,
                               pred_vt=pred_vt, pred_u=pred_u)
     q, _ = scores_to_selection(method, scores)
     keep = q > per_token(tau, x.shape[0])
-    s = activation(act)(project(x, w_gate)) * project(x, w_up)
+    s = activation(act)(project_f32(x, w_gate)) * project_f32(x, w_up)
     if method == "dc":                  # the cascade's second stage, on the exact s
         keep = keep & (jnp.abs(s) > per_token(tau_s, x.shape[0]))
     s = jnp.where(keep, s, 0.0)

@@ -1,12 +1,13 @@
 """Gathered sparse FFN: one entry point, ``implementation=`` picks the backend.
 
-implementation:
+implementation (the vocabulary of every kernel op, ``kernels._platform``):
   "xla"         plain-JAX reference (jnp.take of the listed rows, float32 accumulation)
   "pallas"      the Pallas kernel for the running platform: pallas_gpu on GPU, pallas_tpu
                 on TPU. On CPU there is no compiled Pallas: it falls back to "xla" and
-                warns once (pass interpret=True to run the GPU kernel in interpret mode).
-  "pallas_gpu"  the Triton-lowered kernel (compiled on GPU, or interpret=True anywhere)
-  "pallas_tpu"  the Mosaic TPU block-gather kernel (compiled on TPU, or interpret=True)
+                warns once (interpret mode runs the GPU kernel in the interpreter).
+  "pallas_gpu"  the Triton-lowered kernel (compiled on GPU, or interpreted anywhere)
+  "pallas_tpu"  the Mosaic TPU block-gather kernel (compiled on TPU, or interpreted)
+interpret: True / False, or None = the ``_platform.interpret_mode`` setting.
 
 Contract: x [N, d]; w_gate, w_up, w_down [m, d] (row-per-neuron, down transposed), or the
 model's stacked [L, m, d] with ``layer`` (a traced index): the stack is then read in place
@@ -18,49 +19,12 @@ beyond count are ignored; count is clipped to C); coef [N, m] when dense is "up"
 
 from __future__ import annotations
 
-import warnings
-
-import jax
-import jax.numpy as jnp
-
+from countdown_jax.kernels._platform import (IMPLEMENTATIONS, flat_stack, index_list,
+                                             interpret_enabled, layer_slice, resolve,
+                                             warn_once)
 from countdown_jax.kernels.sparse_ffn.reference import sparse_ffn_reference
 
-IMPLEMENTATIONS = ("xla", "pallas", "pallas_gpu", "pallas_tpu")
-_warned = set()
-
-
-def _fallback_warning(what: str):
-    if what not in _warned:
-        _warned.add(what)
-        warnings.warn(what, stacklevel=3)
-
-
-def resolve_pallas(implementation: str, interpret: bool, what: str = "sparse FFN") -> str:
-    """Map "pallas" to the platform's backend; "xla" where no compiled Pallas exists."""
-    if implementation != "pallas":
-        return implementation
-    backend = jax.default_backend()
-    if backend == "gpu":
-        return "pallas_gpu"
-    if backend == "tpu":
-        return "pallas_tpu"
-    if interpret:
-        return "pallas_gpu"
-    _fallback_warning(f"Pallas kernels need a GPU or TPU (backend is {backend!r}); "
-                      f"{what} falls back to the XLA reference")
-    return "xla"
-
-
-def index_list(keep, capacity: int):
-    """Boolean keep [N, m] -> (idx [N, min(capacity, m)] int32, count [N] int32), on device.
-
-    The model's compaction (``selection.mask_to_indices``: ascending kept indices, padded),
-    except that count is the true number kept (may exceed capacity; kernels then use the
-    first ``capacity`` entries, so compare count with capacity to detect overflow).
-    """
-    from countdown_jax.selection import mask_to_indices
-    idx, _ = mask_to_indices(keep, capacity)
-    return idx, jnp.sum(keep, axis=-1, dtype=jnp.int32)
+__all__ = ["IMPLEMENTATIONS", "index_list", "sparse_ffn"]
 
 
 def _check(x, w_gate, w_up, w_down, idx, count, dense, coef):
@@ -83,30 +47,8 @@ def _check(x, w_gate, w_up, w_down, idx, count, dense, coef):
                          f"{None if coef is None else coef.shape}")
 
 
-# The Pallas GPU kernels address elements with int32 offsets.
-MAX_FLAT_ELEMENTS = 2 ** 31 - 1
-
-
-def _flat_stack(ws, layer):
-    """Stacked [L, m, d] weights -> flat [L*m, d] views (free reshapes) + row offset.
-    A stack too large for int32 element offsets gives the layer's own slice instead
-    (XLA copies it: correct, but slower)."""
-    if layer is None:
-        if any(w.ndim != 2 for w in ws):
-            raise ValueError("sparse_ffn: stacked [L, m, d] weights need layer=")
-        return ws, 0, None
-    if any(w.ndim != 3 for w in ws) or len({w.shape for w in ws}) != 1:
-        raise ValueError(f"sparse_ffn: layer= needs three [L, m, d] stacks, got "
-                         f"{[w.shape for w in ws]}")
-    nl, m, d = ws[0].shape
-    if nl * m * d > MAX_FLAT_ELEMENTS:
-        return tuple(jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)
-                     for w in ws), 0, m
-    return tuple(w.reshape(nl * m, d) for w in ws), jnp.asarray(layer, jnp.int32) * m, m
-
-
 def sparse_ffn(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=None,
-               implementation: str = "xla", interpret: bool = False, config=None,
+               implementation: str = "xla", interpret: bool | None = None, config=None,
                layer=None, s_tau=None):
     """See module docstring. ``config``: backend tuning (GatherConfig or TPU block size).
 
@@ -122,13 +64,14 @@ def sparse_ffn(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=Non
         _check(x, w_gate[0], w_up[0], w_down[0], idx, count, dense, coef)
     else:
         _check(x, w_gate, w_up, w_down, idx, count, dense, coef)
-    impl = resolve_pallas(implementation, interpret)
+    interpret = interpret_enabled(interpret)
+    impl = resolve(implementation, interpret, "sparse_ffn")
     if impl == "pallas_tpu" and s_tau is not None:
-        _fallback_warning("the TPU sparse FFN kernel has no cascade (s_tau); it runs on "
-                          "the XLA reference")
+        warn_once("the TPU sparse FFN kernel has no cascade (s_tau); it runs on the XLA "
+                  "reference")
         impl = "xla"
     if impl in ("xla", "pallas_gpu"):
-        (w_gate, w_up, w_down), off, m = _flat_stack((w_gate, w_up, w_down), layer)
+        (w_gate, w_up, w_down), off, m = flat_stack((w_gate, w_up, w_down), layer)
     if impl == "xla":
         return sparse_ffn_reference(x, w_gate, w_up, w_down, idx, count, act=act,
                                     dense=dense, coef=coef, row_offset=off, m=m, s_tau=s_tau)
@@ -138,12 +81,8 @@ def sparse_ffn(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=Non
                                      dense=dense, coef=coef, config=config,
                                      interpret=interpret, row_offset=off, m=m, s_tau=s_tau)
     if layer is not None:  # TPU block gather: one layer's matrices (a sliced copy)
-        w_gate, w_up, w_down = (jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)
-                                for w in (w_gate, w_up, w_down))
-    if impl == "pallas_tpu":
-        from countdown_jax.kernels.sparse_ffn.pallas_tpu import sparse_ffn_pallas_tpu
-        return sparse_ffn_pallas_tpu(x, w_gate, w_up, w_down, idx, count, act=act,
-                                     dense=dense, coef=coef, block=config or 128,
-                                     interpret=interpret)
-    raise ValueError(f"unknown sparse_ffn implementation {implementation!r}; "
-                     f"expected one of {IMPLEMENTATIONS}")
+        w_gate, w_up, w_down = layer_slice((w_gate, w_up, w_down), layer)
+    from countdown_jax.kernels.sparse_ffn.pallas_tpu import sparse_ffn_pallas_tpu
+    return sparse_ffn_pallas_tpu(x, w_gate, w_up, w_down, idx, count, act=act,
+                                 dense=dense, coef=coef, block=config or 128,
+                                 interpret=interpret)

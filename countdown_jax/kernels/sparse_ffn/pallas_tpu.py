@@ -18,9 +18,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from countdown_jax.ffn import activation
+from countdown_jax.gated import HIGHEST, activation
 
-_HIGHEST = jax.lax.Precision.HIGHEST   # float32 weights: no silent bf16 passes on the MXU
 
 
 def block_list(idx, count, m: int, block: int):
@@ -52,7 +51,7 @@ def _kernel(blocks_ref, nlive_ref, x_ref, wg_ref, wu_ref, wd_ref, sel_ref, coef_
 
         def proj(w_ref):   # [N, block]; rows past m (ragged last block) are zeroed first
             w = jnp.where(row_ok, w_ref[...], 0)
-            return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), precision=_HIGHEST,
+            return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), precision=HIGHEST,
                                        preferred_element_type=jnp.float32)
 
         f = activation(act)
@@ -64,7 +63,7 @@ def _kernel(blocks_ref, nlive_ref, x_ref, wg_ref, wu_ref, wd_ref, sel_ref, coef_
             s = f(proj(wg_ref)) * proj(wu_ref)
         s = jnp.where(sel_ref[...] > 0, s, 0.0)
         wd = jnp.where(row_ok, wd_ref[...], 0).astype(jnp.float32)
-        out_ref[...] += jnp.dot(s, wd, precision=_HIGHEST, preferred_element_type=jnp.float32)
+        out_ref[...] += jnp.dot(s, wd, precision=HIGHEST, preferred_element_type=jnp.float32)
 
 
 def sparse_ffn_pallas_tpu(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=None,

@@ -12,12 +12,11 @@ or None (D-COUNTDOWN / predictor: gate, up and down all gathered).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-from countdown_jax.ffn import activation
+from countdown_jax.gated import HIGHEST, activation   # HIGHEST: float32 means float32 (no TF32)
 
-HIGHEST = jax.lax.Precision.HIGHEST   # float32 means float32 on GPUs too (no TF32)
+__all__ = ["sparse_ffn_reference"]
 
 
 def sparse_ffn_reference(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=None,
