@@ -28,7 +28,6 @@ Run it under ``jax.set_mesh(mesh)`` and the FFN goes tensor parallel (sharding.p
 
 from __future__ import annotations
 
-import types
 
 import jax
 import jax.numpy as jnp
@@ -42,10 +41,13 @@ from countdown_jax import sharding
 from countdown_jax.config import ModelConfig
 from countdown_jax.ffn import ffn
 from countdown_jax.gated import activation
-from countdown_jax.layout import MLP_KEYS
+from countdown_jax.layout import mlp_logical_axes
 from countdown_jax.policy import DENSE, SparseSpec
 
 __all__ = ["CountdownLM", "SparsePolicy", "SparseGatedMLP", "shard_module"]
+
+
+_MLP_KEYS = tuple(mlp_logical_axes())      # ("gate", "up", "down")
 
 
 class SparsePolicy(nnx.Variable):
@@ -54,30 +56,29 @@ class SparsePolicy(nnx.Variable):
 
 # -- sharding metadata: the one source of axes -------------------------------------------------
 def _mesh_axes(cfg: ModelConfig | None = None, params=None, mesh=None):
-    """Mesh axes per param, from the project's rules (``sharding.param_specs``).
+    """Mesh axes per param, from the project's rules (``layout.PARAMS``' logical axes
+    placed by ``sharding.param_specs`` / ``sharding.mesh_axes``).
 
-    cfg None: one MLP layer's {"gate", "up", "down"} [m, d] -> the mlp entry of
-    ``param_specs`` without its layer axis (m on "model", d replicated). Else the whole
-    params pytree for ``mesh``, else for the mesh in context (``jax.set_mesh``), else for
-    a nominal mesh whose "model" size divides every split (attention heads on "model"
-    too). layout.py is to declare logical axes once; repoint this function there and
-    everything below follows.
+    cfg None: one MLP layer's {"gate", "up", "down"} [m, d] (``layout.mlp_logical_axes``:
+    m on "model", d replicated). Else the whole params pytree for ``mesh``, else for the
+    mesh in context (``jax.set_mesh``), else for a nominal mesh whose "model" size divides
+    every split (attention heads on "model" too).
     """
     nominal = AbstractMesh((1, 1), sharding.AXES)
     if mesh is None and _context_model_mesh():
-        mesh = sharding._context_mesh()
-    if cfg is None:   # param_specs reads only these sizes; 1 divides every split
-        sizes = types.SimpleNamespace(d_ff=1, num_kv_heads=1, vocab_size=1)
-        layer = sharding.param_specs(sizes, nominal, {"layers": {"mlp": {}}})
-        return {k: tuple(layer["layers"]["mlp"][k])[1:] for k in MLP_KEYS}
+        mesh = sharding.context_mesh()
+    if cfg is None:   # the MLP's placement rule needs no sizes: m on "model"
+        rules = {"mlp": sharding.MODEL}
+        return {k: tuple(rules.get(a) for a in axes)
+                for k, axes in mlp_logical_axes().items()}
     specs = sharding.param_specs(cfg, nominal if mesh is None else mesh, params)
     return jax.tree.map(tuple, specs, is_leaf=lambda s: isinstance(s, P))
 
 
 def _context_model_mesh() -> bool:
-    """A mesh with a "model" axis is in context (``sharding._context_mesh``: the
+    """A mesh with a "model" axis is in context (``sharding.context_mesh``: the
     version-tolerant getter)."""
-    mesh = sharding._context_mesh()
+    mesh = sharding.context_mesh()
     return not getattr(mesh, "empty", True) and sharding.MODEL in mesh.axis_names
 
 
@@ -126,7 +127,7 @@ class SparseGatedMLP(nnx.Module):
 
     def __init__(self, gate, up, down, *, act: str = "silu", spec: SparseSpec = DENSE,
                  policy=None):
-        shapes = {k: tuple(np.shape(w)) for k, w in zip(MLP_KEYS, (gate, up, down))}
+        shapes = {k: tuple(np.shape(w)) for k, w in zip(_MLP_KEYS, (gate, up, down))}
         if len(set(shapes.values())) != 1 or len(shapes["gate"]) != 2:
             raise ValueError(f"gate, up, down must all be [m, d] (row per neuron; down "
                              f"transposed), got {shapes}")
@@ -136,13 +137,13 @@ class SparseGatedMLP(nnx.Module):
         axes = _mesh_axes()
         self.act, self.spec = act, spec
         self.gate, self.up, self.down = (_param(w, axes[k])
-                                         for k, w in zip(MLP_KEYS, (gate, up, down)))
+                                         for k, w in zip(_MLP_KEYS, (gate, up, down)))
         self.set_policy(policy)
 
     @property
     def weights(self) -> dict:
         """{"gate", "up", "down"} [m, d] arrays, the ``mlp`` argument of ``ffn.ffn``."""
-        return {k: getattr(self, k)[...] for k in MLP_KEYS}
+        return {k: getattr(self, k)[...] for k in _MLP_KEYS}
 
     def set_policy(self, policy):
         """Hold ``policy`` (one layer's values) as ``SparsePolicy`` variables (a
@@ -204,9 +205,9 @@ class SparseGatedMLP(nnx.Module):
             raise ValueError(f"layer {layer} out of range for {cfg.num_layers} layers")
         layers = params["layers"]
         if isinstance(layers, (list, tuple)):
-            mlp = {k: layers[layer]["mlp"][k] for k in MLP_KEYS}
+            mlp = {k: layers[layer]["mlp"][k] for k in _MLP_KEYS}
         else:
-            mlp = {k: layers["mlp"][k][layer] for k in MLP_KEYS}
+            mlp = {k: layers["mlp"][k][layer] for k in _MLP_KEYS}
         if policy is not None:
             policy = jax.tree.map(lambda a: a[layer], policy)
         return cls(mlp["gate"], mlp["up"], mlp["down"], act=cfg.act, spec=spec,
