@@ -97,18 +97,18 @@ def _generate(args):
     from countdown_jax import api
 
     model = api.load(args.model_dir)
-    stream = None
-    if args.stream:
-        if not args.chat:
-            print(args.prompts[0], end="", flush=True)
 
-        def stream(pieces):
-            print(pieces[0], end="", flush=True)
+    def show(pieces):
+        print(pieces[0], end="", flush=True)
+
+    if args.stream and not args.chat:
+        print(args.prompts[0], end="", flush=True)
     out = api.generate_text(model, args.prompts, method=args.method, mode=args.mode,
                             sparsity=args.sparsity, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, implementation=args.implementation,
-                            attention=args.attention, chat=args.chat, stream=stream,
+                            attention=args.attention, chat=args.chat,
+                            stream=show if args.stream else None,
                             stream_every=args.stream_every)
     if args.json:  # one JSON object per prompt (JSON Lines)
         for i, prompt in enumerate(args.prompts):

@@ -192,11 +192,13 @@ def test_eval_json_fewshot_alias(smollm2_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_ctrl_c_exits_130_without_traceback(smollm2_dir):
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    p = subprocess.Popen([sys.executable, "-m", "countdown_jax.cli", "generate",
-                          str(smollm2_dir), "--prompt", "Once upon a time",
-                          "--max-new-tokens", "400"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, env=env, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # as the console script runs it (argv from sys.argv); SIGINT handled even when this
+    # test runs in a background job, where it starts ignored
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from countdown_jax.cli import main; sys.exit(main())")
+    p = subprocess.Popen([sys.executable, "-c", code, "generate", str(smollm2_dir),
+                          "--prompt", "Once upon a time", "--max-new-tokens", "400"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     time.sleep(8)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
