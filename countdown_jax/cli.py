@@ -254,10 +254,24 @@ def _exit_on_interrupt(command):
     threading.Thread(target=wait, name="countdown-jax-interrupt", daemon=True).start()
 
 
+def _persistent_compile_cache():
+    """Run as a program: keep compiled programs across runs (the per-user cache folder the
+    converted registry models use), unless the user set JAX's own cache setting."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    import jax
+
+    from conversion.registry_models import cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if argv is None:
         _exit_on_interrupt(args.command)
+        _persistent_compile_cache()
     old_show = warnings.showwarning
     _one_line_warnings(args.command)
     try:
