@@ -39,6 +39,16 @@ def test_every_option_shows_its_default():
             assert f"(default: {default})" in text, f"{name} {a.option_strings[0]}"
 
 
+def test_modes_explained_in_help():
+    """eval's ideal|practical vs generate's ideal|topk|threshold|predictor: each help says
+    how they map."""
+    subs = _subparsers()
+    ev = " ".join(subs["eval"].format_help().split())
+    assert "generate's threshold" in ev and "generate's predictor" in ev
+    gen = " ".join(subs["generate"].format_help().split())
+    assert "saved by `calibrate`" in gen and "saved by `train-predictor`" in gen
+
+
 @pytest.fixture
 def fake_model_dir(tmp_path, monkeypatch):
     """Enough of a model directory for the checks that run before loading; loading it
