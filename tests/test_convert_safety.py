@@ -13,7 +13,7 @@ import pytest
 from conversion import convert as convert_mod
 from conversion.checkpoint import load_model, load_tree, params_dtype, save_tree
 from countdown_jax import cli
-from tests import tiny_hf
+from tests.support import tiny_hf
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import countdown_jax as cj
 from countdown_jax import api
 from countdown_jax.generate import Sampling, decode, finish, generate, start
 from countdown_jax.policy import SparseSpec, make_policy, stack_policies
-from tiny_params import tiny_model
+from tests.support import tiny_params
 
 
 class CharTokenizer:
@@ -35,7 +35,7 @@ class CharTokenizer:
 
 @pytest.fixture(scope="module")
 def model():
-    params, cfg = tiny_model(seed=5)
+    params, cfg = tiny_params.tiny_model(seed=5)
     # no stop token: every row runs max_new_tokens (fixed counts below)
     cfg = dataclasses.replace(cfg, eos_token_ids=())
     tok = CharTokenizer()
