@@ -167,20 +167,48 @@ def _replace_atomically(tmp: Path, final: Path):
 
 # ---------------------------------------------------------------------------- model dirs
 
+def is_model_dir(path) -> bool:
+    """Whether path looks like a model directory written here: config.json beside a
+    params/ tree whose manifest has our format tag."""
+    path = Path(path)
+    try:
+        return (path / "config.json").is_file() and \
+            json.loads((path / "params" / _MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _umask_mode(folder: Path):
+    """mkdtemp makes 0700 folders; a model directory gets the usual 0777 & ~umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+
+
 def save_model(out_dir, params, hf_config: Mapping, tokenizer_dir=None, *,
-               overwrite: bool = False) -> Path:
-    """Write params + config.json (+ tokenizer files) as a model directory."""
+               overwrite: bool = False, keep_trees: bool = True) -> Path:
+    """Write params + config.json (+ tokenizer files) as a model directory. overwrite
+    replaces only a model directory (``is_model_dir``); keep_trees carries its saved
+    trees (thresholds, predictors) into the new one."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace)")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to "
+                                  "replace)")
+        if not is_model_dir(out_dir):
+            raise ValueError(f"{out_dir} is not a model directory written by countdown-jax; "
+                             "refusing to replace it")
     config_text = json.dumps(dict(hf_config), indent=2, sort_keys=True)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        _umask_mode(tmp)
         _write_tree(tmp / "params", params)
         (tmp / "config.json").write_text(config_text)
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+        if keep_trees and (out_dir / "trees").is_dir():
+            shutil.copytree(out_dir / "trees", tmp / "trees")
         if out_dir.exists() and not any(out_dir.iterdir()):
             out_dir.rmdir()
         _replace_atomically(tmp, out_dir)

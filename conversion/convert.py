@@ -6,6 +6,7 @@ config, conversion.names maps the tensors into our layout, checkpoint.save_model
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -45,10 +46,59 @@ def _copy_hf_tokenizer(src: Path, dst: Path) -> bool:
     return True
 
 
-def convert(src, out_dir, dtype: str = "bfloat16", *, tokenizer: bool = True,
+# What a model directory holds (checkpoint.py); convert --force replaces only such a
+# directory, and carries its saved fits (trees/: thresholds, predictors) over.
+MODEL_DIR_ENTRIES = {"config.json", "params", "tokenizer", "trees"}
+
+
+def check_out_dir(out_dir, overwrite: bool = False) -> None:
+    """Refuse an OUT that is a file, that holds anything convert did not write, or that is a
+    non-empty model directory without ``overwrite``. Cheap: runs before any weight is read."""
+    from conversion.checkpoint import is_model_dir
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output {out_dir} is a file, not a directory")
+    for parent in out_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"output {out_dir}: {parent} is a file, not a directory")
+            break
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not is_model_dir(out_dir):
+        raise ValueError(f"{out_dir} exists, is not empty and is not a model directory written "
+                         "by countdown-jax convert; refusing to replace it (choose a new or "
+                         "empty directory)")
+    foreign = sorted(p.name for p in out_dir.iterdir()
+                     if p.name not in MODEL_DIR_ENTRIES and not p.name.startswith("."))
+    if foreign:
+        raise ValueError(f"{out_dir} holds files countdown-jax did not write ("
+                         f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); "
+                         "refusing to replace it, even with --force")
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty (use --force to replace the "
+                              "model; its saved thresholds / predictors are kept)")
+
+
+def read_config_only(src) -> dict:
+    """The source's HF config dict without reading any weight."""
+    if source_kind(src) == "gguf":
+        from conversion.gguf_io import read_gguf_config
+        return read_gguf_config(src)
+    from conversion.hf_dir import read_hf_config
+    return read_hf_config(str(src))
+
+
+def convert(src, out_dir, dtype: str = "float32", *, tokenizer: bool = True,
             overwrite: bool = False, progress: bool = True) -> Path:
-    """Convert SRC (HF dir or .gguf) into a model directory at out_dir; returns out_dir."""
-    from conversion.checkpoint import save_model
+    """Convert SRC (HF dir or .gguf) into a model directory at out_dir; returns out_dir.
+
+    overwrite replaces a model directory convert wrote earlier (never anything else), keeping
+    its saved fits (trees/: calibrated thresholds, trained predictors) when the new model has
+    the same config and refusing otherwise (delete OUT/trees to convert a different model).
+    """
+    from conversion.checkpoint import read_config, save_model
     from conversion.names import hf_to_params
     from countdown_jax.config import ModelConfig
 
@@ -56,8 +106,14 @@ def convert(src, out_dir, dtype: str = "bfloat16", *, tokenizer: bool = True,
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     src, out_dir = Path(src), Path(out_dir)
     kind = source_kind(src)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (use --force to replace it)")
+    check_out_dir(out_dir, overwrite)
+    hf_config = read_config_only(src)
+    cfg = ModelConfig.from_hf(hf_config)  # refuses what the model does not implement
+    if (out_dir / "trees").is_dir() and any((out_dir / "trees").iterdir()) \
+            and read_config(out_dir) != json.loads(json.dumps(hf_config)):
+        raise ValueError(f"{out_dir} holds saved fits (trees/) for a different model config; "
+                         f"they would not fit the new weights: delete {out_dir / 'trees'} "
+                         "first to replace this model")
     steps = tqdm(total=4, desc="convert", unit="step", disable=not progress)
     with tempfile.TemporaryDirectory(prefix="countdown-convert-") as tmp:
         steps.set_postfix_str(f"reading {src.name}")
@@ -68,7 +124,6 @@ def convert(src, out_dir, dtype: str = "bfloat16", *, tokenizer: bool = True,
             from conversion.hf_dir import read_hf_checkpoint
             hf_config, tensors = read_hf_checkpoint(str(src), progress=progress)
         steps.update()
-        cfg = ModelConfig.from_hf(hf_config)  # refuses what the model does not implement
 
         steps.set_postfix_str("tokenizer")
         tok_dir = Path(tmp) / "tokenizer"
@@ -88,7 +143,7 @@ def convert(src, out_dir, dtype: str = "bfloat16", *, tokenizer: bool = True,
         steps.update()
 
         steps.set_postfix_str(f"saving {out_dir}")
-        save_model(out_dir, params, hf_config, tok_dir, overwrite=overwrite)
+        save_model(out_dir, params, hf_config, tok_dir, overwrite=overwrite, keep_trees=True)
         steps.update()
     steps.close()
     return out_dir
@@ -112,9 +167,12 @@ def register(subparsers) -> None:
                     "countdown-jax model directory OUT.")
     p.add_argument("src", metavar="SRC", help="HF checkpoint directory or .gguf file")
     p.add_argument("out", metavar="OUT", help="output model directory")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16",
-                   help="storage dtype of the converted params (default bfloat16)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="storage dtype of the converted params (float32: what the library "
+                        "examples and the demo use)")
     p.add_argument("--no-tokenizer", action="store_true",
                    help="do not copy / extract the tokenizer")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it is a model directory convert wrote (its saved "
+                        "thresholds / predictors are kept); anything else is never replaced")
     p.set_defaults(func=_run)

@@ -1,38 +1,52 @@
-"""Library entry point: load a converted model, pick a method, generate.
+"""Library entry point: load a converted model, pick a method, generate (or sweep).
 
     import countdown_jax as cj
     model = cj.load("out/smollm2")
     out = cj.generate_text(model, "The capital of France is", method="m_countdown",
                            mode="ideal", sparsity=0.7, max_new_tokens=16)
     print(out.texts[0], out.realised_sparsity)
+    for res in cj.sweep(model, "The capital of France is", method="m_countdown",
+                        sparsities=[0.5, 0.7, 0.9], max_new_tokens=16):
+        print(res.sparsity, res.realised_sparsity, res.texts[0])
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from countdown_jax.config import ModelConfig
-from countdown_jax.generate import Sampling, generate
-from countdown_jax.policy import SparseSpec, make_policy
+from countdown_jax.generate import (Sampling, decode_jit, finish, generate, is_finished,
+                                    start_jit)
+from countdown_jax.policy import SparseSpec, make_policy, stack_policies
 
 
 @dataclasses.dataclass(frozen=True)
 class Model:
+    """A loaded model. A pytree whose only leaves are the params (config, path and
+    tokenizer are static), so ``jax.tree.map`` / ``jax.jit`` / ``jax.device_put`` apply."""
+
     params: Any
     cfg: ModelConfig
     path: Path
     tokenizer: Any = None
 
 
+jax.tree_util.register_dataclass(Model, data_fields=["params"],
+                                 meta_fields=["cfg", "path", "tokenizer"])
+
+
 def load(model_dir, dtype=None, tokenizer: bool = True) -> Model:
-    """Load a directory written by ``countdown-jax convert``."""
+    """Load a directory written by ``countdown-jax convert``; ``dtype`` casts the floating
+    params (None: as stored)."""
     from conversion.checkpoint import load_model
 
     params, cfg, _ = load_model(model_dir, dtype=dtype)
@@ -51,64 +65,125 @@ def load_tokenizer(model_dir):
 
 
 def policy_name(kind: str, method: str, sparsity: float) -> str:
-    """Where calibrated thresholds / predictors live inside a model directory."""
+    """Where calibrated thresholds / predictors live inside a model directory (one per
+    sparsity on a 0.01 grid; any other value would silently share its neighbour's fit)."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if abs(round(sparsity, 2) - sparsity) > 1e-9:
+        raise ValueError(f"sparsity {sparsity} is not on the 0.01 grid that calibrated "
+                         f"thresholds / predictors are saved on; use e.g. {round(sparsity, 2)}")
     return f"{kind}/{method}/r{sparsity:.2f}"
 
 
-def sparsity_setup(model: Model, method: str = "dense", mode: str = "ideal",
-                   sparsity: float = 0.0, implementation: str = "masked",
-                   capacity: int | None = None, theta_offset: float = 0.0):
-    """(spec, policy) for a method/mode. Practical modes read what calibration saved."""
+def _practical(mode: str):
+    """(kind, hint, command) of the saved fit a practical mode reads, None otherwise."""
+    if mode == "threshold":
+        return "thresholds", "no calibrated thresholds", "calibrate"
+    if mode == "predictor":
+        return "predictors", "{method} in predictor mode needs a trained predictor; none", \
+            "train-predictor"
+    return None
+
+
+def check_setup(model_dir, method: str = "dense", mode: str = "ideal",
+                sparsity: float | None = None, implementation: str = "masked",
+                capacity: int | None = None) -> SparseSpec:
+    """Every check ``sparsity_setup`` makes that needs no weights (method / mode / sparsity,
+    the saved thresholds or predictor present): the CLI runs it before loading a model."""
+    from conversion.checkpoint import list_trees
+
     spec = SparseSpec(method=method, mode=mode, implementation=implementation,
                       capacity=capacity)
+    if spec.is_dense:
+        return spec
+    if sparsity is None:
+        raise ValueError(f"method {method!r} needs a sparsity r in [0, 1) (e.g. 0.7); "
+                         "without one it would run dense")
+    practical = _practical(mode)
+    if practical is None:
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        return spec
+    kind, missing, command = practical
+    name = policy_name(kind, method, sparsity)
+    if name not in list_trees(model_dir):
+        saved = [n.rsplit("/r", 1)[1] for n in list_trees(model_dir)
+                 if n.startswith(f"{kind}/{method}/")]
+        raise FileNotFoundError(
+            f"{missing.format(method=method)} at {name!r} in {model_dir} (saved for r = "
+            f"{', '.join(saved) or 'none'}): run `countdown-jax {command} {model_dir} "
+            f"--method {method} --sparsity {sparsity}`")
+    return spec
+
+
+def sparsity_setup(model: Model, method: str = "dense", mode: str = "ideal",
+                   sparsity: float | None = 0.0, implementation: str = "masked",
+                   capacity: int | None = None, theta_offset: float = 0.0):
+    """(spec, policy) for a method/mode. Practical modes read what calibration saved."""
+    from conversion.checkpoint import load_tree
+
+    spec = check_setup(model.path, method, mode, sparsity, implementation, capacity)
     n = model.cfg.num_layers
     if spec.is_dense:
         return spec, None
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if mode in ("ideal", "topk"):
         return spec, make_policy(n, sparsity=sparsity)
+    kind = _practical(mode)[0]
+    tree = load_tree(model.path, policy_name(kind, method, sparsity))
     if mode == "threshold":
-        tree = _saved(model, "thresholds", method, sparsity, "no calibrated thresholds",
-                      "calibrate")
         return spec, make_policy(n, sparsity=sparsity, threshold=tree["threshold"])
-    tree = _saved(model, "predictors", method, sparsity,
-                  f"{method} in predictor mode needs a trained predictor; none", "train-predictor")
     theta = np.asarray(tree.get("theta", np.zeros(n, np.float32))) + theta_offset
     return spec, make_policy(n, sparsity=sparsity, theta=theta,
                              predictor={"V": tree["V"], "U": tree["U"]})
 
 
-def _saved(model: Model, kind: str, method: str, sparsity: float, missing: str, command: str):
-    """A tree that calibration / predictor training saved in the model directory."""
-    from conversion.checkpoint import load_tree
-
-    name = policy_name(kind, method, sparsity)
-    try:
-        return load_tree(model.path, name)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(
-            f"{missing} at {name!r} in {model.path}: run `countdown-jax {command} "
-            f"{model.path} --method {method} --sparsity {sparsity}`") from e
-
-
 @dataclasses.dataclass
 class TextOutput:
+    """One generation setting's result. Rates exclude compilation; ``tokens_per_s`` is the
+    decode rate (tokens after the first, per second of the decode loop), the prompt's
+    prefill has its own rate."""
+
     texts: list[str]
     token_ids: list[list[int]]
     realised_sparsity: float              # mean over decode tokens and layers
     realised_sparsity_per_layer: np.ndarray
-    tokens_per_s: float                   # generated tokens / wall time of the compiled call
+    tokens_per_s: float = math.nan        # decode: generated tokens after the first / s
+    prefill_tokens_per_s: float = math.nan  # prompt tokens / s of the prefill
+    seconds: dict = dataclasses.field(default_factory=dict)  # compile, prefill, decode
+    method: str = "dense"
+    mode: str = "ideal"
+    sparsity: float = 0.0                 # the target r
 
 
-def encode(tokenizer, prompts: Sequence[str]):
-    """Right-padded token array + lengths; the tokenizer's own convention decides BOS
-    (Gemma's adds one, SmolLM2's does not)."""
-    ids = [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """Padded prompt length: the next power of two (>= minimum), so prompts of nearby
+    lengths share one compiled program."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def format_prompts(tokenizer, prompts: Sequence[str], chat: bool = False) -> list[list[int]]:
+    """Token ids per prompt. chat: as one user turn through the tokenizer's chat template
+    (which places the special tokens itself); otherwise the tokenizer's own convention
+    decides BOS (Gemma's adds one, SmolLM2's does not)."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; drop --chat")
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                               tokenize=False, add_generation_prompt=True)
+                 for p in prompts]
+        ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    else:
+        ids = [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
     if any(len(x) == 0 for x in ids):
         raise ValueError("empty prompt")
+    return ids
+
+
+def encode(tokenizer, prompts: Sequence[str], chat: bool = False, bucket: bool = True):
+    """Right-padded token array (length bucketed, see ``bucket_length``) + lengths."""
+    ids = format_prompts(tokenizer, prompts, chat)
     t = max(len(x) for x in ids)
-    arr = np.zeros((len(ids), t), np.int32)
+    arr = np.zeros((len(ids), bucket_length(t) if bucket else t), np.int32)
     for i, x in enumerate(ids):
         arr[i, :len(x)] = x
     return arr, np.array([len(x) for x in ids], np.int32)
@@ -121,32 +196,147 @@ def stop_tokens(model: Model) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def _check_context(cfg: ModelConfig, longest: int, max_new_tokens: int):
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if limit and longest + max_new_tokens > limit:
+        warnings.warn(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                      f"the model's max_position_embeddings ({limit}); output past "
+                      f"{limit} positions is not what the model was trained for",
+                      stacklevel=3)
+
+
+_COMPILED: dict = {}   # (phase, static args, argument avals) -> compiled executable
+
+
+def _compiled(fn, static: dict, *args):
+    """fn AOT-compiled for these static args and argument shapes (cached): compile time is
+    measured apart and the program runs once."""
+    leaves, tree = jax.tree.flatten(args)
+    key = (fn, tuple(sorted(static.items())), tree,
+           tuple((np.shape(x), str(getattr(x, "dtype", type(x).__name__))) for x in leaves))
+    if key not in _COMPILED:
+        if len(_COMPILED) > 64:
+            _COMPILED.clear()
+        _COMPILED[key] = fn.lower(*args, **static).compile()
+    return _COMPILED[key]
+
+
+def _texts(model: Model, tokens, num) -> tuple[list[str], list[list[int]]]:
+    tokens, num = np.asarray(tokens), np.asarray(num)
+    ids = [tokens[i, :num[i]].tolist() for i in range(len(num))]
+    stops = set(stop_tokens(model))
+    return [model.tokenizer.decode([t for t in x if t not in stops]) for x in ids], ids
+
+
 def generate_text(model: Model, prompts: str | Sequence[str], *, method: str = "dense",
-                  mode: str = "ideal", sparsity: float = 0.0, max_new_tokens: int = 32,
-                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                  seed: int = 0, implementation: str = "masked", attention: str = "xla",
-                  timed: bool = True) -> TextOutput:
+                  mode: str = "ideal", sparsity: float | None = None,
+                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 1.0, seed: int = 0, implementation: str = "masked",
+                  attention: str = "xla", chat: bool = False,
+                  stream: Callable[[list[str]], None] | None = None,
+                  stream_every: int = 8) -> TextOutput:
+    """Generate from one prompt or a batch, dense or with a sparse FFN rule.
+
+    method: dense | cats | m_countdown | d_countdown | dejavu | s_countdown.
+    mode: ideal | topk (oracle, per token), threshold (calibrated thresholds, see
+        ``countdown-jax calibrate``) | predictor (trained predictor, ``train-predictor``).
+    sparsity: target fraction r of FFN neurons skipped per decode token (required for a
+        sparse method; practical modes need a fit saved at that r, on a 0.01 grid).
+    temperature 0 is greedy; top_k 0 and top_p 1 are off; seed drives sampling.
+    implementation: masked (float reference) | gather | pallas; attention: xla | pallas.
+    chat: wrap each prompt as a user turn with the tokenizer's chat template.
+    stream: called with the new text of every row after each ``stream_every`` decode steps.
+
+    Prompts are padded to a power-of-two length bucket, so nearby lengths reuse one
+    compile. Prefill and decode run as two compiled programs (compiled ahead, timed
+    apart); the result carries both rates and the realised sparsity measured from the
+    masks applied.
+    """
     if model.tokenizer is None:
         raise ValueError("model was loaded without a tokenizer")
     if isinstance(prompts, str):
         prompts = [prompts]
+    if stream_every < 1:
+        raise ValueError(f"stream_every must be >= 1, got {stream_every}")
+    sampling = Sampling(temperature, top_k, top_p)
     spec, policy = sparsity_setup(model, method, mode, sparsity, implementation)
-    tokens, lengths = encode(model.tokenizer, prompts)
-    kwargs = dict(max_new_tokens=max_new_tokens, spec=spec,
-                  sampling=Sampling(temperature, top_k, top_p), stop_tokens=stop_tokens(model),
-                  attention=attention)
-    args = (model.params, model.cfg, jnp.asarray(tokens), jnp.asarray(lengths),
-            jax.random.PRNGKey(seed), policy)
-    if timed:  # compile once outside the timing
-        jax.block_until_ready(generate(*args, **kwargs))
+    tokens, lengths = encode(model.tokenizer, prompts, chat)
+    _check_context(model.cfg, int(lengths.max()), max_new_tokens)
+    common = dict(cfg=model.cfg, spec=spec, sampling=sampling, stop_tokens=stop_tokens(model))
+    start_args = (model.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                  jax.random.PRNGKey(seed), policy)
     t0 = time.perf_counter()
-    gen = jax.block_until_ready(generate(*args, **kwargs))
-    dt = time.perf_counter() - t0
-    num = np.asarray(gen.num_tokens)
-    out_ids = [np.asarray(gen.tokens)[i, :num[i]].tolist() for i in range(len(prompts))]
-    stops = set(stop_tokens(model))
-    texts = [model.tokenizer.decode([t for t in ids if t not in stops]) for ids in out_ids]
+    start_c = _compiled(start_jit, dict(common, max_new_tokens=max_new_tokens, cache_dtype=None),
+                        *start_args)
+    t1 = time.perf_counter()
+    state = jax.block_until_ready(start_c(*start_args))
+    t2 = time.perf_counter()
+    decode_c = _compiled(decode_jit, dict(common, attention=attention),
+                         model.params, state, policy, jnp.int32(0))
+    t3 = time.perf_counter()
+    if stream is None:
+        state = jax.block_until_ready(decode_c(model.params, state, policy,
+                                               jnp.int32(max_new_tokens)))
+    else:
+        shown = [""] * len(prompts)
+        while True:
+            texts, _ = _texts(model, state["out"], state["num"])
+            stream([t[len(s):] for t, s in zip(texts, shown)])
+            shown = texts
+            if is_finished(state):
+                break
+            state = decode_c(model.params, state, policy,
+                             jnp.int32(int(state["step"]) + stream_every))
+    t4 = time.perf_counter()
+    gen = finish(state)
+    texts, out_ids = _texts(model, gen.tokens, gen.num_tokens)
     per_layer = np.asarray(gen.realised_sparsity)
-    return TextOutput(texts=texts, token_ids=out_ids, realised_sparsity=float(per_layer.mean()),
-                      realised_sparsity_per_layer=per_layer,
-                      tokens_per_s=float(num.sum() / dt))
+    decoded = int(np.asarray(gen.num_tokens).sum()) - len(prompts)
+    return TextOutput(
+        texts=texts, token_ids=out_ids, realised_sparsity=float(per_layer.mean()),
+        realised_sparsity_per_layer=per_layer,
+        tokens_per_s=decoded / (t4 - t3) if decoded else math.nan,
+        prefill_tokens_per_s=float(lengths.sum()) / (t2 - t1),
+        seconds=dict(compile=(t1 - t0) + (t3 - t2), prefill=t2 - t1, decode=t4 - t3),
+        method=method, mode=mode, sparsity=0.0 if spec.is_dense else float(sparsity))
+
+
+def sweep(model: Model, prompts: str | Sequence[str], *, method: str,
+          sparsities: Sequence[float], mode: str = "ideal", max_new_tokens: int = 32,
+          temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+          implementation: str = "masked", chat: bool = False) -> list[TextOutput]:
+    """Generate at every sparsity in one call: the policies are stacked and generation is
+    ``jax.vmap``-ed over them (one compile, all settings in one program). Returns one
+    ``TextOutput`` per sparsity, in order, each with its realised sparsity."""
+    if model.tokenizer is None:
+        raise ValueError("model was loaded without a tokenizer")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    sparsities = [float(r) for r in sparsities]
+    if not sparsities:
+        raise ValueError("sweep needs at least one sparsity")
+    setups = [sparsity_setup(model, method, mode, r, implementation) for r in sparsities]
+    spec = setups[0][0]
+    if spec.is_dense:
+        raise ValueError("sweep needs a sparse method (dense has nothing to sweep)")
+    policies = stack_policies([pol for _, pol in setups])
+    tokens, lengths = encode(model.tokenizer, prompts, chat)
+    _check_context(model.cfg, int(lengths.max()), max_new_tokens)
+    kw = dict(max_new_tokens=max_new_tokens, spec=spec,
+              sampling=Sampling(temperature, top_k, top_p), stop_tokens=stop_tokens(model))
+    tokens, lengths, key = jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed)
+    run = jax.vmap(lambda pol: generate(model.params, model.cfg, tokens, lengths, key, pol,
+                                        **kw))
+    t0 = time.perf_counter()
+    gen = jax.block_until_ready(run(policies))
+    seconds = time.perf_counter() - t0
+    per_layer = np.asarray(gen.realised_sparsity)   # [R, L]
+    outs = []
+    for i, r in enumerate(sparsities):
+        texts, ids = _texts(model, gen.tokens[i], gen.num_tokens[i])
+        outs.append(TextOutput(texts=texts, token_ids=ids,
+                               realised_sparsity=float(per_layer[i].mean()),
+                               realised_sparsity_per_layer=per_layer[i],
+                               seconds=dict(total_with_compile=seconds),
+                               method=method, mode=mode, sparsity=r))
+    return outs

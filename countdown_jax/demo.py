@@ -35,7 +35,7 @@ def main(out_dir=None, prompt="The capital of France is", max_new_tokens=24):
                                 max_new_tokens=max_new_tokens)
         rows.append((method, mode, r, out))
         print(f"\n[{method} {mode} r={r}] realised sparsity {out.realised_sparsity:.3f}, "
-              f"{out.tokens_per_s:.1f} tokens/s (CPU, masked reference path)")
+              f"decode {out.tokens_per_s:.1f} tokens/s (CPU, masked reference path)")
         print(prompt + out.texts[0])
     dense_ids = rows[0][3].token_ids[0]
     print("\nagreement with dense (tokens matched before first divergence):")

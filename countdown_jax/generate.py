@@ -2,7 +2,9 @@
 
 One call of ``generate`` is one compiled program: prompt in, tokens out, no host round
 trip per token. Sparsity values live in ``policy`` (traced), so changing r or thresholds
-does not recompile; ``spec`` (static) picks the rule.
+does not recompile; ``spec`` (static) picks the rule. Its two phases are also exposed
+(``start``: prefill + first token; ``decode``: the loop, optionally up to a traced step)
+for timing prefill and decode apart and for streaming in chunks of steps.
 """
 
 from __future__ import annotations
@@ -68,17 +70,32 @@ class Generation(NamedTuple):
 
     @property
     def realised_sparsity(self):
-        """Per layer: fraction of FFN neurons skipped, averaged over decode tokens."""
-        return 1.0 - self.kept_sum / jnp.maximum(self.kept_count, 1.0)
+        """Per layer: fraction of FFN neurons skipped, averaged over decode tokens.
+        [L], or [R, L] for a ``jax.vmap`` over R stacked policies."""
+        count = jnp.maximum(jnp.asarray(self.kept_count), 1.0)
+        return 1.0 - self.kept_sum / count[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "spec", "max_new_tokens", "sampling",
-                                             "stop_tokens", "cache_dtype", "attention"))
-def generate(params, cfg, prompt, lengths, key, policy=None, *, max_new_tokens: int,
-             spec: SparseSpec = DENSE, sampling: Sampling = GREEDY,
-             stop_tokens: tuple[int, ...] = (), cache_dtype=None, attention: str = "xla"):
-    """prompt [B, T] int32 right-padded, lengths [B] int32 (>= 1). attention: the decode
-    steps' attention, "xla" or "pallas" (``model.decode_step``)."""
+# Static arguments of the two phases below (keyword-only there, so an AOT-compiled phase
+# is called with its array arguments alone).
+_START_STATIC = ("cfg", "max_new_tokens", "spec", "sampling", "stop_tokens", "cache_dtype")
+_DECODE_STATIC = ("cfg", "spec", "sampling", "stop_tokens", "attention")
+
+
+def _pad_id(cfg):
+    return jnp.int32(cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+
+
+def _stops(stop_tokens):
+    return jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
+
+
+def start(params, prompt, lengths, key, policy=None, *, cfg, max_new_tokens: int,
+          spec: SparseSpec = DENSE, sampling: Sampling = GREEDY,
+          stop_tokens: tuple[int, ...] = (), cache_dtype=None) -> dict:
+    """Phase 1: dense prefill of the prompt and the first sampled token. Returns the decode
+    state (a dict of arrays) that ``decode`` advances; ``finish`` turns it into a
+    ``Generation``."""
     b, t = prompt.shape
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -92,18 +109,26 @@ def generate(params, cfg, prompt, lengths, key, policy=None, *, max_new_tokens: 
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     key, sub = jax.random.split(key)
     first = sample(sub, last, sampling)
-    stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
-    pad = jnp.int32(cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+    out = jnp.full((b, max_new_tokens), _pad_id(cfg), jnp.int32).at[:, 0].set(first)
+    return dict(step=jnp.int32(1), token=first, pos=lengths.astype(jnp.int32), cache=cache,
+                out=out, done=jnp.isin(first, _stops(stop_tokens)),
+                num=jnp.ones((b,), jnp.int32), key=key,
+                kept_sum=jnp.zeros((cfg.num_layers,), jnp.float32), kept_count=jnp.float32(0))
 
-    out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(first)
-    done = jnp.isin(first, stops)
-    n_layers = cfg.num_layers
-    state = dict(step=jnp.int32(1), token=first, pos=lengths.astype(jnp.int32), cache=cache,
-                 out=out, done=done, num=jnp.ones((b,), jnp.int32), key=key,
-                 kept_sum=jnp.zeros((n_layers,), jnp.float32), kept_count=jnp.float32(0))
+
+def decode(params, state, policy=None, until=None, *, cfg, spec: SparseSpec = DENSE,
+           sampling: Sampling = GREEDY, stop_tokens: tuple[int, ...] = (),
+           attention: str = "xla") -> dict:
+    """Phase 2: (sparse) decode steps in one ``lax.while_loop`` until every row stopped,
+    the output is full, or ``step == until`` (a traced int: decoding in chunks, e.g. to
+    stream, reuses one compile)."""
+    stops, pad = _stops(stop_tokens), _pad_id(cfg)
+    limit = state["out"].shape[1]
+    if until is not None:
+        limit = jnp.minimum(jnp.asarray(until, jnp.int32), limit)
 
     def cond(s):
-        return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
+        return (s["step"] < limit) & ~jnp.all(s["done"])
 
     def body(s):
         logits, cache, kept = model_lib.decode_step(params, cfg, s["token"], s["pos"],
@@ -120,5 +145,34 @@ def generate(params, cfg, prompt, lengths, key, policy=None, *, max_new_tokens: 
                     key=key, kept_sum=s["kept_sum"] + jnp.sum(kept * livef[None, :], axis=1),
                     kept_count=s["kept_count"] + jnp.sum(livef))
 
-    s = jax.lax.while_loop(cond, body, state)
-    return Generation(s["out"], s["num"], s["kept_sum"], s["kept_count"])
+    return jax.lax.while_loop(cond, body, state)
+
+
+def finish(state) -> Generation:
+    return Generation(state["out"], state["num"], state["kept_sum"], state["kept_count"])
+
+
+def is_finished(state) -> bool:
+    """Host-side: every row stopped or the output buffer is full."""
+    return bool(state["done"].all()) or int(state["step"]) >= state["out"].shape[1]
+
+
+# The two phases compiled on their own: separate prefill / decode timing, chunked decode.
+start_jit = jax.jit(start, static_argnames=_START_STATIC)
+decode_jit = jax.jit(decode, static_argnames=_DECODE_STATIC)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "max_new_tokens", "sampling",
+                                             "stop_tokens", "cache_dtype", "attention"))
+def generate(params, cfg, prompt, lengths, key, policy=None, *, max_new_tokens: int,
+             spec: SparseSpec = DENSE, sampling: Sampling = GREEDY,
+             stop_tokens: tuple[int, ...] = (), cache_dtype=None, attention: str = "xla"):
+    """prompt [B, T] int32 right-padded, lengths [B] int32 (>= 1). attention: the decode
+    steps' attention, "xla" or "pallas" (``model.decode_step``). One compiled program
+    (``start`` then ``decode``); ``jax.vmap`` over a stacked policy sweeps settings."""
+    state = start(params, prompt, lengths, key, policy, cfg=cfg,
+                  max_new_tokens=max_new_tokens, spec=spec, sampling=sampling,
+                  stop_tokens=stop_tokens, cache_dtype=cache_dtype)
+    state = decode(params, state, policy, cfg=cfg, spec=spec, sampling=sampling,
+                   stop_tokens=stop_tokens, attention=attention)
+    return finish(state)

@@ -85,7 +85,7 @@ def test_cli_converts_tiny_hf_dir(tmp_path, variant):
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "f32" / "tokenizer"))
     assert tok.encode("the capital of france", add_special_tokens=False) == [4, 5, 6, 7]
 
-    assert cli.main(["convert", str(src), str(tmp_path / "bf16")]) == 0  # default bfloat16
+    assert cli.main(["convert", str(src), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
     p16, _, _ = load_model(tmp_path / "bf16")
     _assert_layout(p16, cfg, "bfloat16")
     for k, v in _flat(params).items():
@@ -119,8 +119,9 @@ def test_cli_errors(tmp_path, capsys):
     rc, err = run(src, tmp_path / "full")
     assert rc == 2 and "not empty" in err
     assert (tmp_path / "full" / "keep.txt").read_text() == "x"
-    assert cli.main(["convert", str(src), str(tmp_path / "full"), "--force"]) == 0
-    assert not (tmp_path / "full" / "keep.txt").exists()
+    rc, err = run(src, tmp_path / "full", "--force")  # never replaces what it did not write
+    assert rc == 2 and "not a model directory" in err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "x"
     with pytest.raises(SystemExit):
         cli.main(["convert", str(src), str(tmp_path / "o2"), "--dtype", "float16"])
 

@@ -84,24 +84,61 @@ def lambada_items(tokenizer, lambada, *, task: str = "lambada", sparse_tail: int
     return items
 
 
+# Task names as lm-eval-harness spells them (the multiple-choice ones are data.MC_TASKS),
+# plus boolq_ppl (perplexity on held-out BoolQ passages, not an lm-eval task).
+PPL_TASKS = ("boolq_ppl", "lambada")
+TASK_ALIASES = {"lambada_openai": "lambada"}
+# --num-fewshot K -> the requests variant the package ships. BoolQ's 5-shot requests are
+# numbered apart from its rows, so the held-out passage split cannot be applied to them.
+FEWSHOT_VARIANTS = {0: "rc_0shot", 5: "rc_5shot"}
+NO_FEWSHOT = ("boolq",) + PPL_TASKS
+
+
+def task_names() -> list[str]:
+    """Every accepted task name (aliases included)."""
+    from countdown_jax import data
+
+    return list(data.MC_TASKS) + list(PPL_TASKS) + list(TASK_ALIASES)
+
+
+def canonical_tasks(tasks: Sequence[str], num_fewshot: int = 0) -> list[str]:
+    """Resolve aliases (lambada_openai -> lambada) and check names and the few-shot count."""
+    out = []
+    for task in tasks:
+        task = TASK_ALIASES.get(task, task)
+        if task not in task_names():
+            raise ValueError(f"unknown task {task!r}; expected one of {task_names()}")
+        if task not in out:
+            out.append(task)
+    if num_fewshot not in FEWSHOT_VARIANTS:
+        raise ValueError(f"--num-fewshot {num_fewshot}: the bundled requests exist for "
+                         f"{sorted(FEWSHOT_VARIANTS)} shots")
+    if num_fewshot:
+        bad = [t for t in out if t in NO_FEWSHOT]
+        if bad:
+            raise ValueError(f"--num-fewshot {num_fewshot}: {', '.join(bad)} run zero-shot only "
+                             "(no held-out few-shot requests bundled); drop them or use 0")
+    return out
+
+
 def build_items(tokenizer, tasks: Sequence[str], n_docs: dict | int, *, seed: int = 0,
-                ppl_texts: int = 32, lambada: int = 32):
-    """Items for the requested tasks plus the gold labels of the multiple-choice ones."""
+                ppl_texts: int = 32, lambada: int = 32, num_fewshot: int = 0):
+    """Items for the requested tasks plus the gold labels of the multiple-choice ones.
+    num_fewshot 5 reads the tasks' bundled rc_5shot requests (the same documents)."""
     from countdown_jax import data
 
     items, gold = [], {}
-    for task in tasks:
+    for task in canonical_tasks(tasks, num_fewshot):
         n = n_docs.get(task) if isinstance(n_docs, dict) else n_docs
         if task == "boolq_ppl":
             items += perplexity_items(tokenizer, data.subsample(data.perplexity_texts(),
                                                                 ppl_texts, seed))
         elif task == "lambada":
             items += lambada_items(tokenizer, data.subsample(data.lambada_items(), lambada, seed))
-        elif task in data.MC_TASKS:
-            docs = data.subsample(data.eval_docs(task), n, seed)
+        else:
+            docs = (data.mc_docs(task, FEWSHOT_VARIANTS[num_fewshot]) if num_fewshot
+                    else data.eval_docs(task))
+            docs = data.subsample(docs, n, seed)
             gold[task] = {d.doc_id: d.gold for d in docs}
             items += mc_items(tokenizer, docs)
-        else:
-            raise ValueError(f"unknown task {task!r}; expected one of "
-                             f"{list(data.MC_TASKS) + ['boolq_ppl', 'lambada']}")
     return items, gold
