@@ -104,10 +104,16 @@ def frontier(pts):
     return out
 
 
-def at(pts, b, log=False):
-    """Linear interpolation of a Pareto curve at bytes b (None outside its span)."""
-    if len(pts) < 2 or not pts[0][0] <= b <= pts[-1][0]:
+def at(front, b, log=False):
+    """The Pareto curve ``front`` (from ``pareto``) at bytes b: interpolated between its
+    points (linear in log score when ``log``); past its last point up to the largest bytes
+    measured on the rule the last point's score holds (every point measured there is worse);
+    None outside the measured span (never extrapolated)."""
+    pts, hi = front
+    if not pts or not pts[0][0] <= b <= hi:
         return None
+    if b >= pts[-1][0]:
+        return pts[-1][1], pts[-1][2]
     xs = [p[0] for p in pts]
     ys = [math.log(p[1]) if log else p[1] for p in pts]
     se = np.interp(b, xs, [p[2] for p in pts])
@@ -116,10 +122,12 @@ def at(pts, b, log=False):
 
 
 def pareto(rows, model, rule, task, metric, lower_is_better=False, oracle=False):
+    """(the rule's Pareto points in bytes order, the largest bytes measured on the rule)."""
     pts = curve(rows, model, rule, task, metric, oracle)
+    hi = max((p[0] for p in pts), default=-1.0)
     if lower_is_better:
-        return [(b, -s, se) for b, s, se in frontier([(b, -s, se) for b, s, se in pts])]
-    return frontier(pts)
+        return [(b, -s, se) for b, s, se in frontier([(b, -s, se) for b, s, se in pts])], hi
+    return frontier(pts), hi
 
 
 def goal_check(rows, model):
@@ -142,12 +150,21 @@ def goal_check(rows, model):
             gap = math.log(paper[best][0]) - math.log(ideal[0])
             closed = (math.log(paper[best][0]) - math.log(casc[0])) / gap if gap > 0 else \
                 float("nan")
+        thr = {r: v for r, v in paper.items() if r != "d_countdown-practical"}
+        best_thr = min(thr, key=lambda r: thr[r][0]) if thr else None
+        closed_thr = float("nan")
+        if best_thr and ideal and casc:
+            gap = math.log(thr[best_thr][0]) - math.log(ideal[0])
+            closed_thr = (math.log(thr[best_thr][0]) - math.log(casc[0])) / gap
         a_best = at(acc[best], b) if best else None
         a_casc = at(acc["d_countdown-cascade"], b)
         out.append(dict(model=model, bytes_share=b, best_paper_rule=best,
                         ppl_best_paper=paper[best][0] if best else None,
                         ppl_d_ideal=ideal[0] if ideal else None,
                         ppl_cascade=casc[0] if casc else None, gap_closed=closed,
+                        best_threshold_rule=best_thr,
+                        ppl_best_threshold=thr[best_thr][0] if best_thr else None,
+                        gap_closed_vs_threshold=closed_thr,
                         acc_best_paper=a_best[0] if a_best else None,
                         acc_cascade=a_casc[0] if a_casc else None,
                         acc_stderr=max(a_best[1], a_casc[1]) if a_best and a_casc else None,
@@ -169,7 +186,7 @@ def plot(rows, model, path: Path):
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, (task, metric, title) in zip(axes, (
             ("boolq_ppl", "ppl", "BoolQ-passage perplexity / dense (log)"),
-            ("mc_mean", "acc_norm", "mean MC acc_norm (6 tasks)"))):
+            ("mc_mean", "acc_norm", "mean MC acc_norm (tasks scored)"))):
         dense = [_f(r["score"]) for r in rows if r["model"] == model and r["rule"] == "dense"
                  and r["task"] == task and r["metric"] == metric]
         for rule in rules:
@@ -185,7 +202,7 @@ def plot(rows, model, path: Path):
             alpha = 0.5 + 0.5 * ("rank" not in rule or rule.endswith("rank64"))
             ax.scatter([p[0] for p in pts], [p[1] / scale for p in pts], s=8, color=base,
                        alpha=0.4 * alpha)
-            ax.plot([p[0] for p in front], [p[1] / scale for p in front], ls, marker="o",
+            ax.plot([p[0] for p in front[0]], [p[1] / scale for p in front[0]], ls, marker="o",
                     ms=3, color=base, alpha=alpha,
                     label=rule + (" (oracle bytes)" if oracle else ""))
         if dense and metric != "ppl":

