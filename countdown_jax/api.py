@@ -82,6 +82,9 @@ def _practical(mode: str):
     if mode == "predictor":
         return "predictors", "{method} in predictor mode needs a trained predictor; none", \
             "train-predictor"
+    if mode == "cascade":
+        return "cascade", "{method} in cascade mode needs a fitted cascade (predictor, " \
+            "candidate theta, |s| threshold); none", None
     return None
 
 
@@ -109,10 +112,12 @@ def check_setup(model_dir, method: str = "dense", mode: str = "ideal",
     if name not in list_trees(model_dir):
         saved = [n.rsplit("/r", 1)[1] for n in list_trees(model_dir)
                  if n.startswith(f"{kind}/{method}/")]
+        fix = (f"countdown-jax {command} {model_dir} --method {method} --sparsity "
+               f"{sparsity}" if command else
+               f"python -m experiments.quality_frontier --model {model_dir} --stage fit")
         raise FileNotFoundError(
             f"{missing.format(method=method)} at {name!r} in {model_dir} (saved for r = "
-            f"{', '.join(saved) or 'none'}): run `countdown-jax {command} {model_dir} "
-            f"--method {method} --sparsity {sparsity}`")
+            f"{', '.join(saved) or 'none'}): run `{fix}`")
     return spec
 
 
@@ -134,6 +139,7 @@ def sparsity_setup(model: Model, method: str = "dense", mode: str = "ideal",
         return spec, make_policy(n, sparsity=sparsity, threshold=tree["threshold"])
     theta = np.asarray(tree.get("theta", np.zeros(n, np.float32))) + theta_offset
     return spec, make_policy(n, sparsity=sparsity, theta=theta,
+                             threshold=tree["threshold"] if mode == "cascade" else None,
                              predictor={"V": tree["V"], "U": tree["U"]})
 
 

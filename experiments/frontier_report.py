@@ -220,6 +220,39 @@ def plot(rows, model, path: Path):
     plt.close(fig)
 
 
+def _fmt(v, se=None, digits=3):
+    if v is None or not np.isfinite(_f(v)):
+        return "n/a"
+    txt = f"{_f(v):.{digits}g}"
+    return txt if se is None or not np.isfinite(_f(se)) else f"{txt} ± {_f(se):.2g}"
+
+
+def tables(rows, model) -> str:
+    """Markdown: per rule and setting, bytes, realised sparsity, perplexity, LAMBADA and
+    mean MC accuracy with standard errors (what RESULTS.md quotes)."""
+    sel = [r for r in rows if r["model"] == model]
+    by = defaultdict(dict)
+    for r in sel:
+        by[(r["rule"], r["setting"], int(r["policy_index"]))][(r["task"], r["metric"])] = r
+    lines = [f"### {model}", "", "Realised r, candidates and bytes on the perplexity "
+             "text; ± one standard error.", "",
+             "| rule | target r | realised r | candidates | bytes | ppl | LAMBADA acc | "
+             "MC acc_norm (mean) |", "|---|---|---|---|---|---|---|---|"]
+    for key in sorted(by, key=lambda k: (k[0], _f(next(iter(by[k].values()))["bytes_share"]))):
+        m = by[key]
+        ppl, lam, mc = (m.get(("boolq_ppl", "ppl")), m.get(("lambada", "acc")),
+                        m.get(("mc_mean", "acc_norm")))
+        any_row = ppl or next(iter(m.values()))      # realised sparsity on the ppl text
+        lines.append("| " + " | ".join([
+            key[0], f"{_f(any_row['sparsity_target']):.2f}",
+            f"{_f(any_row['sparsity_realised']):.3f}",
+            _fmt(any_row.get("candidates"), digits=2), f"{_f(any_row['bytes_share']):.3f}",
+            _fmt(ppl and ppl["score"], ppl and ppl["stderr"]),
+            _fmt(lam and lam["score"], lam and lam["stderr"], 2),
+            _fmt(mc and mc["score"], mc and mc["stderr"], 3)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def report(out: Path):
     rows = read_csv(out / "frontier.csv")
     models = sorted({r["model"] for r in rows})
@@ -228,6 +261,7 @@ def report(out: Path):
         write_csv(out / "frontier_goal.csv", goal, list(goal[0]))
     for m in models:
         plot(rows, m, out / f"frontier_{m}.png")
+        (out / f"frontier_{m}.md").write_text(tables(rows, m))
     return goal
 
 

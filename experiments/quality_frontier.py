@@ -157,6 +157,7 @@ def fit(model, sc: Scale, work: Path):
                              layer=-1, candidates=c, recall=float(mc["recall"][i].mean()),
                              precision=float(mc["precision"][i].mean()),
                              realised_sparsity=float(mc["realised_sparsity"][i].mean())))
+    save_cascades(model, sc, fits)
     for k, curve in hist["val_bce"].items():
         rows += [dict(kind="val_bce", rank=int(k), step=s, bce=b) for s, b in curve]
     work.mkdir(parents=True, exist_ok=True)
@@ -167,6 +168,23 @@ def fit(model, sc: Scale, work: Path):
                 fit_seconds=time.perf_counter() - t0)
     (work / "fits.json").write_text(json.dumps(meta, indent=1))
     return rows, meta
+
+
+def save_cascades(model, sc: Scale, fits, ratio: float = 2.5):
+    """One cascade per kept share k into the model directory (``api.sparsity_setup`` reads
+    cascade/d_countdown/r{1-k}): the smallest rank's predictor, candidates c = ratio * k."""
+    from conversion.checkpoint import save_tree
+
+    k_rank = min(sc.ranks)
+    shares = list(fits["cascade_shares"])
+    for ki, kk in enumerate(sc.cascade_k):
+        c = min(ratio * kk, 0.95)
+        si, i = shares.index(c), _nearest(sc.train_r, 1.0 - c)
+        tree = {"V": fits[f"V_{k_rank}"][i], "U": fits[f"U_{k_rank}"][i],
+                "theta": fits[f"theta_c_{k_rank}"][i, :, si], "threshold": fits["tau_s"][ki]}
+        save_tree(model.path, api.policy_name("cascade", "d_countdown", round(1.0 - kk, 2)),
+                  tree, meta=dict(kept=kk, candidates=c, rank=k_rank,
+                                  predictor_r=sc.train_r[i]))
 
 
 def _nearest(values, x):
@@ -270,10 +288,20 @@ def _rule(st):
                                         else "")
 
 
-def load_model(name: str, dtype: str):
+def load_model(name: str, dtype: str, work: Path):
+    """A model directory given as is; a registry model through a private directory in
+    ``work`` whose params / tokenizer link to the shared conversion cache (the fits this
+    script saves, e.g. the cascades, stay out of the cache other runs read)."""
+    if Path(name).is_dir():
+        return api.load(name)
     from conversion.registry_models import converted
-    path = Path(name) if Path(name).is_dir() else converted(name, dtype)
-    return api.load(path)
+    src, dst = converted(name, dtype), work / "model"
+    dst.mkdir(parents=True, exist_ok=True)
+    for part in ("params", "tokenizer"):
+        if not (dst / part).exists():
+            (dst / part).symlink_to(src / part)
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    return api.load(dst)
 
 
 def main(argv=None):
@@ -296,7 +324,7 @@ def main(argv=None):
     work = Path(args.work or f"out/frontier-{name}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(args.model, args.dtype)
+    model = load_model(args.model, args.dtype, work)
     log(f"{name}: {model.cfg.num_layers} layers, d={model.cfg.d_model}, m={model.cfg.d_ff}, "
         f"device {jax.devices()[0]}")
     fit_rows = None

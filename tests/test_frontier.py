@@ -90,3 +90,13 @@ def test_frontier_pipeline_quick(tmp_path):
     assert {"predictor", "val_bce", "cascade_candidates"} <= {r["kind"] for r in fit}
     assert (tmp_path / "out" / "frontier_smollm2.png").is_file()
     assert (tmp_path / "out" / "frontier_goal.csv").is_file()
+    # the fitted cascades are saved with the (private) model directory and load by name
+    from countdown_jax import api
+    model = api.load(tmp_path / "work" / "model")
+    spec, pol = api.sparsity_setup(model, "d_countdown", "cascade", 0.9)
+    assert spec.mode == "cascade" and set(pol) >= {"predictor", "theta", "threshold"}
+    out = api.generate_text(model, "The capital of France is", method="d_countdown",
+                            mode="cascade", sparsity=0.9, max_new_tokens=3)
+    assert 0.0 < out.realised_sparsity < 1.0
+    with pytest.raises(FileNotFoundError, match="quality_frontier"):
+        api.sparsity_setup(model, "d_countdown", "cascade", 0.55)
