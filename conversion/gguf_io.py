@@ -288,6 +288,12 @@ def read_gguf(path, progress: bool = True) -> tuple[dict, dict[str, np.ndarray]]
     return cfg, tensors
 
 
+def read_gguf_config(path) -> dict:
+    """Only the config dict (no dequantization): convert refuses an unsupported
+    architecture before it reads any weight."""
+    return config_from_metadata(_open(path))
+
+
 # ---------------------------------------------------------------------------- tokenizer
 
 def save_tokenizer_from_gguf(gguf_path, out_dir) -> Path:

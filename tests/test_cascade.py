@@ -242,7 +242,7 @@ def test_vmap_sweep_compiles_once(impl):
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_fused_path_equals_masked(monkeypatch, n):
+def test_fused_path_equals_masked(monkeypatch, pallas_interpret, n):
     """implementation="pallas" routes decode tokens to the fused kernel's method "dc"
     (interpret mode forced, as on a GPU): the masked kept set, y within float32 rounding.
     It reads the model's stack in place (the other layer NaN) and none of the rows the
