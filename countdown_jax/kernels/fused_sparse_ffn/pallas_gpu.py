@@ -80,8 +80,8 @@ class FusedConfig:
 
 
 def default_config(dtype, method: str = "m") -> FusedConfig:
-    """Fastest variant measured on an H100 at Llama-3.1-8B shapes (run 6 of
-    experiments/results/bench_kernels.md): scores from XLA's dense GEMV (u, act(g), or the
+    """Fastest variant at Llama-3.1-8B shapes (the H100 prefetch comparison in
+    experiments/results/bench_kernels.csv; no knob beat it on the H200): scores from XLA's dense GEMV (u, act(g), or the
     predictor's z), blocks of neurons compacted into tiles of 4 kept rows whose W_down
     loads are issued with their gate/up loads. M and CATS: 64-neuron blocks on 264
     programs; D (three gathered matrices): 32-neuron blocks on 448 programs. The cascade
