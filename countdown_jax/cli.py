@@ -17,6 +17,7 @@ import threading
 import warnings
 from pathlib import Path
 
+from countdown_jax.argtypes import positive_int
 from countdown_jax.policy import METHODS, MODES, ACCEPTED_IMPLEMENTATIONS as IMPLEMENTATIONS
 
 # module that defines register(subparsers) for each subcommand group
@@ -50,16 +51,6 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
-
-
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 # ---------------------------------------------------------------------------- generate

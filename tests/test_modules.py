@@ -31,7 +31,8 @@ D, M, H, HD, V, L, RANK = 32, 96, 4, 8, 61, 2, 8
 RULES = [(meth, mode) for meth, modes in METHOD_MODES.items() if meth != "dense"
          for mode in modes]
 # One layer's policy per mode (threshold 0.3 keeps part of every rule's neurons here).
-VALUES = {"ideal": 0.6, "topk": 0.6, "threshold": 0.3, "predictor": 0.5}
+VALUES = {"ideal": 0.6, "topk": 0.6, "threshold": 0.3, "predictor": 0.5,
+          "cascade": (-0.5, 0.05)}          # cascade: (theta of the candidates, |s| tau)
 
 
 # -- a researcher's Flax NNX model ---------------------------------------------------------
@@ -117,11 +118,14 @@ def _policies(mode):
     """One policy per layer (a predictor: random V [d, rank], U [m, rank])."""
     out = []
     for l in range(L):
-        if mode == "predictor":
+        if mode in ("predictor", "cascade"):
             kv, ku = jax.random.split(jax.random.key(10 + l))
-            out.append({"theta": VALUES[mode], "predictor": {
+            theta, tau = VALUES[mode] if mode == "cascade" else (VALUES[mode], None)
+            out.append({"theta": theta, "predictor": {
                 "V": jax.random.normal(kv, (D, RANK)) / np.sqrt(D),
                 "U": jax.random.normal(ku, (M, RANK)) / np.sqrt(RANK)}})
+            if tau is not None:
+                out[-1]["threshold"] = tau
         else:
             key = {"ideal": "sparsity", "topk": "sparsity", "threshold": "threshold"}[mode]
             out.append({key: VALUES[mode]})
@@ -172,12 +176,16 @@ def test_sparse_swap_equals_functional_and_numpy(method, mode):
     for l in range(L):          # each layer against the float64 NumPy reference
         w64 = {k: np.asarray(a, np.float64) for k, a in _weights(model.blocks[l].mlp).items()}
         h = seen[l]
-        q = (ref.predictor_logits({k: np.asarray(a, np.float64)
-                                   for k, a in pols[l]["predictor"].items()}, h)
-             if mode == "predictor" else ref.quantity(method, w64, h, "silu"))
-        mask = ref.select(mode, q, pols[l][{"ideal": "sparsity", "topk": "sparsity",
-                                           "threshold": "threshold",
-                                           "predictor": "theta"}[mode]])
+        pred64 = {k: np.asarray(a, np.float64) for k, a in pols[l].get("predictor", {}).items()}
+        if mode == "cascade":
+            _, mask = ref.cascade(w64, h, pred64, pols[l]["theta"], pols[l]["threshold"],
+                                  "silu")
+        else:
+            q = (ref.predictor_logits(pred64, h) if mode == "predictor"
+                 else ref.quantity(method, w64, h, "silu"))
+            mask = ref.select(mode, q, pols[l][{"ideal": "sparsity", "topk": "sparsity",
+                                               "threshold": "threshold",
+                                               "predictor": "theta"}[mode]])
         assert 0 < mask.mean() < 1, (l, mask.mean())          # the rule did select
         kept = np.asarray(inter["blocks"][l]["mlp"]["kept"].get_value()[0])
         np.testing.assert_array_equal(np.rint(kept * M), mask.sum(-1))

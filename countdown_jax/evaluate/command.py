@@ -93,7 +93,7 @@ def _run(args):
 
 
 def register(subparsers):
-    from countdown_jax.cli import positive_int
+    from countdown_jax.argtypes import positive_int
 
     p = subparsers.add_parser(
         "eval", help="offline zero-/few-shot and perplexity evaluation, dense context and "
