@@ -8,9 +8,7 @@ gate/up/down projections, as NNX model zoos write them), with random weights.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.support import fake_devices
 from tests.support import np_sparse_ffn as ref
 from countdown_jax import model as model_lib
 from countdown_jax.ffn import ffn
@@ -452,18 +451,7 @@ def _worker():
 
 @pytest.fixture(scope="module")
 def sharded():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-                        " --xla_backend_optimization_level=0").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"),
-                                         env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=900, cwd=ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"sharding worker failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return fake_devices.run_worker(__file__)
 
 
 @pytest.mark.parametrize("name", ["dense", "m_topk", "cats_threshold_gather",

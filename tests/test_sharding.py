@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support import fake_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 MESHES = {"model2": (1, 2), "model4": (1, 4), "data2_model2": (2, 2)}
@@ -305,20 +306,7 @@ def test_bad_setups_are_refused():
 
 @pytest.fixture(scope="module")
 def report():
-    env = dict(os.environ)
-    # 4 fake devices; LLVM -O0 roughly halves the compile time that dominates this test
-    # (reference and sharded runs compile alike, so the comparison is unaffected).
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-                        " --xla_backend_optimization_level=0"
-                        " --xla_llvm_disable_expensive_passes=true").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=900, cwd=ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"sharding worker failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return fake_devices.run_worker(__file__)
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))
