@@ -113,8 +113,7 @@ def fit(model, sc: Scale, work: Path):
     params, cfg = model.params, model.cfg
     t0 = time.perf_counter()
     train, val = fitting_rows(model, sc)
-    n_text = int((train.shape[0] - 0) * sc.seq_len)
-    log(f"fitting rows: {train.shape[0]} x {sc.seq_len} = {n_text} tokens "
+    log(f"fitting rows: {train.shape[0]} x {sc.seq_len} = {train.size} tokens "
         f"(val {val.shape[0]} rows); {time.perf_counter() - t0:.0f} s")
     fits, rows = {}, []
     calib = train[np.random.default_rng(2).permutation(len(train))[:sc.calib_rows]]
