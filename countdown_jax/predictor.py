@@ -36,6 +36,7 @@ import optax
 from tqdm.auto import tqdm
 
 from countdown_jax import model as model_lib
+from countdown_jax.cost import predictor_share
 from countdown_jax.policy import DENSE
 from countdown_jax.selection import ideal_mask, predictor_logits, rank_quantity
 
@@ -277,10 +278,8 @@ def save_predictor(model_dir, method: str, r: float, V, U, theta, meta: dict | N
 def cost(cfg, rank: int) -> dict:
     """Predictor parameters and FLOPs per token relative to one dense gated FFN."""
     d, m = cfg.d_model, cfg.d_ff
-    pred = rank * (d + m)
-    ffn = 3 * d * m
-    return {"predictor_params_per_layer": pred, "ffn_params_per_layer": ffn,
-            "relative": pred / ffn}
+    return {"predictor_params_per_layer": rank * (d + m), "ffn_params_per_layer": 3 * d * m,
+            "relative": predictor_share(rank, m, d)}
 
 
 def prepare_data(tokenizer, params, cfg, *, method: str, sparsities, seq_len: int = 128,

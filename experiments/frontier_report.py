@@ -45,7 +45,7 @@ def mc_mean_rows(rows):
         if r["task"] in MC_TASKS and r["metric"] in ("acc", "acc_norm"):
             groups[(r["model"], r["setting"], int(r["policy_index"]), r["metric"])].append(r)
     out = []
-    for (_, _, _, _), rs in groups.items():
+    for rs in groups.values():
         n = len(rs)
         base = dict(rs[0])
         base.update(task="mc_mean", n_examples=sum(int(r["n_examples"]) for r in rs),

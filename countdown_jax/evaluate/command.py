@@ -8,12 +8,9 @@ from pathlib import Path
 from countdown_jax.evaluate.items import FEWSHOT_VARIANTS, build_items, canonical_tasks, task_names
 from countdown_jax.evaluate.metrics import summarize
 from countdown_jax.evaluate.scoring import score
-from countdown_jax.evaluate.settings import settings_for
+from countdown_jax.evaluate.settings import PRACTICAL_MODE, settings_for
 
 METHODS = ("cats", "m_countdown", "d_countdown", "dejavu", "s_countdown")
-# eval's practical mode = the method's deployable rule (generate's --mode names it)
-PRACTICAL_MODE = {"cats": "threshold", "m_countdown": "threshold", "d_countdown": "predictor",
-                  "dejavu": "predictor"}
 
 
 def _check(args):

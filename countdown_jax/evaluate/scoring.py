@@ -67,7 +67,8 @@ class Scores:
 
     items: list[Item]
     settings: list[Setting]
-    blocks: list[dict]                   # idx [nb], lp0/hit0 [nb], lp/hit: [s] -> [R, nb, T]
+    blocks: list[dict]                   # idx, score_from, n_in, lp0, hit0 [nb];
+                                         # lp/hit: [s] -> [R, nb, T]
     kept: dict                           # (setting, r, task) -> (sum kept [L], n tokens)
     seconds: float = 0.0
     compile_seconds: float = 0.0
@@ -86,9 +87,7 @@ class Scores:
     def _reduce(self, s: int, r: int, greedy: bool) -> np.ndarray:
         out = np.zeros(len(self.items), bool if greedy else np.float64)
         for blk in self.blocks:
-            idx = blk["idx"]
-            sf = np.array([self.items[i].score_from for i in idx])
-            n_in = np.array([len(self.items[i].continuation) - 1 for i in idx])
+            idx, sf, n_in = blk["idx"], blk["score_from"], blk["n_in"]
             t = np.arange(blk["lp"][s].shape[-1])[None, :]
             scored = (t >= np.maximum(sf - 1, 0)[:, None]) & (t < n_in[:, None])
             if greedy:
@@ -255,6 +254,8 @@ def score(params, cfg, items: list[Item], settings: list[Setting], *,
                 outs.append(programs(("cont", tn, cache_len, rows, s), params, cache, y_in,
                                      y_tgt, clen, valid, st.policies))
         blk = {"idx": np.asarray(idx), "lp0": np.asarray(lp0)[:nb],
+               "score_from": np.array([items[i].score_from for i in idx]),
+               "n_in": np.array([len(items[i].continuation) - 1 for i in idx]),
                "hit0": np.asarray(hit0)[:nb], "lp": [], "hit": []}
         row_task = tasks[idx]
         n_valid = valid[:nb].sum(axis=1).astype(np.float64)

@@ -7,6 +7,10 @@ from typing import Any, Sequence
 
 from countdown_jax.policy import DENSE, SparseSpec, make_policy, stack_policies
 
+# eval's practical mode = the method's deployable rule (generate's --mode names it)
+PRACTICAL_MODE = {"cats": "threshold", "m_countdown": "threshold", "d_countdown": "predictor",
+                  "dejavu": "predictor"}
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     """A spec plus R policies sharing it (e.g. every r of one method/mode)."""
@@ -49,7 +53,7 @@ def settings_for(model, methods, modes, sparsities) -> list[Setting]:
             if mode == "ideal":
                 out.append(ideal_setting(L, method, sparsities))
                 continue
-            practical = "predictor" if method in ("d_countdown", "dejavu") else "threshold"
+            practical = PRACTICAL_MODE.get(method, "threshold")   # others: SparseSpec refuses
             pols = []
             for r in sparsities:
                 spec, pol = api.sparsity_setup(model, method, practical, r)
