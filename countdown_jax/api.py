@@ -82,6 +82,9 @@ def _practical(mode: str):
     if mode == "predictor":
         return "predictors", "{method} in predictor mode needs a trained predictor; none", \
             "train-predictor"
+    if mode == "proxy":
+        return "proxy", "{method} in proxy mode needs thresholds calibrated on its proxy; " \
+            "none", "calibrate"
     if mode == "cascade":
         return "cascade", "{method} in cascade mode needs a fitted cascade (predictor, " \
             "candidate theta, |s| threshold); none", None
@@ -113,7 +116,7 @@ def check_setup(model_dir, method: str = "dense", mode: str = "ideal",
         saved = [n.rsplit("/r", 1)[1] for n in list_trees(model_dir)
                  if n.startswith(f"{kind}/{method}/")]
         fix = (f"countdown-jax {command} {model_dir} --method {method} --sparsity "
-               f"{sparsity}" if command else
+               f"{sparsity}" + (" --proxy-bits 4" if mode == "proxy" else "") if command else
                f"python -m experiments.quality_frontier --model {model_dir} --stage fit")
         raise FileNotFoundError(
             f"{missing.format(method=method)} at {name!r} in {model_dir} (saved for r = "
@@ -137,6 +140,13 @@ def sparsity_setup(model: Model, method: str = "dense", mode: str = "ideal",
     tree = load_tree(model.path, policy_name(kind, method, sparsity))
     if mode == "threshold":
         return spec, make_policy(n, sparsity=sparsity, threshold=tree["threshold"])
+    if mode == "proxy":
+        from countdown_jax.proxy import quantize_mlp
+
+        proxy = quantize_mlp(model.params["layers"]["mlp"], int(tree["bits"]),
+                             int(tree["group"]))
+        return spec, make_policy(n, sparsity=sparsity, threshold=tree["threshold"],
+                                 proxy=proxy)
     theta = np.asarray(tree.get("theta", np.zeros(n, np.float32))) + theta_offset
     return spec, make_policy(n, sparsity=sparsity, theta=theta,
                              threshold=tree["threshold"] if mode == "cascade" else None,

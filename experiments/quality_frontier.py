@@ -7,10 +7,11 @@ the full task sets, and place each setting by the FFN bytes it reads (the fronti
 Stages (``--stage``; fits are kept in ``--work`` between them):
   fit   fitting text (data.fitting_texts, plus text sampled from the model itself on a
         GPU) -> CATS / M thresholds at every r (the release's mean-k-th rule), D |s|
-        thresholds (quantile) for the cascade, D predictors at several ranks trained
+        thresholds (quantile) for the cascade, |s_hat| thresholds (quantile) of each
+        low-bit proxy, D predictors at several ranks trained
         online to the best validation BCE (predictor_online), cascade candidate cut-offs.
   eval  dense + {CATS, M, D} ideal + {CATS, M} threshold + D predictor (per rank) +
-        D cascade (per rank) on every rc_0shot document, all of LAMBADA and every BoolQ
+        D cascade (per rank) + D proxy (per bit width; proxy.py) on every rc_0shot document, all of LAMBADA and every BoolQ
         passage not used for fitting; summarised with each setting's bytes_share.
 Results: experiments/results/frontier.csv, frontier_fit.csv, frontier_<model>.png,
 frontier_timing.json (RESULTS.md reads them; experiments/frontier_report.py makes the
@@ -38,6 +39,7 @@ from countdown_jax import predictor_online as PO
 from countdown_jax.cost import bytes_share
 from countdown_jax.generate import Sampling, generate
 from countdown_jax.policy import SparseSpec, make_policy
+from countdown_jax.proxy import quantize_mlp
 from experiments.frontier_report import write_outputs
 
 R_SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
@@ -45,6 +47,8 @@ TRAIN_R = (0.3, 0.5, 0.7, 0.8, 0.9)
 # cascade: final kept share k, candidate share c = min(ratio * k, 0.95)
 CASCADE_K = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 CASCADE_RATIO = (1.5, 2.5)
+# D-COUNTDOWN's low-bit proxy (proxy.py): (bits, group); group 64 divides both models' d
+PROXIES = ((4, 64), (2, 64))
 TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "openbookqa",
          "boolq", "lambada", "boolq_ppl")
 
@@ -72,13 +76,15 @@ class Scale:
     r_sweep: tuple[float, ...] = R_SWEEP
     train_r: tuple[float, ...] = TRAIN_R
     cascade_k: tuple[float, ...] = CASCADE_K
+    proxies: tuple[tuple[int, int], ...] = PROXIES
 
 
 QUICK = Scale(seq_len=64, sample_rows=0, max_train_rows=24, calib_rows=8, val_rows=4, ranks=(8,),
               batch_rows=4, max_epochs=1.0, eval_every=4, patience=2, n_docs=3,
               tasks=("arc_easy", "winogrande", "lambada", "boolq_ppl"), max_rows=8,
               logit_budget=1 << 27, compile_threads=1, calib_batch=4,
-              r_sweep=(0.5, 0.9), train_r=(0.5, 0.8), cascade_k=(0.1, 0.3))
+              r_sweep=(0.5, 0.9), train_r=(0.5, 0.8), cascade_k=(0.1, 0.3),
+              proxies=((4, 8), (2, 8)))
 
 
 def log(msg):
@@ -126,6 +132,12 @@ def fit(model, sc: Scale, work: Path):
                          sparsities=[1.0 - k for k in sc.cascade_k], forward="dense",
                          batch_size=sc.calib_batch)
     fits["tau_s"] = np.stack([st.thresholds(1.0 - k, "quantile") for k in sc.cascade_k])
+    for bits, group in sc.proxies:
+        st = C.collect_stats(params, cfg, calib, clen, method="d_countdown",
+                             sparsities=sc.r_sweep, forward="dense", batch_size=sc.calib_batch,
+                             proxy=quantize_mlp(params["layers"]["mlp"], bits, group))
+        fits[f"tau_proxy_{bits}_{group}"] = np.stack([st.thresholds(r, "quantile")
+                                                      for r in sc.r_sweep])
     log(f"thresholds: {time.perf_counter() - t0:.0f} s")
 
     vdata = P.record(params, cfg, val, np.full((len(val),), sc.seq_len, np.int32),
@@ -201,6 +213,12 @@ def settings(model, sc: Scale, fits):
         pols = [make_policy(L, threshold=t) for t in fits[f"tau_{method}"]]
         out.append((E.stacked_setting(f"{method}/threshold", SparseSpec(method, "threshold"),
                                       sc.r_sweep, pols), [{}] * len(pols)))
+    for bits, group in sc.proxies:
+        pr = quantize_mlp(model.params["layers"]["mlp"], bits, group)
+        pols = [make_policy(L, threshold=t, proxy=pr) for t in fits[f"tau_proxy_{bits}_{group}"]]
+        out.append((E.stacked_setting(f"d_countdown/proxy-{bits}bit",
+                                      SparseSpec("d_countdown", "proxy"), sc.r_sweep, pols),
+                    [dict(proxy_bits=bits, proxy_group=group)] * len(pols)))
     shares = list(fits["cascade_shares"])
     for k in sc.ranks:
         V, U = fits[f"V_{k}"], fits[f"U_{k}"]
@@ -268,7 +286,9 @@ def evaluate(model, name, sc: Scale, fits):
         extra["candidates"] = cand
         row["bytes_share"] = bytes_share(st.spec.method, st.spec.mode, kept, m=cfg.d_ff,
                                          d=cfg.d_model, rank=extra.get("rank", 0),
-                                         candidates=None if cand is None else max(cand, kept))
+                                         candidates=None if cand is None else max(cand, kept),
+                                         proxy=(extra["proxy_bits"], extra["proxy_group"])
+                                         if "proxy_bits" in extra else None)
         row["rule"] = _rule(st)
         out.append({**row, **extra})
     timing = dict(model=name, tasks="+".join(sc.tasks), items=len(items), sparse_tokens=n_sparse, settings=n_settings,
@@ -282,8 +302,9 @@ def _rule(st):
     if st.spec.is_dense:
         return "dense"
     mode = {"ideal": "ideal", "threshold": "practical", "predictor": "practical",
-            "cascade": "cascade"}[st.spec.mode]
-    return f"{st.spec.method}-{mode}" + (f"-{st.name.split('-')[-1]}" if "rank" in st.name
+            "cascade": "cascade", "proxy": "proxy"}[st.spec.mode]
+    tail = st.name.split("-")[-1]
+    return f"{st.spec.method}-{mode}" + (f"-{tail}" if "rank" in tail or "bit" in tail
                                         else "")
 
 
@@ -315,10 +336,20 @@ def main(argv=None):
     ap.add_argument("--tasks", nargs="+", default=None, choices=TASKS,
                     help="evaluate these tasks only (default: all; results of other tasks "
                          "already in frontier.csv are kept)")
+    ap.add_argument("--ranks", type=int, nargs="+", default=None,
+                    help="predictor ranks (default 64 128 256)")
+    ap.add_argument("--max-epochs", type=float, default=None,
+                    help="predictor training epochs at most (default 4; early stopping)")
+    ap.add_argument("--compile-threads", type=int, default=None,
+                    help="threads compiling the scorer's programs (default 12)")
     args = ap.parse_args(argv)
     sc = QUICK if args.quick else Scale()
     if args.tasks:
         sc = dataclasses.replace(sc, tasks=tuple(args.tasks))
+    for key in ("ranks", "max_epochs", "compile_threads"):
+        if getattr(args, key) is not None:
+            value = getattr(args, key)
+            sc = dataclasses.replace(sc, **{key: tuple(value) if key == "ranks" else value})
     name = args.name or Path(args.model).name
     work = Path(args.work or f"out/frontier-{name}")
     out = Path(args.out)

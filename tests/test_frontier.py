@@ -35,22 +35,50 @@ def test_pareto_keeps_the_best_point_at_each_budget():
 def test_goal_check_gap_closed():
     rows = []
     for rule, pts in {"m_countdown-practical": [(0.3, 1000.0), (0.7, 100.0)],
-                      "d_countdown-cascade-rank8": [(0.3, 100.0), (0.7, 10.0)]}.items():
+                      "d_countdown-cascade-rank8": [(0.3, 100.0), (0.7, 10.0)],
+                      "d_countdown-proxy-4bit": [(0.3, 20.0), (0.7, 10.0)]}.items():
         rows += [_row(rule, b, s) for b, s in pts]
         rows += [_row(rule, b, 0.5, task="mc_mean", metric="acc_norm") for b, _ in pts]
     rows += [_row("d_countdown-ideal", b, s, mode="ideal", method="d_countdown")
              for b, s in [(0.2, 10.0), (0.8, 10.0)]]
     for r in rows:
         r["bytes_share_oracle"] = r["bytes_share"]
-    goal = {g["bytes_share"]: g for g in R.goal_check(rows, "x")}
-    g = goal[0.55]
+    goal = {(g["bytes_share"], g["new_rule"]): g for g in R.goal_check(rows, "x")}
+    assert {k[1] for k in goal} == {"d_countdown-cascade", "d_countdown-proxy"}
+    g = goal[(0.55, "d_countdown-cascade")]
     assert g["best_paper_rule"] == "m_countdown-practical"
     # log-linear: paper log10 ppl 3 - 2*(0.25/0.4)... cascade one decade below it
-    want = (math.log(g["ppl_best_paper"]) - math.log(g["ppl_cascade"])) / (
+    want = (math.log(g["ppl_best_paper"]) - math.log(g["ppl_new"])) / (
         math.log(g["ppl_best_paper"]) - math.log(10.0))
     assert g["gap_closed"] == pytest.approx(want)
-    assert g["ppl_cascade"] == pytest.approx(g["ppl_best_paper"] / 10, rel=1e-6)
+    assert g["ppl_new"] == pytest.approx(g["ppl_best_paper"] / 10, rel=1e-6)
     assert g["goal_met"] == (want >= 0.5)
+    p = goal[(0.55, "d_countdown-proxy")]
+    assert p["gap_closed"] > g["gap_closed"] and p["goal_met"]
+
+
+def test_task_groups_written_apart_and_merged(tmp_path, monkeypatch):
+    """Task groups run apart (HellaSwag alone): the MC mean is recomputed over every MC
+    task in the file, not over the last group; merging a GPU run's folder replaces that
+    model's rows of the same tasks and keeps the others."""
+    monkeypatch.setattr(R, "report", lambda out: [])
+    first = [_row("r", 0.5, s, task=t, metric="acc_norm") for t, s in
+             [("arc_easy", 0.6), ("piqa", 0.8)]]
+    R.write_outputs(tmp_path, "x", rows=first)
+    R.write_outputs(tmp_path, "x", rows=[_row("r", 0.5, 0.4, task="hellaswag",
+                                               metric="acc_norm")])
+    rows = R.read_csv(tmp_path / "frontier.csv")
+    (mean,) = [r for r in rows if r["task"] == "mc_mean"]
+    assert float(mean["score"]) == pytest.approx(0.6)           # (0.6 + 0.8 + 0.4) / 3
+    assert len(rows) == 4
+    src = tmp_path / "gpu"
+    src.mkdir()
+    R.write_outputs(src, "x", rows=[_row("r", 0.5, 0.9, task="piqa", metric="acc_norm")])
+    R.merge(src, tmp_path)
+    rows = R.read_csv(tmp_path / "frontier.csv")
+    got = {r["task"]: float(r["score"]) for r in rows}
+    assert got == pytest.approx({"arc_easy": 0.6, "piqa": 0.9, "hellaswag": 0.4,
+                                 "mc_mean": (0.6 + 0.9 + 0.4) / 3})
 
 
 def test_mc_mean_averages_tasks_with_sparse_positions_only():

@@ -90,3 +90,22 @@ def cascade(mlp, x, pred, theta, tau, act_name, capacity=None):
         cand = np.stack(flat).reshape(z.shape)
     _, _, s = coefficients(mlp, x, act_name)
     return cand, cand & (np.abs(s) > tau)
+
+
+def quantize(w, bits, group, round_scale=None):
+    """Symmetric low-bit copy of w [..., d] (float64): one scale per ``group`` inputs.
+    round_scale: the storage rounding of the scales (the library keeps bfloat16)."""
+    qmax = 2 ** (bits - 1) - 1
+    g = w.reshape(w.shape[:-1] + (w.shape[-1] // group, group))
+    scale = np.abs(g).max(-1) / qmax
+    if round_scale is not None:
+        scale = round_scale(scale)
+    q = np.clip(np.round(g / np.where(scale > 0, scale, 1.0)[..., None]), -qmax, qmax)
+    return (q * scale[..., None]).reshape(w.shape)
+
+
+def proxy_rule(mlp, x, bits, group, tau, act_name, round_scale=None):
+    """The proxy rule's mask: |act(x Gq^T) * (x Uq^T)| > tau."""
+    q = {k: quantize(mlp[k], bits, group, round_scale) for k in ("gate", "up")}
+    _, _, s_hat = coefficients(q, x, act_name)
+    return np.abs(s_hat) > tau, np.abs(s_hat)
