@@ -158,7 +158,7 @@ def proxy(R: Runner, best=None):
         q = probs[bits, group] = with_proxy(p, bits, group)
         ffn_problem.RULES[f"proxy-b{bits}g{group}"] = ProxyRule(ffn=False)
         ffn_problem.RULES[f"proxy-d-b{bits}g{group}"] = ProxyRule(ffn=True)
-        cfg = default_config(p.m, q.sets[0][3].shape[-1])
+        cfg = default_config(p.m)
         R.time_variant(q, f"proxy-b{bits}g{group}", "pallas", label(cfg),
                        scores_step(q, cfg), (0.0,))
         full_check(R, q, f"proxy-b{bits}g{group}", cfg)

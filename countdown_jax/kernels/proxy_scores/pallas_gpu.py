@@ -59,12 +59,11 @@ class ProxyConfig:
                              f"{self.tokens} and {self.prefetch}")
 
 
-def default_config(m: int, nb: int) -> ProxyConfig:
+def default_config(m: int) -> ProxyConfig:
     """Enough programs to fill an H100/H200 (>= ~2 per SM: 14336 neurons -> 32 per
     program, 1536-2048 -> 8) and tiles of up to 128 bytes per row (16-byte vectors, 8 per
     row). Not yet tuned: experiments/bench ``--plan proxy`` times variants."""
-    bm = 32 if m >= 32 * 264 else 16 if m >= 16 * 264 else 8
-    return ProxyConfig(bm=bm, bc=min(128, pl.next_power_of_2(nb)))
+    return ProxyConfig(bm=32 if m >= 32 * 264 else 16 if m >= 16 * 264 else 8)
 
 
 def tile_layout(nb: int, bits: int, group: int, bc: int) -> tuple[int, int, int]:
@@ -82,8 +81,7 @@ def tile_layout(nb: int, bits: int, group: int, bc: int) -> tuple[int, int, int]
     return bc, 1, gb
 
 
-def _kernel(*refs, act, m, d, n_tok, tb,
-            bits, bc, G, gb, ntile, cfg: ProxyConfig):
+def _kernel(*refs, act, m, d, n_tok, tb, bits, bc, G, gb, ntile, cfg: ProxyConfig):
     x_ref, p_ref, s_ref, offp_ref, offs_ref = refs[:5]
     out_ref = refs[-1]        # (after the poisoned buffer handed in, when cfg.poison)
     bm, per = cfg.bm, 8 // bits
@@ -143,12 +141,13 @@ def _kernel(*refs, act, m, d, n_tok, tb,
                 return jax.lax.bitcast_convert_type(
                     ((w << (23 - bits * (j + 1))) & top) | ONE, jnp.float32)
 
-            # what stays live in registers: every code tile (reused by each token), or
-            # every token's running sum (each code tile used once) - the fewer
+            # what stays live in registers: every code tile (reused by each token, whose
+            # sum is reduced before the next token's), or every token's running sum
+            # (each code tile used once) - the fewer
             if per <= tb:
                 v = [code(j) for j in range(per)]
-                ps = [functools.reduce(jnp.add, [v[j] * xs[t][j][None, :] for j in range(per)])
-                      for t in range(tb)]
+                ps = (functools.reduce(jnp.add, [v[j] * xs[t][j][None, :] for j in range(per)])
+                      for t in range(tb))       # lazily: traced where it is reduced
             else:
                 ps = [None] * tb
                 for j in range(per):
@@ -200,7 +199,7 @@ def proxy_scores_pallas_gpu(x, packed, scale, *, act, bits: int, group: int,
     n_tok, d = x.shape
     nb = packed.shape[1]
     m = packed.shape[0] // 2 if m is None else m
-    cfg = config or default_config(m, nb)
+    cfg = config or default_config(m)
     bc, G, gb = tile_layout(nb, bits, group, cfg.bc)
     tb = min(cfg.tokens, n_tok)
     ntile = -(-nb // bc)
