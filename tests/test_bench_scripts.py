@@ -176,6 +176,28 @@ def test_report_matrix_runs_are_the_runs_covering_every_shape_and_dtype():
     assert "99" not in matrix_runs(rows + partial)
 
 
+def test_bench_kernels_proxy_plan_times_the_kernel_and_the_proxy_ffn(tmp_path):
+    """The proxy rule's plan at toy shapes: the scores kernel alone per format (plus its
+    poisoned full check), the proxy FFN by the fused kernel and by the index list at
+    r = 0.5 / 0.9, dense and D in the same run, every row checked; bench_proxy.md lists
+    the timed rows."""
+    r = _run(EXP / "bench_kernels.py", "--plan", "proxy", "--out", tmp_path, *TINY_RUN)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = _rows(tmp_path / "bench_kernels.csv")
+    assert not [x for x in rows if "FAILED" in x["note"]]
+    timed = {(x["method"], x["implementation"], x["sparsity"]) for x in rows
+             if x["us_per_call"]}
+    for fmt in ("b4g64", "b2g64"):          # smoke: d = 64, so group 128 becomes 64
+        assert (f"proxy-{fmt}", "pallas", "0.0") in timed
+        for impl in ("pallas-fused", "pallas-gather"):
+            assert {(f"proxy-d-{fmt}", impl, s) for s in ("0.5", "0.9")} <= timed
+    assert {("dense", "xla-dense", "0.0"), ("d", "pallas-fused", "0.9")} <= timed
+    checks = [x["note"] for x in rows if "[poison check]" in x["variant"]]
+    assert len(checks) == 2 and all("passed" in c for c in checks)
+    md = (tmp_path / "bench_proxy.md").read_text()
+    assert md.count("\n| ") == sum(1 for x in rows if x["us_per_call"]) + 1
+
+
 # ----------------------------------------------------------------------------- decode
 
 def test_bench_decode_tiny_both_attentions_and_plot(tmp_path):

@@ -12,6 +12,8 @@ comparisons stay within a run (a device call may land on another card).
 - probe:      one knob of the chosen kernels changed at a time against them; stage
               profile and poison check of any that wins; then the matrix steps in --only.
 - stages:     per-kernel stage times of given kernels at r = 0.9 and 1.0.
+- proxy:      the low-bit proxy rule (issue #12): the proxy-scores kernel alone and the
+              proxy D-COUNTDOWN FFN at r = 0.5 / 0.9 (proxy_plan.py).
 
 ``best``: {method: label, "gather": label} of the kernels to use (--best).
 """
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 from .ffn_problem import METHODS
 from .ffn_runner import Runner, log
 from .ffn_variants import TUNE_PREFETCH, TUNE_XLA_SCORE, probe_variants
+from .proxy_plan import proxy
 
 RATIOS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
 LLAMA = "llama-3.1-8b"
@@ -241,4 +244,4 @@ def stages(R: Runner, best):
 
 
 PLANS = {"tune": tune, "matrix": matrix, "xla-scores": xla_scores, "prefetch": prefetch,
-         "probe": probe, "stages": stages}
+         "probe": probe, "stages": stages, "proxy": proxy}

@@ -11,6 +11,7 @@ k = kept neurons, union over the batch; R = predictor rank).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,10 @@ from countdown_jax.kernels.fused_sparse_ffn.reference import project_f32 as proj
 METHODS = ("cats", "m", "d")
 # rows of the timing loop that are not a sparse method: no threshold, every neuron "kept"
 UNSELECTED = ("dense", "loop-overhead")
+# Selection rules defined by a plan's own module (proxy_plan.py): method -> an object with
+# scores(p, s) -> [B, m] (what tau is compared with, weight set s), reference(p, tau) ->
+# (y, counts) for set 0, and bytes(p, kept) -> bytes a call must read.
+RULES = {}
 
 
 @dataclasses.dataclass
@@ -65,6 +70,8 @@ _score_fn = {}    # compiled scoring per (problem, method): thresholds reuse it 
 
 
 def scores(p: Problem, method, s):
+    if method in RULES:
+        return np.asarray(RULES[method].scores(p, s), np.float64)
     key = (*p.key, method)
     if key not in _score_fn:
         _score_fn[key] = jax.jit(lambda x, wg, wu, v, u: selection_scores(
@@ -140,6 +147,8 @@ def reference(p: Problem, method, tau0):
             y = jnp.einsum("nm,md->nd", activation(p.act)(g) * uu, wd.astype(jnp.float32),
                            precision=jax.lax.Precision.HIGHEST)
             c = jnp.full((p.batch,), p.m, jnp.int32)
+        elif method in RULES:
+            y, c = RULES[method].reference(p, tau0)
         else:
             fkey = key[:4]           # one compile per problem and method; tau is an argument
             if fkey not in _ref_fn:
@@ -192,7 +201,14 @@ def check(p: Problem, method, impl, config, capacity, rs=(0.5, 0.9)):
     return worst
 
 
+def capacity(m: int, r: float) -> int:
+    """Index-list capacity at sparsity r: 2% above the kept count (+8)."""
+    return max(16, int(math.ceil(m * (1 - r) * 1.02)) + 8)
+
+
 def bytes_needed(p: Problem, method, kept):
+    if method in RULES:
+        return RULES[method].bytes(p, kept)
     b = jnp.dtype(p.dtype).itemsize
     d, m = p.d, p.m
     if method == "dense":

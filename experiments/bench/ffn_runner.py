@@ -5,14 +5,13 @@ keeps to the run's time budget. Plans (ffn_plans) decide what to time."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 
 import jax
 
 from . import harness
-from .ffn_problem import (Problem, bytes_needed, check, compare, dense_step,
+from .ffn_problem import (Problem, bytes_needed, capacity, check, compare, dense_step,
                           make_problem, overhead_step, reference, sparse_step, thresholds)
 from .ffn_variants import Scale, for_dtype
 
@@ -123,7 +122,7 @@ class Runner:
     def xla_gather(self, p, method, ratios):
         """Index list + jnp.take; capacity 2% above the kept count (+8)."""
         for r in ratios:
-            cap = max(16, int(math.ceil(p.m * (1 - r) * 1.02)) + 8)
+            cap = capacity(p.m, r)
             self.time_variant(p, method, "xla-gather", f"cap={cap}",
                               sparse_step(p, method, "xla_gather", capacity=cap), (r,))
 
