@@ -44,7 +44,7 @@ prepare() {   # model -> converted model dir in $ST/models/<model>
 collect() {
   [ -d "$ST/res" ] && tar czf "${OUT:-/tmp}/res.tgz" -C "$ST" res
   for f in "$ST"/res/*/chain.log; do
-    [ -f "$f" ] && { echo "== $f"; grep -v "it/s\]$\|s/it\]$" "$f" | tail -n 6; }
+    [ -f "$f" ] && { echo "== $f"; grep -v "it/s\]$\|s/it\]$" "$f" | tail -n 6 || true; }
   done
   return 0
 }

@@ -21,7 +21,7 @@ from countdown_jax.evaluate.settings import Setting
 LOGIT_BUDGET_BYTES = 1 << 29   # float32 logits per batch (all stacked settings together)
 MAX_ROWS = 64
 _CTX_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
-_CONT_BUCKETS = (8, 16, 40, 80, 160, 320)
+_CONT_BUCKETS = (8, 16, 40, 80, 160, 320, 640)
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
 def _dense_context(params, cfg, ctx, ctx_len, first, *, cache_len: int):
