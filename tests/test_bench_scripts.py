@@ -30,8 +30,8 @@ BEST = {**chosen(), "gather": "bj8-bd1024-w4-p132"}
 TINY_RUN = ("--smoke", "--iters", 1, "--reps", 1, "--sets", 1)
 
 
-def _run(*args, timeout=600):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+def _run(*args, timeout=600, env=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **(env or {})}
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -199,13 +199,31 @@ def test_bench_decode_tiny_both_attentions_and_plot(tmp_path):
 
 
 def test_bench_spmd_tiny_on_two_cpu_devices(tmp_path):
+    """One call: meshes 1x1, 1x2 and 2x1, the fast path (Pallas kernels interpreted),
+    ratios within the call, the cache check against one device, the profile step."""
+    flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     r = _run("-m", "experiments.bench_spmd", "--tiny", "--cpu-devices", 2, "--out", tmp_path,
-             "--batches", 2, "--methods", "dense,m_countdown", "--scopes", "shard",
-             "--steps", 2, "--repeats", 1, "--prompt-len", 8)
+             "--batches", "1,2", "--methods", "dense,m_countdown", "--profile", "dense",
+             "--steps", 2, "--repeats", 1, "--prompt-len", 8, "--compile-workers", 2,
+             "--cache-dir", "", env={"XLA_FLAGS": flags}, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = _rows(tmp_path / "bench_spmd_tiny.csv")
-    assert {(x["mesh"], x["method"]) for x in rows} == {
-        (m, k) for m in ("1x1", "1x2") for k in ("dense", "m_countdown")}
-    assert all(float(x["tokens_per_s"]) > 0 and not x["note"] for x in rows)
-    sharded = [x for x in rows if x["mesh"] == "1x2" and x["method"] == "m_countdown"]
-    assert sharded[0]["capacity_scope"] == "shard" and sharded[0]["x_one_device"]
+    got = {(x["mesh"], x["batch"], x["method"], x["attention"]) for x in rows}
+    assert got == {(mh, b, k, "pallas") for mh in ("1x1", "1x2") for b in "12"
+                   for k in ("dense", "m_countdown")} | {
+        ("2x1", "2", k, "pallas") for k in ("dense", "m_countdown")} | {
+        (mh, "1", "dense", "xla") for mh in ("1x1", "1x2")}
+    for x in rows:
+        assert float(x["tokens_per_s"]) > 0, x
+        assert float(x["check_rel_err"]) < 0.05, x       # the same decode as one device
+        assert x["mesh"] == "1x1" or x["x_one_device"], x
+        assert x["note"] in ("", "profiled: no GPU device plane in the trace"), x
+        if x["method"] == "m_countdown":
+            assert x["x_dense_same_mesh"] and abs(float(x["sparsity_realised"]) - 0.9) < 0.1
+    scope = {(x["mesh"], x["batch"]): x["capacity_scope"] for x in rows
+             if x["method"] == "m_countdown"}
+    assert scope == {("1x1", "1"): "none (fused)", ("1x2", "1"): "none (fused)",
+                     ("1x1", "2"): "-", ("1x2", "2"): "shard", ("2x1", "2"): "none (fused)"}
+    assert [x["note"] for x in rows if x["note"]] == [
+        "profiled: no GPU device plane in the trace"]       # the 1x2 batch-1 dense row
+    assert (tmp_path / "bench_spmd_tiny.md").read_text().count("\n| ") == len(rows) + 1
