@@ -227,3 +227,40 @@ def test_bench_spmd_tiny_on_two_cpu_devices(tmp_path):
     assert [x["note"] for x in rows if x["note"]] == [
         "profiled: no GPU device plane in the trace"]       # the 1x2 batch-1 dense row
     assert (tmp_path / "bench_spmd_tiny.md").read_text().count("\n| ") == len(rows) + 1
+
+
+def test_profile_devices_splits_collectives_per_gpu(monkeypatch):
+    """profile_devices on a synthetic trace (the GPU-only path of bench_spmd): per device
+    plane, collective kernel time apart from compute, the part no compute overlaps, idle
+    gaps; the report renders it per decode step."""
+    from types import SimpleNamespace as NS
+
+    from experiments.bench import profile, spmd
+
+    def ev(name, t0, dur, op=None):
+        return NS(name=name, start_ns=t0, duration_ns=dur,
+                  stats=[("hlo_op", op)] if op else [])
+
+    gpu0 = [NS(name="Stream #1(compute)", events=[
+                ev("fusion_1", 0, 4000, "fusion.1"), ev("fusion_2", 6000, 2000, "fusion.2")]),
+            NS(name="Stream #2(nccl)", events=[
+                ev("ncclDevKernel_AllReduce_Sum_bf16", 3000, 2000, "all-reduce-start.1")]),
+            NS(name="XLA Ops", events=[ev("fusion_1", 0, 4000, "fusion.1")])]   # not counted
+    gpu1 = [NS(name="Stream #1(compute)", events=[ev("fusion_1", 0, 1000, "fusion.1")])]
+    pd = NS(planes=[NS(name="/device:GPU:1", lines=gpu1), NS(name="/device:GPU:0", lines=gpu0),
+                    NS(name="/host:CPU", lines=gpu0)])
+    monkeypatch.setattr(profile, "_trace", lambda fn, *a, **k: pd)
+    rows, summ = profile.profile_devices(None)
+    s0, s1 = summ
+    assert s0["device"] == "/device:GPU:0" and s1["device"] == "/device:GPU:1"
+    assert (s0["wall_us"], s0["busy_us"], s0["idle_us"]) == (8.0, 7.0, 1.0)
+    assert (s0["compute_us"], s0["collective_us"], s0["collective_launches"]) == (6.0, 2.0, 1)
+    assert s0["exposed_collective_us"] == 1.0         # 4000-5000 ns: only the all-reduce
+    assert s1["collective_us"] == 0.0 and s1["busy_us"] == 1.0
+    assert {(r["device"], r["op"], r["collective"]) for r in rows} == {
+        ("/device:GPU:0", "fusion.1", False), ("/device:GPU:0", "fusion.2", False),
+        ("/device:GPU:0", "all-reduce-start.1", True), ("/device:GPU:1", "fusion.1", False)}
+    prof = [dict(s, mesh="1x2", batch=1, method="dense", steps=2) for s in summ]
+    md = spmd.table([], prof, "head")
+    assert "| 1x2 | 1 | dense | /device:GPU:0 | 0.004 | 0.004 | 0.001 | 0.003 | 0.001 | 0 | " \
+           "0.001 |" in md, md
