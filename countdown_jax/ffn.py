@@ -35,7 +35,10 @@ Implementations (``spec.implementation``; "xla" and "pallas" are the kernels' vo
           set is the same. Elsewhere the index list as above (CPU: XLA, with a warning).
 
 Under a mesh whose "model" axis splits the neurons, ``ffn`` hands its single-device body
-to ``ffn_parallel`` (the tensor parallel form); the body never looks at the mesh.
+to ``ffn_parallel`` (the tensor parallel form); the body never looks at the mesh. The
+body's Pallas kernels then run per device on its neurons (the fused kernel too: its
+rules look at one neuron at a time), as they do under a data-parallel mesh, since XLA
+cannot partition a kernel.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from countdown_jax.kernels.sparse_ffn import api as sparse_ffn_api
 from countdown_jax.policy import DENSE, SparseSpec, check_layer
 from countdown_jax.selection import (kept_fraction, limit_to_capacity, mask_to_indices,
                                      refine, select, spec_quantity)
-from countdown_jax.sharding import splits_neurons
+from countdown_jax.sharding import multi_device_mesh, splits_neurons
 
 __all__ = ["dense_ffn", "ffn"]
 
@@ -81,7 +84,8 @@ def ffn(mlp, x, *, act: str, spec: SparseSpec = DENSE, policy=None, sparse=None,
     """
     if spec.is_dense or spec.implementation == "masked":
         mlp = layer_weights(mlp)        # only the xla/pallas paths read the stack in place
-    if splits_neurons():                # a mesh with a "model" axis is in context
+    kernels = not spec.is_dense and spec.implementation == "pallas"
+    if splits_neurons() or (kernels and multi_device_mesh()):
         out = tensor_parallel_ffn(_one_device_ffn, layer_weights(mlp), x, act=act,
                                   spec=spec, policy=policy, sparse=sparse)
     else:
@@ -137,8 +141,10 @@ def _fused_method(spec, n_tokens):
     """The fused kernel's method when it runs this spec's exact rule on this platform."""
     method = _FUSED_RULES.get((spec.method, spec.mode))
     if (method is None or spec.implementation != "pallas" or spec.capacity is not None
-            or n_tokens > _FUSED_MAX_TOKENS or parallel_selection.current() is not None):
-        return None      # capacity cuts / cross-device rules live in the index-list path
+            or n_tokens > _FUSED_MAX_TOKENS):
+        return None      # capacity cuts live in the index-list path
+    # These rules look at one neuron at a time: on a shard of the neurons (tensor
+    # parallel) the kernel keeps exactly that shard's part of the one-device set.
     return method if pallas_backend() == "pallas_gpu" else None
 
 

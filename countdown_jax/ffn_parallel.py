@@ -1,6 +1,7 @@
 """The FFN tensor parallel: the m neurons split over the "model" axis of the context mesh.
 
-``ffn.ffn`` decides (``sharding.splits_neurons``) and hands over its single-device body;
+``ffn.ffn`` decides (``sharding.splits_neurons``, or any multi-device mesh when the FFN
+runs Pallas kernels, which XLA cannot partition) and hands over its single-device body;
 this module never imports ``ffn``, so the route is ffn -> ffn_parallel -> the body it was
 given, with no circle. What is placed where is ``sharding``'s business; selection that
 ranks across neurons is ``parallel_selection``'s.
@@ -16,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from countdown_jax import parallel_selection
 from countdown_jax.selection import kept_fraction
-from countdown_jax.sharding import DATA, MODEL, axis_size, context_mesh, policy_specs
+from countdown_jax.sharding import MODEL, axis_size, context_mesh, policy_specs, token_axis
 
 __all__ = ["tensor_parallel_ffn"]
 
@@ -27,9 +28,11 @@ def tensor_parallel_ffn(one_device_ffn, mlp, x, *, act, spec, policy=None, spars
     one_device_ffn(mlp, x, *, act, spec, policy, sparse) -> (y, kept, dropped): the FFN on
     the neurons it is given (``ffn``'s body). Each device runs it on its [m/S, d] rows;
     selection that ranks across neurons goes through ``parallel_selection``. One float32
-    psum sums the partial down projections together with the kept / dropped counts.
-    Tokens are split over "data" when the batch (x's leading axis) divides; otherwise
-    they are replicated there (same result, no data parallelism in the FFN).
+    psum sums the partial down projections together with the kept / dropped counts
+    (none when model = 1: a data-parallel mesh, where the body's Pallas kernels run per
+    device on its tokens). Tokens are split over "data" when the batch (x's leading
+    axis) divides; otherwise they are replicated there (same result, no data
+    parallelism in the FFN).
     """
     mesh = context_mesh()
     S = axis_size(mesh, MODEL)
@@ -38,12 +41,10 @@ def tensor_parallel_ffn(one_device_ffn, mlp, x, *, act, spec, policy=None, spars
         raise ValueError(f"tensor parallel FFN: m={m} neurons do not split over "
                          f"model={S} devices")
     m_local = m // S
-    n_data = axis_size(mesh, DATA)
-    tok = DATA if (DATA in mesh.axis_names and x.ndim >= 2 and x.shape[0] % n_data == 0
-                   and n_data > 1) else None
+    tok = token_axis(x.shape[0]) if x.ndim >= 2 else None
     x_spec = P(tok) if x.ndim >= 2 else P()
     scope = "global"
-    if not spec.is_dense and spec.shard_capacity is not None:
+    if not spec.is_dense and spec.shard_capacity is not None and S > 1:
         # Per-shard capacity: each device's FFN sees it as its capacity.
         scope = "shard"
         spec = dataclasses.replace(spec, capacity=spec.shard_capacity)
@@ -60,7 +61,9 @@ def tensor_parallel_ffn(one_device_ffn, mlp, x, *, act, spec, policy=None, spars
             # kept is count / m_local in float32: rounding recovers the count exactly.
             count = jnp.round(kept * m_local)
             parts += [count[..., None], dropped.astype(jnp.float32)[..., None]]
-        total = jax.lax.psum(jnp.concatenate(parts, axis=-1), MODEL)
+        total = jnp.concatenate(parts, axis=-1)
+        if S > 1:
+            total = jax.lax.psum(total, MODEL)
         y = total[..., :d].astype(x_l.dtype)
         if spec.is_dense:
             return y, jnp.ones(y.shape[:-1], jnp.float32), jnp.zeros(y.shape[:-1], jnp.int32)

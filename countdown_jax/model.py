@@ -21,13 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from countdown_jax.attention import NO_WINDOW, attend, visibility
+from countdown_jax.attention_parallel import pallas_decode_attention
 from countdown_jax.config import ModelConfig
 from countdown_jax.ffn import ffn
-from countdown_jax.kernels.decode_attention.api import decode_attention
 from countdown_jax.norms import rms_norm
 from countdown_jax.policy import DENSE, SparseSpec, check_layer_axis
 from countdown_jax.rope import apply_rope, layer_inv_frequencies
-from countdown_jax.sharding import constrain_batch, multi_device_mesh
+from countdown_jax.sharding import constrain_batch
 
 __all__ = ["decode_step", "extend", "forward", "init_cache", "prefill", "stack_layers",
            "unstack_layers"]
@@ -257,13 +257,25 @@ def _check_positions(pos, S: int):
         raise ValueError(f"decode position {top} is outside the cache of length {S}")
 
 
+def _write_slots(cache, l, positions, new):
+    """cache [L, B, S, Hkv, hd] with new [B, T, Hkv, hd] at slots positions [B, T] of
+    layer l. A scatter batched over the rows (vmap): under a mesh splitting the batch
+    XLA writes each device's rows in place, where an explicit row index made it
+    all-gather the indices and the new k/v every layer (seen in the compiled HLO)."""
+    def row(c, p, u):                  # c [L, S, Hkv, hd], p [T], u [T, Hkv, hd]
+        return c.at[l, p].set(u.astype(c.dtype))
+
+    return jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)(cache, positions, new)
+
+
 def decode_step(params, cfg: ModelConfig, token, pos, cache, *, spec: SparseSpec = DENSE,
                 policy=None, sparse=None, attention: str = "xla"):
     """token[B] at position pos[B]: writes k/v at slot pos[b], attends to slots <= pos[b]
     (and inside the layer's sliding window). Returns (logits [B, V] float32, cache,
     kept [L, B]). sparse: bool [B], default all True for a sparse spec.
     attention: "xla" or "pallas" (``kernels.decode_attention``: one kernel per layer
-    reading the stacked cache in place; GPU, else the XLA path with a warning).
+    reading the stacked cache in place; GPU, else the XLA path with a warning; under a
+    mesh, per device on its heads and rows, ``attention_parallel``).
     """
     B = token.shape[0]
     if sparse is not None:
@@ -287,9 +299,6 @@ def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec =
     """
     if attention not in _ATTENTION:
         raise ValueError(f"attention must be one of {_ATTENTION}, got {attention!r}")
-    if attention == "pallas" and multi_device_mesh():
-        raise ValueError("attention='pallas' runs on one device (XLA cannot partition the "
-                         "kernel); under a multi-device mesh use attention='xla'")
     B, T = tokens.shape
     S = cache["k"].shape[2]
     start = jnp.asarray(start, jnp.int32)
@@ -299,16 +308,14 @@ def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec =
     check_layer_axis(policy, cfg.num_layers)      # contents: the FFN, per layer
     slots = jnp.arange(S, dtype=jnp.int32)
     all_valid = jnp.ones((B, S), bool)
-    rows = jnp.arange(B)[:, None]
     x = _embed(params, cfg, tokens)
 
     def kv(q, k, v, ck, cv, l, window):
-        ck = ck.at[l, rows, positions].set(k.astype(ck.dtype))
-        cv = cv.at[l, rows, positions].set(v.astype(cv.dtype))
+        ck, cv = _write_slots(ck, l, positions, k), _write_slots(cv, l, positions, v)
         if attention == "pallas" and T == 1:     # reads layer l of the stack in place
-            out = decode_attention(q[:, 0], ck, cv, positions[:, 0], layer=l, window=window,
-                                   scale=cfg.attn_scale, softcap=cfg.attn_softcap,
-                                   implementation="pallas")   # interpret: _platform's setting
+            out = pallas_decode_attention(q[:, 0], ck, cv, positions[:, 0], layer=l,
+                                          window=window, scale=cfg.attn_scale,
+                                          softcap=cfg.attn_softcap)   # per device on a mesh
             return out[:, None].astype(q.dtype), ck, cv
         mask = visibility(positions, slots, all_valid, window)
         out = attend(q, ck[l], cv[l], mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)

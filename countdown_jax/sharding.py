@@ -27,14 +27,14 @@ What goes where (``param_specs``):
 This module holds the mesh, the placement specs and the placing; it computes nothing.
 The sharded FFN (``ffn_parallel``) is picked by the model's one FFN call (``ffn.ffn``)
 whenever the mesh in context (``jax.set_mesh``) has a "model" axis of size > 1
-(``splits_neurons``); without a mesh nothing changes
+(``splits_neurons``), or any axis of size > 1 and the FFN runs Pallas kernels; the
+Pallas decode attention runs per device on its heads and rows (``attention_parallel``,
+same placement as ``cache_specs``). Without a mesh nothing changes
 (the mesh is part of jit's cache key, so no stale trace is reused). Meshes built here use
 AxisType.Auto (``jax.make_mesh`` defaults to Explicit axes in jax 0.10).
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -46,9 +46,9 @@ from countdown_jax.config import ModelConfig
 
 __all__ = ["AXES", "DATA", "MODEL", "axis_size", "batch_spec", "cache_specs",
            "check_batch", "check_tensor_parallel", "constrain_batch", "context_mesh",
-           "make_mesh", "mesh_axes", "multi_device_mesh", "param_specs", "policy_specs",
-           "random_params", "shard_batch", "shard_cache", "shard_params", "shard_policy",
-           "splits_heads", "splits_neurons"]
+           "head_axis", "make_mesh", "mesh_axes", "multi_device_mesh", "param_specs",
+           "policy_specs", "random_params", "shard_batch", "shard_cache", "shard_params",
+           "shard_policy", "splits_heads", "splits_neurons", "token_axis"]
 
 DATA = "data"
 MODEL = "model"
@@ -109,20 +109,29 @@ def mesh_axes(cfg: ModelConfig, mesh) -> dict:
 
 def param_specs(cfg: ModelConfig, mesh, params=None) -> dict:
     """PartitionSpecs mirroring the params pytree (``layout.PARAMS``: keys from ``params``
-    when given, else the config's declared leaves)."""
+    when given, else the config's declared leaves); layers stacked, or a tuple of
+    per-layer dicts (``model.unstack_layers``: the same specs less the layer axis)."""
     check_tensor_parallel(cfg, axis_size(mesh, MODEL))
     rules = mesh_axes(cfg, mesh)
     every = layout.logical_axes()
     if params is None:
         params = layout.logical_axes(cfg)
+    layers = params.get("layers", {})
+    unstacked = isinstance(layers, (list, tuple))
+    names = (layers[0] if layers else {}) if unstacked else layers
     unknown = [k for k in params if k not in every]
-    unknown += [f"layers.{k}" for k in params.get("layers", {}) if k not in every["layers"]]
+    unknown += [f"layers.{k}" for k in names if k not in every["layers"]]
     if unknown:
         raise ValueError(f"no placement for params {unknown}; see layout.py")
     keys = {k: (every[k] if k != "layers" else
-                {n: every["layers"][n] for n in params["layers"]}) for k in params}
-    return jax.tree.map(lambda axes: P(*(rules.get(a) for a in axes)), keys,
-                        is_leaf=lambda x: isinstance(x, tuple))
+                {n: every["layers"][n] for n in names}) for k in params}
+    specs = jax.tree.map(lambda axes: P(*(rules.get(a) for a in axes)), keys,
+                         is_leaf=lambda x: isinstance(x, tuple))
+    if unstacked and "layers" in specs:       # the leading "layers" axis is never split
+        one = jax.tree.map(lambda s: P(*s[1:]), specs["layers"],
+                           is_leaf=lambda x: isinstance(x, P))
+        specs["layers"] = tuple(one for _ in layers)
+    return specs
 
 
 def policy_specs(policy) -> dict | None:
@@ -224,9 +233,26 @@ def constrain_batch(x):
 
 
 def multi_device_mesh() -> bool:
-    """True when a context mesh spans more than one device (custom kernels that XLA cannot
-    partition, such as the Pallas decode attention, refuse to trace there)."""
-    return math.prod(dict(context_mesh().shape).values()) > 1   # no mesh: shape {} -> 1
+    """True when the context mesh still splits work over more than one device here (an
+    axis of size > 1 not yet taken by a shard_map). Custom kernels that XLA cannot
+    partition (Pallas) then run per device inside a shard_map (``ffn_parallel``,
+    ``attention_parallel``); False without a mesh and inside such a shard_map."""
+    return any(_open_axis(a) is not None for a in AXES)
+
+
+def token_axis(n_tokens: int):
+    """"data" when a leading axis of ``n_tokens`` splits over the context mesh's open
+    "data" axis, else None (replicated there): the batch rule of the shard_maps."""
+    n = _open_axis(DATA)
+    return DATA if n is not None and n_tokens % n == 0 else None
+
+
+def head_axis(num_kv_heads: int):
+    """"model" when attention heads split over the context mesh's open "model" axis
+    (``splits_heads``' rule, so the shard_maps read the cache as ``cache_specs`` placed
+    it), else None."""
+    n = _open_axis(MODEL)
+    return MODEL if n is not None and num_kv_heads % n == 0 else None
 
 
 def splits_neurons() -> bool:

@@ -30,8 +30,8 @@ BEST = {**chosen(), "gather": "bj8-bd1024-w4-p132"}
 TINY_RUN = ("--smoke", "--iters", 1, "--reps", 1, "--sets", 1)
 
 
-def _run(*args, timeout=600):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+def _run(*args, timeout=600, env=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **(env or {})}
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -221,13 +221,68 @@ def test_bench_decode_tiny_both_attentions_and_plot(tmp_path):
 
 
 def test_bench_spmd_tiny_on_two_cpu_devices(tmp_path):
+    """One call: meshes 1x1, 1x2 and 2x1, the fast path (Pallas kernels interpreted),
+    ratios within the call, the cache check against one device, the profile step."""
+    flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     r = _run("-m", "experiments.bench_spmd", "--tiny", "--cpu-devices", 2, "--out", tmp_path,
-             "--batches", 2, "--methods", "dense,m_countdown", "--scopes", "shard",
-             "--steps", 2, "--repeats", 1, "--prompt-len", 8)
+             "--batches", "1,2", "--methods", "dense,m_countdown", "--profile", "dense",
+             "--steps", 2, "--repeats", 1, "--prompt-len", 8, "--compile-workers", 2,
+             "--cache-dir", "", env={"XLA_FLAGS": flags}, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = _rows(tmp_path / "bench_spmd_tiny.csv")
-    assert {(x["mesh"], x["method"]) for x in rows} == {
-        (m, k) for m in ("1x1", "1x2") for k in ("dense", "m_countdown")}
-    assert all(float(x["tokens_per_s"]) > 0 and not x["note"] for x in rows)
-    sharded = [x for x in rows if x["mesh"] == "1x2" and x["method"] == "m_countdown"]
-    assert sharded[0]["capacity_scope"] == "shard" and sharded[0]["x_one_device"]
+    got = {(x["mesh"], x["batch"], x["method"], x["attention"]) for x in rows}
+    assert got == {(mh, b, k, "pallas") for mh in ("1x1", "1x2") for b in "12"
+                   for k in ("dense", "m_countdown")} | {
+        ("2x1", "2", k, "pallas") for k in ("dense", "m_countdown")} | {
+        (mh, "1", "dense", "xla") for mh in ("1x1", "1x2")}
+    for x in rows:
+        assert float(x["tokens_per_s"]) > 0, x
+        assert float(x["check_rel_err"]) < 0.05, x       # the same decode as one device
+        assert x["mesh"] == "1x1" or x["x_one_device"], x
+        assert x["note"] in ("", "profiled: no GPU device plane in the trace"), x
+        if x["method"] == "m_countdown":
+            assert x["x_dense_same_mesh"] and abs(float(x["sparsity_realised"]) - 0.9) < 0.1
+    scope = {(x["mesh"], x["batch"]): x["capacity_scope"] for x in rows
+             if x["method"] == "m_countdown"}
+    assert scope == {("1x1", "1"): "none (fused)", ("1x2", "1"): "none (fused)",
+                     ("1x1", "2"): "-", ("1x2", "2"): "shard", ("2x1", "2"): "none (fused)"}
+    assert [x["note"] for x in rows if x["note"]] == [
+        "profiled: no GPU device plane in the trace"]       # the 1x2 batch-1 dense row
+    assert (tmp_path / "bench_spmd_tiny.md").read_text().count("\n| ") == len(rows) + 1
+
+
+def test_profile_devices_splits_collectives_per_gpu(monkeypatch):
+    """profile_devices on a synthetic trace (the GPU-only path of bench_spmd): per device
+    plane, collective kernel time apart from compute, the part no compute overlaps, idle
+    gaps; the report renders it per decode step."""
+    from types import SimpleNamespace as NS
+
+    from experiments.bench import profile, spmd
+
+    def ev(name, t0, dur, op=None):
+        return NS(name=name, start_ns=t0, duration_ns=dur,
+                  stats=[("hlo_op", op)] if op else [])
+
+    gpu0 = [NS(name="Stream #1(compute)", events=[
+                ev("fusion_1", 0, 4000, "fusion.1"), ev("fusion_2", 6000, 2000, "fusion.2")]),
+            NS(name="Stream #2(nccl)", events=[
+                ev("ncclDevKernel_AllReduce_Sum_bf16", 3000, 2000, "all-reduce-start.1")]),
+            NS(name="XLA Ops", events=[ev("fusion_1", 0, 4000, "fusion.1")])]   # not counted
+    gpu1 = [NS(name="Stream #1(compute)", events=[ev("fusion_1", 0, 1000, "fusion.1")])]
+    pd = NS(planes=[NS(name="/device:GPU:1", lines=gpu1), NS(name="/device:GPU:0", lines=gpu0),
+                    NS(name="/host:CPU", lines=gpu0)])
+    monkeypatch.setattr(profile, "_trace", lambda fn, *a, **k: pd)
+    rows, summ = profile.profile_devices(None)
+    s0, s1 = summ
+    assert s0["device"] == "/device:GPU:0" and s1["device"] == "/device:GPU:1"
+    assert (s0["wall_us"], s0["busy_us"], s0["idle_us"]) == (8.0, 7.0, 1.0)
+    assert (s0["compute_us"], s0["collective_us"], s0["collective_launches"]) == (6.0, 2.0, 1)
+    assert s0["exposed_collective_us"] == 1.0         # 4000-5000 ns: only the all-reduce
+    assert s1["collective_us"] == 0.0 and s1["busy_us"] == 1.0
+    assert {(r["device"], r["op"], r["collective"]) for r in rows} == {
+        ("/device:GPU:0", "fusion.1", False), ("/device:GPU:0", "fusion.2", False),
+        ("/device:GPU:0", "all-reduce-start.1", True), ("/device:GPU:1", "fusion.1", False)}
+    prof = [dict(s, mesh="1x2", batch=1, method="dense", steps=2) for s in summ]
+    md = spmd.table([], prof, "head")
+    assert "| 1x2 | 1 | dense | /device:GPU:0 | 0.004 | 0.004 | 0.001 | 0.003 | 0.001 | 0 | " \
+           "0.001 |" in md, md

@@ -8,11 +8,19 @@ trace has one and it is not a CUDA graph, else by the kernel name), total GPU ti
 span, the busy time (union of kernel intervals) and the idle gaps between kernels. Idle
 time inside one compiled program is launch overhead / host round trips, which no kernel
 speedup removes.
+
+    rows, summaries = profile_devices(fn, *args)
+
+the same per GPU (one summary per device plane), with the collectives (all-reduce,
+all-gather, NCCL kernels) apart from the compute kernels: their kernel time (which
+includes waiting for the other devices), and how much of the busy time they alone fill
+(``exposed_collective_us``: the part no compute overlaps).
 """
 
 from __future__ import annotations
 
 import glob
+import re
 import tempfile
 from collections import defaultdict
 
@@ -31,7 +39,12 @@ def chained(step, calls: int):
     return jax.jit(run)
 
 
+_COLLECTIVE = re.compile(r"all-reduce|all-gather|reduce-scatter|all-to-all|"
+                         r"collective-permute|nccl", re.IGNORECASE)
+
+
 def _device_events(pd):
+    """(device plane, op key, start ns, duration ns) of every kernel / memcpy."""
     for plane in pd.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -42,11 +55,14 @@ def _device_events(pd):
                 continue
             for ev in line.events:
                 stats = dict(ev.stats)
-                yield line.name, ev.name, ev.start_ns, ev.duration_ns, stats
+                # kernel name: under CUDA graphs ("command buffers") hlo_op names the whole
+                # graph, the kernel name still says which fusion / custom call ran
+                op = str(stats.get("hlo_op", ""))
+                key = ev.name if op.startswith("command_buffer") or not op else op
+                yield plane.name, key, ev.start_ns, ev.duration_ns
 
 
-def profile_call(fn, *args, **kwargs):
-    """(rows sorted by total time, summary dict); times in microseconds."""
+def _trace(fn, *args, **kwargs):
     from jax.profiler import ProfileData
 
     d = tempfile.mkdtemp(prefix="cdj_prof_")
@@ -55,31 +71,64 @@ def profile_call(fn, *args, **kwargs):
     files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
     if not files:
         raise RuntimeError(f"profiler wrote no xplane under {d}")
-    pd = ProfileData.from_file(files[0])
+    return ProfileData.from_file(files[0])
+
+
+def _busy_ns(spans) -> float:
+    """Length of the union of [start, end) intervals."""
+    busy, cur = 0.0, None
+    for a, b in sorted(spans):
+        if cur is None or a > cur[1]:
+            busy += 0.0 if cur is None else cur[1] - cur[0]
+            cur = [a, b]
+        else:
+            cur[1] = max(cur[1], b)
+    return busy + (0.0 if cur is None else cur[1] - cur[0])
+
+
+def _summarise(events):
+    """(per-op rows sorted by total time, summary) of (key, start, duration) events."""
     total = defaultdict(float)
     count = defaultdict(int)
     spans = []
-    for _, name, t0, dur, stats in _device_events(pd):
-        # kernel name: under CUDA graphs ("command buffers") hlo_op names the whole
-        # graph, the kernel name still says which fusion / custom call ran
-        key = name if str(stats.get("hlo_op", "")).startswith("command_buffer") or \
-            not stats.get("hlo_op") else str(stats["hlo_op"])
+    for key, t0, dur in events:
         total[key] += dur / 1e3
         count[key] += 1
         spans.append((t0, t0 + dur))
     if not spans:
         return [], dict(kernels=0, wall_us=0.0, busy_us=0.0, idle_us=0.0)
-    spans.sort()
-    busy, cur0, cur1 = 0.0, *spans[0]
-    for a, b in spans[1:]:
-        if a > cur1:
-            busy += cur1 - cur0
-            cur0, cur1 = a, b
-        else:
-            cur1 = max(cur1, b)
-    busy += cur1 - cur0
-    wall = spans[-1][1] - spans[0][0]
+    busy = _busy_ns(spans)
+    wall = max(b for _, b in spans) - min(a for a, _ in spans)
     rows = sorted(({"op": k, "us": total[k], "launches": count[k]} for k in total),
                   key=lambda r: -r["us"])
     return rows, dict(kernels=len(spans), wall_us=wall / 1e3, busy_us=busy / 1e3,
                       idle_us=(wall - busy) / 1e3)
+
+
+def profile_call(fn, *args, **kwargs):
+    """(rows sorted by total time, summary dict); times in microseconds."""
+    pd = _trace(fn, *args, **kwargs)
+    return _summarise((k, t0, dur) for _, k, t0, dur in _device_events(pd))
+
+
+def profile_devices(fn, *args, **kwargs):
+    """(rows, summaries) per GPU: rows {device, op, us, launches, collective}; summaries
+    {device, kernels, wall_us, busy_us, idle_us, collective_us, collective_launches,
+    compute_us, exposed_collective_us}. Times in microseconds over the whole call."""
+    pd = _trace(fn, *args, **kwargs)
+    per_device = defaultdict(list)
+    for plane, key, t0, dur in _device_events(pd):
+        per_device[plane].append((key, t0, dur))
+    rows, summaries = [], []
+    for device, events in sorted(per_device.items()):
+        ops, summ = _summarise(events)
+        compute = [(t0, t0 + dur) for k, t0, dur in events if not _COLLECTIVE.search(k)]
+        coll = [r for r in ops if _COLLECTIVE.search(r["op"])]
+        summ.update(device=device, collective_us=sum(r["us"] for r in coll),
+                    collective_launches=sum(r["launches"] for r in coll),
+                    compute_us=sum(r["us"] for r in ops) - sum(r["us"] for r in coll),
+                    exposed_collective_us=summ["busy_us"] - _busy_ns(compute) / 1e3)
+        summaries.append(summ)
+        rows += [dict(r, device=device, collective=bool(_COLLECTIVE.search(r["op"])))
+                 for r in ops]
+    return rows, summaries
