@@ -200,6 +200,11 @@ FUSED_CASES = [
     ("cats", 2, jnp.float32, FusedConfig(bn=8, bd=32, blocks_per_program=2, prefetch=True)),
     ("d", 1, jnp.bfloat16, FusedConfig(bn=16, bd=16, score="xla", programs=2, compact=4,
                                        prefetch=True)),
+    # atomics into a few slots (program p -> slot p % groups)
+    ("m", 2, jnp.bfloat16, FusedConfig(bn=8, bd=16, score="xla", programs=5, compact=4,
+                                       prefetch=True, reduce="atomic", atomic_groups=2)),
+    ("d", 1, jnp.float32, FusedConfig(bn=8, bd=8, score="xla", programs=3, reduce="atomic",
+                                      atomic_groups=3)),
 ]
 
 

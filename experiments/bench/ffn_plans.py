@@ -12,6 +12,8 @@ comparisons stay within a run (a device call may land on another card).
 - probe:      one knob of the chosen kernels changed at a time against them; stage
               profile and poison check of any that wins; then the matrix steps in --only.
 - stages:     per-kernel stage times of given kernels at r = 0.9 and 1.0.
+- floor:      fixed-overhead variants vs the shipped kernels at batch 1 (r = 0.5, 0.9,
+              1.0), batches through batch_dispatch (ffn_floor), stage profiles.
 
 ``best``: {method: label, "gather": label} of the kernels to use (--best).
 """
@@ -22,6 +24,7 @@ import json
 
 import jax.numpy as jnp
 
+from .ffn_floor import floor
 from .ffn_problem import METHODS
 from .ffn_runner import Runner, log
 from .ffn_variants import TUNE_PREFETCH, TUNE_XLA_SCORE, probe_variants
@@ -241,4 +244,4 @@ def stages(R: Runner, best):
 
 
 PLANS = {"tune": tune, "matrix": matrix, "xla-scores": xla_scores, "prefetch": prefetch,
-         "probe": probe, "stages": stages}
+         "probe": probe, "stages": stages, "floor": floor}
