@@ -45,6 +45,9 @@ class BatchDispatch:
     union_max_other: float = 0.75        # batch sizes not listed
     rows_max: float = 0.0                # union too large: lists if mean kept share <= this
     force: str | None = None             # "union" | "rows" | "dense": always that branch
+    union_list: bool = True              # union branch: XLA compacts the union into a list
+                                         # (False: the kernels walk every neuron and skip,
+                                         # with predicated loads, those no token keeps)
 
     def __post_init__(self):
         if self.force is not None and self.force not in BRANCHES:
@@ -83,9 +86,12 @@ def batch_sparse_ffn(stack, xs, mask, *, act, dense=None, coef=None,
               layer=layer)
 
     def union(xs, mask, coef):
-        idx, cnt = index_list(jnp.any(mask, axis=0)[None], m)
         cw = mask.astype(jnp.float32) if dense is None else jnp.where(mask, coef, 0)
-        return sparse_ffn_api.union_sparse_ffn(xs, *weights, idx[0], cnt[0], cw, **kw)
+        lst = (None, None)
+        if cfg.union_list:
+            idx, cnt = index_list(jnp.any(mask, axis=0)[None], m)
+            lst = idx[0], cnt[0]
+        return sparse_ffn_api.union_sparse_ffn(xs, *weights, *lst, cw, **kw)
 
     def rows(xs, mask, coef):
         idx, cnt = index_list(mask, m)

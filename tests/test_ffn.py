@@ -389,8 +389,9 @@ def test_pallas_batch_dispatch_equals_masked(monkeypatch, pallas_interpret, meth
     real_switch = jax.lax.switch
     monkeypatch.setattr(jax.lax, "switch", lambda i, fs, *a: branches_seen.append(len(fs))
                         or real_switch(i, fs, *a))
-    for force in (*bd.BRANCHES, None):
-        monkeypatch.setattr(bd, "DEFAULT_DISPATCH", bd.BatchDispatch(force=force))
+    for force, listed in [(f, True) for f in (*bd.BRANCHES, None)] + [("union", False)]:
+        monkeypatch.setattr(bd, "DEFAULT_DISPATCH",
+                            bd.BatchDispatch(force=force, union_list=listed))
         run = jax.jit(lambda s, pol, spec: ffn(s, x, act="silu", spec=spec, policy=pol,
                                                return_dropped=True), static_argnums=2)
         for cut in cuts:

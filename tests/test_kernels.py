@@ -457,10 +457,12 @@ UNION_CASES = [
 ]
 
 
+@pytest.mark.parametrize("listed", [True, False])
 @pytest.mark.parametrize("dense,act,n,dtype,cfg", UNION_CASES)
-def test_union_kernel_matches_reference(dense, act, n, dtype, cfg):
+def test_union_kernel_matches_reference(dense, act, n, dtype, cfg, listed):
     """The union list read once, masked per token; stacked weights read in place (the other
-    layer NaN); junk past count ignored; random, all and none kept."""
+    layer NaN); junk past count ignored; random, all and none kept. listed=False: no list,
+    the kernels skip the rows no token keeps."""
     (wg, wu, wd), _, _ = weights(21, dtype=dtype)
     stack = [jnp.stack([jnp.full_like(w, jnp.nan), w]) for w in (wg, wu, wd)]
     x = jax.random.normal(jax.random.key(22), (n, D), jnp.float32).astype(dtype)
@@ -469,6 +471,8 @@ def test_union_kernel_matches_reference(dense, act, n, dtype, cfg):
 
     def run(impl, idx, cnt, keep):
         cw = keep.astype(jnp.float32) if dense is None else jnp.where(keep, coef, 0.0)
+        if not listed:
+            idx = cnt = None
         return union_sparse_ffn(x, *stack, idx, cnt, cw, act=act, dense=dense, layer=1,
                                 implementation=impl, interpret=True, config=cfg)
 

@@ -5,9 +5,10 @@ batches through ``batch_dispatch``, in ONE GPU process (budget ~170 s, compile i
    (rank-512 predictor) at r = 0.5, 0.9 and 1.0 (nothing kept), the shipped kernels
    ("old") against the overhead variants (``floor_variants``), each row checked against
    the float32 reference; byte floors at the measured read ceiling.
-2. Batches 2, 4, 8 at r = 0.5, 0.7, 0.9: XLA dense, the dispatch (``lax.switch`` on the
-   union's size) and each forced branch (union kernel, per-token lists; the masked dense
-   branch for M), the union's realised share (``kept_frac`` of those rows).
+2. Batches (--batches) at r = 0.5, 0.7, 0.9: XLA dense, the dispatch (``lax.switch`` on
+   the union's size) and forced branches (``FORCED``: union kernels with and without the
+   XLA-compacted list, per-token lists, masked dense), the union's realised share
+   (``kept_frac`` of those rows).
 3. If time is left: stage profiles (per-kernel GPU time) of the old and new batch-1 kernels.
 Writes bench_kernels.csv (+ _stages.csv) and bench_kernels_floor.md into --out.
 """
@@ -25,7 +26,10 @@ from .ffn_variants import floor_variants
 
 LLAMA = "llama-3.1-8b"
 BATCH_RATIOS = (0.5, 0.7, 0.9)
-FORCED = ("union", "rows")             # + "dense" for M only (its cost does not depend on r)
+# forced branches per method (CATS reads what M reads: only its union branch is forced;
+# the masked dense branch's cost does not depend on r: M only, at r = 0.9)
+FORCED = {"m": ("union", "union-nolist", "rows", "dense"),
+          "d": ("union", "union-nolist", "rows"), "cats": ("union",)}
 
 
 def floor(R: Runner, best=None):
@@ -53,7 +57,7 @@ def floor(R: Runner, best=None):
         p = R.problem(LLAMA, jnp.bfloat16, batch)
         R.baseline(p)
         for method in ("m", "d", "cats"):
-            for force in (None, *FORCED, *(("dense",) if method == "m" else ())):
+            for force in (None, *FORCED[method]):
                 if R.left() < 25:
                     break
                 R.time_variant(p, method, "batch-dispatch", force or "dispatch",
@@ -94,8 +98,8 @@ def write_markdown(R: Runner, read_bw: float):
     L += ["", f"XLA dense batch 1: {dense.get(1, float('nan')):.1f} us.", "",
           "## Batches: dispatch and forced branches (us per FFN call; x = dense / time)", "",
           "union share = the realised fraction of m kept by any token of the batch.", "",
-          "| batch | method | r | union share | dense | dispatch | union | rows | masked dense |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "| batch | method | r | union share | dense | dispatch | union | union, no list | "
+          "rows | masked dense |", "|---|---|---|---|---|---|---|---|---|---|"]
     by = collections.defaultdict(dict)
     share = {}
     for r in rows:
@@ -116,7 +120,8 @@ def write_markdown(R: Runner, read_bw: float):
             return f"{us:.1f} ({base / us:.2f}x){' FAILED' if bad else ''}" if base else f"{us:.1f}"
         L.append(f"| {b} | {method} | {sp} | {share[(b, method, sp)]} | "
                  f"{base if base is None else f'{base:.1f}'} | {cell(v.get('dispatch'))} | "
-                 f"{cell(v.get('union'))} | {cell(v.get('rows'))} | "
+                 f"{cell(v.get('union'))} | {cell(v.get('union-nolist'))} | "
+                 f"{cell(v.get('rows'))} | "
                  f"{cell(dense_m.get((b, method)))} |")
     path = os.path.join(R.args.out, "bench_kernels_floor.md")
     with open(path, "w") as fh:

@@ -122,8 +122,10 @@ def sparse_step(p: Problem, method, impl, config=None, capacity=None):
 
 def dispatch_step(p: Problem, method, force=None):
     """A batch through ``batch_dispatch`` (the model's path for N > 1 tokens): XLA's
-    scores, the rule's mask, then the default choice (force None) or one forced branch."""
-    cfg = BatchDispatch(force=force)
+    scores, the rule's mask, then the default choice (force None) or one forced branch
+    ("union-nolist": the union kernels without the XLA-compacted list)."""
+    cfg = BatchDispatch(force=force and force.split("-")[0],
+                        union_list=force != "union-nolist")
     dense = {"m": "up", "cats": "gate", "d": None}[method]
 
     def f(x, w, tau):

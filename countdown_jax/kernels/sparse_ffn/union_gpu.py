@@ -15,7 +15,11 @@ and nothing of size N x d is held, by splitting the FFN in two launches:
      tiles of union rows, reads the W_down rows' chunk once and adds s[b] * row to N
      float32 accumulators of ``bd_down`` columns.
 
-The union list is the XLA compaction of any(keep) ([C] slots, ``count`` valid).
+The union list is the XLA compaction of any(keep) ([C] slots, ``count`` valid). Without
+a list (idx None) slot i is neuron i and a row is read only where some token's weight
+(kernel 1) or coefficient (kernel 2) is nonzero, with predicated loads (masked-off rows
+move no bytes): no XLA compaction, at the cost of tiles that carry fewer useful rows.
+A row skipped because its s is 0 for every token would add 0: the result is the same.
 """
 
 from __future__ import annotations
@@ -62,9 +66,27 @@ def _slots(p, i, P, bj, cnt):
     return slot, slot < cnt
 
 
+def _rows(idx_ref, slot, live, m, weights):
+    """(neuron ids, which to read) of a tile: from the union list, or (no list) slot i is
+    neuron i, read where any token's ``weights`` [bj] is nonzero."""
+    if idx_ref is None:
+        ok = live & _any([w != 0 for w in weights(slot, live)])
+        return slot, ok
+    rows = plt.load(idx_ref.at[slot], mask=live, other=0)
+    return rows, live & (rows >= 0) & (rows < m)     # never read outside the layer's rows
+
+
+def _any(masks):
+    out = masks[0]
+    for k in masks[1:]:
+        out = out | k
+    return out
+
+
 def _coef_kernel(x_ref, wg_ref, wu_ref, idx_ref, cnt_ref, cw_ref, off_ref, *rest, act, dense,
-                 m, d, nb, cap, cfg: UnionConfig):
+                 m, d, nb, cap, listed, cfg: UnionConfig):
     s_ref = rest[-1]
+    idx_ref = idx_ref if listed else None
     p, P, bj, bd = pl.program_id(0), cfg.programs, cfg.bj, cfg.bd
     f = activation(act)
     cnt = jnp.clip(cnt_ref[0], 0, cap)
@@ -75,8 +97,8 @@ def _coef_kernel(x_ref, wg_ref, wu_ref, idx_ref, cnt_ref, cw_ref, off_ref, *rest
 
     def body(i, carry):
         slot, live = _slots(p, i, P, bj, cnt)
-        rows = plt.load(idx_ref.at[slot], mask=live, other=0)
-        ok = live & (rows >= 0) & (rows < m)     # never read outside the layer's rows
+        rows, ok = _rows(idx_ref, slot, live, m, lambda r, v: [
+            plt.load(cw_ref.at[b, r], mask=v, other=0) for b in range(nb)])
         dots = [tt.row_dots(w, rows + off_ref[0], ok, xs, bd, d) for w in first]
         for b in range(nb):
             w = plt.load(cw_ref.at[b, rows], mask=ok, other=0).astype(jnp.float32)
@@ -92,9 +114,10 @@ def _coef_kernel(x_ref, wg_ref, wu_ref, idx_ref, cnt_ref, cw_ref, off_ref, *rest
     jax.lax.fori_loop(0, iters, body, jnp.int32(0))
 
 
-def _down_kernel(idx_ref, cnt_ref, s_ref, wd_ref, off_ref, *rest, m, d, nb, cap,
+def _down_kernel(idx_ref, cnt_ref, s_ref, wd_ref, off_ref, *rest, m, d, nb, cap, listed,
                  cfg: UnionConfig):
     out_ref = rest[-1]
+    idx_ref = idx_ref if listed else None
     j, p, P, bj, bd = (pl.program_id(0), pl.program_id(1), cfg.programs_down, cfg.bj_down,
                        cfg.bd_down)
     cols = j * bd + jnp.arange(bd, dtype=jnp.int32)
@@ -104,8 +127,8 @@ def _down_kernel(idx_ref, cnt_ref, s_ref, wd_ref, off_ref, *rest, m, d, nb, cap,
 
     def body(i, acc):
         slot, live = _slots(p, i, P, bj, cnt)
-        rows = plt.load(idx_ref.at[slot], mask=live, other=0)
-        ok = live & (rows >= 0) & (rows < m)
+        rows, ok = _rows(idx_ref, slot, live, m, lambda r, v: [
+            plt.load(s_ref.at[b, r], mask=v, other=0.0) for b in range(nb)])
         t = plt.load(wd_ref.at[(rows + off_ref[0])[:, None], cols[None, :]],
                      mask=ok[:, None] & col_ok[None, :], other=0).astype(jnp.float32)
         out = []
@@ -123,16 +146,20 @@ def union_ffn_pallas_gpu(x, w_gate, w_up, w_down, idx, count, cw, *, act, dense=
                          config: UnionConfig | None = None, interpret: bool = False,
                          row_offset=0, m=None):
     """x [N, d]; weights [R, d] (neuron i is row ``row_offset + i``); idx [C] int32 (the
-    union list, entries past count ignored); count [] int32; cw [N, m] float32 (see the
-    module docstring). Returns y [N, d] in x.dtype."""
+    union list, entries past count ignored) and count [] int32, or both None (no list:
+    see the module docstring); cw [N, m] float32 (see the module docstring). Returns
+    y [N, d] in x.dtype."""
     cfg = config or default_config(w_down.dtype)
     nb, d = x.shape
     m = w_down.shape[0] if m is None else m
-    cap = idx.shape[0]
     params = plt.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
     off = jnp.reshape(jnp.asarray(row_offset, jnp.int32), (1,))
-    cnt = jnp.reshape(count.astype(jnp.int32), (1,))
-    idx = idx.astype(jnp.int32)
+    listed = idx is not None
+    if not listed:                       # slot i = neuron i; a placeholder list operand
+        cap, cnt, idx = m, jnp.full((1,), m, jnp.int32), jnp.zeros((1,), jnp.int32)
+    else:
+        cap, cnt = idx.shape[0], jnp.reshape(count.astype(jnp.int32), (1,))
+        idx = idx.astype(jnp.int32)
 
     def call(kern, grid, args, shape, name):
         init, aliases = [], {}
@@ -144,11 +171,12 @@ def union_ffn_pallas_gpu(x, w_gate, w_up, w_down, idx, count, cw, *, act, dense=
                               input_output_aliases=aliases, name=name)(*args, *init)
 
     s = call(functools.partial(_coef_kernel, act=act, dense=dense, m=m, d=d, nb=nb, cap=cap,
-                               cfg=cfg), (cfg.programs,),
+                               listed=listed, cfg=cfg), (cfg.programs,),
              (x, w_gate, w_up, idx, cnt, cw.astype(jnp.float32), off), (nb, cap),
              "union_ffn_coef")
     J = -(-d // cfg.bd_down)
-    part = call(functools.partial(_down_kernel, m=m, d=d, nb=nb, cap=cap, cfg=cfg),
+    part = call(functools.partial(_down_kernel, m=m, d=d, nb=nb, cap=cap, listed=listed,
+                                  cfg=cfg),
                 (J, cfg.programs_down), (idx, cnt, s, w_down, off),
                 (cfg.programs_down, nb, d), "union_ffn_down")
     return jnp.sum(part, axis=0).astype(x.dtype)
