@@ -37,7 +37,7 @@ class BatchDispatch:
     of 1 less its fixed costs (union list, two launches, ~10-15 us of the ~100 us dense
     call on the H200); D reads 3 x union x d. 0.75 leaves that margin. Per-token lists
     read at least the union's rows and were 0.70-1.01x dense at batch 4 / 8 on the H200
-    (bench_kernels.csv run 10), so they are off (rows_max = 0). Measure the crossovers
+    (bench_kernels.csv, pallas-gather rows at batch 4 / 8), so they are off (rows_max = 0). Measure the crossovers
     with ``bench_kernels.py --plan batch`` (forced-branch rows per batch and r, union
     share next to each) and set them here, naming the run.
     """
