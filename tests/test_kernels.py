@@ -449,11 +449,11 @@ def test_kernels_compiled_on_gpu(dtype):
 UNION_CASES = [
     # dense, act, n, dtype, config
     (None, "silu", 3, jnp.float32, UnionConfig(bj=4, bd=8, programs=3, bj_down=4, bd_down=8,
-                                               programs_down=2, poison=True)),
+                                               programs_down=2, poison=True, x_regs=0)),
     ("up", "gelu_tanh", 2, jnp.bfloat16, UnionConfig(bj=8, bd=16, programs=2, bj_down=8,
                                                      bd_down=16, programs_down=3, poison=True)),
     ("gate", "silu", 4, jnp.float32, UnionConfig(bj=2, bd=32, programs=4, bj_down=16,
-                                                 bd_down=4, programs_down=1)),
+                                                 bd_down=4, programs_down=1, x_regs=0)),
 ]
 
 

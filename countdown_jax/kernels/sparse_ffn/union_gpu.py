@@ -45,6 +45,7 @@ class UnionConfig:
     bd_down: int = 512       # columns per down program (power of two)
     programs_down: int = 33  # down kernel's row groups per column chunk
     num_warps: int = 4
+    x_regs: int = 8192       # coefficient kernel: keep x in registers while N*d <= this
     poison: bool = False     # checks: s and the partial sums start as NaN
 
     def __post_init__(self):
@@ -91,15 +92,27 @@ def _coef_kernel(x_ref, wg_ref, wu_ref, idx_ref, cnt_ref, cw_ref, off_ref, *rest
     f = activation(act)
     cnt = jnp.clip(cnt_ref[0], 0, cap)
     iters = jnp.maximum((cnt + bj - 1) // bj - p + P - 1, 0) // P
-    xs = [[tt.load_vec(x_ref, (b,), c0, bd, d) for c0, _ in tt.chunks(d, bd)]
-          for b in range(nb)]
     first = {"up": (wg_ref,), "gate": (wu_ref,)}.get(dense, (wg_ref, wu_ref))
+    ch = tt.chunks(d, bd)
+    # x held in registers only while small; else re-read per chunk (L1/L2 hits), so N
+    # tokens x d floats never sit in registers (the fused kernel's spill at N = 4, 8)
+    held = nb * d <= cfg.x_regs
+    xs0 = [[tt.load_vec(x_ref, (b,), c0, bd, d) for c0, _ in ch] for b in range(nb)] \
+        if held else None
 
     def body(i, carry):
         slot, live = _slots(p, i, P, bj, cnt)
         rows, ok = _rows(idx_ref, slot, live, m, lambda r, v: [
             plt.load(cw_ref.at[b, r], mask=v, other=0) for b in range(nb)])
-        dots = [tt.row_dots(w, rows + off_ref[0], ok, xs, bd, d) for w in first]
+        wrows = rows + off_ref[0]
+        dots = [[jnp.zeros((bj,), jnp.float32) for _ in range(nb)] for _ in first]
+        for ci, (c0, _) in enumerate(ch):          # one column chunk of the rows at a time
+            xc = [xs0[b][ci] if held else tt.load_vec(x_ref, (b,), c0, bd, d)
+                  for b in range(nb)]
+            for k, w in enumerate(first):
+                t = tt.load_tile(w, wrows, ok, c0, bd, d)
+                dots[k] = [a + jnp.sum(t * xc[b][None, :], axis=1)
+                           for b, a in enumerate(dots[k])]
         for b in range(nb):
             w = plt.load(cw_ref.at[b, rows], mask=ok, other=0).astype(jnp.float32)
             if dense == "up":
