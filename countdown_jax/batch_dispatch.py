@@ -23,9 +23,13 @@ from countdown_jax.gated import activation, down_sum, layer_weights, project
 from countdown_jax.kernels._platform import index_list
 from countdown_jax.kernels.sparse_ffn import api as sparse_ffn_api
 
-__all__ = ["BRANCHES", "BatchDispatch", "DEFAULT_DISPATCH", "batch_sparse_ffn", "branch_index"]
+__all__ = ["BRANCHES", "BatchDispatch", "DEFAULT_DISPATCH", "MAX_TOKENS", "batch_sparse_ffn",
+           "branch_index"]
 
 BRANCHES = ("union", "rows", "dense")
+# Decode batches only: the union kernels unroll their tokens at trace time, so a prefill
+# of hundreds of tokens stays on the per-token index lists (``ffn``).
+MAX_TOKENS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +84,9 @@ def batch_sparse_ffn(stack, xs, mask, *, act, dense=None, coef=None,
     call time). Returns (y [N, d], kept count [N])."""
     cfg = DEFAULT_DISPATCH if cfg is None else cfg
     n, m = mask.shape
+    if n > MAX_TOKENS:
+        raise ValueError(f"batch_sparse_ffn: at most MAX_TOKENS = {MAX_TOKENS} tokens (the "
+                         f"kernels unroll them), got {n}")
     layer = stack.get("layer")
     weights = (stack["gate"], stack["up"], stack["down"])
     kw = dict(act=act, dense=dense, implementation=implementation, interpret=interpret,

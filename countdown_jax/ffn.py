@@ -144,8 +144,10 @@ def _fused_method(spec, n_tokens):
 
 def _batched(spec, n_tokens):
     """Whether a batch runs ``batch_dispatch`` (the fused kernel's rules bar the cascade,
-    on the same terms as ``_fused_method``, for more than one token)."""
-    return (n_tokens > _FUSED_MAX_TOKENS and _FUSED_RULES.get((spec.method, spec.mode)) in
+    on the same terms as ``_fused_method``, for 2 to ``batch_dispatch.MAX_TOKENS`` tokens:
+    decode batches; a prefill keeps the per-token lists)."""
+    return (_FUSED_MAX_TOKENS < n_tokens <= batch_dispatch.MAX_TOKENS
+            and _FUSED_RULES.get((spec.method, spec.mode)) in
             ("m", "cats", "d") and spec.implementation == "pallas" and spec.capacity is None
             and parallel_selection.current() is None and pallas_backend() == "pallas_gpu")
 

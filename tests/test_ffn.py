@@ -419,3 +419,16 @@ def test_batch_dispatch_branch_index():
     assert int(branch_index(BatchDispatch(), jnp.zeros((2, 8), bool))) == 0
     with pytest.raises(ValueError, match="force"):
         BatchDispatch(force="sparse")
+
+
+def test_pallas_batches_route_by_size(pallas_interpret):
+    """Decode batches go to batch_dispatch; one token to the fused kernel; a prefill
+    (more than MAX_TOKENS) and the cascade keep the per-token lists."""
+    import countdown_jax.ffn as ffn_mod
+    from countdown_jax.batch_dispatch import MAX_TOKENS
+    spec = SparseSpec("m_countdown", "threshold", "pallas")
+    assert not ffn_mod._batched(spec, 1) and ffn_mod._batched(spec, 2)
+    assert ffn_mod._batched(spec, MAX_TOKENS) and not ffn_mod._batched(spec, MAX_TOKENS + 1)
+    assert not ffn_mod._batched(SparseSpec("d_countdown", "cascade", "pallas"), 4)
+    assert not ffn_mod._batched(SparseSpec("m_countdown", "threshold", "pallas",
+                                           capacity=8), 4)
