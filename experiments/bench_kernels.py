@@ -28,7 +28,9 @@ EPILOG = ("plans: tune (variant sweep, then the matrix), matrix (every shape x d
           "prefetch (W_down-prefetch variants vs --best, stage profiles, rest of the "
           "matrix), probe (one knob of the chosen kernels at a time), stages (profiler "
           "stage times of --best), proxy (the low-bit proxy rule: its scores kernel alone and the "
-          "proxy D-COUNTDOWN FFN; bench_proxy.md), mosaic-gpu (can Mosaic GPU gather rows?), report "
+          "proxy D-COUNTDOWN FFN; bench_proxy.md), floor (fixed-overhead variants at batch 1 and "
+          "batches through batch_dispatch, one process; bench_kernels_floor.md), mosaic-gpu (can "
+          "Mosaic GPU gather rows?), report "
           "(bench_kernels.md/.png from the CSVs in --out). Plans renamed by purpose (issue "
           "#15): " + ", ".join(f"{a} -> {b}" for a, b in RENAMED.items()) + "; the two "
           "numbered plans became prefetch and probe (README).")

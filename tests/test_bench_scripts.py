@@ -286,3 +286,17 @@ def test_profile_devices_splits_collectives_per_gpu(monkeypatch):
     md = spmd.table([], prof, "head")
     assert "| 1x2 | 1 | dense | /device:GPU:0 | 0.004 | 0.004 | 0.001 | 0.003 | 0.001 | 0 | " \
            "0.001 |" in md, md
+
+
+def test_bench_kernels_floor_plan_batches_through_the_dispatch(tmp_path):
+    """--plan floor at toy sizes: a budget below the batch-1 share skips those variants,
+    the batch-2 rows (dispatch and forced branches) pass their reference checks, and the
+    markdown table is written."""
+    r = _run(EXP / "bench_kernels.py", "--plan", "floor", "--out", tmp_path, *TINY_RUN,
+             "--batches", 2, "--budget-s", 70)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = _rows(tmp_path / "bench_kernels.csv")
+    batch = [x for x in rows if x["implementation"] == "batch-dispatch" and x["us_per_call"]]
+    assert batch and not any("FAILED" in x["note"] for x in rows)
+    assert {x["variant"] for x in batch} >= {"dispatch", "union"}
+    assert "| batch | method | r | union share |" in (tmp_path / "bench_kernels_floor.md").read_text()

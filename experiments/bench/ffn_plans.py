@@ -14,6 +14,8 @@ comparisons stay within a run (a device call may land on another card).
 - stages:     per-kernel stage times of given kernels at r = 0.9 and 1.0.
 - proxy:      the low-bit proxy rule (issue #12): the proxy-scores kernel alone and the
               proxy D-COUNTDOWN FFN at r = 0.5 / 0.9 (proxy_plan.py).
+- floor:      fixed-overhead variants vs the shipped kernels at batch 1 (r = 0.5, 0.9,
+              1.0), batches through batch_dispatch (ffn_floor), stage profiles.
 
 ``best``: {method: label, "gather": label} of the kernels to use (--best).
 """
@@ -24,6 +26,7 @@ import json
 
 import jax.numpy as jnp
 
+from .ffn_floor import floor
 from .ffn_problem import METHODS
 from .ffn_runner import Runner, log
 from .ffn_variants import TUNE_PREFETCH, TUNE_XLA_SCORE, probe_variants
@@ -244,4 +247,4 @@ def stages(R: Runner, best):
 
 
 PLANS = {"tune": tune, "matrix": matrix, "xla-scores": xla_scores, "prefetch": prefetch,
-         "probe": probe, "stages": stages, "proxy": proxy}
+         "probe": probe, "stages": stages, "proxy": proxy, "floor": floor}

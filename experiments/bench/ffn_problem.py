@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from countdown_jax.batch_dispatch import BatchDispatch, batch_sparse_ffn
 from countdown_jax.gated import activation
 from countdown_jax.kernels.fused_sparse_ffn.api import fused_sparse_ffn
 from countdown_jax.kernels.fused_sparse_ffn.reference import project_f32 as project, selection_scores
@@ -123,6 +124,23 @@ def sparse_step(p: Problem, method, impl, config=None, capacity=None):
         return fused_sparse_ffn(x, wg, wu, wd, tau, act=p.act, method=method, pred_vt=v,
                                 pred_u=u, implementation=impl, capacity=capacity,
                                 config=config, interpret=p.interpret)
+    return f
+
+
+def dispatch_step(p: Problem, method, force=None):
+    """A batch through ``batch_dispatch`` (the model's path for N > 1 tokens): XLA's
+    scores, the rule's mask, then the default choice (force None) or one forced branch
+    ("union-nolist": the union kernels without the XLA-compacted list)."""
+    cfg = BatchDispatch(force=force and force.split("-")[0],
+                        union_list=force != "union-nolist")
+    dense = {"m": "up", "cats": "gate", "d": None}[method]
+
+    def f(x, w, tau):
+        wg, wu, wd, v, u = w
+        q, coef = selection_scores(x, wg, wu, act=p.act, method=method, pred_vt=v, pred_u=u)
+        return batch_sparse_ffn({"gate": wg, "up": wu, "down": wd}, x, q > tau, act=p.act,
+                                dense=dense, coef=coef, implementation="pallas", cfg=cfg,
+                                interpret=p.interpret)
     return f
 
 

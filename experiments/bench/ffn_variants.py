@@ -139,3 +139,25 @@ def probe_variants() -> dict:
               "xs-bn32-bd1024-w4-p448-c2-pf": replace(d0, compact=2),
               "xs-bn16-bd1024-w4-p448-c4-pf": replace(d0, bn=16)},
     }
+
+
+def floor_variants() -> dict:
+    """method -> {label: config}, the shipped kernel first ("old"), then the fixed-overhead
+    variants: the cross-program sum as float32 atomics (no [programs, N, d] partial sums
+    written and re-read: 4.3 MB at Llama-8B, the reduce op in the stage profile) into one
+    slot (-at) or four (-ag4, a quarter of the programs per address); for D also the
+    predictor's z = hU^T computed inside the kernel from U's rows (no z GEMV launch, no
+    [m] scores round trip; bds256: U rows in 256-column chunks) and 8 warps (half the
+    registers per thread for D's three prefetched tiles)."""
+    replace = dataclasses.replace
+    out = {}
+    for method in ("m", "cats", "d"):
+        c0 = fused_default(jnp.bfloat16, method)
+        base = chosen()[method]
+        out[method] = {base: c0,
+                       base + "-at": replace(c0, reduce="atomic"),
+                       base + "-ag4": replace(c0, reduce="atomic", atomic_groups=4)}
+    d0 = fused_default(jnp.bfloat16, "d")
+    out["d"].update({"bn32-bds256-bd1024-w4-p448-c4-pf": replace(d0, score="kernel", bds=256),
+                     "xs-bn32-bd1024-w8-p448-c4-pf": replace(d0, num_warps=8)})
+    return out

@@ -48,6 +48,11 @@ class FusedConfig:
     num_warps: int = 4
     num_stages: int = 1
     reduce: str = "partial"      # "partial" | "atomic"
+    atomic_groups: int = 1       # reduce="atomic": program p adds into slot p % groups of a
+                                 # zeroed [groups, N, d] float32 buffer (fewer programs per
+                                 # address than one slot; XLA sums the few slots), in place
+                                 # of "partial"'s [programs, N, d] partial sums (4.3 MB at
+                                 # Llama-8B, written by the kernel and read by the reduce)
     compact: int = 0             # 0 = predicated block loads; k = in-block compaction tile
     poison: bool = False         # checks: outputs start as NaN / INT_MIN (must be overwritten)
     score: str = "kernel"        # "kernel": stream the scoring rows here; "xla": XLA's dense
@@ -69,6 +74,9 @@ class FusedConfig:
                 raise ValueError(f"FusedConfig.{name} must be a power of two, got {v}")
         if self.compact and self.compact & (self.compact - 1):
             raise ValueError(f"FusedConfig.compact must be 0 or a power of two, got {self.compact}")
+        if self.atomic_groups < 1 or (self.atomic_groups > 1 and self.reduce != "atomic"):
+            raise ValueError(f"FusedConfig.atomic_groups must be >= 1 and is for "
+                             f"reduce='atomic' only, got {self.atomic_groups}")
         if self.reduce not in ("partial", "atomic"):
             raise ValueError(f"FusedConfig.reduce must be 'partial' or 'atomic', got {self.reduce!r}")
         if self.score not in ("kernel", "xla"):
@@ -197,7 +205,7 @@ def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
             if cfg.reduce == "partial":
                 tt.store_vec(out_ref, (p, b), c0, bd, d, a)
             else:  # output padded to a multiple of bd: no mask needed
-                plt.atomic_add(out_ref, (b, tt.col_index(c0, bd)), a)
+                plt.atomic_add(out_ref, (p % cfg.atomic_groups, b, tt.col_index(c0, bd)), a)
 
 
 def _any(masks):
@@ -245,7 +253,7 @@ def fused_sparse_ffn_pallas_gpu(x, w_gate, w_up, w_down, tau, *, act, method, h=
             jnp.reshape(jnp.asarray(row_offset, jnp.int32), (1,)), tau_s.astype(jnp.float32))
     dp = -(-d // cfg.bd) * cfg.bd
     y_shape = (jax.ShapeDtypeStruct((P, nb, d), jnp.float32) if cfg.reduce == "partial"
-               else jax.ShapeDtypeStruct((nb, dp), jnp.float32))
+               else jax.ShapeDtypeStruct((cfg.atomic_groups, nb, dp), jnp.float32))
     cnt_shape = jax.ShapeDtypeStruct((P, nb), jnp.int32)
     # Output buffers handed in through aliases: zeros for atomics; poison for checks.
     init, aliases = [], {}
@@ -260,5 +268,5 @@ def fused_sparse_ffn_pallas_gpu(x, w_gate, w_up, w_down, tau, *, act, method, h=
         kern, grid=(P,), compiler_params=params, interpret=interpret,
         out_shape=(y_shape, cnt_shape), input_output_aliases=aliases,
         name=f"fused_sparse_ffn_{method}_{cfg.reduce}")(*args, *init)
-    y = jnp.sum(y, axis=0) if cfg.reduce == "partial" else y[:, :d]
+    y = jnp.sum(y, axis=0) if cfg.reduce == "partial" else jnp.sum(y, axis=0)[:, :d]
     return y.astype(x.dtype), jnp.sum(cnt, axis=0)
