@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from countdown_jax.config import ModelConfig
-from countdown_jax.generate import (Sampling, decode_jit, finish, generate, is_finished,
-                                    start_jit)
+from countdown_jax.fast_path import resolve_attention, resolve_implementation
+from countdown_jax.generate import (Sampling, decode_jit, decode_params, finish, generate,
+                                    is_finished, start_jit)
 from countdown_jax.policy import SparseSpec, make_policy, stack_policies
 
 
@@ -159,6 +160,7 @@ class TextOutput:
     method: str = "dense"
     mode: str = "ideal"
     sparsity: float = 0.0                 # the target r
+    path: dict = dataclasses.field(default_factory=dict)  # decode's layers / FFN / attention
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -237,8 +239,8 @@ def _texts(model: Model, tokens, num) -> tuple[list[str], list[list[int]]]:
 def generate_text(model: Model, prompts: str | Sequence[str], *, method: str = "dense",
                   mode: str = "ideal", sparsity: float | None = None,
                   max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0, seed: int = 0, implementation: str = "masked",
-                  attention: str = "xla", chat: bool = False,
+                  top_p: float = 1.0, seed: int = 0, implementation: str = "auto",
+                  attention: str = "auto", layers: str = "auto", chat: bool = False,
                   stream: Callable[[list[str]], None] | None = None,
                   stream_every: int = 8) -> TextOutput:
     """Generate from one prompt or a batch, dense or with a sparse FFN rule.
@@ -249,7 +251,11 @@ def generate_text(model: Model, prompts: str | Sequence[str], *, method: str = "
     sparsity: target fraction r of FFN neurons skipped per decode token (required for a
         sparse method; practical modes need a fit saved at that r, on a 0.01 grid).
     temperature 0 is greedy; top_k 0 and top_p 1 are off; seed drives sampling.
-    implementation: masked (float reference) | gather | pallas; attention: xla | pallas.
+    implementation: masked (float reference) | xla (earlier name: gather) | pallas;
+    attention: xla | pallas; layers: stacked | unstacked. Each defaults to "auto": the
+    fastest exact path for the backend (``fast_path``: on a GPU unstacked layers, the
+    Pallas kernels where the rule skips work, Pallas attention; on CPU the portable path).
+    The result's ``path`` says what decode ran.
     chat: wrap each prompt as a user turn with the tokenizer's chat template.
     stream: called with the new text of every row after each ``stream_every`` decode steps.
 
@@ -268,8 +274,12 @@ def generate_text(model: Model, prompts: str | Sequence[str], *, method: str = "
     spec, policy = sparsity_setup(model, method, mode, sparsity, implementation)
     tokens, lengths = encode(model.tokenizer, prompts, chat)
     _check_context(model.cfg, int(lengths.max()), max_new_tokens)
+    params = decode_params(model.params, layers)
+    path = dict(layers="unstacked" if isinstance(params["layers"], tuple) else "stacked",
+                implementation=resolve_implementation(spec, len(prompts)),
+                attention=resolve_attention(attention))
     common = dict(cfg=model.cfg, spec=spec, sampling=sampling, stop_tokens=stop_tokens(model))
-    start_args = (model.params, jnp.asarray(tokens), jnp.asarray(lengths),
+    start_args = (params, jnp.asarray(tokens), jnp.asarray(lengths),
                   jax.random.PRNGKey(seed), policy)
     t0 = time.perf_counter()
     start_c = _compiled(start_jit, dict(common, max_new_tokens=max_new_tokens, cache_dtype=None),
@@ -278,10 +288,10 @@ def generate_text(model: Model, prompts: str | Sequence[str], *, method: str = "
     state = jax.block_until_ready(start_c(*start_args))
     t2 = time.perf_counter()
     decode_c = _compiled(decode_jit, dict(common, attention=attention),
-                         model.params, state, policy, jnp.int32(0))
+                         params, state, policy, jnp.int32(0))
     t3 = time.perf_counter()
     if stream is None:
-        state = jax.block_until_ready(decode_c(model.params, state, policy,
+        state = jax.block_until_ready(decode_c(params, state, policy,
                                                jnp.int32(max_new_tokens)))
     else:
         shown = [""] * len(prompts)
@@ -291,7 +301,7 @@ def generate_text(model: Model, prompts: str | Sequence[str], *, method: str = "
             shown = texts
             if is_finished(state):
                 break
-            state = decode_c(model.params, state, policy,
+            state = decode_c(params, state, policy,
                              jnp.int32(int(state["step"]) + stream_every))
     t4 = time.perf_counter()
     gen = finish(state)
@@ -304,7 +314,8 @@ def generate_text(model: Model, prompts: str | Sequence[str], *, method: str = "
         tokens_per_s=decoded / (t4 - t3) if decoded else math.nan,
         prefill_tokens_per_s=float(lengths.sum()) / (t2 - t1),
         seconds=dict(compile=(t1 - t0) + (t3 - t2), prefill=t2 - t1, decode=t4 - t3),
-        method=method, mode=mode, sparsity=0.0 if spec.is_dense else float(sparsity))
+        method=method, mode=mode, sparsity=0.0 if spec.is_dense else float(sparsity),
+        path=path)
 
 
 def sweep(model: Model, prompts: str | Sequence[str], *, method: str,
@@ -331,8 +342,9 @@ def sweep(model: Model, prompts: str | Sequence[str], *, method: str,
     kw = dict(max_new_tokens=max_new_tokens, spec=spec,
               sampling=Sampling(temperature, top_k, top_p), stop_tokens=stop_tokens(model))
     tokens, lengths, key = jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed)
+    # one program vmapped over the settings (quality sweeps): the portable decode path
     run = jax.vmap(lambda pol: generate(model.params, model.cfg, tokens, lengths, key, pol,
-                                        **kw))
+                                        attention="xla", layers="stacked", **kw))
     t0 = time.perf_counter()
     gen = jax.block_until_ready(run(policies))
     seconds = time.perf_counter() - t0

@@ -22,6 +22,7 @@ import numpy as np
 
 from countdown_jax.attention import NO_WINDOW, attend, visibility
 from countdown_jax.config import ModelConfig
+from countdown_jax.fast_path import resolve_attention, resolve_spec
 from countdown_jax.ffn import ffn
 from countdown_jax.kernels.decode_attention.api import decode_attention
 from countdown_jax.norms import rms_norm
@@ -31,9 +32,6 @@ from countdown_jax.sharding import constrain_batch, multi_device_mesh
 
 __all__ = ["decode_step", "extend", "forward", "init_cache", "prefill", "stack_layers",
            "unstack_layers"]
-
-
-_ATTENTION = ("xla", "pallas")
 
 
 # -- cache ---------------------------------------------------------------------------------
@@ -180,6 +178,7 @@ def _head_at(params, cfg: ModelConfig, x, logits_at):
 def _sequence(params, cfg: ModelConfig, tokens, lengths, cache, spec, policy, sparse,
               collect: bool = False, logits_at=None):
     B, T = tokens.shape
+    spec = resolve_spec(spec, B * T)              # "auto": fast_path's choice for B*T tokens
     if lengths is None:
         lengths = jnp.full((B,), T, jnp.int32)
     check_layer_axis(policy, cfg.num_layers)      # contents: the FFN, per layer
@@ -258,12 +257,13 @@ def _check_positions(pos, S: int):
 
 
 def decode_step(params, cfg: ModelConfig, token, pos, cache, *, spec: SparseSpec = DENSE,
-                policy=None, sparse=None, attention: str = "xla"):
+                policy=None, sparse=None, attention: str = "auto"):
     """token[B] at position pos[B]: writes k/v at slot pos[b], attends to slots <= pos[b]
     (and inside the layer's sliding window). Returns (logits [B, V] float32, cache,
     kept [L, B]). sparse: bool [B], default all True for a sparse spec.
     attention: "xla" or "pallas" (``kernels.decode_attention``: one kernel per layer
-    reading the stacked cache in place; GPU, else the XLA path with a warning).
+    reading the stacked cache in place; GPU, else the XLA path with a warning); "auto":
+    pallas on one GPU, else xla (``fast_path``). spec.implementation "auto" likewise.
     """
     B = token.shape[0]
     if sparse is not None:
@@ -274,7 +274,7 @@ def decode_step(params, cfg: ModelConfig, token, pos, cache, *, spec: SparseSpec
 
 
 def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec = DENSE,
-           policy=None, sparse=None, logits_at=None, attention: str = "xla"):
+           policy=None, sparse=None, logits_at=None, attention: str = "auto"):
     """A chunk tokens[B, T] continuing each row at positions start[b] + t (decode_step for
     T tokens at once, e.g. scoring continuations against a prefilled context).
 
@@ -282,15 +282,15 @@ def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec =
     start[b] must hold the row's earlier tokens). Returns (logits [B, T, V] float32 or at
     logits_at [B, P], cache, kept [L, B, T]). sparse: bool [B, T], default all True for a
     sparse spec. Padding at the end of a row only produces junk after the row's tokens.
-    attention: "xla" | "pallas"; the Pallas decode-attention kernel serves one token per
-    row (T = 1), longer chunks use the XLA path.
+    attention: "xla" | "pallas" | "auto" (``fast_path``); the Pallas decode-attention
+    kernel serves one token per row (T = 1), longer chunks use the XLA path.
     """
-    if attention not in _ATTENTION:
-        raise ValueError(f"attention must be one of {_ATTENTION}, got {attention!r}")
+    attention = resolve_attention(attention)
     if attention == "pallas" and multi_device_mesh():
         raise ValueError("attention='pallas' runs on one device (XLA cannot partition the "
                          "kernel); under a multi-device mesh use attention='xla'")
     B, T = tokens.shape
+    spec = resolve_spec(spec, B * T)
     S = cache["k"].shape[2]
     start = jnp.asarray(start, jnp.int32)
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
