@@ -26,7 +26,7 @@ import numpy as np
 from countdown_jax.config import ModelConfig
 from countdown_jax.fast_path import resolve_attention, resolve_implementation
 from countdown_jax.generate import (Sampling, decode_jit, decode_params, finish, generate,
-                                    is_finished, start_jit)
+                                    is_finished, layer_form, start_jit)
 from countdown_jax.policy import SparseSpec, make_policy, stack_policies
 
 
@@ -253,7 +253,7 @@ def generate_tokens(model: Model, tokens, lengths, spec: SparseSpec, policy=None
         raise ValueError(f"stream_every must be >= 1, got {stream_every}")
     batch = len(lengths)
     params = decode_params(model.params, layers)
-    path = dict(layers="unstacked" if isinstance(params["layers"], tuple) else "stacked",
+    path = dict(layers=layer_form(params),
                 implementation=resolve_implementation(spec, batch),
                 attention=resolve_attention(attention))
     common = dict(cfg=model.cfg, spec=spec, sampling=sampling, stop_tokens=stop_tokens(model))

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from countdown_jax.argtypes import positive_int
+from countdown_jax.fast_path import LAYER_FORMS
 from countdown_jax.policy import AUTO, METHODS, MODES, ACCEPTED_IMPLEMENTATIONS as IMPLEMENTATIONS
 
 # module that defines register(subparsers) for each subcommand group
@@ -159,9 +160,10 @@ def _add_generate(sub):
     p.add_argument("--attention", choices=(AUTO, "xla", "pallas"), default=AUTO,
                    help="decode attention: auto (pallas on a GPU), XLA, or the Pallas "
                         "kernel (GPU)")
-    p.add_argument("--layers", choices=(AUTO, "stacked", "unstacked"), default=AUTO,
+    p.add_argument("--layers", choices=(AUTO,) + LAYER_FORMS, default=AUTO,
                    help="layer layout for generation: auto (unstacked on a GPU: a copy of "
-                        "the weights, faster decode), stacked (as stored), unstacked")
+                        "the weights, faster decode), stacked (as stored), unstacked, "
+                        "fused_qkv (unstacked, q/k/v as one weight)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")

@@ -29,7 +29,9 @@ __all__ = ["ATTENTIONS", "AUTO", "LAYER_FORMS", "SKIPS_WORK", "SPARSE_MAX_TOKENS
            "resolve_attention", "resolve_implementation", "resolve_layers", "resolve_spec"]
 
 ATTENTIONS = ("xla", "pallas")
-LAYER_FORMS = ("stacked", "unstacked")
+# fused_qkv: unstacked, q/k/v projections as one weight (``model.fuse_qkv``; a variant
+# for the GPU comparison, not yet what "auto" picks)
+LAYER_FORMS = ("stacked", "unstacked", "fused_qkv")
 
 # (method, mode) whose "pallas" path reads only the kept rows (no dense s needed to
 # select): the fused kernel's rules plus Deja Vu's predictor (index list). The oracle modes

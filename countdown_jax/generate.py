@@ -21,7 +21,8 @@ from countdown_jax import model as model_lib
 from countdown_jax.fast_path import resolve_layers
 from countdown_jax.policy import DENSE, SparseSpec
 
-__all__ = ["GREEDY", "Generation", "Sampling", "decode_params", "generate", "sample"]
+__all__ = ["GREEDY", "Generation", "Sampling", "decode_params", "generate", "layer_form",
+           "sample"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,22 +171,34 @@ decode_jit = jax.jit(decode, static_argnames=_DECODE_STATIC)
 _CONVERTED: list = []
 
 
+def layer_form(params) -> str:
+    layers = params["layers"]
+    if not isinstance(layers, (list, tuple)):
+        return "stacked"
+    return "fused_qkv" if "wqkv" in layers[0] else "unstacked"
+
+
+_CONVERT = {"stacked": model_lib.stack_layers, "unstacked": model_lib.unstack_layers,
+            "fused_qkv": lambda p: model_lib.fuse_qkv(model_lib.unstack_layers(p))}
+
+
 def decode_params(params, layers: str = "auto"):
-    """params in the layer form decode should run on: "stacked" | "unstacked" | "auto"
-    (``fast_path``: unstacked on one GPU, the params as given elsewhere). A conversion is a
-    copy, made once per params and kept while they live; traced params (inside a jit) are
-    returned as given."""
-    given = "unstacked" if isinstance(params["layers"], (list, tuple)) else "stacked"
+    """params in the layer form decode should run on: "stacked" | "unstacked" |
+    "fused_qkv" (unstacked, ``model.fuse_qkv``) | "auto" (``fast_path``: unstacked on one
+    GPU, the params as given elsewhere). A conversion is a copy, made once per params and
+    kept while they live; traced params (inside a jit) are returned as given, and so are
+    fused_qkv params asked for "unstacked" (they are)."""
+    given = layer_form(params)
     form = resolve_layers(layers)
     if layers == "auto" and form == "stacked":
         form = given                       # portable path: whatever the caller holds
     first = jax.tree_util.tree_leaves(params["layers"])[0]
-    if form == given or isinstance(first, jax.core.Tracer):
+    if form == given or (form, given) == ("unstacked", "fused_qkv") or isinstance(
+            first, jax.core.Tracer):
         return params
     if _CONVERTED and _CONVERTED[0][0] == form and _CONVERTED[0][1]() is first:
         return _CONVERTED[0][2]
-    convert = model_lib.unstack_layers if form == "unstacked" else model_lib.stack_layers
-    out = jax.block_until_ready(convert(params))
+    out = jax.block_until_ready(_CONVERT[form](params))
     _CONVERTED[:] = [(form, weakref.ref(first), out)]
     return out
 

@@ -30,8 +30,8 @@ from countdown_jax.policy import DENSE, SparseSpec, check_layer_axis
 from countdown_jax.rope import apply_rope, layer_inv_frequencies
 from countdown_jax.sharding import constrain_batch, multi_device_mesh
 
-__all__ = ["decode_step", "extend", "forward", "init_cache", "prefill", "stack_layers",
-           "unstack_layers"]
+__all__ = ["decode_step", "extend", "forward", "fuse_qkv", "init_cache", "prefill",
+           "stack_layers", "unstack_layers"]
 
 
 # -- cache ---------------------------------------------------------------------------------
@@ -73,11 +73,18 @@ def _logits(params, cfg: ModelConfig, x):
 
 
 def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq):
-    q = jnp.einsum("btd,dhk->bthk", h, layer["wq"])
-    k = jnp.einsum("btd,dhk->bthk", h, layer["wk"])
-    v = jnp.einsum("btd,dhk->bthk", h, layer["wv"])
-    if cfg.qkv_bias:
-        q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
+    if "wqkv" in layer:            # fuse_qkv: one projection, split by heads
+        qkv = jnp.einsum("btd,dhk->bthk", h, layer["wqkv"])
+        if cfg.qkv_bias:
+            qkv = qkv + layer["bqkv"]
+        hq, hkv = cfg.num_heads, cfg.num_kv_heads
+        q, k, v = jnp.split(qkv, [hq, hq + hkv], axis=2)
+    else:
+        q = jnp.einsum("btd,dhk->bthk", h, layer["wq"])
+        k = jnp.einsum("btd,dhk->bthk", h, layer["wk"])
+        v = jnp.einsum("btd,dhk->bthk", h, layer["wv"])
+        if cfg.qkv_bias:
+            q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
     if cfg.qk_norm:
         q = rms_norm(q, layer["q_norm"], cfg.norm_eps)
         k = rms_norm(k, layer["k_norm"], cfg.norm_eps)
@@ -114,6 +121,30 @@ def unstack_layers(params):
     n = jax.tree_util.tree_leaves(layers)[0].shape[0]
     return {**params, "layers": tuple(jax.tree.map(lambda a, l=l: a[l], layers)
                                       for l in range(n))}
+
+
+_QKV = (("wq", "wk", "wv"), ("bq", "bk", "bv"))
+
+
+def fuse_qkv(params):
+    """params with each layer's q/k/v projections as one weight "wqkv" [(L,) d, Hq + 2 Hkv,
+    hd] (and "bqkv"), stacked or unstacked: a decode step then runs one GEMV for them
+    instead of three (the k/v GEMVs alone read at 2.2 TB/s, 7.5 us per layer at 8B
+    shapes; bench_decode.md). Each output is the same dot product over d. Makes a copy;
+    the ``layers`` form ``"fused_qkv"`` of ``generate`` / ``bench_decode``."""
+    def one(layer):
+        if "wqkv" in layer:
+            return layer
+        out = {k: v for k, v in layer.items() if k not in _QKV[0] + _QKV[1]}
+        for names, fused in zip(_QKV, ("wqkv", "bqkv")):
+            if names[0] in layer:
+                out[fused] = jnp.concatenate([layer[n] for n in names], axis=-2)
+        return out
+
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return {**params, "layers": tuple(one(l) for l in layers)}
+    return {**params, "layers": one(layers)}
 
 
 def stack_layers(params):

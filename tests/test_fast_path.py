@@ -15,6 +15,7 @@ import pytest
 
 import countdown_jax as cj
 from countdown_jax import api, fast_path
+from countdown_jax import model as model_lib
 from countdown_jax.generate import _CONVERTED, decode_params, generate
 from countdown_jax.policy import SparseSpec, make_policy
 from tests.support import tiny_params
@@ -139,4 +140,31 @@ def test_generate_text_reports_the_path(tiny, fake_gpu, pallas_interpret):
     assert out.tokens_per_s > 0 and out.prefill_tokens_per_s > 0
     with pytest.raises(ValueError, match="attention must be"):
         cj.generate_text(model, "hello", max_new_tokens=2, attention="triton")
+    _CONVERTED.clear()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_qkv_equals_separate_projections(tiny, bias):
+    """model.fuse_qkv (one q/k/v weight) against the three projections: forward logits
+    (stacked, scan) and greedy generation (layers="fused_qkv", unrolled) agree."""
+    params, cfg = tiny
+    if bias:
+        rng = np.random.default_rng(1)
+        L, H, K, hd = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        params = {**params, "layers": {**params["layers"], **{
+            n: jnp.asarray(rng.standard_normal((L, h, hd)).astype(np.float32))
+            for n, h in (("bq", H), ("bk", K), ("bv", K))}}}
+        cfg = dataclasses.replace(cfg, qkv_bias=True)
+    fused = model_lib.fuse_qkv(params)
+    assert "wqkv" in fused["layers"] and "wq" not in fused["layers"]
+    assert ("bqkv" in fused["layers"]) == bias
+    tokens = jnp.asarray([[5, 17, 33, 8, 60, 11]], jnp.int32)
+    ref, _ = model_lib.forward(params, cfg, tokens)
+    got, _ = model_lib.forward(fused, cfg, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    pol = _threshold_policy(cfg)
+    a = _gen(params, cfg, M_THR, pol, layers="stacked")
+    b = _gen(params, cfg, M_THR, pol, layers="fused_qkv")
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_allclose(a[1], b[1], atol=1e-6)
     _CONVERTED.clear()
