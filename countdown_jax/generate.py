@@ -199,8 +199,14 @@ def decode_params(params, layers: str = "auto"):
     if _CONVERTED and _CONVERTED[0][0] == form and _CONVERTED[0][1]() is first:
         return _CONVERTED[0][2]
     out = jax.block_until_ready(_CONVERT[form](params))
-    _CONVERTED[:] = [(form, weakref.ref(first), out)]
+    _CONVERTED[:] = [(form, weakref.ref(first, _forget), out)]
     return out
+
+
+def _forget(ref):
+    """The source params are gone: drop their copy."""
+    if _CONVERTED and _CONVERTED[0][1] is ref:
+        _CONVERTED.clear()
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "max_new_tokens", "sampling",

@@ -168,3 +168,15 @@ def test_fused_qkv_equals_separate_projections(tiny, bias):
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_allclose(a[1], b[1], atol=1e-6)
     _CONVERTED.clear()
+
+
+def test_the_copy_goes_with_its_source(fake_gpu):
+    import gc
+
+    params, _ = tiny_params.tiny_model(seed=11)
+    params = jax.tree.map(jnp.asarray, params)
+    decode_params(params, "auto")
+    assert len(_CONVERTED) == 1
+    del params
+    gc.collect()
+    assert not _CONVERTED
