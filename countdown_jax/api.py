@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from countdown_jax.config import ModelConfig
-from countdown_jax.generate import (Sampling, decode_jit, finish, generate, is_finished,
-                                    start_jit)
+from countdown_jax.fast_path import resolve_attention, resolve_implementation
+from countdown_jax.generate import (Sampling, decode_jit, decode_params, finish, generate,
+                                    is_finished, layer_form, start_jit)
 from countdown_jax.policy import SparseSpec, make_policy, stack_policies
 
 
@@ -169,6 +170,7 @@ class TextOutput:
     method: str = "dense"
     mode: str = "ideal"
     sparsity: float = 0.0                 # the target r
+    path: dict = dataclasses.field(default_factory=dict)  # decode's layers / FFN / attention
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -237,18 +239,73 @@ def _compiled(fn, static: dict, *args):
     return _COMPILED[key]
 
 
-def _texts(model: Model, tokens, num) -> tuple[list[str], list[list[int]]]:
+def _ids(tokens, num) -> list[list[int]]:
     tokens, num = np.asarray(tokens), np.asarray(num)
-    ids = [tokens[i, :num[i]].tolist() for i in range(len(num))]
+    return [tokens[i, :num[i]].tolist() for i in range(len(num))]
+
+
+def _texts(model: Model, ids) -> list[str]:
     stops = set(stop_tokens(model))
-    return [model.tokenizer.decode([t for t in x if t not in stops]) for x in ids], ids
+    return [model.tokenizer.decode([t for t in x if t not in stops]) for x in ids]
+
+
+def generate_tokens(model: Model, tokens, lengths, spec: SparseSpec, policy=None, *,
+                    max_new_tokens: int = 32, sampling: Sampling = Sampling(), seed: int = 0,
+                    attention: str = "auto", layers: str = "auto",
+                    on_chunk: Callable[[dict], None] | None = None,
+                    stream_every: int = 8) -> TextOutput:
+    """What ``generate_text`` runs once the prompts are token ids (right-padded [B, T],
+    lengths [B]) and the rule is a (spec, policy): prefill and decode compiled ahead and
+    timed apart, decode on the path ``fast_path`` resolves ("auto"). on_chunk(state) is
+    called before the first and after every ``stream_every`` decode steps (streaming).
+    The result has token ids and rates, no texts."""
+    if stream_every < 1:
+        raise ValueError(f"stream_every must be >= 1, got {stream_every}")
+    batch = len(lengths)
+    params = decode_params(model.params, layers)
+    path = dict(layers=layer_form(params),
+                implementation=resolve_implementation(spec, batch),
+                attention=resolve_attention(attention))
+    common = dict(cfg=model.cfg, spec=spec, sampling=sampling, stop_tokens=stop_tokens(model))
+    start_args = (params, jnp.asarray(tokens), jnp.asarray(lengths),
+                  jax.random.PRNGKey(seed), policy)
+    t0 = time.perf_counter()
+    start_c = _compiled(start_jit, dict(common, max_new_tokens=max_new_tokens, cache_dtype=None),
+                        *start_args)
+    t1 = time.perf_counter()
+    state = jax.block_until_ready(start_c(*start_args))
+    t2 = time.perf_counter()
+    decode_c = _compiled(decode_jit, dict(common, attention=attention),
+                         params, state, policy, jnp.int32(0))
+    t3 = time.perf_counter()
+    if on_chunk is None:
+        state = jax.block_until_ready(decode_c(params, state, policy,
+                                               jnp.int32(max_new_tokens)))
+    else:
+        while True:
+            on_chunk(state)
+            if is_finished(state):
+                break
+            state = decode_c(params, state, policy,
+                             jnp.int32(int(state["step"]) + stream_every))
+    t4 = time.perf_counter()
+    gen = finish(state)
+    per_layer = np.asarray(gen.realised_sparsity)
+    decoded = int(np.asarray(gen.num_tokens).sum()) - batch
+    return TextOutput(
+        texts=[], token_ids=_ids(gen.tokens, gen.num_tokens),
+        realised_sparsity=float(per_layer.mean()), realised_sparsity_per_layer=per_layer,
+        tokens_per_s=decoded / (t4 - t3) if decoded else math.nan,
+        prefill_tokens_per_s=float(np.asarray(lengths).sum()) / (t2 - t1),
+        seconds=dict(compile=(t1 - t0) + (t3 - t2), prefill=t2 - t1, decode=t4 - t3),
+        method=spec.method, mode=spec.mode, path=path)
 
 
 def generate_text(model: Model, prompts: str | Sequence[str], *, method: str = "dense",
                   mode: str = "ideal", sparsity: float | None = None,
                   max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0, seed: int = 0, implementation: str = "masked",
-                  attention: str = "xla", chat: bool = False,
+                  top_p: float = 1.0, seed: int = 0, implementation: str = "auto",
+                  attention: str = "auto", layers: str = "auto", chat: bool = False,
                   stream: Callable[[list[str]], None] | None = None,
                   stream_every: int = 8) -> TextOutput:
     """Generate from one prompt or a batch, dense or with a sparse FFN rule.
@@ -259,62 +316,41 @@ def generate_text(model: Model, prompts: str | Sequence[str], *, method: str = "
     sparsity: target fraction r of FFN neurons skipped per decode token (required for a
         sparse method; practical modes need a fit saved at that r, on a 0.01 grid).
     temperature 0 is greedy; top_k 0 and top_p 1 are off; seed drives sampling.
-    implementation: masked (float reference) | gather | pallas; attention: xla | pallas.
+    implementation: masked (float reference) | xla (earlier name: gather) | pallas;
+    attention: xla | pallas; layers: stacked | unstacked. Each defaults to "auto": the
+    fastest exact path for the backend (``fast_path``: on a GPU unstacked layers, the
+    Pallas kernels where the rule skips work, Pallas attention; on CPU the portable path).
+    The result's ``path`` says what decode ran.
     chat: wrap each prompt as a user turn with the tokenizer's chat template.
     stream: called with the new text of every row after each ``stream_every`` decode steps.
 
     Prompts are padded to a power-of-two length bucket, so nearby lengths reuse one
     compile. Prefill and decode run as two compiled programs (compiled ahead, timed
     apart); the result carries both rates and the realised sparsity measured from the
-    masks applied.
+    masks applied (``generate_tokens``).
     """
     if model.tokenizer is None:
         raise ValueError("model was loaded without a tokenizer")
     if isinstance(prompts, str):
         prompts = [prompts]
-    if stream_every < 1:
-        raise ValueError(f"stream_every must be >= 1, got {stream_every}")
     sampling = Sampling(temperature, top_k, top_p)
     spec, policy = sparsity_setup(model, method, mode, sparsity, implementation)
     tokens, lengths = encode(model.tokenizer, prompts, chat)
     _check_context(model.cfg, int(lengths.max()), max_new_tokens)
-    common = dict(cfg=model.cfg, spec=spec, sampling=sampling, stop_tokens=stop_tokens(model))
-    start_args = (model.params, jnp.asarray(tokens), jnp.asarray(lengths),
-                  jax.random.PRNGKey(seed), policy)
-    t0 = time.perf_counter()
-    start_c = _compiled(start_jit, dict(common, max_new_tokens=max_new_tokens, cache_dtype=None),
-                        *start_args)
-    t1 = time.perf_counter()
-    state = jax.block_until_ready(start_c(*start_args))
-    t2 = time.perf_counter()
-    decode_c = _compiled(decode_jit, dict(common, attention=attention),
-                         model.params, state, policy, jnp.int32(0))
-    t3 = time.perf_counter()
-    if stream is None:
-        state = jax.block_until_ready(decode_c(model.params, state, policy,
-                                               jnp.int32(max_new_tokens)))
-    else:
+    on_chunk = None
+    if stream is not None:
         shown = [""] * len(prompts)
-        while True:
-            texts, _ = _texts(model, state["out"], state["num"])
+
+        def on_chunk(state):
+            nonlocal shown
+            texts = _texts(model, _ids(state["out"], state["num"]))
             stream([t[len(s):] for t, s in zip(texts, shown)])
             shown = texts
-            if is_finished(state):
-                break
-            state = decode_c(model.params, state, policy,
-                             jnp.int32(int(state["step"]) + stream_every))
-    t4 = time.perf_counter()
-    gen = finish(state)
-    texts, out_ids = _texts(model, gen.tokens, gen.num_tokens)
-    per_layer = np.asarray(gen.realised_sparsity)
-    decoded = int(np.asarray(gen.num_tokens).sum()) - len(prompts)
-    return TextOutput(
-        texts=texts, token_ids=out_ids, realised_sparsity=float(per_layer.mean()),
-        realised_sparsity_per_layer=per_layer,
-        tokens_per_s=decoded / (t4 - t3) if decoded else math.nan,
-        prefill_tokens_per_s=float(lengths.sum()) / (t2 - t1),
-        seconds=dict(compile=(t1 - t0) + (t3 - t2), prefill=t2 - t1, decode=t4 - t3),
-        method=method, mode=mode, sparsity=0.0 if spec.is_dense else float(sparsity))
+    out = generate_tokens(model, tokens, lengths, spec, policy, max_new_tokens=max_new_tokens,
+                          sampling=sampling, seed=seed, attention=attention, layers=layers,
+                          on_chunk=on_chunk, stream_every=stream_every)
+    return dataclasses.replace(out, texts=_texts(model, out.token_ids),
+                               sparsity=0.0 if spec.is_dense else float(sparsity))
 
 
 def sweep(model: Model, prompts: str | Sequence[str], *, method: str,
@@ -341,15 +377,17 @@ def sweep(model: Model, prompts: str | Sequence[str], *, method: str,
     kw = dict(max_new_tokens=max_new_tokens, spec=spec,
               sampling=Sampling(temperature, top_k, top_p), stop_tokens=stop_tokens(model))
     tokens, lengths, key = jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed)
+    # one program vmapped over the settings (quality sweeps): the portable decode path
     run = jax.vmap(lambda pol: generate(model.params, model.cfg, tokens, lengths, key, pol,
-                                        **kw))
+                                        attention="xla", layers="stacked", **kw))
     t0 = time.perf_counter()
     gen = jax.block_until_ready(run(policies))
     seconds = time.perf_counter() - t0
     per_layer = np.asarray(gen.realised_sparsity)   # [R, L]
     outs = []
     for i, r in enumerate(sparsities):
-        texts, ids = _texts(model, gen.tokens[i], gen.num_tokens[i])
+        ids = _ids(gen.tokens[i], gen.num_tokens[i])
+        texts = _texts(model, ids)
         outs.append(TextOutput(texts=texts, token_ids=ids,
                                realised_sparsity=float(per_layer[i].mean()),
                                realised_sparsity_per_layer=per_layer[i],

@@ -18,7 +18,8 @@ import warnings
 from pathlib import Path
 
 from countdown_jax.argtypes import positive_int
-from countdown_jax.policy import METHODS, MODES, ACCEPTED_IMPLEMENTATIONS as IMPLEMENTATIONS
+from countdown_jax.fast_path import LAYER_FORMS
+from countdown_jax.policy import AUTO, METHODS, MODES, ACCEPTED_IMPLEMENTATIONS as IMPLEMENTATIONS
 
 # module that defines register(subparsers) for each subcommand group
 COMMAND_MODULES = ("conversion.convert", "countdown_jax.calibrate", "countdown_jax.predictor",
@@ -98,7 +99,7 @@ def _generate(args):
                             sparsity=args.sparsity, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, implementation=args.implementation,
-                            attention=args.attention, chat=args.chat,
+                            attention=args.attention, layers=args.layers, chat=args.chat,
                             stream=show if args.stream else None,
                             stream_every=args.stream_every)
     if args.json:  # one JSON object per prompt (JSON Lines)
@@ -108,6 +109,7 @@ def _generate(args):
                 "method": args.method, "mode": args.mode, "sparsity_target": out.sparsity,
                 "tokens_per_s": out.tokens_per_s,
                 "prefill_tokens_per_s": out.prefill_tokens_per_s, "seconds": out.seconds,
+                "path": out.path,
                 "realised_sparsity": out.realised_sparsity,
                 "realised_sparsity_per_layer": out.realised_sparsity_per_layer.tolist(),
             }))
@@ -123,7 +125,8 @@ def _generate(args):
     print(f"[{args.method}/{args.mode} r={out.sparsity}] {n} tokens; prefill "
           f"{out.prefill_tokens_per_s:.1f} tokens/s, decode {out.tokens_per_s:.1f} tokens/s "
           f"(compile {out.seconds['compile']:.1f} s, not counted); realised sparsity "
-          f"{out.realised_sparsity:.3f}", file=sys.stderr if args.stream else sys.stdout)
+          f"{out.realised_sparsity:.3f}; decode path: layers {out.path['layers']}, FFN "
+          f"{out.path['implementation']}, attention {out.path['attention']}", file=sys.stderr if args.stream else sys.stdout)
 
 
 def _add_generate(sub):
@@ -150,10 +153,17 @@ def _add_generate(sub):
     p.add_argument("--sparsity", type=float, default=None, metavar="R",
                    help="fraction of FFN neurons skipped per decode token, in [0, 1); "
                         "required with a sparse --method")
-    p.add_argument("--implementation", choices=IMPLEMENTATIONS, default="masked",
-                   help="masked: float reference; gather: XLA index list; pallas: kernels")
-    p.add_argument("--attention", choices=("xla", "pallas"), default="xla",
-                   help="decode attention: XLA, or the Pallas kernel (GPU)")
+    p.add_argument("--implementation", choices=IMPLEMENTATIONS, default=AUTO,
+                   help="auto: the fastest exact one for the backend (GPU: pallas where the "
+                        "rule skips work, else masked); masked: float reference; xla "
+                        "(gather): XLA index list; pallas: kernels")
+    p.add_argument("--attention", choices=(AUTO, "xla", "pallas"), default=AUTO,
+                   help="decode attention: auto (pallas on a GPU), XLA, or the Pallas "
+                        "kernel (GPU)")
+    p.add_argument("--layers", choices=(AUTO,) + LAYER_FORMS, default=AUTO,
+                   help="layer layout for generation: auto (unstacked on a GPU: a copy of "
+                        "the weights, faster decode), stacked (as stored), unstacked, "
+                        "fused_qkv (unstacked, q/k/v as one weight)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")

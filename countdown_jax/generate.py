@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from countdown_jax import model as model_lib
+from countdown_jax.fast_path import resolve_layers
 from countdown_jax.policy import DENSE, SparseSpec
 
-__all__ = ["GREEDY", "Generation", "Sampling", "generate", "sample"]
+__all__ = ["GREEDY", "Generation", "Sampling", "decode_params", "generate", "layer_form",
+           "sample"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +121,7 @@ def start(params, prompt, lengths, key, policy=None, *, cfg, max_new_tokens: int
 
 def decode(params, state, policy=None, until=None, *, cfg, spec: SparseSpec = DENSE,
            sampling: Sampling = GREEDY, stop_tokens: tuple[int, ...] = (),
-           attention: str = "xla") -> dict:
+           attention: str = "auto") -> dict:
     """Phase 2: (sparse) decode steps in one ``lax.while_loop`` until every row stopped,
     the output is full, or ``step == until`` (a traced int: decoding in chunks, e.g. to
     stream, reuses one compile)."""
@@ -162,17 +165,74 @@ start_jit = jax.jit(start, static_argnames=_START_STATIC)
 decode_jit = jax.jit(decode, static_argnames=_DECODE_STATIC)
 
 
+# The layer form last made for decode: (form, weak reference to the given params' first
+# leaf, the converted params). One entry: the copy lives while its source does, and a new
+# model replaces it (an unstacked copy of an 8B model is 16 GB).
+_CONVERTED: list = []
+
+
+def layer_form(params) -> str:
+    layers = params["layers"]
+    if not isinstance(layers, (list, tuple)):
+        return "stacked"
+    return "fused_qkv" if "wqkv" in layers[0] else "unstacked"
+
+
+_CONVERT = {"stacked": model_lib.stack_layers, "unstacked": model_lib.unstack_layers,
+            "fused_qkv": lambda p: model_lib.fuse_qkv(model_lib.unstack_layers(p))}
+
+
+def decode_params(params, layers: str = "auto"):
+    """params in the layer form decode should run on: "stacked" | "unstacked" |
+    "fused_qkv" (unstacked, ``model.fuse_qkv``) | "auto" (``fast_path``: unstacked on one
+    GPU, the params as given elsewhere). A conversion is a copy, made once per params and
+    kept while they live; traced params (inside a jit) are returned as given, and so are
+    fused_qkv params asked for "unstacked" (they are)."""
+    given = layer_form(params)
+    form = resolve_layers(layers)
+    if layers == "auto" and form == "stacked":
+        form = given                       # portable path: whatever the caller holds
+    first = jax.tree_util.tree_leaves(params["layers"])[0]
+    if form == given or (form, given) == ("unstacked", "fused_qkv") or isinstance(
+            first, jax.core.Tracer):
+        return params
+    if _CONVERTED and _CONVERTED[0][0] == form and _CONVERTED[0][1]() is first:
+        return _CONVERTED[0][2]
+    out = jax.block_until_ready(_CONVERT[form](params))
+    _CONVERTED[:] = [(form, weakref.ref(first, _forget), out)]
+    return out
+
+
+def _forget(ref):
+    """The source params are gone: drop their copy."""
+    if _CONVERTED and _CONVERTED[0][1] is ref:
+        _CONVERTED.clear()
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "max_new_tokens", "sampling",
                                              "stop_tokens", "cache_dtype", "attention"))
-def generate(params, cfg, prompt, lengths, key, policy=None, *, max_new_tokens: int,
-             spec: SparseSpec = DENSE, sampling: Sampling = GREEDY,
-             stop_tokens: tuple[int, ...] = (), cache_dtype=None, attention: str = "xla"):
-    """prompt [B, T] int32 right-padded, lengths [B] int32 (>= 1). attention: the decode
-    steps' attention, "xla" or "pallas" (``model.decode_step``). One compiled program
-    (``start`` then ``decode``); ``jax.vmap`` over a stacked policy sweeps settings."""
+def _generate(params, cfg, prompt, lengths, key, policy=None, *, max_new_tokens: int,
+              spec: SparseSpec = DENSE, sampling: Sampling = GREEDY,
+              stop_tokens: tuple[int, ...] = (), cache_dtype=None, attention: str = "auto"):
     state = start(params, prompt, lengths, key, policy, cfg=cfg,
                   max_new_tokens=max_new_tokens, spec=spec, sampling=sampling,
                   stop_tokens=stop_tokens, cache_dtype=cache_dtype)
     state = decode(params, state, policy, cfg=cfg, spec=spec, sampling=sampling,
                    stop_tokens=stop_tokens, attention=attention)
     return finish(state)
+
+
+def generate(params, cfg, prompt, lengths, key, policy=None, *, max_new_tokens: int,
+             spec: SparseSpec = DENSE, sampling: Sampling = GREEDY,
+             stop_tokens: tuple[int, ...] = (), cache_dtype=None, attention: str = "auto",
+             layers: str = "auto") -> Generation:
+    """prompt [B, T] int32 right-padded, lengths [B] int32 (>= 1). One compiled program
+    (``start`` then ``decode``); ``jax.vmap`` over a stacked policy sweeps settings.
+
+    The decode path: ``layers`` (``decode_params``), ``attention`` (the decode steps'
+    attention, ``model.decode_step``) and ``spec.implementation`` each take "auto", the
+    fastest exact choice for the backend (``fast_path``; on CPU the portable path), or an
+    explicit value that is used as given."""
+    return _generate(decode_params(params, layers), cfg, prompt, lengths, key, policy,
+                     max_new_tokens=max_new_tokens, spec=spec, sampling=sampling,
+                     stop_tokens=stop_tokens, cache_dtype=cache_dtype, attention=attention)

@@ -23,17 +23,15 @@ import numpy as np
 from countdown_jax.attention import NO_WINDOW, attend, visibility
 from countdown_jax.attention_parallel import pallas_decode_attention
 from countdown_jax.config import ModelConfig
+from countdown_jax.fast_path import resolve_attention, resolve_spec
 from countdown_jax.ffn import ffn
 from countdown_jax.norms import rms_norm
 from countdown_jax.policy import DENSE, SparseSpec, check_layer_axis
 from countdown_jax.rope import apply_rope, layer_inv_frequencies
 from countdown_jax.sharding import constrain_batch
 
-__all__ = ["decode_step", "extend", "forward", "init_cache", "prefill", "stack_layers",
-           "unstack_layers"]
-
-
-_ATTENTION = ("xla", "pallas")
+__all__ = ["decode_step", "extend", "forward", "fuse_qkv", "init_cache", "prefill",
+           "stack_layers", "unstack_layers"]
 
 
 # -- cache ---------------------------------------------------------------------------------
@@ -75,11 +73,18 @@ def _logits(params, cfg: ModelConfig, x):
 
 
 def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq):
-    q = jnp.einsum("btd,dhk->bthk", h, layer["wq"])
-    k = jnp.einsum("btd,dhk->bthk", h, layer["wk"])
-    v = jnp.einsum("btd,dhk->bthk", h, layer["wv"])
-    if cfg.qkv_bias:
-        q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
+    if "wqkv" in layer:            # fuse_qkv: one projection, split by heads
+        qkv = jnp.einsum("btd,dhk->bthk", h, layer["wqkv"])
+        if cfg.qkv_bias:
+            qkv = qkv + layer["bqkv"]
+        hq, hkv = cfg.num_heads, cfg.num_kv_heads
+        q, k, v = jnp.split(qkv, [hq, hq + hkv], axis=2)
+    else:
+        q = jnp.einsum("btd,dhk->bthk", h, layer["wq"])
+        k = jnp.einsum("btd,dhk->bthk", h, layer["wk"])
+        v = jnp.einsum("btd,dhk->bthk", h, layer["wv"])
+        if cfg.qkv_bias:
+            q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
     if cfg.qk_norm:
         q = rms_norm(q, layer["q_norm"], cfg.norm_eps)
         k = rms_norm(k, layer["k_norm"], cfg.norm_eps)
@@ -116,6 +121,30 @@ def unstack_layers(params):
     n = jax.tree_util.tree_leaves(layers)[0].shape[0]
     return {**params, "layers": tuple(jax.tree.map(lambda a, l=l: a[l], layers)
                                       for l in range(n))}
+
+
+_QKV = (("wq", "wk", "wv"), ("bq", "bk", "bv"))
+
+
+def fuse_qkv(params):
+    """params with each layer's q/k/v projections as one weight "wqkv" [(L,) d, Hq + 2 Hkv,
+    hd] (and "bqkv"), stacked or unstacked: a decode step then runs one GEMV for them
+    instead of three (the k/v GEMVs alone read at 2.2 TB/s, 7.5 us per layer at 8B
+    shapes; bench_decode.md). Each output is the same dot product over d. Makes a copy;
+    the ``layers`` form ``"fused_qkv"`` of ``generate`` / ``bench_decode``."""
+    def one(layer):
+        if "wqkv" in layer:
+            return layer
+        out = {k: v for k, v in layer.items() if k not in _QKV[0] + _QKV[1]}
+        for names, fused in zip(_QKV, ("wqkv", "bqkv")):
+            if names[0] in layer:
+                out[fused] = jnp.concatenate([layer[n] for n in names], axis=-2)
+        return out
+
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return {**params, "layers": tuple(one(l) for l in layers)}
+    return {**params, "layers": one(layers)}
 
 
 def stack_layers(params):
@@ -180,6 +209,7 @@ def _head_at(params, cfg: ModelConfig, x, logits_at):
 def _sequence(params, cfg: ModelConfig, tokens, lengths, cache, spec, policy, sparse,
               collect: bool = False, logits_at=None):
     B, T = tokens.shape
+    spec = resolve_spec(spec, B * T)              # "auto": fast_path's choice for B*T tokens
     if lengths is None:
         lengths = jnp.full((B,), T, jnp.int32)
     check_layer_axis(policy, cfg.num_layers)      # contents: the FFN, per layer
@@ -269,13 +299,14 @@ def _write_slots(cache, l, positions, new):
 
 
 def decode_step(params, cfg: ModelConfig, token, pos, cache, *, spec: SparseSpec = DENSE,
-                policy=None, sparse=None, attention: str = "xla"):
+                policy=None, sparse=None, attention: str = "auto"):
     """token[B] at position pos[B]: writes k/v at slot pos[b], attends to slots <= pos[b]
     (and inside the layer's sliding window). Returns (logits [B, V] float32, cache,
     kept [L, B]). sparse: bool [B], default all True for a sparse spec.
     attention: "xla" or "pallas" (``kernels.decode_attention``: one kernel per layer
     reading the stacked cache in place; GPU, else the XLA path with a warning; under a
-    mesh, per device on its heads and rows, ``attention_parallel``).
+    mesh, per device on its heads and rows, ``attention_parallel``); "auto": pallas on one
+    GPU, else xla (``fast_path``). spec.implementation "auto" likewise.
     """
     B = token.shape[0]
     if sparse is not None:
@@ -286,7 +317,7 @@ def decode_step(params, cfg: ModelConfig, token, pos, cache, *, spec: SparseSpec
 
 
 def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec = DENSE,
-           policy=None, sparse=None, logits_at=None, attention: str = "xla"):
+           policy=None, sparse=None, logits_at=None, attention: str = "auto"):
     """A chunk tokens[B, T] continuing each row at positions start[b] + t (decode_step for
     T tokens at once, e.g. scoring continuations against a prefilled context).
 
@@ -294,12 +325,12 @@ def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec =
     start[b] must hold the row's earlier tokens). Returns (logits [B, T, V] float32 or at
     logits_at [B, P], cache, kept [L, B, T]). sparse: bool [B, T], default all True for a
     sparse spec. Padding at the end of a row only produces junk after the row's tokens.
-    attention: "xla" | "pallas"; the Pallas decode-attention kernel serves one token per
-    row (T = 1), longer chunks use the XLA path.
+    attention: "xla" | "pallas" | "auto" (``fast_path``); the Pallas decode-attention
+    kernel serves one token per row (T = 1), longer chunks use the XLA path.
     """
-    if attention not in _ATTENTION:
-        raise ValueError(f"attention must be one of {_ATTENTION}, got {attention!r}")
+    attention = resolve_attention(attention)
     B, T = tokens.shape
+    spec = resolve_spec(spec, B * T)
     S = cache["k"].shape[2]
     start = jnp.asarray(start, jnp.int32)
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]

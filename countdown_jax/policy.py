@@ -35,7 +35,7 @@ import numpy as np
 
 from countdown_jax.proxy import check_proxy
 
-__all__ = ["ACCEPTED_IMPLEMENTATIONS", "DENSE", "IMPLEMENTATIONS",
+__all__ = ["ACCEPTED_IMPLEMENTATIONS", "AUTO", "DENSE", "IMPLEMENTATIONS",
            "LEGACY_IMPLEMENTATIONS", "METHODS", "METHOD_MODES", "MODES", "MODE_KEYS",
            "SCALAR_KEYS", "SparseSpec", "check_layer", "check_layer_axis", "check_policy",
            "make_policy", "stack_policies"]
@@ -46,7 +46,10 @@ MODES = ("ideal", "topk", "threshold", "predictor", "cascade", "proxy")
 # model's ``attention=``; "masked" is the FFN's dense oracle (no kernel).
 IMPLEMENTATIONS = ("masked", "xla", "pallas")
 LEGACY_IMPLEMENTATIONS = {"gather": "xla"}      # earlier names, still accepted
-ACCEPTED_IMPLEMENTATIONS = IMPLEMENTATIONS + tuple(LEGACY_IMPLEMENTATIONS)
+# "auto": the model's entry points resolve it per call (``fast_path``: the fastest exact
+# implementation for the backend and the tokens per call); the FFN never sees it.
+AUTO = "auto"
+ACCEPTED_IMPLEMENTATIONS = IMPLEMENTATIONS + tuple(LEGACY_IMPLEMENTATIONS) + (AUTO,)
 
 # Which modes each method supports. CATS and M rank a quantity the FFN computes densely
 # anyway, so a predictor would add work, not save it; S-COUNTDOWN needs the dense s and
@@ -84,7 +87,9 @@ class SparseSpec:
         |s_hat| > tau, s_hat from a low-bit copy of W_gate and W_up, ``proxy.py``).
     implementation: masked = float reference (dense cost, exact maths, used for quality
         sweeps); xla = XLA gather of a capacity-padded index list (skips the work; the
-        earlier name "gather" is accepted and stored as "xla"); pallas = the Pallas kernels.
+        earlier name "gather" is accepted and stored as "xla"); pallas = the Pallas kernels;
+        auto = resolved by the model per call (``fast_path``: pallas on a GPU where it
+        skips work, else masked).
     capacity: static upper bound on kept neurons per token (None = m). When more pass,
         the ``capacity`` highest-ranked are kept (every implementation applies the same
         cut, so masked stays the reference of gather).
@@ -111,10 +116,10 @@ class SparseSpec:
             raise ValueError(f"unknown sparsity method {self.method!r}; expected one of {METHODS}")
         if self.mode not in MODES:
             raise ValueError(f"unknown sparsity mode {self.mode!r}; expected one of {MODES}")
-        if self.implementation not in IMPLEMENTATIONS:
+        if self.implementation not in IMPLEMENTATIONS + (AUTO,):
             raise ValueError(
                 f"unknown implementation {self.implementation!r}; expected one of "
-                f"{IMPLEMENTATIONS} (or an earlier name: {LEGACY_IMPLEMENTATIONS})")
+                f"{IMPLEMENTATIONS + (AUTO,)} (or an earlier name: {LEGACY_IMPLEMENTATIONS})")
         if self.mode not in METHOD_MODES[self.method]:
             raise ValueError(
                 f"sparsity method {self.method!r} does not support mode {self.mode!r}; "

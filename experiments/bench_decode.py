@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from countdown_jax import model as model_lib
 from countdown_jax.config import ModelConfig
+from countdown_jax.generate import decode_params
 from countdown_jax.policy import SparseSpec, make_policy
 from countdown_jax.sharding import random_params
 from experiments.bench.decode import calibrate, plot, random_predictor, time_decode, write
@@ -52,8 +52,9 @@ def main(argv=None):
     ap.add_argument("--methods", default="m_countdown,d_countdown")
     ap.add_argument("--implementations", default="gather,pallas")
     ap.add_argument("--layers", default="unstacked",
-                    help="comma list: stacked (one scan over [L, ...] weights) and/or "
-                         "unstacked (model.unstack_layers: one buffer per layer weight)")
+                    help="comma list: stacked (one scan over [L, ...] weights), unstacked "
+                         "(model.unstack_layers: one buffer per layer weight), fused_qkv "
+                         "(unstacked, q/k/v as one weight: model.fuse_qkv)")
     ap.add_argument("--capacity", default="1.5",
                     help="comma list: index-list capacity as a multiple of (1-r)*m, or "
                          "'none' (no cap: the exact rule; lets pallas use the fused kernel)")
@@ -116,8 +117,9 @@ def main(argv=None):
     sparsities = [float(r) for r in args.sparsities.split(",")]
     layer_forms = args.layers.split(",")
     forms = {"stacked": params}
-    if "unstacked" in layer_forms:     # one buffer per layer weight (a copy of the stack)
-        forms["unstacked"] = jax.block_until_ready(model_lib.unstack_layers(params))
+    for lf in layer_forms:      # copies of the stack in the generate's layer forms
+        if lf != "stacked":
+            forms[lf] = decode_params(params, lf)
     caps = [None if c == "none" else float(c) for c in args.capacity.split(",")]
     m = cfg.d_ff
     attentions = args.attention.split(",")

@@ -1,0 +1,94 @@
+"""The fastest correct decode path for the running backend: the one place "auto" is resolved.
+
+Three choices make decode fast on a GPU (experiments/results/bench_decode.md):
+
+    layers          "unstacked" (``model.unstack_layers``: one buffer per layer weight; a
+                    stacked layer costs the GPU a copy of its q/o weights every step)
+    implementation  "pallas" for a rule whose kernels skip work (the fused kernel at one
+                    token, the index list otherwise; ``ffn``), "masked" for the others
+    attention       "pallas" (the decode-attention kernel, one token per row)
+
+Every one is exact: the kept sets equal the masked reference's (no capacity is added).
+On CPU (and TPU, whose kernels are not tuned here) and under a multi-device mesh (XLA
+cannot partition the kernels) every choice resolves to the portable path: stacked,
+masked, xla. An explicit value is never changed; "auto" (the default of ``generate``,
+``generate_text`` and the CLI) asks for this resolution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from countdown_jax.ffn import _FUSED_RULES
+from countdown_jax.policy import ACCEPTED_IMPLEMENTATIONS, AUTO, SparseSpec
+from countdown_jax.sharding import multi_device_mesh
+
+__all__ = ["ATTENTIONS", "AUTO", "LAYER_FORMS", "SKIPS_WORK", "SPARSE_MAX_TOKENS", "backend",
+           "resolve_attention", "resolve_implementation", "resolve_layers", "resolve_spec"]
+
+ATTENTIONS = ("xla", "pallas")
+# fused_qkv: unstacked, q/k/v projections as one weight (``model.fuse_qkv``; a variant
+# for the GPU comparison, not yet what "auto" picks)
+LAYER_FORMS = ("stacked", "unstacked", "fused_qkv")
+
+# (method, mode) whose "pallas" path reads only the kept rows (no dense s needed to
+# select): the fused kernel's rules plus Deja Vu's predictor (index list). The oracle modes
+# of d_countdown / dejavu / s_countdown need the dense s to select, so masked is faster.
+SKIPS_WORK = frozenset(_FUSED_RULES) | {("dejavu", "predictor")}
+
+# Tokens per call up to which the sparse kernels beat the dense FFN end to end. Measured:
+# batch 1 1.39-1.65x dense (H200, S4-A); batch 4 0.78-0.87x (H200, S4-C), 0.99-1.08x
+# (H100, S3-B). Above it "auto" runs masked (the same kept set, at dense cost).
+# experiments/bench_auto_path.py measures batch 2/4/8 to move it.
+SPARSE_MAX_TOKENS = 1
+
+
+def backend() -> str:
+    """The platform the choices are made for (tests fake a GPU by patching this)."""
+    return jax.default_backend()
+
+
+def _fast() -> bool:
+    return backend() == "gpu" and not multi_device_mesh()
+
+
+def _check(value: str, allowed, what: str):
+    if value != AUTO and value not in allowed:
+        raise ValueError(f"{what} must be {AUTO!r} or one of {tuple(allowed)}, got "
+                         f"{value!r}")
+
+
+def resolve_implementation(spec: SparseSpec, n_tokens: int) -> str:
+    """spec.implementation, or for "auto" the fastest exact one for ``n_tokens`` tokens
+    per call (decode: the batch; prefill: batch x length)."""
+    impl = spec.implementation
+    _check(impl, ACCEPTED_IMPLEMENTATIONS, "implementation")
+    if impl != AUTO:
+        return impl
+    if (_fast() and not spec.is_dense and (spec.method, spec.mode) in SKIPS_WORK
+            and n_tokens <= SPARSE_MAX_TOKENS):
+        return "pallas"
+    return "masked"
+
+
+def resolve_spec(spec: SparseSpec, n_tokens: int) -> SparseSpec:
+    """The spec with "auto" replaced (the spec itself otherwise)."""
+    if spec.implementation != AUTO:
+        return spec
+    return dataclasses.replace(spec, implementation=resolve_implementation(spec, n_tokens))
+
+
+def resolve_attention(attention: str) -> str:
+    _check(attention, ATTENTIONS, "attention")
+    if attention != AUTO:
+        return attention
+    return "pallas" if _fast() else "xla"
+
+
+def resolve_layers(layers: str) -> str:
+    _check(layers, LAYER_FORMS, "layers")
+    if layers != AUTO:
+        return layers
+    return "unstacked" if _fast() else "stacked"

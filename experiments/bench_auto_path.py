@@ -1,0 +1,157 @@
+"""Fast by default, measured (issue #13 item 4): the decode tokens/s the user path gets
+with no flags (``api.generate_tokens``, the code ``countdown-jax generate`` and
+``cj.generate_text`` run once the prompt is tokenized and the rule loaded, every choice
+"auto") against ``bench_decode``'s best path for the same model and rule (unstacked
+layers, Pallas FFN with no capacity, Pallas attention; ``bench.decode.time_decode``), in
+one table with their ratio: the target is the user path within 10% of the best.
+
+The model is random, Llama-3.1-8B-shaped (32 layers, bf16, made on the device; --tiny:
+the CPU smoke shapes), no stop tokens, so every decode step runs. The rules and their
+thresholds / predictor offsets come from bench_decode's calibration (realised sparsity
+near the target; both sides report it). Both sides decode ``--steps`` tokens after a
+``--prompt-len`` prompt; the user path's rate is the median of ``--repeats`` calls of
+the compiled program (compile excluded, as ``generate_text`` reports it).
+
+    PYTHONPATH=. python3 experiments/bench_auto_path.py --out DIR      # GPU, ~2 min
+    python -m experiments.bench_auto_path --tiny --out /tmp/auto       # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from countdown_jax import api
+from countdown_jax.config import ModelConfig
+from countdown_jax.generate import decode_params
+from countdown_jax.policy import SparseSpec, make_policy
+from countdown_jax.sharding import random_params
+from experiments.bench.decode import calibrate, random_predictor, time_decode
+from experiments.bench.harness import write_csv
+from experiments.bench.shapes import LLAMA_3_1_8B, TINY_DECODER
+
+TARGET = 0.9        # the user path's decode rate over the best path's, at least
+
+
+def _setups(params, cfg, predictor, r):
+    """method -> (mode, policy) at sparsity r (dense: no policy)."""
+    tau, theta = calibrate(params, cfg, predictor, r, jax.random.PRNGKey(2))
+    return {"dense": ("ideal", None),
+            "m_countdown": ("threshold", make_policy(cfg.num_layers, threshold=tau)),
+            "d_countdown": ("predictor", make_policy(cfg.num_layers, theta=theta,
+                                                     predictor=predictor))}
+
+
+def user_path(model, spec, policy, batch, steps, prompt_len, repeats):
+    """(median decode tokens/s, realised sparsity, resolved path) of the no-flag path."""
+    tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(0), (batch, prompt_len), 3,
+                                           model.cfg.vocab_size), np.int32)
+    lengths = np.full((batch,), prompt_len, np.int32)
+    outs = [api.generate_tokens(model, tokens, lengths, spec, policy,
+                                max_new_tokens=steps + 1) for _ in range(repeats + 1)]
+    for o in outs:
+        if any(len(ids) != steps + 1 for ids in o.token_ids):
+            raise RuntimeError("a row stopped early: the rates would not compare")
+    rate = statistics.median(o.tokens_per_s for o in outs[1:])   # the first warms up
+    return rate, outs[-1].realised_sparsity, outs[-1].path
+
+
+def best_path(params, cfg, spec, policy, batch, steps, prompt_len, repeats):
+    """bench_decode's best path: unstacked, Pallas FFN (no capacity), Pallas attention."""
+    fast = dataclasses.replace(spec, implementation="pallas") if not spec.is_dense else spec
+    tps, realised, _, _, _ = time_decode(params, cfg, fast, policy, batch, steps, repeats,
+                                         prompt_len, jax.random.PRNGKey(0), attention="pallas")
+    return tps, realised
+
+
+def write(out: Path, name: str, rows):
+    write_csv(out / f"{name}.csv", rows)
+    lines = [f"User path (no flags) vs bench_decode's best path, {rows[0]['shape']}, "
+             f"{rows[0]['device']}, bf16; target: user / best >= {TARGET}.", "",
+             "| method | r | batch | user path (layers / FFN / attention) | user tokens/s | "
+             "best tokens/s | user / best | r realised user / best | within 10% | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['sparsity']} | {r['batch']} | {r['user_path']} | "
+                     f"{r['user_tokens_per_s']} | {r['best_tokens_per_s']} | {r['ratio']} | "
+                     f"{r['realised_user']} / {r['realised_best']} | {r['within_10pct']} | "
+                     f"{r['note']} |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--methods", default="m_countdown,d_countdown,dense")
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--rank", type=int, default=512)
+    ap.add_argument("--budget-s", type=float, default=75.0,
+                    help="start no new setting after this many seconds")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    cfg = ModelConfig.from_hf(TINY_DECODER if args.tiny else LLAMA_3_1_8B)
+    cfg = dataclasses.replace(cfg, eos_token_ids=())          # every step decodes
+    params = random_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
+    predictor = random_predictor(jax.random.PRNGKey(1), cfg, min(args.rank, cfg.d_model))
+    model = api.Model(params=params, cfg=cfg, path=Path("random"), tokenizer=None)
+    setups = _setups(params, cfg, predictor, args.sparsity)
+    # one unstacked copy, shared: the user path's (cached by decode_params) is the best's
+    fast_params = decode_params(params, "unstacked")
+    device = jax.devices()[0].device_kind
+    shape = "tiny" if args.tiny else "llama3.1-8b"
+    name = "bench_auto_path_tiny" if args.tiny else "bench_auto_path"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    print(f"setup {time.perf_counter() - t_start:.1f} s", flush=True)
+    for batch in (int(b) for b in args.batches.split(",")):
+        for method in args.methods.split(","):
+            if time.perf_counter() - t_start > args.budget_s:
+                print("budget spent: stop", flush=True)
+                break
+            mode, policy = setups[method]
+            r = 0.0 if method == "dense" else args.sparsity
+            spec = SparseSpec(method=method, mode=mode, implementation="auto")
+            row = dict(device=device, shape=shape, method=method, sparsity=r, batch=batch,
+                       user_path="", user_tokens_per_s=float("nan"),
+                       best_tokens_per_s=float("nan"), ratio=float("nan"),
+                       realised_user=float("nan"), realised_best=float("nan"),
+                       within_10pct="", note="")
+            t0 = time.perf_counter()
+            try:
+                u_tps, u_real, path = user_path(model, spec, policy, batch, args.steps,
+                                                args.prompt_len, args.repeats)
+                row.update(user_path="/".join(path[k] for k in ("layers", "implementation",
+                                                                 "attention")),
+                           user_tokens_per_s=round(u_tps, 2), realised_user=round(u_real, 4))
+                b_tps, b_real = best_path(fast_params, cfg, spec, policy, batch, args.steps,
+                                          args.prompt_len, args.repeats)
+                row.update(best_tokens_per_s=round(b_tps, 2), realised_best=round(b_real, 4),
+                           ratio=round(u_tps / b_tps, 3),
+                           within_10pct="yes" if u_tps >= TARGET * b_tps else "NO")
+            except Exception as e:      # keep the other rows; say what failed
+                row["note"] = f"{type(e).__name__}: {str(e)[:200]}"
+            row["note"] = (row["note"] + f" ({time.perf_counter() - t0:.0f} s)").strip()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            write(out, name, rows)
+    if rows:
+        print((out / f"{name}.md").read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Fast by default (issue #13 item 4): "auto" resolves to the portable path on CPU and to
+unstacked layers + Pallas FFN (where the rule skips work) + Pallas attention on a GPU
+(faked here by patching ``fast_path.backend``); generation with "auto" equals the
+explicit path it resolves to; explicit values win; bad values are refused by name."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import countdown_jax as cj
+from countdown_jax import api, fast_path
+from countdown_jax import model as model_lib
+from countdown_jax.generate import _CONVERTED, decode_params, generate
+from countdown_jax.policy import SparseSpec, make_policy
+from tests.support import tiny_params
+from tests.test_user_path import CharTokenizer
+
+M_THR = SparseSpec(method="m_countdown", mode="threshold", implementation="auto")
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    monkeypatch.setattr(fast_path, "backend", lambda: "gpu")
+    jax.clear_caches()            # "auto" is a static argument: forget CPU-traced programs
+    monkeypatch.setattr(api, "_COMPILED", {})
+    yield
+    jax.clear_caches()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    params, cfg = tiny_params.tiny_model(seed=7)
+    return jax.tree.map(jnp.asarray, params), dataclasses.replace(cfg, eos_token_ids=())
+
+
+def test_cpu_resolves_to_the_portable_path():
+    assert jax.default_backend() == "cpu"
+    assert fast_path.resolve_implementation(M_THR, 1) == "masked"
+    assert fast_path.resolve_attention("auto") == "xla"
+    assert fast_path.resolve_layers("auto") == "stacked"
+
+
+def test_gpu_choices(fake_gpu):
+    impl = fast_path.resolve_implementation
+    assert impl(M_THR, 1) == "pallas"                       # fused kernel at one token
+    assert impl(M_THR, 4) == "masked"                       # batches: dense beats the lists
+    assert impl(SparseSpec("d_countdown", "predictor", "auto"), 1) == "pallas"
+    assert impl(SparseSpec("dejavu", "predictor", "auto"), 1) == "pallas"
+    assert impl(SparseSpec("d_countdown", "ideal", "auto"), 1) == "masked"  # needs dense s
+    assert impl(SparseSpec(implementation="auto"), 1) == "masked"           # dense
+    assert fast_path.resolve_attention("auto") == "pallas"
+    assert fast_path.resolve_layers("auto") == "unstacked"
+
+
+def test_explicit_values_win(fake_gpu):
+    assert fast_path.resolve_implementation(dataclasses.replace(M_THR, implementation="xla"),
+                                            1) == "xla"
+    assert fast_path.resolve_attention("xla") == "xla"
+    assert fast_path.resolve_layers("stacked") == "stacked"
+    spec = SparseSpec(method="cats", mode="threshold", implementation="masked")
+    assert fast_path.resolve_spec(spec, 1) is spec
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: fast_path.resolve_attention("cuda"), "attention must be 'auto' or one of"),
+    (lambda: fast_path.resolve_layers("flat"), "layers must be 'auto' or one of"),
+    (lambda: SparseSpec(method="cats", implementation="fast"), "unknown implementation 'fast'"),
+])
+def test_bad_values_are_refused(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_decode_params_converts_once(tiny, fake_gpu):
+    params, _ = tiny
+    assert decode_params(params, "stacked") is params
+    un = decode_params(params, "auto")
+    assert isinstance(un["layers"], tuple)
+    assert decode_params(params, "unstacked") is un          # kept while params live
+    assert decode_params(un, "auto") is un                   # already unstacked
+    _CONVERTED.clear()
+
+
+def _gen(params, cfg, spec, policy, **kw):
+    prompt = jnp.asarray([[5, 17, 33, 8, 60, 11]], jnp.int32)
+    g = generate(params, cfg, prompt, jnp.asarray([6], jnp.int32), jax.random.PRNGKey(0),
+                 policy, max_new_tokens=5, spec=spec, **kw)
+    return np.asarray(g.tokens), np.asarray(g.realised_sparsity)
+
+
+def _threshold_policy(cfg):
+    return make_policy(cfg.num_layers, threshold=0.05)
+
+
+def test_auto_equals_the_portable_path_on_cpu(tiny):
+    params, cfg = tiny
+    pol = _threshold_policy(cfg)
+    auto = _gen(params, cfg, M_THR, pol)
+    explicit = _gen(params, cfg, dataclasses.replace(M_THR, implementation="masked"), pol,
+                    attention="xla", layers="stacked")
+    np.testing.assert_array_equal(auto[0], explicit[0])
+    np.testing.assert_array_equal(auto[1], explicit[1])
+    assert 0.0 < float(auto[1].mean()) < 1.0                 # the rule really ran sparse
+
+
+def test_auto_equals_the_gpu_path_when_faked(tiny, fake_gpu, pallas_interpret):
+    """On a faked GPU the kernels run in the Pallas interpreter: "auto" is the explicit
+    fast path, and it keeps the masked reference's tokens and kept sets."""
+    params, cfg = tiny
+    pol = _threshold_policy(cfg)
+    auto = _gen(params, cfg, M_THR, pol)
+    fast = _gen(params, cfg, dataclasses.replace(M_THR, implementation="pallas"), pol,
+                attention="pallas", layers="unstacked")
+    ref = _gen(params, cfg, dataclasses.replace(M_THR, implementation="masked"), pol,
+               attention="xla", layers="stacked")
+    np.testing.assert_array_equal(auto[0], fast[0])
+    np.testing.assert_array_equal(auto[1], fast[1])
+    np.testing.assert_array_equal(auto[0], ref[0])
+    np.testing.assert_allclose(auto[1], ref[1], atol=1e-6)
+    _CONVERTED.clear()
+
+
+def test_generate_text_reports_the_path(tiny, fake_gpu, pallas_interpret):
+    params, cfg = tiny
+    tok = CharTokenizer()
+    tok.eos_token_id = None
+    model = api.Model(params=params, cfg=cfg, path=Path("/nonexistent"), tokenizer=tok)
+    out = cj.generate_text(model, "hello", max_new_tokens=4)
+    assert out.path == dict(layers="unstacked", implementation="masked", attention="pallas")
+    ref = cj.generate_text(model, "hello", max_new_tokens=4, implementation="masked",
+                           attention="xla", layers="stacked")
+    assert ref.path == dict(layers="stacked", implementation="masked", attention="xla")
+    assert out.token_ids == ref.token_ids
+    assert out.tokens_per_s > 0 and out.prefill_tokens_per_s > 0
+    with pytest.raises(ValueError, match="attention must be"):
+        cj.generate_text(model, "hello", max_new_tokens=2, attention="triton")
+    _CONVERTED.clear()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_qkv_equals_separate_projections(tiny, bias):
+    """model.fuse_qkv (one q/k/v weight) against the three projections: forward logits
+    (stacked, scan) and greedy generation (layers="fused_qkv", unrolled) agree."""
+    params, cfg = tiny
+    if bias:
+        rng = np.random.default_rng(1)
+        L, H, K, hd = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        params = {**params, "layers": {**params["layers"], **{
+            n: jnp.asarray(rng.standard_normal((L, h, hd)).astype(np.float32))
+            for n, h in (("bq", H), ("bk", K), ("bv", K))}}}
+        cfg = dataclasses.replace(cfg, qkv_bias=True)
+    fused = model_lib.fuse_qkv(params)
+    assert "wqkv" in fused["layers"] and "wq" not in fused["layers"]
+    assert ("bqkv" in fused["layers"]) == bias
+    tokens = jnp.asarray([[5, 17, 33, 8, 60, 11]], jnp.int32)
+    ref, _ = model_lib.forward(params, cfg, tokens)
+    got, _ = model_lib.forward(fused, cfg, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    pol = _threshold_policy(cfg)
+    a = _gen(params, cfg, M_THR, pol, layers="stacked")
+    b = _gen(params, cfg, M_THR, pol, layers="fused_qkv")
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_allclose(a[1], b[1], atol=1e-6)
+    _CONVERTED.clear()
+
+
+def test_the_copy_goes_with_its_source(fake_gpu):
+    import gc
+
+    params, _ = tiny_params.tiny_model(seed=11)
+    params = jax.tree.map(jnp.asarray, params)
+    decode_params(params, "auto")
+    assert len(_CONVERTED) == 1
+    del params
+    gc.collect()
+    assert not _CONVERTED
