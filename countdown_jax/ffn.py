@@ -55,6 +55,7 @@ from countdown_jax.gated import activation, coefficients, down_sum, layer_weight
 from countdown_jax.kernels._platform import pallas_backend
 # The kernel ops are called through their api modules (one attribute look-up at trace time).
 from countdown_jax.kernels.fused_sparse_ffn import api as fused_sparse_ffn_api
+from countdown_jax.kernels.proxy_scores import api as proxy_scores_api
 from countdown_jax.kernels.sparse_ffn import api as sparse_ffn_api
 from countdown_jax.policy import DENSE, SparseSpec, check_layer
 from countdown_jax.selection import (kept_fraction, limit_to_capacity, mask_to_indices,
@@ -174,7 +175,13 @@ def _gathered(stack, x, act, spec, layer, sparse):
     elif spec.mode != "predictor" and spec.method == "m_countdown":
         u = project(xs, mlp["up"])
         coef, dense = u, "up"
-    q = spec_quantity(spec, mlp, xs, act, layer, g=g, u=u)
+    if spec.mode == "proxy":
+        # the low-bit copy's |s_hat| from the kernel that streams its packed bytes
+        pr = layer["proxy"]
+        q = proxy_scores_api.proxy_scores(xs, pr["packed"], pr["scale"], act=act,
+                                          implementation=spec.implementation)
+    else:
+        q = spec_quantity(spec, mlp, xs, act, layer, g=g, u=u)
     fused = _fused_method(spec, xs.shape[0])
     if fused is not None:
         # Same scores and comparison as ``select``: |u| > tau, |act(g)| > tau, z > theta

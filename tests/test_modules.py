@@ -24,6 +24,7 @@ from countdown_jax import model as model_lib
 from countdown_jax.ffn import ffn
 from countdown_jax.modules import CountdownLM, SparseGatedMLP, shard_module
 from countdown_jax.policy import DENSE, METHOD_MODES, SparseSpec, make_policy
+from countdown_jax.proxy import quantize_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 D, M, H, HD, V, L, RANK = 32, 96, 4, 8, 61, 2, 8
@@ -31,7 +32,8 @@ RULES = [(meth, mode) for meth, modes in METHOD_MODES.items() if meth != "dense"
          for mode in modes]
 # One layer's policy per mode (threshold 0.3 keeps part of every rule's neurons here).
 VALUES = {"ideal": 0.6, "topk": 0.6, "threshold": 0.3, "predictor": 0.5,
-          "cascade": (-0.5, 0.05)}          # cascade: (theta of the candidates, |s| tau)
+          "cascade": (-0.5, 0.05),          # cascade: (theta of the candidates, |s| tau)
+          "proxy": 0.05}                    # |s_hat| tau of the 4-bit proxy (group 8)
 
 
 # -- a researcher's Flax NNX model ---------------------------------------------------------
@@ -113,11 +115,16 @@ def _weights(mlp: LlamaMLP):
             "down": mlp.down_proj.kernel[...]}
 
 
-def _policies(mode):
-    """One policy per layer (a predictor: random V [d, rank], U [m, rank])."""
+def _policies(mode, model=None):
+    """One policy per layer (a predictor: random V [d, rank], U [m, rank]; a proxy: the
+    4-bit copy of ``model``'s layer)."""
     out = []
     for l in range(L):
-        if mode in ("predictor", "cascade"):
+        if mode == "proxy":
+            w = _weights(model.blocks[l].mlp)
+            out.append({"threshold": VALUES[mode],
+                        "proxy": quantize_mlp({"gate": w["gate"], "up": w["up"]}, 4, 8)})
+        elif mode in ("predictor", "cascade"):
             kv, ku = jax.random.split(jax.random.key(10 + l))
             theta, tau = VALUES[mode] if mode == "cascade" else (VALUES[mode], None)
             out.append({"theta": theta, "predictor": {
@@ -129,6 +136,11 @@ def _policies(mode):
             key = {"ideal": "sparsity", "topk": "sparsity", "threshold": "threshold"}[mode]
             out.append({key: VALUES[mode]})
     return out
+
+
+def _bf16(a):
+    """The proxy's scales are stored in bfloat16: the reference rounds them the same way."""
+    return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16), np.float64)
 
 
 def _swap(model, spec, policies=None):
@@ -144,9 +156,10 @@ def _swap(model, spec, policies=None):
 def _layer_policy(pol):
     """The stored form ffn.ffn reads: float32 scalars, predictor as {"Vt", "U"}."""
     return jax.tree.map(lambda a: a[0], make_policy(
-        1, **{k: v for k, v in pol.items() if k != "predictor"},
+        1, **{k: v for k, v in pol.items() if k not in ("predictor", "proxy")},
         predictor=None if "predictor" not in pol else
-        jax.tree.map(lambda a: a[None], pol["predictor"])))
+        jax.tree.map(lambda a: a[None], pol["predictor"]),
+        proxy=None if "proxy" not in pol else jax.tree.map(lambda a: a[None], pol["proxy"])))
 
 
 # -- drop-in ---------------------------------------------------------------------------------
@@ -160,7 +173,8 @@ def test_dense_swap_equals_the_flax_model():
 
 @pytest.mark.parametrize("method,mode", RULES)
 def test_sparse_swap_equals_functional_and_numpy(method, mode):
-    model, spec, pols = _model(), SparseSpec(method, mode), _policies(mode)
+    model, spec = _model(), SparseSpec(method, mode)
+    pols = _policies(mode, model)
     swapped = _swap(model, spec, pols)
     got, inter = nnx.capture(lambda m: m(TOKENS), nnx.Intermediate)(swapped)
     seen = {}
@@ -179,6 +193,9 @@ def test_sparse_swap_equals_functional_and_numpy(method, mode):
         if mode == "cascade":
             _, mask = ref.cascade(w64, h, pred64, pols[l]["theta"], pols[l]["threshold"],
                                   "silu")
+        elif mode == "proxy":
+            mask, _ = ref.proxy_rule(w64, h, 4, 8, pols[l]["threshold"], "silu",
+                                     round_scale=_bf16)
         else:
             q = (ref.predictor_logits(pred64, h) if mode == "predictor"
                  else ref.quantity(method, w64, h, "silu"))

@@ -104,17 +104,22 @@ def test_skipped_rows_unread():
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_fused_path_equals_masked(monkeypatch, pallas_interpret, n):
-    """implementation="pallas" at decode routes to the fused kernel (method "d" on the
-    proxy's scores, interpret mode as on a GPU), reading the model's stack in place."""
+    """implementation="pallas" at decode: the proxy-scores kernel, then the fused kernel
+    (method "d" on those scores; interpret mode, as on a GPU), reading the model's stack
+    in place."""
     import countdown_jax.ffn as ffn_mod
     from countdown_jax.kernels import _platform
     from countdown_jax.kernels.fused_sparse_ffn import api as fused_api
     monkeypatch.setattr(ffn_mod, "_FUSED_MAX_TOKENS", 3)
     monkeypatch.setattr(ffn_mod, "pallas_backend", lambda: "pallas_gpu")
-    calls = []
+    from countdown_jax.kernels.proxy_scores import api as proxy_api
+    calls, scored = [], []
     real = fused_api.fused_sparse_ffn
     monkeypatch.setattr(fused_api, "fused_sparse_ffn",
                         lambda *a, **kw: calls.append(kw["method"]) or real(*a, **kw))
+    real_scores = proxy_api.proxy_scores
+    monkeypatch.setattr(proxy_api, "proxy_scores", lambda *a, **kw: scored.append(
+        kw["implementation"]) or real_scores(*a, **kw))
     m, d = 37, 16
     mlp, x = _problem(30, m, d, tokens=(4,))
     x = jnp.asarray(x[:n])
@@ -132,7 +137,7 @@ def test_fused_path_equals_masked(monkeypatch, pallas_interpret, n):
                   static_argnums=2)
     y, kept = run({**stack, "layer": jnp.int32(1)}, layer, _spec("pallas"))
     ym, km = run({k: jnp.asarray(v) for k, v in mlp.items()}, layer, _spec("masked"))
-    assert calls == ["d"]
+    assert calls == ["d"] and scored == ["pallas"]     # the proxy kernel, then the fused FFN
     np.testing.assert_array_equal(np.rint(np.asarray(kept) * m), keep.sum(-1))
     np.testing.assert_array_equal(np.rint(np.asarray(km) * m), keep.sum(-1))
     np.testing.assert_allclose(np.asarray(y), np.asarray(ym), rtol=1e-5, atol=1e-6)

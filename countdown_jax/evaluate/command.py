@@ -8,7 +8,7 @@ from pathlib import Path
 from countdown_jax.evaluate.items import FEWSHOT_VARIANTS, build_items, canonical_tasks, task_names
 from countdown_jax.evaluate.metrics import summarize
 from countdown_jax.evaluate.scoring import score
-from countdown_jax.evaluate.settings import PRACTICAL_MODE, settings_for
+from countdown_jax.evaluate.settings import EVAL_MODES, settings_for, spec_mode
 
 METHODS = ("cats", "m_countdown", "d_countdown", "dejavu", "s_countdown")
 
@@ -21,12 +21,8 @@ def _check(args):
     args.tasks = canonical_tasks(args.tasks, args.num_fewshot)
     for method in args.method:
         for mode in args.mode:
-            if mode == "practical" and method not in PRACTICAL_MODE:
-                raise ValueError(f"{method} has no practical mode (oracle only); use "
-                                 "--mode ideal")
             for r in args.sparsity:
-                api.check_setup(args.model_dir, method, PRACTICAL_MODE.get(method, "ideal")
-                                if mode == "practical" else "ideal", r)
+                api.check_setup(args.model_dir, method, spec_mode(method, mode), r)
     if args.out is not None:
         out = Path(args.out)
         if out.is_dir():
@@ -108,9 +104,10 @@ def register(subparsers):
                         f"held-out BoolQ passages); one of {', '.join(task_names())}")
     p.add_argument("--method", nargs="+", default=["m_countdown"], choices=METHODS,
                    help="sparse methods (dense is always scored too)")
-    p.add_argument("--mode", nargs="+", default=["ideal"], choices=("ideal", "practical"),
+    p.add_argument("--mode", nargs="+", default=["ideal"], choices=EVAL_MODES,
                    help="ideal: per-token oracle; practical: saved thresholds (cats, "
-                        "m_countdown) or predictor (d_countdown, dejavu)")
+                        "m_countdown) or predictor (d_countdown, dejavu); proxy: "
+                        "d_countdown's low-bit proxy (calibrate --proxy-bits)")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9],
                    metavar="R", help="target sparsities in [0, 1)")
     p.add_argument("--n", type=positive_int, default=50,

@@ -10,6 +10,24 @@ from countdown_jax.policy import DENSE, SparseSpec, make_policy, stack_policies
 # eval's practical mode = the method's deployable rule (generate's --mode names it)
 PRACTICAL_MODE = {"cats": "threshold", "m_countdown": "threshold", "d_countdown": "predictor",
                   "dejavu": "predictor"}
+EVAL_MODES = ("ideal", "practical", "proxy")
+
+
+def spec_mode(method: str, mode: str) -> str:
+    """eval's --mode -> the SparseSpec mode: ideal; practical = the method's deployable
+    rule (PRACTICAL_MODE); proxy = D-COUNTDOWN's low-bit proxy (d_countdown only)."""
+    if mode == "ideal":
+        return "ideal"
+    if mode == "practical":
+        if method not in PRACTICAL_MODE:
+            raise ValueError(f"{method} has no practical mode (oracle only); use --mode ideal")
+        return PRACTICAL_MODE[method]
+    if mode == "proxy":
+        if method != "d_countdown":
+            raise ValueError(f"--mode proxy is D-COUNTDOWN's low-bit proxy: use --method "
+                             f"d_countdown, not {method!r}")
+        return "proxy"
+    raise ValueError(f"unknown eval mode {mode!r}; expected one of {EVAL_MODES}")
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
@@ -53,7 +71,7 @@ def settings_for(model, methods, modes, sparsities) -> list[Setting]:
             if mode == "ideal":
                 out.append(ideal_setting(L, method, sparsities))
                 continue
-            practical = PRACTICAL_MODE.get(method, "threshold")   # others: SparseSpec refuses
+            practical = spec_mode(method, mode)
             pols = []
             for r in sparsities:
                 spec, pol = api.sparsity_setup(model, method, practical, r)
