@@ -327,18 +327,7 @@ def _check_proxy_dims(proxy, d, m, lead):
         raise ValueError(f"proxy 'packed' and 'scale' must have shape {pre}2, m, ...] (gate "
                          f"and up rows), got {list(shape)} and "
                          f"{list(np.shape(proxy['scale']))}")
-    m = shape[-2] if m is None else m
-    if d is not None:
-        check_proxy(proxy, m=m, d=d, leading=tuple(shape[:lead]))
-        return
-    for key, want in (("packed", jnp.uint8), ("scale", None)):
-        dt = proxy[key].dtype
-        if (dt != want) if want is not None else not jnp.issubdtype(dt, jnp.floating):
-            raise ValueError(f"proxy {key!r} must be {'uint8' if want else 'floating point'}, "
-                             f"got {dt}")
-        if tuple(np.shape(proxy[key])[:-1]) != tuple(shape[:lead]) + (2, m):
-            raise ValueError(f"proxy {key!r} has shape {list(np.shape(proxy[key]))}, expected "
-                             f"{list(shape[:lead]) + [2, m]} + [...]")
+    check_proxy(proxy, m=shape[-2] if m is None else m, d=d, leading=tuple(shape[:lead]))
 
 
 def stack_policies(policies) -> dict:

@@ -85,8 +85,10 @@ def proxy_format(proxy, d: int) -> tuple[int, int]:
     return bits, d // scale.shape[-1]
 
 
-def check_proxy(proxy, *, m: int, d: int, leading: tuple[int, ...] = ()):
-    """Validate a proxy's keys, dtypes and shapes for an FFN of m neurons and width d."""
+def check_proxy(proxy, *, m: int, d: int | None, leading: tuple[int, ...] = ()):
+    """Validate a proxy's keys, dtypes and shapes for an FFN of m neurons and width d
+    (None: the width is not known yet, e.g. when a policy is built). Returns (bits,
+    group), or None without d."""
     if not isinstance(proxy, dict) or set(proxy) != {"packed", "scale"}:
         got = sorted(proxy) if isinstance(proxy, dict) else type(proxy).__name__
         raise ValueError(f"proxy must be a dict with keys 'packed' and 'scale', got {got}")
@@ -100,7 +102,7 @@ def check_proxy(proxy, *, m: int, d: int, leading: tuple[int, ...] = ()):
         if tuple(a.shape[:-1]) != want:
             raise ValueError(f"proxy {key!r} must have shape {list(want)} + [...] "
                              f"(gate and up rows), got {list(a.shape)}")
-    return proxy_format(proxy, d)
+    return None if d is None else proxy_format(proxy, d)
 
 
 def dequantize(proxy, d: int):
