@@ -205,7 +205,8 @@ def plot(rows, model, path: Path):
             scale = dense[0] if metric == "ppl" and dense else 1.0
             front = pareto(rows, model, rule, task, metric, lower_is_better=metric == "ppl",
                            oracle=oracle)
-            alpha = 0.5 + 0.5 * ("rank" not in rule or rule.endswith("rank64"))
+            alpha = 0.5 + 0.5 * (("rank" not in rule or rule.endswith("rank64"))
+                                 and not rule.endswith("2bit"))     # variants lighter
             ax.scatter([p[0] for p in pts], [p[1] / scale for p in pts], s=8, color=base,
                        alpha=0.4 * alpha)
             ax.plot([p[0] for p in front[0]], [p[1] / scale for p in front[0]], ls, marker="o",
