@@ -1,7 +1,8 @@
 """What every kernel op shares: the implementation vocabulary, backend resolution, the
 interpret-mode setting, and the flat view of the model's stacked weights.
 
-One vocabulary for every op (``sparse_ffn``, ``fused_sparse_ffn``, ``decode_attention``):
+One vocabulary for every op (``sparse_ffn``, ``fused_sparse_ffn``, ``decode_attention``,
+``proxy_scores``):
 
     "xla"         plain JAX (the op's reference, or its XLA form)
     "pallas"      the Pallas kernel of the running platform; where the op has none (CPU, or
