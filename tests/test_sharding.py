@@ -53,16 +53,12 @@ def _worker():
     from countdown_jax import model as M
     from countdown_jax import parallel_selection, selection, sharding
     from countdown_jax.config import ModelConfig
+    from tests.support import tiny_params
     from countdown_jax.generate import generate
     from countdown_jax.policy import SparseSpec, make_policy
 
     assert len(jax.devices()) == 4, jax.devices()
-    hf = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=98,
-              hidden_size=32, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6,
-              rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
-              max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    cfg = ModelConfig.from_hf(hf)
+    cfg = ModelConfig.from_hf(tiny_params.MESH_HF)
     L, d, m = cfg.num_layers, cfg.d_model, cfg.d_ff
     params = sharding.random_params(cfg, jax.random.key(0))
     B, T = 4, 5

@@ -16,6 +16,10 @@ HF = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=97,
           num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=10000.0,
           hidden_act="silu", tie_word_embeddings=True, max_position_embeddings=512,
           bos_token_id=1, eos_token_id=2, pad_token_id=0)
+# The decoder the fake-device sharding tests split (test_sharding, test_sharding_kernels):
+# 2 layers, an untied head, a vocabulary that is not a power of two.
+MESH_HF = {**HF, "vocab_size": 98, "num_hidden_layers": 2, "tie_word_embeddings": False,
+           "max_position_embeddings": 64}
 
 
 def tiny_model(seed: int = 0, **overrides):
