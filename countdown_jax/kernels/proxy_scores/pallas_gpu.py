@@ -96,27 +96,23 @@ def _kernel(*refs, act, m, d, n_tok, tb, bits, bc, G, gb, ntile, cfg: ProxyConfi
     f = activation(act)
     top = (2 ** bits - 1) << (23 - bits)      # the top ``bits`` of a float32 mantissa
 
+    def rows_at(ref, rows, cols, limit):
+        """ref[r, cols] for each row set r (gate, up); in a ragged last tile the columns
+        at or past ``limit`` read 0."""
+        if not ragged:
+            return [ref[r[:, None], cols[None, :]] for r in rows]
+        mask = jnp.broadcast_to((cols < limit)[None, :], (bm, cols.shape[0]))
+        return [plt.load(ref.at[r[:, None], cols[None, :]], mask=mask, other=0) for r in rows]
+
     def load(k):
         """Tile k's codes [bm, bc] uint8 and scales ([bm] or [bm, G]) of gate and up; k
         past the end re-reads the last tile (in bounds, already cached)."""
         k = jnp.minimum(k, ntile - 1)
-        cols = k * bc + ar
-        if ragged:
-            mask = jnp.broadcast_to((cols < nb)[None, :], (bm, bc))
-            codes = [plt.load(p_ref.at[r[:, None], cols[None, :]], mask=mask, other=0)
-                     for r in prow]
-        else:
-            codes = [p_ref[r[:, None], cols[None, :]] for r in prow]
+        codes = rows_at(p_ref, prow, k * bc + ar, nb)
         if G == 1:
             scales = [s_ref[r, (k * bc) // gb] for r in srow]
         else:
-            scol = k * G + jnp.arange(G, dtype=jnp.int32)
-            if ragged:
-                smask = jnp.broadcast_to((scol < ng)[None, :], (bm, G))
-                scales = [plt.load(s_ref.at[r[:, None], scol[None, :]], mask=smask, other=0)
-                          for r in srow]
-            else:
-                scales = [s_ref[r[:, None], scol[None, :]] for r in srow]
+            scales = rows_at(s_ref, srow, k * G + jnp.arange(G, dtype=jnp.int32), ng)
         return (*codes, *scales)
 
     def compute(k, tile, accs):
