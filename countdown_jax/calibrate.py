@@ -244,25 +244,23 @@ def threshold_policy(cfg, threshold):
 
 
 def save_thresholds(model_dir, method: str, r: float, threshold, *, kind: str = "thresholds",
-                    meta: dict | None = None):
+                    meta: dict | None = None, extra: dict | None = None):
+    """Per-layer thresholds (plus ``extra`` arrays) where ``api.sparsity_setup`` reads them."""
     from conversion.checkpoint import save_tree
     from countdown_jax.api import policy_name
 
     return save_tree(model_dir, policy_name(kind, method, r),
-                     {"threshold": np.asarray(threshold, np.float32)}, meta=meta or {})
+                     {"threshold": np.asarray(threshold, np.float32), **(extra or {})},
+                     meta=meta or {})
 
 
 def save_proxy_thresholds(model_dir, r: float, threshold, bits: int, group: int, *,
                           meta: dict | None = None):
     """D-COUNTDOWN's proxy mode: per-layer tau on |s_hat| and the proxy's format (the proxy
     itself is rebuilt from the weights, ``proxy.quantize_mlp``)."""
-    from conversion.checkpoint import save_tree
-    from countdown_jax.api import policy_name
-
-    return save_tree(model_dir, policy_name("proxy", "d_countdown", r),
-                     {"threshold": np.asarray(threshold, np.float32),
-                      "bits": np.asarray(bits, np.int32), "group": np.asarray(group, np.int32)},
-                     meta=meta or {})
+    return save_thresholds(model_dir, "d_countdown", r, threshold, kind="proxy", meta=meta,
+                           extra={"bits": np.asarray(bits, np.int32),
+                                  "group": np.asarray(group, np.int32)})
 
 
 def calibration_rows(tokenizer, seq_len: int, rows: int, *, held_out: bool = False):
@@ -299,9 +297,8 @@ def _run(args):
     report = []
     for r in stats.sparsities:
         tau = stats.thresholds(r, args.stat, args.agg, args.offset)
-        pol = threshold_policy(cfg, tau)
-        if proxy is not None:
-            pol = make_policy(cfg.num_layers, threshold=tau, proxy=proxy)
+        pol = (threshold_policy(cfg, tau) if proxy is None
+               else make_policy(cfg.num_layers, threshold=tau, proxy=proxy))
         on_calib = realised_sparsity(params, cfg, tokens, lengths, spec, pol)
         held = realised_sparsity(params, cfg, held_tokens, held_lengths, spec, pol)
         meta = dict(method=args.method, sparsity=r, stat=args.stat, agg=args.agg,
