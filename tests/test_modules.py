@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import jax
@@ -489,5 +488,4 @@ def test_sharded_countdown_lm_equals_functional(sharded):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-    _worker()
+    fake_devices.worker_main(_worker)

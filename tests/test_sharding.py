@@ -9,7 +9,6 @@ do not split 4 ways, the replicated-attention fallback - and (data=2, model=2).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -347,8 +346,4 @@ def test_shard_capacity(report):
 
 
 if __name__ == "__main__":
-    if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_force_host_platform_device_count=4").strip()
-    sys.path.insert(0, str(ROOT))
-    _worker()
+    fake_devices.worker_main(_worker)

@@ -13,7 +13,6 @@ process (``tests.support.fake_devices``), like test_sharding.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -193,8 +192,4 @@ def test_one_all_reduce_per_block_and_the_kernels_run(report, case):
 
 
 if __name__ == "__main__":
-    if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_force_host_platform_device_count=4").strip()
-    sys.path.insert(0, str(ROOT))
-    _worker()
+    fake_devices.worker_main(_worker)

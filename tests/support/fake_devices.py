@@ -15,6 +15,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def worker_main(worker, devices: int = 4):
+    """A worker module's ``__main__``: N fake CPU devices unless XLA_FLAGS already asks for
+    a count (``run_worker`` does), the repository on the path, then ``worker()``."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    sys.path.insert(0, str(ROOT))
+    worker()
+
+
 def run_worker(path, devices: int = 4, timeout: int = 900) -> dict:
     env = dict(os.environ)
     # LLVM -O0 roughly halves the compile time that dominates these workers (reference and
