@@ -25,7 +25,6 @@ pytree carries no static metadata and sweeps ``vmap`` over it like any policy en
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
