@@ -41,13 +41,21 @@ def _f(x):
 
 def mc_mean_rows(rows):
     """Per (model, setting, policy, metric): the mean over the multiple-choice tasks with
-    sparse positions (BoolQ's one-token answers cannot change), stderrs combined."""
+    sparse positions (BoolQ's one-token answers cannot change), stderrs combined. Only
+    settings scored on every such task the model has get one (a task group may be run
+    with fewer settings, e.g. HellaSwag at one predictor rank): means over different task
+    sets are not comparable."""
     groups = defaultdict(list)
     for r in rows:
         if r["task"] in MC_TASKS and r["metric"] in ("acc", "acc_norm"):
             groups[(r["model"], r["setting"], int(r["policy_index"]), r["metric"])].append(r)
+    tasks = defaultdict(set)
+    for (model, _, _, metric), rs in groups.items():
+        tasks[model, metric] |= {r["task"] for r in rs}
     out = []
-    for rs in groups.values():
+    for (model, _, _, metric), rs in groups.items():
+        if {r["task"] for r in rs} != tasks[model, metric]:
+            continue
         n = len(rs)
         base = dict(rs[0])
         base.update(task="mc_mean", n_examples=sum(int(r["n_examples"]) for r in rs),

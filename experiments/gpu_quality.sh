@@ -9,6 +9,7 @@
 #   python -m experiments.gpu_pieces make smollm2 .stage             # dev box: the pieces
 #   bash experiments/gpu_quality.sh stage .stage/sa                 # carry .stage/sa
 #   bash experiments/gpu_quality.sh launch smollm2 1 .stage/sb [quality_frontier args]
+#   bash experiments/gpu_quality.sh queue smollm2 hellaswag 0:gemma3/eval.done  # then, next free GPU
 #   bash experiments/gpu_quality.sh poll 540                          # wait, then collect
 #   bash experiments/gpu_quality.sh run smollm2 [DIR] [args]          # foreground (one GPU)
 #
@@ -50,6 +51,16 @@ prepare() {   # model -> converted model dir in $ST/models/<model>
   echo "$dir"
 }
 
+eval_cmd() {  # group base res -> the eval command of a task group, touching its marker
+  local tasks=$1
+  [ "$1" = rest ] && tasks="arc_easy arc_challenge piqa winogrande openbookqa boolq lambada boolq_ppl"
+  local extra=""
+  [ "$1" = hellaswag ] && extra=${HS_ARGS:-}
+  local mark=eval
+  [ "$1" = rest ] || mark=$1
+  echo "$2 --stage eval --tasks $tasks $extra && touch $3/$mark.done"
+}
+
 collect() {
   [ -d "$ST/res" ] && tar czf "${OUT:-/tmp}/res.tgz" -C "$ST" res
   for f in "$ST"/res/*/chain.log; do
@@ -74,23 +85,46 @@ case "$cmd" in
     nvidia-smi --query-gpu=index,name,memory.total --format=csv
     base=(python3 -m experiments.quality_frontier --model "$dir" --name "$model"
           --work "$ST/work/$model" --out "$res" "$@")
-    rest="arc_easy arc_challenge piqa winogrande openbookqa boolq lambada boolq_ppl"
-    # fit, every task but HellaSwag, then HellaSwag: each stage writes its results
-    CUDA_VISIBLE_DEVICES=$gpu JAX_COMPILATION_CACHE_DIR=$ST/jaxcache setsid nohup bash -c "
-      ${base[*]} --stage fit && touch $res/fit.done &&
-      ${base[*]} --stage eval --tasks $rest && touch $res/eval.done &&
-      ${base[*]} --stage eval --tasks hellaswag ${HS_ARGS:-} && touch $res/hellaswag.done" \
+    # fit, then the task groups in EVALS (default: every task but HellaSwag, then
+    # HellaSwag); each stage writes its results as it ends
+    chain="${base[*]} --stage fit && touch $res/fit.done"
+    for group in ${EVALS:-rest hellaswag}; do
+      chain+=" && $(eval_cmd "$group" "${base[*]}" "$res")"
+    done
+    CUDA_VISIBLE_DEVICES=$gpu JAX_COMPILATION_CACHE_DIR=$ST/jaxcache setsid nohup bash -c "$chain" \
       > "$res/chain.log" 2>&1 < /dev/null &
     sleep 20; collect ;;
+  queue)                       # model group gpu:marker,... [args]: run one task group of a
+    # launched model on the first GPU whose marker file (under $ST/res) appears, once the
+    # model's fit is done: spreads the last group over whichever GPU frees first
+    model=$1 group=$2 slots=$3
+    shift 3
+    res=$ST/res/$model
+    base=(python3 -m experiments.quality_frontier --model "$ST/models/$model" --name "$model"
+          --work "$ST/work/$model" --out "$res" "$@")
+    setsid nohup bash -c "
+      until [ -f $res/fit.done ]; do sleep 5; done
+      while :; do
+        for s in ${slots//,/ }; do
+          [ -f $ST/res/\${s#*:} ] && { gpu=\${s%%:*}; break 2; }
+        done
+        sleep 5
+      done
+      echo queue: $group on GPU \$gpu
+      CUDA_VISIBLE_DEVICES=\$gpu JAX_COMPILATION_CACHE_DIR=$ST/jaxcache $(eval_cmd "$group" "${base[*]}" "$res")" \
+      > "$res/queue_$group.log" 2>&1 < /dev/null &
+    sleep 1; echo "queued $model $group on $slots" ;;
   poll)                        # seconds: wait until every launched chain ended, then collect
     end=$((SECONDS + $1))
     while [ $SECONDS -lt $end ]; do
-      running=$(pgrep -f experiments.quality_frontier | wc -l || true)
+      running=$(pgrep -f "experiments.quality_frontier|until \[ -f" | wc -l || true)
       [ "$running" -eq 0 ] && break
       sleep 15
     done
     nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv
     collect ;;
+  prepare)                     # model: convert and check it ahead (CPU; e.g. while a GPU is busy)
+    JAX_PLATFORMS=cpu prepare "$1" ;;
   collect)
     collect ;;
   run)                         # model [dir] [args]: foreground, one GPU
@@ -104,6 +138,6 @@ case "$cmd" in
       --work "$ST/work/$model" "$@" 2>&1 | tee "${OUT:-/tmp}/frontier_$model.log"
     cp experiments/results/frontier* "${OUT:-/tmp}/" 2>/dev/null || true ;;
   *)
-    echo "usage: $0 stage DIR | launch MODEL GPU [DIR] [args] | poll SECONDS | collect | run MODEL [DIR] [args]" >&2
+    echo "usage: $0 stage DIR | prepare MODEL | launch MODEL GPU [DIR] [args] | poll SECONDS | collect | run MODEL [DIR] [args]" >&2
     exit 2 ;;
 esac

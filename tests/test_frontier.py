@@ -81,6 +81,17 @@ def test_task_groups_written_apart_and_merged(tmp_path, monkeypatch):
                                  "mc_mean": (0.6 + 0.9 + 0.4) / 3})
 
 
+def test_mc_mean_only_for_settings_scored_on_every_task():
+    """A task group run with fewer settings (HellaSwag at one rank) leaves the other
+    settings without an MC mean rather than a mean over fewer tasks."""
+    rows = [_row("r", 0.5, s, task=t, metric="acc_norm") for t, s in
+            [("arc_easy", 0.6), ("piqa", 0.8), ("hellaswag", 0.4)]]
+    rows += [dict(_row("r", 0.5, s, task=t, metric="acc_norm"), setting="other")
+             for t, s in [("arc_easy", 0.9), ("piqa", 0.9)]]
+    (m,) = R.mc_mean_rows(rows)
+    assert m["setting"] != "other" and m["score"] == pytest.approx(0.6)
+
+
 def test_mc_mean_averages_tasks_with_sparse_positions_only():
     rows = [_row("r", 0.5, s, task=t, metric="acc_norm") for t, s in
             [("arc_easy", 0.6), ("piqa", 0.8), ("boolq", 0.1)]]
