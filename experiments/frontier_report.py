@@ -198,9 +198,10 @@ def plot(rows, model, path: Path):
               "d_countdown-practical": "tab:green", "d_countdown-cascade": "tab:red",
               "d_countdown-proxy": "tab:purple"}
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    n_mc = len({r["task"] for r in rows if r["model"] == model and r["task"] in MC_TASKS})
     for ax, (task, metric, title) in zip(axes, (
             ("boolq_ppl", "ppl", "BoolQ-passage perplexity / dense (log)"),
-            ("mc_mean", "acc_norm", "mean MC acc_norm (tasks scored)"))):
+            ("mc_mean", "acc_norm", f"mean MC acc_norm ({n_mc} tasks)"))):
         dense = [_f(r["score"]) for r in rows if r["model"] == model and r["rule"] == "dense"
                  and r["task"] == task and r["metric"] == metric]
         for rule in rules:
