@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +48,39 @@ def test_data_files_are_what_fitting_and_evaluation_read():
             "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"} <= rel
     assert data.read_arrow.__name__ == "read_arrow" and data.read_arrow.__module__ == \
         "countdown_jax.data"                            # the readers are restored
+
+
+def _stub_python(tmp_path):
+    """A `python3` on PATH that records which GPU and arguments each call got."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "python3"
+    stub.write_text('#!/bin/sh\necho "gpu=$CUDA_VISIBLE_DEVICES $*" >> "$HOME/calls.log"\n')
+    stub.chmod(0o755)
+    return bin_dir
+
+
+def test_queue_runs_a_task_group_on_the_first_gpu_freed(tmp_path):
+    """gpu_quality.sh queue waits for the model's fit, then for the first slot whose marker
+    appears, and runs that task group there (HellaSwag args from HS_ARGS) and marks it."""
+    script = Path(__file__).resolve().parents[1] / "experiments" / "gpu_quality.sh"
+    env = dict(os.environ, HOME=str(tmp_path), HS_ARGS="--ranks 64",
+               PATH=f"{_stub_python(tmp_path)}:{os.environ['PATH']}")
+    res = tmp_path / "stage" / "res"
+    (res / "gemma3").mkdir(parents=True)
+    (res / "smollm2").mkdir()
+    subprocess.run(["bash", str(script), "queue", "gemma3", "hellaswag",
+                    "1:smollm2/hellaswag.done,0:gemma3/eval.done", "--ranks", "64", "128"],
+                   env=env, check=True, capture_output=True, timeout=30)
+    (res / "gemma3" / "eval.done").touch()          # GPU 0 frees first, but no fit yet
+    time.sleep(6)
+    assert not (tmp_path / "calls.log").exists()
+    (res / "gemma3" / "fit.done").touch()
+    for _ in range(60):
+        if (res / "gemma3" / "hellaswag.done").exists():
+            break
+        time.sleep(0.5)
+    call = (tmp_path / "calls.log").read_text()
+    assert call.startswith("gpu=0 -m experiments.quality_frontier")
+    assert "--stage eval --tasks hellaswag --ranks 64" in call
+    assert (res / "gemma3" / "hellaswag.done").exists()
