@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from countdown_jax import model as model_lib
 from countdown_jax.fast_path import resolve_layers
 from countdown_jax.policy import DENSE, SparseSpec
+from countdown_jax.sharding import MODEL, axis_size, context_mesh, head_axis
 
 __all__ = ["GREEDY", "Generation", "Sampling", "decode_params", "generate", "layer_form",
            "sample"]
@@ -178,13 +179,23 @@ def layer_form(params) -> str:
     return "fused_qkv" if "wqkv" in layers[0] else "unstacked"
 
 
+def _head_groups(params) -> int:
+    """q/k/v head groups for ``model.fuse_qkv``: the context mesh's "model" size when the
+    heads split over it (one fused GEMV per device), else 1."""
+    layers = params["layers"]
+    hkv = (layers[0] if isinstance(layers, (list, tuple)) else layers)["wk"].shape[-2]
+    return axis_size(context_mesh(), MODEL) if head_axis(hkv) else 1
+
+
 _CONVERT = {"stacked": model_lib.stack_layers, "unstacked": model_lib.unstack_layers,
-            "fused_qkv": lambda p: model_lib.fuse_qkv(model_lib.unstack_layers(p))}
+            "fused_qkv": lambda p: model_lib.fuse_qkv(model_lib.unstack_layers(p),
+                                                      _head_groups(p))}
 
 
 def decode_params(params, layers: str = "auto"):
     """params in the layer form decode should run on: "stacked" | "unstacked" |
-    "fused_qkv" (unstacked, ``model.fuse_qkv``) | "auto" (``fast_path``: unstacked on one
+    "fused_qkv" (unstacked, ``model.fuse_qkv``: one head group per "model" device of the
+    mesh in context) | "auto" (``fast_path``: unstacked on one
     GPU, the params as given elsewhere). A conversion is a copy, made once per params and
     kept while they live; traced params (inside a jit) are returned as given, and so are
     fused_qkv params asked for "unstacked" (they are)."""
@@ -196,10 +207,11 @@ def decode_params(params, layers: str = "auto"):
     if form == given or (form, given) == ("unstacked", "fused_qkv") or isinstance(
             first, jax.core.Tracer):
         return params
-    if _CONVERTED and _CONVERTED[0][0] == form and _CONVERTED[0][1]() is first:
+    key = (form, _head_groups(params) if form == "fused_qkv" else 1)
+    if _CONVERTED and _CONVERTED[0][0] == key and _CONVERTED[0][1]() is first:
         return _CONVERTED[0][2]
     out = jax.block_until_ready(_CONVERT[form](params))
-    _CONVERTED[:] = [(form, weakref.ref(first, _forget), out)]
+    _CONVERTED[:] = [(key, weakref.ref(first, _forget), out)]
     return out
 
 

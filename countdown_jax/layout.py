@@ -17,6 +17,8 @@ slices the same way.
         "wk", "wv":       [L, d, Hkv, hd]
         "wo":             [L, Hq, hd, d]
         "bq":             [L, Hq, hd]        optional (Qwen2 qkv bias); "bk", "bv": [L, Hkv, hd]
+        "wqkv", "bqkv":   [L, d, G, (Hq + 2 Hkv) / G, hd], [L, G, .., hd]: wq/wk/wv (bq/bk/bv)
+                                             fused per head group (model.fuse_qkv only)
         "q_norm","k_norm":[L, hd]            optional (Qwen3, Gemma 3)
         "post_attn_norm": [L, d]             optional (Gemma 2/3 sandwich norms)
         "mlp_norm":       [L, d]             pre-FFN norm (HF post_attention_layernorm for
@@ -62,6 +64,10 @@ AXIS_SIZES: dict[str, Callable[[ModelConfig], int]] = {
     "kv_heads": lambda c: c.num_kv_heads,
     "head_dim": lambda c: c.head_dim,
     "mlp": lambda c: c.d_ff,
+    # model.fuse_qkv's head groups (1 as declared; G = the tensor-parallel size) and the
+    # q, k and v heads of one group
+    "qkv_groups": lambda c: 1,
+    "qkv_heads": lambda c: c.num_heads + 2 * c.num_kv_heads,
 }
 
 
@@ -88,6 +94,7 @@ class Leaf:
 
 _NORM = Leaf(("embed",), "norm")
 _FROM_D = ("embed",)
+_DERIVED = lambda c: False    # made by a params transform (model.fuse_qkv), never loaded
 
 PARAMS = {
     "embed": Leaf(("vocab_in", "embed")),
@@ -104,6 +111,9 @@ PARAMS = {
         "bq": Leaf(("q_heads", "head_dim"), "bias", when=lambda c: c.qkv_bias),
         "bk": Leaf(("kv_heads", "head_dim"), "bias", when=lambda c: c.qkv_bias),
         "bv": Leaf(("kv_heads", "head_dim"), "bias", when=lambda c: c.qkv_bias),
+        "wqkv": Leaf(("embed", "qkv_groups", "qkv_heads", "head_dim"), fan_in=_FROM_D,
+                     when=_DERIVED),
+        "bqkv": Leaf(("qkv_groups", "qkv_heads", "head_dim"), "bias", when=_DERIVED),
         "q_norm": Leaf(("head_dim",), "norm", when=lambda c: c.qk_norm),
         "k_norm": Leaf(("head_dim",), "norm", when=lambda c: c.qk_norm),
         "post_attn_norm": Leaf(("embed",), "norm", when=lambda c: c.sandwich_norm),

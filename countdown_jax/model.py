@@ -73,12 +73,14 @@ def _logits(params, cfg: ModelConfig, x):
 
 
 def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq):
-    if "wqkv" in layer:            # fuse_qkv: one projection, split by heads
-        qkv = jnp.einsum("btd,dhk->bthk", h, layer["wqkv"])
+    if "wqkv" in layer:            # fuse_qkv: one projection per head group, split by heads
+        qkv = jnp.einsum("btd,dgjk->btgjk", h, layer["wqkv"])
         if cfg.qkv_bias:
             qkv = qkv + layer["bqkv"]
-        hq, hkv = cfg.num_heads, cfg.num_kv_heads
-        q, k, v = jnp.split(qkv, [hq, hq + hkv], axis=2)
+        groups = layer["wqkv"].shape[-3]
+        hq, hkv = cfg.num_heads // groups, cfg.num_kv_heads // groups
+        q, k, v = (a.reshape(*a.shape[:2], -1, a.shape[-1])      # [b, t, G * heads, hd]
+                   for a in jnp.split(qkv, [hq, hq + hkv], axis=3))
     else:
         q = jnp.einsum("btd,dhk->bthk", h, layer["wq"])
         k = jnp.einsum("btd,dhk->bthk", h, layer["wk"])
@@ -126,19 +128,31 @@ def unstack_layers(params):
 _QKV = (("wq", "wk", "wv"), ("bq", "bk", "bv"))
 
 
-def fuse_qkv(params):
-    """params with each layer's q/k/v projections as one weight "wqkv" [(L,) d, Hq + 2 Hkv,
-    hd] (and "bqkv"), stacked or unstacked: a decode step then runs one GEMV for them
-    instead of three (the k/v GEMVs alone read at 2.2 TB/s, 7.5 us per layer at 8B
-    shapes; bench_decode.md). Each output is the same dot product over d. Makes a copy;
+def fuse_qkv(params, groups: int = 1):
+    """params with each layer's q/k/v projections as one weight "wqkv" [(L,) d, G,
+    (Hq + 2 Hkv) / G, hd] (and "bqkv" [(L,) G, .., hd]), stacked or unstacked: a decode
+    step then runs one GEMV for them instead of three (the k/v GEMVs alone read at 2.2
+    TB/s, 7.5 us per layer at 8B shapes; bench_decode.md). Group g holds its Hq / G query
+    heads, then its Hkv / G kv heads of k, then of v, so with G = the tensor-parallel size
+    (``sharding.param_specs`` splits the group axis over "model") each device holds one
+    matrix for exactly its own heads: one GEMV per device, where three smaller ones fall
+    under XLA's GEMM size cut on GPU and run as slow column reductions (KERNEL_NOTES.md,
+    "Tensor parallel decode"). Each output is the same dot product over d. Makes a copy;
     the ``layers`` form ``"fused_qkv"`` of ``generate`` / ``bench_decode``."""
     def one(layer):
         if "wqkv" in layer:
             return layer
+        hkv = layer["wk"].shape[-2]
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 \
+                or hkv % groups:
+            raise ValueError(f"fuse_qkv: groups={groups!r} must be a positive int dividing "
+                             f"the {hkv} kv heads")
         out = {k: v for k, v in layer.items() if k not in _QKV[0] + _QKV[1]}
         for names, fused in zip(_QKV, ("wqkv", "bqkv")):
-            if names[0] in layer:
-                out[fused] = jnp.concatenate([layer[n] for n in names], axis=-2)
+            if names[0] in layer:      # [.., heads, hd] -> [.., G, heads / G, hd], joined
+                parts = [layer[n].reshape(*layer[n].shape[:-2], groups, -1,
+                                          layer[n].shape[-1]) for n in names]
+                out[fused] = jnp.concatenate(parts, axis=-2)
         return out
 
     layers = params["layers"]

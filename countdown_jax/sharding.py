@@ -103,7 +103,7 @@ def mesh_axes(cfg: ModelConfig, mesh) -> dict:
     """Logical axis (``layout.AXIS_SIZES``) -> mesh axis or None: the placement rules."""
     model = axis_size(mesh, MODEL)
     heads = MODEL if splits_heads(cfg, model) else None
-    return {"mlp": MODEL, "q_heads": heads, "kv_heads": heads,
+    return {"mlp": MODEL, "q_heads": heads, "kv_heads": heads, "qkv_groups": heads,
             "vocab_out": None if cfg.vocab_size % model else MODEL}
 
 
@@ -123,6 +123,11 @@ def param_specs(cfg: ModelConfig, mesh, params=None) -> dict:
     unknown += [f"layers.{k}" for k in names if k not in every["layers"]]
     if unknown:
         raise ValueError(f"no placement for params {unknown}; see layout.py")
+    groups = np.shape(names["wqkv"])[-3] if "wqkv" in names else None
+    if groups is not None and rules["qkv_groups"] and groups % axis_size(mesh, MODEL):
+        raise ValueError(f"q/k/v fused in {groups} head group(s) do not split over "
+                         f"model={axis_size(mesh, MODEL)} devices; fuse with "
+                         f"model.fuse_qkv(params, groups={axis_size(mesh, MODEL)})")
     keys = {k: (every[k] if k != "layers" else
                 {n: every["layers"][n] for n in names}) for k in params}
     specs = jax.tree.map(lambda axes: P(*(rules.get(a) for a in axes)), keys,

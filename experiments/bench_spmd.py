@@ -15,8 +15,10 @@ runs on the GPU), the others --compile-workers at a time. check_rel_err: the cac
 of the first decoded token against the same method on 1x1 (max |diff| / max |ref|; bf16
 sums in another order: ~1e-2 expected). A failing row is recorded with its error in
 `note` and the run goes on; rows not started within --budget-s are written as skipped.
-The profile rows trace one call of the 1x2 batch-1 programs: collective vs compute time
-per GPU (bench/profile.py).
+The profile rows trace one call of the batch-1 programs on --profile-meshes: collective
+vs compute time per GPU (bench/profile.py). --layers fused_qkv adds the batch-1 rows with
+q/k/v fused into one weight per model device (model.fuse_qkv): see KERNEL_NOTES.md,
+"Tensor parallel decode".
 
 From the repository root (NVLink multicast stays off: the script sets
 NCCL_NVLS_ENABLE=0 before jax starts):
@@ -60,7 +62,16 @@ def parse_args(argv=None):
     ap.add_argument("--xla-dense-batches", default="1",
                     help="batches with a dense XLA-attention row per mesh ('' for none)")
     ap.add_argument("--profile", default="dense,d_countdown",
-                    help="methods whose 1x2 batch-1 call is profiled ('' for none)")
+                    help="methods whose batch-1 call is profiled on --profile-meshes "
+                         "('' for none)")
+    ap.add_argument("--profile-meshes", default="1x2",
+                    help="meshes whose batch-1 calls are profiled (e.g. 1x1,1x2: the same "
+                         "program on one GPU next to its tensor-parallel split)")
+    ap.add_argument("--layers", default="unstacked",
+                    help="layer forms, comma list: unstacked and/or fused_qkv "
+                         "(model.fuse_qkv with one head group per model device: one q/k/v "
+                         "GEMV per device); the first runs every row, the others the "
+                         "first batch's fast-path rows")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -86,6 +97,10 @@ def parse_args(argv=None):
     if any(len(mh) != 2 or min(mh) < 1 for mh in args.meshes):
         ap.error(f"--meshes entries are DATAxMODEL with positive sizes, got {args.meshes}")
     args.methods = args.methods.split(",")
+    args.layers = args.layers.split(",")
+    if not args.layers or any(f not in ("unstacked", "fused_qkv") for f in args.layers):
+        ap.error(f"--layers entries are unstacked or fused_qkv, got {args.layers}")
+    args.profile_meshes = [m for m in args.profile_meshes.split(",") if m]
     args.profile = [p for p in args.profile.split(",") if p]
     bad = [m for m in args.methods + args.profile
            if m not in ("dense", "m_countdown", "d_countdown")]
@@ -140,7 +155,7 @@ def main(argv=None):
     if not meshes:
         raise SystemExit(f"no mesh of {args.meshes} fits the {len(devices)} devices")
     rows_plan = [r for r in plan(args.meshes, args.batches, args.methods, args.sparsities,
-                                 args.xla_dense_batches) if r.label in meshes]
+                                 args.xla_dense_batches, args.layers) if r.label in meshes]
 
     # -- weights, calibration and prefill on the first mesh; copies for the others -------
     first = next(iter(meshes.values()))
@@ -169,10 +184,17 @@ def main(argv=None):
     params0 = jax.jit(model_lib.unstack_layers, out_shardings=named(
         first, sharding.param_specs(cfg, first, shape_of)))(stacked)
     del stacked
-    params = {lbl: jax.device_put(params0, named(mesh, sharding.param_specs(cfg, mesh, params0)))
-              for lbl, mesh in meshes.items()}
+    params = {(lbl, "unstacked"): jax.device_put(params0, named(
+        mesh, sharding.param_specs(cfg, mesh, params0))) for lbl, mesh in meshes.items()}
+    for lbl, mesh in meshes.items():          # q/k/v fused per model device (same values)
+        if "fused_qkv" in args.layers:
+            n_model = sharding.axis_size(mesh, sharding.MODEL)
+            groups = n_model if sharding.splits_heads(cfg, n_model) else 1
+            fused = model_lib.fuse_qkv(params[lbl, "unstacked"], groups)
+            params[lbl, "fused_qkv"] = jax.device_put(fused, named(
+                mesh, sharding.param_specs(cfg, mesh, fused)))
     jax.block_until_ready(params)
-    log("unstacked weights on every mesh")
+    log(f"weights on every mesh: {', '.join(args.layers)}")
 
     def inputs(row):
         mesh = meshes[row.label]
@@ -186,7 +208,7 @@ def main(argv=None):
             policy = make_policy(L, **({"threshold": tau} if row.method == "m_countdown"
                                        else {"theta": theta, "predictor": predictor}))
             policy = sharding.shard_policy(policy, mesh)
-        return mesh, params[row.label], cache, tok, pos, policy, spec, scope, cap
+        return mesh, params[row.label, row.layers], cache, tok, pos, policy, spec, scope, cap
 
     def compile_row(row):
         mesh, p, cache, tok, pos, policy, spec, *_ = inputs(row)
@@ -216,6 +238,10 @@ def main(argv=None):
     log(f"compiled {sum(map(ready, compiled.values()))} of {len(rows_plan)} programs")
 
     rows, prof_rows, prof_summ, refs = [], [], [], {}
+    # compiles past the deadline keep running (and autotuning GEMMs on the GPU): say so
+    # in a row timed meanwhile, and let them finish before a profile (S7's dense 1x2 trace
+    # held DelayKernel / MemcpyOther / redzone kernels of the autotuner)
+    running = lambda: [f for f in compiled.values() if f.running()]
 
     def write():
         add_ratios(rows)
@@ -226,7 +252,8 @@ def main(argv=None):
         head = (f"Decode with SPMD, {shape}, {len(devices)} x {card}, jax {jax.__version__}, "
                 f"bf16, {args.steps} greedy steps per compiled call after a "
                 f"{args.prompt_len}-token prompt, median of {args.repeats}; mesh = data x "
-                f"model devices; unstacked layers; experiments/bench_spmd.py.")
+                f"model devices; layers: unstacked, or q/k/v fused per model device "
+                f"(fused_qkv); experiments/bench_spmd.py.")
         (out / f"{name}.md").write_text(table(rows, prof_summ, head))
 
     for row in rows_plan:
@@ -234,13 +261,15 @@ def main(argv=None):
         rec = dict(device=card, n_devices=mesh.size, mesh=row.label, shape=shape,
                    batch=row.batch, method=row.method, mode=spec.mode if row.method != "dense"
                    else "-", implementation="xla" if row.method == "dense" else "pallas",
-                   attention=row.attention, layers="unstacked", capacity_scope=scope,
+                   attention=row.attention, layers=row.layers, capacity_scope=scope,
                    capacity_per_device=cap, sparsity=row.sparsity)
         fut = compiled[row]
         if time.perf_counter() - t_start > args.budget_s or not fut.done() or fut.cancelled():
             rows.append(dict(rec, note="skipped: --budget-s reached"))
             write()
             continue
+        if running():
+            rec["note"] = f"timed while {len(running())} compiles ran"
         try:
             exe, rec["compile_s"] = fut.result()
             rec["compile_s"] = round(rec["compile_s"], 1)
@@ -258,19 +287,25 @@ def main(argv=None):
             keys = np.asarray(cache["k"][L - 1, :, args.prompt_len], np.float32)
             ref = refs.setdefault((row.batch, row.method, row.sparsity), keys)
             rec["check_rel_err"] = float(f"{np.max(np.abs(keys - ref)) / np.max(np.abs(ref)):.3g}")
-            if row.mesh == (1, 2) and row.batch == 1 and row.attention == "pallas" \
-                    and row.method in args.profile:
-                fn = lambda: exe(p, jax.tree.map(jnp.copy, cache0), tok0, pos0, policy)
-                ops, summ = profile_devices(fn)
-                key = dict(mesh=row.label, batch=row.batch, method=row.method, steps=args.steps)
+            if row.label in args.profile_meshes and row.batch == 1 \
+                    and row.attention == "pallas" and row.method in args.profile:
+                left = args.budget_s - (time.perf_counter() - t_start)
+                concurrent.futures.wait(running(), timeout=max(left, 0.0))
+                fresh = jax.block_until_ready(jax.tree.map(jnp.copy, cache0))   # outside
+                ops, summ = profile_devices(lambda: exe(p, fresh, tok0, pos0, policy))
+                key = dict(mesh=row.label, batch=row.batch, method=row.method,
+                           layers=row.layers, steps=args.steps)
                 prof_summ += [dict(key, **s) for s in summ]
                 prof_rows += [dict(key, **o) for o in ops]
                 if not summ:
                     rec["note"] = "profiled: no GPU device plane in the trace"
+                elif running():
+                    rec["note"] = f"profiled while {len(running())} compiles ran"
         except Exception as e:                        # keep the other rows; say what failed
             rec["note"] = f"{type(e).__name__}: {str(e)[:300]}".replace("\n", " ")
         rows.append(rec)
-        log(" ".join(f"{k}={rec.get(k)}" for k in ("mesh", "batch", "method", "attention",
+        log(" ".join(f"{k}={rec.get(k)}" for k in ("mesh", "batch", "method", "layers",
+                                                    "attention",
                                                     "tokens_per_s", "check_rel_err", "note")))
         write()
     write()

@@ -266,7 +266,9 @@ def test_profile_devices_splits_collectives_per_gpu(monkeypatch):
     gpu0 = [NS(name="Stream #1(compute)", events=[
                 ev("fusion_1", 0, 4000, "fusion.1"), ev("fusion_2", 6000, 2000, "fusion.2")]),
             NS(name="Stream #2(nccl)", events=[
-                ev("ncclDevKernel_AllReduce_Sum_bf16", 3000, 2000, "all-reduce-start.1")]),
+                ev("ncclDevKernel_AllReduce_Sum_bf16", 3000, 2000, "all-reduce-start.1"),
+                # an explicit psum's all-reduce, as XLA names it on the GPU
+                ev("psum_kernel", 8000, 1000, "psum.229.0-fusion.1")]),
             NS(name="XLA Ops", events=[ev("fusion_1", 0, 4000, "fusion.1")])]   # not counted
     gpu1 = [NS(name="Stream #1(compute)", events=[ev("fusion_1", 0, 1000, "fusion.1")])]
     pd = NS(planes=[NS(name="/device:GPU:1", lines=gpu1), NS(name="/device:GPU:0", lines=gpu0),
@@ -275,17 +277,19 @@ def test_profile_devices_splits_collectives_per_gpu(monkeypatch):
     rows, summ = profile.profile_devices(None)
     s0, s1 = summ
     assert s0["device"] == "/device:GPU:0" and s1["device"] == "/device:GPU:1"
-    assert (s0["wall_us"], s0["busy_us"], s0["idle_us"]) == (8.0, 7.0, 1.0)
-    assert (s0["compute_us"], s0["collective_us"], s0["collective_launches"]) == (6.0, 2.0, 1)
-    assert s0["exposed_collective_us"] == 1.0         # 4000-5000 ns: only the all-reduce
+    assert (s0["wall_us"], s0["busy_us"], s0["idle_us"]) == (9.0, 8.0, 1.0)
+    assert (s0["compute_us"], s0["collective_us"], s0["collective_launches"]) == (6.0, 3.0, 2)
+    assert s0["exposed_collective_us"] == 2.0         # 4000-5000, 8000-9000 ns: collectives
     assert s1["collective_us"] == 0.0 and s1["busy_us"] == 1.0
     assert {(r["device"], r["op"], r["collective"]) for r in rows} == {
         ("/device:GPU:0", "fusion.1", False), ("/device:GPU:0", "fusion.2", False),
-        ("/device:GPU:0", "all-reduce-start.1", True), ("/device:GPU:1", "fusion.1", False)}
+        ("/device:GPU:0", "all-reduce-start.1", True), ("/device:GPU:0", "psum.229.0-fusion.1",
+                                                         True),
+        ("/device:GPU:1", "fusion.1", False)}
     prof = [dict(s, mesh="1x2", batch=1, method="dense", steps=2) for s in summ]
     md = spmd.table([], prof, "head")
-    assert "| 1x2 | 1 | dense | /device:GPU:0 | 0.004 | 0.004 | 0.001 | 0.003 | 0.001 | 0 | " \
-           "0.001 |" in md, md
+    assert "| 1x2 | 1 | dense | unstacked | /device:GPU:0 | 0.004 | 0.004 | 0.001 | 0.003 | " \
+           "0.002 | 1 | 0.001 |" in md, md
 
 
 def test_bench_kernels_floor_plan_batches_through_the_dispatch(tmp_path):
@@ -318,3 +322,25 @@ def test_bench_auto_path_tiny(tmp_path):
         assert x["within_10pct"] in ("yes", "NO") and x["note"].startswith("(")
     assert abs(float(rows[0]["realised_user"]) - 0.9) < 0.1
     assert (tmp_path / "bench_auto_path_tiny.md").read_text().count("\n| ") == len(rows) + 1
+
+
+def test_bench_spmd_plan_repeats_the_first_batch_per_layer_form():
+    """--layers unstacked,fused_qkv: every row on the first form, then the first batch's
+    fast-path rows again on the second; ratios compare within a form."""
+    from experiments.bench import spmd
+
+    rows = spmd.plan([(1, 1), (1, 2), (2, 1)], [1, 4], ["dense", "d_countdown"], [0.9],
+                     layer_forms=("unstacked", "fused_qkv"))
+    fused = [r for r in rows if r.layers == "fused_qkv"]
+    assert rows[:len(rows) - len(fused)] == spmd.plan([(1, 1), (1, 2), (2, 1)], [1, 4],
+                                                      ["dense", "d_countdown"], [0.9])
+    assert {(r.label, r.method, r.batch, r.attention, r.primer) for r in fused} == {
+        (mh, k, 1, "pallas", False) for mh in ("1x1", "1x2") for k in ("dense", "d_countdown")}
+    recs = [dict(mesh=mh, batch=1, method=k, attention="pallas", sparsity=0.0, layers=f,
+                 tokens_per_s=t) for mh, f, t in (("1x1", "unstacked", 100.0),
+                                                   ("1x2", "unstacked", 110.0),
+                                                   ("1x1", "fused_qkv", 120.0),
+                                                   ("1x2", "fused_qkv", 180.0))
+            for k in ("dense",)]
+    spmd.add_ratios(recs)
+    assert [r["x_one_device"] for r in recs] == ["", 1.1, "", 1.5]

@@ -143,10 +143,11 @@ def test_generate_text_reports_the_path(tiny, fake_gpu, pallas_interpret):
     _CONVERTED.clear()
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_fused_qkv_equals_separate_projections(tiny, bias):
-    """model.fuse_qkv (one q/k/v weight) against the three projections: forward logits
-    (stacked, scan) and greedy generation (layers="fused_qkv", unrolled) agree."""
+@pytest.mark.parametrize("bias,groups", [(False, 1), (True, 1), (True, 2)])
+def test_fused_qkv_equals_separate_projections(tiny, bias, groups):
+    """model.fuse_qkv (one q/k/v weight, in 1 or 2 head groups) against the three
+    projections: forward logits (stacked, scan) and greedy generation (layers="fused_qkv",
+    unrolled) agree."""
     params, cfg = tiny
     if bias:
         rng = np.random.default_rng(1)
@@ -155,8 +156,9 @@ def test_fused_qkv_equals_separate_projections(tiny, bias):
             n: jnp.asarray(rng.standard_normal((L, h, hd)).astype(np.float32))
             for n, h in (("bq", H), ("bk", K), ("bv", K))}}}
         cfg = dataclasses.replace(cfg, qkv_bias=True)
-    fused = model_lib.fuse_qkv(params)
+    fused = model_lib.fuse_qkv(params, groups)
     assert "wqkv" in fused["layers"] and "wq" not in fused["layers"]
+    assert fused["layers"]["wqkv"].shape[-3] == groups
     assert ("bqkv" in fused["layers"]) == bias
     tokens = jnp.asarray([[5, 17, 33, 8, 60, 11]], jnp.int32)
     ref, _ = model_lib.forward(params, cfg, tokens)
