@@ -89,7 +89,7 @@ def test_hbm_ceiling_script_prints_both_ceilings():
 
 
 @pytest.mark.parametrize("script", ["bench_attention", "bench_projections", "bench_kernels",
-                                    "bench_decode", "bench_spmd"])
+                                    "bench_decode", "bench_spmd", "bench_gemv"])
 def test_entry_scripts_import_as_a_package(script):
     r = _run("-m", f"experiments.{script}", "--help")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -196,6 +196,42 @@ def test_bench_kernels_proxy_plan_times_the_kernel_and_the_proxy_ffn(tmp_path):
     assert len(checks) == 2 and all("passed" in c for c in checks)
     md = (tmp_path / "bench_proxy.md").read_text()
     assert md.count("\n| ") == sum(1 for x in rows if x["us_per_call"]) + 1
+
+
+# ----------------------------------------------------------------------------- gemv
+
+def test_bench_gemv_tiny_checks_then_times_and_records_failures(tmp_path, monkeypatch):
+    """Every shape x batch gets its loop row, XLA in both layouts and each config; a config
+    that does not parse, one the kernel refuses and one giving wrong numbers are recorded
+    and skipped, the rest run (Pallas in interpret mode)."""
+    from experiments import bench_gemv
+
+    real = bench_gemv.implementations
+
+    def with_a_wrong_one(names):
+        out = real(names)
+        out["wrong"] = (False, lambda x, w: 2 * bench_gemv.gemv_xla(x, w))
+        return out
+
+    monkeypatch.setattr(bench_gemv, "implementations", with_a_wrong_one)
+    configs = "bn64-bd32,bn32-bd64-s3,bn32-bd32-dot,t-bn16-bd64-s2,bn8-dot,zz"
+    rows = bench_gemv.main(["--tiny", "--out", str(tmp_path), "--iters", "1", "--reps", "1",
+                            "--batches", "1,3", "--configs", configs])
+    csv_rows = _rows(tmp_path / "bench_gemv.csv")
+    assert len(csv_rows) == len(rows) == 2 * 2 * (1 + 2 + 6 + 1)
+    status = {(r["batch"], r["shape"], r["impl"]): r["status"] for r in csv_rows}
+    for b in ("1", "3"):
+        for shape in bench_gemv.TINY_SHAPES:
+            for impl in ["loop+feedback", "xla", "xla t",
+                         *(f"pallas {c}" for c in configs.split(",")[:4])]:
+                assert status[(b, shape, impl)] == "ok", (b, shape, impl)
+            assert status[(b, shape, "wrong")] == "wrong"
+            assert status[(b, shape, "pallas bn8-dot")].startswith("error: ValueError: "
+                                                                   "GemvConfig.dot needs")
+            assert "unknown token 'zz'" in status[(b, shape, "pallas zz")]
+    assert all(float(r["us_per_call"]) > 0 for r in csv_rows if r["status"] == "ok")
+    md = (tmp_path / "bench_gemv.md").read_text()
+    assert md.count("## batch") == 4 and "| pallas bn32-bd32-dot |" in md
 
 
 # ----------------------------------------------------------------------------- decode
