@@ -239,12 +239,14 @@ def test_bench_gemv_tiny_checks_then_times_and_records_failures(tmp_path, monkey
 def test_bench_decode_tiny_both_attentions_and_plot(tmp_path):
     r = _run(EXP / "bench_decode.py", "--tiny", "--out", tmp_path, "--batches", "1",
              "--sparsities", "0.9", "--implementations", "pallas", "--capacity", "none",
-             "--attention", "xla,pallas", "--steps", 2, "--repeats", 1, "--prompt-len", 8)
+             "--attention", "xla,pallas", "--projections", "xla,pallas", "--gemv-config",
+             "32,64,2,4", "--steps", 2, "--repeats", 1, "--prompt-len", 8)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "GEMV config: GemvConfig(block_n=32, block_d=64, split_d=2" in r.stdout
     rows = _rows(tmp_path / "bench_decode_tiny.csv")
-    got = {(x["method"], x["attention"]) for x in rows}
-    assert got == {(m, a) for m in ("dense", "m_countdown", "d_countdown")
-                   for a in ("xla", "pallas")}
+    got = {(x["method"], x["attention"], x["projections"]) for x in rows}
+    assert got == {(m, a, p) for m in ("dense", "m_countdown", "d_countdown")
+                   for a in ("xla", "pallas") for p in ("xla", "pallas")}
     for x in rows:
         assert float(x["tokens_per_s"]) > 0 and not x["note"]
         if x["method"] != "dense":      # realised sparsity measured from the masks

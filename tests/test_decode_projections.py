@@ -103,6 +103,19 @@ def test_kernel_only_for_one_token_per_row_and_small_batches(kernel_calls, palla
         M.decode_step(params, cfg, toks[:, 0], jnp.array([1, 1]), cache, projections="gemv")
 
 
+def test_generate_threads_projections(kernel_calls, pallas_interpret):
+    from countdown_jax.generate import generate
+    params, cfg = _params("stacked")
+    prompt = jnp.asarray([[5, 9, 14, 3], [7, 2, 0, 0]], jnp.int32)
+    lengths = jnp.asarray([4, 2], jnp.int32)
+    kw = dict(max_new_tokens=4, layers="unstacked", attention="xla")
+    a = generate(params, cfg, prompt, lengths, jax.random.key(0), projections="xla", **kw)
+    assert not kernel_calls
+    b = generate(params, cfg, prompt, lengths, jax.random.key(0), projections="pallas", **kw)
+    assert len(kernel_calls) == 4 * cfg.num_layers
+    np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(a.tokens))
+
+
 # ------------------------------------------------------------------------ two fake devices
 MESHES = {"model2": (1, 2), "data2": (2, 1)}
 

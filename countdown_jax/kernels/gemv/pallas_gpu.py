@@ -67,33 +67,38 @@ class GemvConfig:
 DEFAULT_CONFIG = GemvConfig()
 
 
-def _all(masks, shape):
-    """The AND of the masks that are not None, broadcast to ``shape`` (None: no mask)."""
+def _all(masks):
+    """The AND of the masks that are not None (None: no mask)."""
     masks = [m for m in masks if m is not None]
-    return jnp.broadcast_to(functools.reduce(jnp.logical_and, masks), shape) if masks else None
+    return functools.reduce(jnp.logical_and, masks) if masks else None
 
 
 def _kernel(x_ref, w_ref, off_ref, o_ref, *, B, d, n, steps, nblocks, transposed,
             cfg: GemvConfig):
+    # Triton: every tensor dimension a power of two, no slicing of loaded values - so x
+    # is loaded row by row (FMA path) or as one [16, bd] tile (dot path), never sliced.
     bn, bd = cfg.block_n, cfg.block_d
     j, s = pl.program_id(0), pl.program_id(1)
     cols = j * bn + jnp.arange(bn, dtype=jnp.int32)         # output columns
     col_ok = cols < n if n % bn else None
     off = off_ref[0]
     first = s * steps                                        # this split's first d block
-    # the last split may hold fewer blocks; only the ragged last block is masked
-    hi = steps if cfg.split_d == 1 else jnp.minimum(steps, nblocks - first)
+    # the last split may hold fewer blocks (a traced trip count: a while loop, which
+    # Triton does not pipeline); only the ragged last block is masked
+    hi = steps if steps * cfg.split_d == nblocks else jnp.minimum(steps, nblocks - first)
     row_mask = d % bd != 0
-    nrow = _DOT_ROWS if cfg.dot else B
-    brow = jnp.arange(nrow, dtype=jnp.int32)
+    brow = jnp.arange(_DOT_ROWS, dtype=jnp.int32)           # dot path: x's rows, padded
     defer = not cfg.dot and B <= cfg.defer
+    wshape = (bn, bd) if transposed else (bd, bn)
+    lead = () if cfg.split_d == 1 else (s,)                 # split: its partials' slot
 
-    def masked_load(ref, idx, mask):
-        return ref[idx] if mask is None else plt.load(ref.at[idx], mask=mask, other=0)
+    def masked_load(ref, idx, mask, shape):
+        if mask is None:
+            return ref[idx]
+        return plt.load(ref.at[idx], mask=jnp.broadcast_to(mask, shape), other=0)
 
-    def tile(k):
-        """(x [nrow, bd], W tile [bd, bn] or, transposed, [bn, bd]) of d block k."""
-        r = (first + k) * bd + jnp.arange(bd, dtype=jnp.int32)
+    def body(k, acc):
+        r = (first + k) * bd + jnp.arange(bd, dtype=jnp.int32)     # this d block
         r_ok = r < d if row_mask else None
         if transposed:
             idx = (off + cols[:, None], r[None, :])
@@ -103,38 +108,31 @@ def _kernel(x_ref, w_ref, off_ref, o_ref, *, B, d, n, steps, nblocks, transposed
             idx = (off + r[:, None], cols[None, :])
             masks = (None if r_ok is None else r_ok[:, None],
                      None if col_ok is None else col_ok[None, :])
-        w = masked_load(w_ref, idx, _all(masks, (bn, bd) if transposed else (bd, bn)))
-        xmask = _all((None if nrow == B else (brow < B)[:, None],
-                      None if r_ok is None else r_ok[None, :]), (nrow, bd))
-        x = masked_load(x_ref, (jnp.minimum(brow, B - 1)[:, None], r[None, :]), xmask)
-        return x, w
-
-    def body(k, acc):
-        x, w = tile(k)
+        w = masked_load(w_ref, idx, _all(masks), wshape)
         if cfg.dot:         # [16, bd] . W -> [16, bn], float32 accumulation
+            xmask = _all(((brow < B)[:, None], None if r_ok is None else r_ok[None, :]))
+            x = masked_load(x_ref, (jnp.minimum(brow, B - 1)[:, None], r[None, :]), xmask,
+                            (_DOT_ROWS, bd))
             dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
             return acc + jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
-        w, x = w.astype(jnp.float32), x.astype(jnp.float32)
+        w = w.astype(jnp.float32)
         out = []
         for b in range(B):
-            xb = x[b][:, None] if not transposed else x[b][None, :]
-            p = w * xb
+            xb = masked_load(x_ref, (b, r), r_ok, (bd,)).astype(jnp.float32)
+            p = w * (xb[None, :] if transposed else xb[:, None])
             out.append(acc[b] + (p if defer else jnp.sum(p, axis=1 if transposed else 0)))
         return tuple(out)
 
     if cfg.dot:
-        acc0 = jnp.zeros((nrow, bn), jnp.float32)
-    else:
-        acc_shape = ((bn, bd) if transposed else (bd, bn)) if defer else (bn,)
-        acc0 = tuple(jnp.zeros(acc_shape, jnp.float32) for _ in range(B))
+        acc = jax.lax.fori_loop(0, hi, body, jnp.zeros((_DOT_ROWS, bn), jnp.float32))
+        omask = _all(((brow < B)[:, None], None if col_ok is None else col_ok[None, :]))
+        plt.store(o_ref.at[(*lead, brow[:, None], cols[None, :])], acc.astype(o_ref.dtype),
+                  mask=jnp.broadcast_to(omask, (_DOT_ROWS, bn)))
+        return
+    acc0 = tuple(jnp.zeros(wshape if defer else (bn,), jnp.float32) for _ in range(B))
     acc = jax.lax.fori_loop(0, hi, body, acc0)
-    if cfg.dot:
-        rows = [acc[b] for b in range(B)]
-    else:
-        rows = [jnp.sum(a, axis=1 if transposed else 0) if defer else a for a in acc]
-    lead = () if cfg.split_d == 1 else (s,)
-    for b, val in enumerate(rows):
-        val = val.astype(o_ref.dtype)
+    for b, a in enumerate(acc):
+        val = (jnp.sum(a, axis=1 if transposed else 0) if defer else a).astype(o_ref.dtype)
         if col_ok is None:
             o_ref[(*lead, b, cols)] = val
         else:
