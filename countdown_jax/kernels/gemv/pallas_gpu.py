@@ -8,7 +8,7 @@ a plain streaming read to sweep against them (experiments/bench_gemv.py).
 
 Layouts. W [d, n] (the params' own layout: x @ W reduces over the MAJOR axis): a program
 owns ``block_n`` output columns and walks d in [block_d, block_n] tiles, each tile row a
-contiguous run of block_n elements, x's [B, block_d] slice broadcast down the columns.
+contiguous run of block_n elements, each row of x's block_d values broadcast across it.
 W [n, d] (``transposed``, a copy the model does not keep): a program owns block_n rows of
 W, each read contiguously along d. A stacked [L, d, n] weight is read in place as flat
 [L*d, n] rows from ``offset`` = l*d on (no slice copied).
