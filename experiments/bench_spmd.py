@@ -59,6 +59,9 @@ def parse_args(argv=None):
     ap.add_argument("--methods", default="dense,m_countdown,d_countdown")
     ap.add_argument("--xla-dense-batches", default="1",
                     help="batches with a dense XLA-attention row per mesh ('' for none)")
+    ap.add_argument("--projections", default="xla",
+                    help="comma list of decode q/k/v/o paths for the fast-path rows: xla, "
+                         "pallas (the GEMV kernel per device, decode_projections.py)")
     ap.add_argument("--profile", default="dense,d_countdown",
                     help="methods whose 1x2 batch-1 call is profiled ('' for none)")
     ap.add_argument("--steps", type=int, default=32)
@@ -86,6 +89,9 @@ def parse_args(argv=None):
     if any(len(mh) != 2 or min(mh) < 1 for mh in args.meshes):
         ap.error(f"--meshes entries are DATAxMODEL with positive sizes, got {args.meshes}")
     args.methods = args.methods.split(",")
+    args.projections = tuple(args.projections.split(","))
+    if any(p not in ("xla", "pallas") for p in args.projections):
+        ap.error(f"--projections must be among xla, pallas, got {args.projections}")
     args.profile = [p for p in args.profile.split(",") if p]
     bad = [m for m in args.methods + args.profile
            if m not in ("dense", "m_countdown", "d_countdown")]
@@ -140,7 +146,8 @@ def main(argv=None):
     if not meshes:
         raise SystemExit(f"no mesh of {args.meshes} fits the {len(devices)} devices")
     rows_plan = [r for r in plan(args.meshes, args.batches, args.methods, args.sparsities,
-                                 args.xla_dense_batches) if r.label in meshes]
+                                 args.xla_dense_batches, args.projections)
+                 if r.label in meshes]
 
     # -- weights, calibration and prefill on the first mesh; copies for the others -------
     first = next(iter(meshes.values()))
@@ -193,7 +200,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         with jax.set_mesh(mesh):
             exe = decode_loop.lower(p, cfg, cache, tok, pos, policy, spec=spec,
-                                    steps=args.steps, attention=row.attention).compile()
+                                    steps=args.steps, attention=row.attention,
+                                    projections=row.projections).compile()
         return exe, time.perf_counter() - t0
 
     # -- compile everything (dense first, alone), then time -------------------------------
@@ -234,7 +242,8 @@ def main(argv=None):
         rec = dict(device=card, n_devices=mesh.size, mesh=row.label, shape=shape,
                    batch=row.batch, method=row.method, mode=spec.mode if row.method != "dense"
                    else "-", implementation="xla" if row.method == "dense" else "pallas",
-                   attention=row.attention, layers="unstacked", capacity_scope=scope,
+                   attention=row.attention, projections=row.projections, layers="unstacked",
+                   capacity_scope=scope,
                    capacity_per_device=cap, sparsity=row.sparsity)
         fut = compiled[row]
         if time.perf_counter() - t_start > args.budget_s or not fut.done() or fut.cancelled():
@@ -262,7 +271,8 @@ def main(argv=None):
                     and row.method in args.profile:
                 fn = lambda: exe(p, jax.tree.map(jnp.copy, cache0), tok0, pos0, policy)
                 ops, summ = profile_devices(fn)
-                key = dict(mesh=row.label, batch=row.batch, method=row.method, steps=args.steps)
+                key = dict(mesh=row.label, batch=row.batch, method=row.method,
+                           projections=row.projections, steps=args.steps)
                 prof_summ += [dict(key, **s) for s in summ]
                 prof_rows += [dict(key, **o) for o in ops]
                 if not summ:
@@ -271,7 +281,8 @@ def main(argv=None):
             rec["note"] = f"{type(e).__name__}: {str(e)[:300]}".replace("\n", " ")
         rows.append(rec)
         log(" ".join(f"{k}={rec.get(k)}" for k in ("mesh", "batch", "method", "attention",
-                                                    "tokens_per_s", "check_rel_err", "note")))
+                                                    "projections", "tokens_per_s",
+                                                    "check_rel_err", "note")))
         write()
     write()
     log(f"wrote {out / name}.csv and .md")

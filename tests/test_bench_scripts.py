@@ -322,8 +322,26 @@ def test_profile_devices_splits_collectives_per_gpu(monkeypatch):
         ("/device:GPU:0", "all-reduce-start.1", True), ("/device:GPU:1", "fusion.1", False)}
     prof = [dict(s, mesh="1x2", batch=1, method="dense", steps=2) for s in summ]
     md = spmd.table([], prof, "head")
-    assert "| 1x2 | 1 | dense | /device:GPU:0 | 0.004 | 0.004 | 0.001 | 0.003 | 0.001 | 0 | " \
-           "0.001 |" in md, md
+    assert "| 1x2 | 1 | dense | xla | /device:GPU:0 | 0.004 | 0.004 | 0.001 | 0.003 | 0.001 " \
+           "| 0 | 0.001 |" in md, md
+
+
+def test_bench_spmd_plan_repeats_the_fast_path_per_projection_path():
+    from experiments.bench import spmd
+    rows = spmd.plan([(1, 1), (1, 2)], [1], ["dense", "d_countdown"], [0.9],
+                     projections=("xla", "pallas"))
+    got = [(r.method, r.projections, r.attention, r.label, r.primer) for r in rows]
+    assert got == [(m, p, "pallas", mh, m == "dense" and p == "xla")
+                   for m in ("dense", "d_countdown") for p in ("xla", "pallas")
+                   for mh in ("1x1", "1x2")] + [
+        ("dense", "xla", "xla", mh, False) for mh in ("1x1", "1x2")]
+    rec = [dict(mesh=mh, batch=1, method=m, attention="pallas", projections=p, sparsity=r,
+                tokens_per_s=t) for mh, m, p, r, t in (
+        ("1x1", "dense", "xla", 0.0, 10.0), ("1x1", "dense", "pallas", 0.0, 20.0),
+        ("1x2", "dense", "pallas", 0.0, 30.0), ("1x1", "d_countdown", "pallas", 0.9, 40.0))]
+    spmd.add_ratios(rec)
+    assert [r["x_dense_same_mesh"] for r in rec] == [1.0, 1.0, 1.0, 2.0]  # same projections
+    assert rec[2]["x_one_device"] == 1.5
 
 
 def test_bench_kernels_floor_plan_batches_through_the_dispatch(tmp_path):

@@ -103,6 +103,16 @@ def test_kernel_only_for_one_token_per_row_and_small_batches(kernel_calls, palla
         M.decode_step(params, cfg, toks[:, 0], jnp.array([1, 1]), cache, projections="gemv")
 
 
+def test_auto_stays_xla_until_measured(monkeypatch):
+    from countdown_jax import fast_path
+    for platform in ("cpu", "gpu"):
+        monkeypatch.setattr(fast_path, "backend", lambda p=platform: p)
+        assert fast_path.resolve_projections("auto") == "xla"
+        assert fast_path.resolve_projections("pallas") == "pallas"
+    with pytest.raises(ValueError, match="projections must be"):
+        fast_path.resolve_projections("gemv")
+
+
 def test_generate_threads_projections(kernel_calls, pallas_interpret):
     from countdown_jax.generate import generate
     params, cfg = _params("stacked")
@@ -114,6 +124,18 @@ def test_generate_threads_projections(kernel_calls, pallas_interpret):
     b = generate(params, cfg, prompt, lengths, jax.random.key(0), projections="pallas", **kw)
     assert len(kernel_calls) == 4 * cfg.num_layers
     np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(a.tokens))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+def test_decode_compiled_on_gpu():
+    for variant in ("stacked", "unstacked", "fused_qkv", "bf16"):
+        params, cfg = _params(variant)
+        with jax.default_matmul_precision("float32"):          # the XLA path without TF32
+            ya, _ = _decode(params, cfg, "xla")
+            yb, _ = _decode(params, cfg, "pallas")
+        tol = 1e-4 if variant != "bf16" else 5e-2
+        assert np.max(np.abs(yb - ya)) <= tol * np.max(np.abs(ya)), variant
 
 
 # ------------------------------------------------------------------------ two fake devices
