@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from countdown_jax.config import ModelConfig
-from countdown_jax.fast_path import resolve_attention, resolve_implementation
+from countdown_jax.fast_path import (resolve_attention, resolve_implementation,
+                                     resolve_projections)
 from countdown_jax.generate import (Sampling, decode_jit, decode_params, finish, generate,
                                     is_finished, layer_form, start_jit)
 from countdown_jax.policy import SparseSpec, make_policy, stack_policies
@@ -251,7 +252,7 @@ def _texts(model: Model, ids) -> list[str]:
 
 def generate_tokens(model: Model, tokens, lengths, spec: SparseSpec, policy=None, *,
                     max_new_tokens: int = 32, sampling: Sampling = Sampling(), seed: int = 0,
-                    attention: str = "auto", layers: str = "auto",
+                    attention: str = "auto", layers: str = "auto", projections: str = "auto",
                     on_chunk: Callable[[dict], None] | None = None,
                     stream_every: int = 8) -> TextOutput:
     """What ``generate_text`` runs once the prompts are token ids (right-padded [B, T],
@@ -265,7 +266,8 @@ def generate_tokens(model: Model, tokens, lengths, spec: SparseSpec, policy=None
     params = decode_params(model.params, layers)
     path = dict(layers=layer_form(params),
                 implementation=resolve_implementation(spec, batch),
-                attention=resolve_attention(attention))
+                attention=resolve_attention(attention),
+                projections=resolve_projections(projections))
     common = dict(cfg=model.cfg, spec=spec, sampling=sampling, stop_tokens=stop_tokens(model))
     start_args = (params, jnp.asarray(tokens), jnp.asarray(lengths),
                   jax.random.PRNGKey(seed), policy)
@@ -275,7 +277,7 @@ def generate_tokens(model: Model, tokens, lengths, spec: SparseSpec, policy=None
     t1 = time.perf_counter()
     state = jax.block_until_ready(start_c(*start_args))
     t2 = time.perf_counter()
-    decode_c = _compiled(decode_jit, dict(common, attention=attention),
+    decode_c = _compiled(decode_jit, dict(common, attention=attention, projections=projections),
                          params, state, policy, jnp.int32(0))
     t3 = time.perf_counter()
     if on_chunk is None:
@@ -305,8 +307,8 @@ def generate_text(model: Model, prompts: str | Sequence[str], *, method: str = "
                   mode: str = "ideal", sparsity: float | None = None,
                   max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                   top_p: float = 1.0, seed: int = 0, implementation: str = "auto",
-                  attention: str = "auto", layers: str = "auto", chat: bool = False,
-                  stream: Callable[[list[str]], None] | None = None,
+                  attention: str = "auto", layers: str = "auto", projections: str = "auto",
+                  chat: bool = False, stream: Callable[[list[str]], None] | None = None,
                   stream_every: int = 8) -> TextOutput:
     """Generate from one prompt or a batch, dense or with a sparse FFN rule.
 
@@ -317,9 +319,11 @@ def generate_text(model: Model, prompts: str | Sequence[str], *, method: str = "
         sparse method; practical modes need a fit saved at that r, on a 0.01 grid).
     temperature 0 is greedy; top_k 0 and top_p 1 are off; seed drives sampling.
     implementation: masked (float reference) | xla (earlier name: gather) | pallas;
-    attention: xla | pallas; layers: stacked | unstacked. Each defaults to "auto": the
-    fastest exact path for the backend (``fast_path``: on a GPU unstacked layers, the
-    Pallas kernels where the rule skips work, Pallas attention; on CPU the portable path).
+    attention: xla | pallas; layers: stacked | unstacked; projections (decode q/k/v/o):
+    xla | pallas (the GEMV kernel). Each defaults to "auto": the fastest exact path for the
+    backend (``fast_path``: on a GPU unstacked layers, the Pallas kernels where the rule
+    skips work, Pallas attention, XLA projections until the GEMV is measured; on CPU the
+    portable path).
     The result's ``path`` says what decode ran.
     chat: wrap each prompt as a user turn with the tokenizer's chat template.
     stream: called with the new text of every row after each ``stream_every`` decode steps.
@@ -348,7 +352,7 @@ def generate_text(model: Model, prompts: str | Sequence[str], *, method: str = "
             shown = texts
     out = generate_tokens(model, tokens, lengths, spec, policy, max_new_tokens=max_new_tokens,
                           sampling=sampling, seed=seed, attention=attention, layers=layers,
-                          on_chunk=on_chunk, stream_every=stream_every)
+                          projections=projections, on_chunk=on_chunk, stream_every=stream_every)
     return dataclasses.replace(out, texts=_texts(model, out.token_ids),
                                sparsity=0.0 if spec.is_dense else float(sparsity))
 

@@ -99,7 +99,8 @@ def _generate(args):
                             sparsity=args.sparsity, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, implementation=args.implementation,
-                            attention=args.attention, layers=args.layers, chat=args.chat,
+                            attention=args.attention, layers=args.layers,
+                            projections=args.projections, chat=args.chat,
                             stream=show if args.stream else None,
                             stream_every=args.stream_every)
     if args.json:  # one JSON object per prompt (JSON Lines)
@@ -126,7 +127,8 @@ def _generate(args):
           f"{out.prefill_tokens_per_s:.1f} tokens/s, decode {out.tokens_per_s:.1f} tokens/s "
           f"(compile {out.seconds['compile']:.1f} s, not counted); realised sparsity "
           f"{out.realised_sparsity:.3f}; decode path: layers {out.path['layers']}, FFN "
-          f"{out.path['implementation']}, attention {out.path['attention']}", file=sys.stderr if args.stream else sys.stdout)
+          f"{out.path['implementation']}, attention {out.path['attention']}, projections "
+          f"{out.path['projections']}", file=sys.stderr if args.stream else sys.stdout)
 
 
 def _add_generate(sub):
@@ -160,6 +162,9 @@ def _add_generate(sub):
     p.add_argument("--attention", choices=(AUTO, "xla", "pallas"), default=AUTO,
                    help="decode attention: auto (pallas on a GPU), XLA, or the Pallas "
                         "kernel (GPU)")
+    p.add_argument("--projections", choices=(AUTO, "xla", "pallas"), default=AUTO,
+                   help="decode q/k/v/o projections: auto (XLA until the GEMV is measured), "
+                        "XLA, or the Pallas GEMV kernel (GPU)")
     p.add_argument("--layers", choices=(AUTO,) + LAYER_FORMS, default=AUTO,
                    help="layer layout for generation: auto (unstacked on a GPU: a copy of "
                         "the weights, faster decode), stacked (as stored), unstacked, "

@@ -7,6 +7,8 @@ Three choices make decode fast on a GPU (experiments/results/bench_decode.md):
     implementation  "pallas" for a rule whose kernels skip work (the fused kernel at one
                     token, the index list otherwise; ``ffn``), "masked" for the others
     attention       "pallas" (the decode-attention kernel, one token per row)
+    projections     "xla" for now: the Pallas GEMV of the q/k/v/o projections
+                    (``decode_projections``) is opt-in until measured (bench_gemv.py)
 
 Every one is exact: the kept sets equal the masked reference's (no capacity is added).
 On CPU (and TPU, whose kernels are not tuned here) and under a multi-device mesh (XLA
@@ -25,10 +27,12 @@ from countdown_jax.ffn import _FUSED_RULES
 from countdown_jax.policy import ACCEPTED_IMPLEMENTATIONS, AUTO, SparseSpec
 from countdown_jax.sharding import multi_device_mesh
 
-__all__ = ["ATTENTIONS", "AUTO", "LAYER_FORMS", "SKIPS_WORK", "SPARSE_MAX_TOKENS", "backend",
-           "resolve_attention", "resolve_implementation", "resolve_layers", "resolve_spec"]
+__all__ = ["ATTENTIONS", "AUTO", "LAYER_FORMS", "PROJECTIONS", "SKIPS_WORK",
+           "SPARSE_MAX_TOKENS", "backend", "resolve_attention", "resolve_implementation",
+           "resolve_layers", "resolve_projections", "resolve_spec"]
 
 ATTENTIONS = ("xla", "pallas")
+PROJECTIONS = ("xla", "pallas")
 # fused_qkv: unstacked, q/k/v projections as one weight (``model.fuse_qkv``; a variant
 # for the GPU comparison, not yet what "auto" picks)
 LAYER_FORMS = ("stacked", "unstacked", "fused_qkv")
@@ -92,3 +96,9 @@ def resolve_layers(layers: str) -> str:
     if layers != AUTO:
         return layers
     return "unstacked" if _fast() else "stacked"
+
+
+def resolve_projections(projections: str) -> str:
+    """"auto" -> "xla" everywhere until the GEMV is measured faster on a GPU."""
+    _check(projections, PROJECTIONS, "projections")
+    return "xla" if projections == AUTO else projections

@@ -83,7 +83,7 @@ class Generation(NamedTuple):
 # Static arguments of the two phases below (keyword-only there, so an AOT-compiled phase
 # is called with its array arguments alone).
 _START_STATIC = ("cfg", "max_new_tokens", "spec", "sampling", "stop_tokens", "cache_dtype")
-_DECODE_STATIC = ("cfg", "spec", "sampling", "stop_tokens", "attention")
+_DECODE_STATIC = ("cfg", "spec", "sampling", "stop_tokens", "attention", "projections")
 
 
 def _pad_id(cfg):
@@ -122,7 +122,7 @@ def start(params, prompt, lengths, key, policy=None, *, cfg, max_new_tokens: int
 
 def decode(params, state, policy=None, until=None, *, cfg, spec: SparseSpec = DENSE,
            sampling: Sampling = GREEDY, stop_tokens: tuple[int, ...] = (),
-           attention: str = "auto") -> dict:
+           attention: str = "auto", projections: str = "auto") -> dict:
     """Phase 2: (sparse) decode steps in one ``lax.while_loop`` until every row stopped,
     the output is full, or ``step == until`` (a traced int: decoding in chunks, e.g. to
     stream, reuses one compile)."""
@@ -137,7 +137,8 @@ def decode(params, state, policy=None, until=None, *, cfg, spec: SparseSpec = DE
     def body(s):
         logits, cache, kept = model_lib.decode_step(params, cfg, s["token"], s["pos"],
                                                     s["cache"], spec=spec, policy=policy,
-                                                    attention=attention)
+                                                    attention=attention,
+                                                    projections=projections)
         key, sub = jax.random.split(s["key"])
         nxt = sample(sub, logits, sampling)
         live = ~s["done"]
@@ -222,29 +223,33 @@ def _forget(ref):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "max_new_tokens", "sampling",
-                                             "stop_tokens", "cache_dtype", "attention"))
+                                             "stop_tokens", "cache_dtype", "attention",
+                                             "projections"))
 def _generate(params, cfg, prompt, lengths, key, policy=None, *, max_new_tokens: int,
               spec: SparseSpec = DENSE, sampling: Sampling = GREEDY,
-              stop_tokens: tuple[int, ...] = (), cache_dtype=None, attention: str = "auto"):
+              stop_tokens: tuple[int, ...] = (), cache_dtype=None, attention: str = "auto",
+              projections: str = "auto"):
     state = start(params, prompt, lengths, key, policy, cfg=cfg,
                   max_new_tokens=max_new_tokens, spec=spec, sampling=sampling,
                   stop_tokens=stop_tokens, cache_dtype=cache_dtype)
     state = decode(params, state, policy, cfg=cfg, spec=spec, sampling=sampling,
-                   stop_tokens=stop_tokens, attention=attention)
+                   stop_tokens=stop_tokens, attention=attention, projections=projections)
     return finish(state)
 
 
 def generate(params, cfg, prompt, lengths, key, policy=None, *, max_new_tokens: int,
              spec: SparseSpec = DENSE, sampling: Sampling = GREEDY,
              stop_tokens: tuple[int, ...] = (), cache_dtype=None, attention: str = "auto",
-             layers: str = "auto") -> Generation:
+             layers: str = "auto", projections: str = "auto") -> Generation:
     """prompt [B, T] int32 right-padded, lengths [B] int32 (>= 1). One compiled program
     (``start`` then ``decode``); ``jax.vmap`` over a stacked policy sweeps settings.
 
-    The decode path: ``layers`` (``decode_params``), ``attention`` (the decode steps'
-    attention, ``model.decode_step``) and ``spec.implementation`` each take "auto", the
-    fastest exact choice for the backend (``fast_path``; on CPU the portable path), or an
-    explicit value that is used as given."""
+    The decode path: ``layers`` (``decode_params``), ``attention`` and ``projections``
+    (the decode steps' attention and q/k/v/o projections, ``model.decode_step``) and
+    ``spec.implementation`` each take "auto", the fastest exact choice for the backend
+    (``fast_path``; on CPU the portable path), or an explicit value that is used as
+    given."""
     return _generate(decode_params(params, layers), cfg, prompt, lengths, key, policy,
                      max_new_tokens=max_new_tokens, spec=spec, sampling=sampling,
-                     stop_tokens=stop_tokens, cache_dtype=cache_dtype, attention=attention)
+                     stop_tokens=stop_tokens, cache_dtype=cache_dtype, attention=attention,
+                     projections=projections)

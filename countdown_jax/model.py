@@ -23,7 +23,9 @@ import numpy as np
 from countdown_jax.attention import NO_WINDOW, attend, visibility
 from countdown_jax.attention_parallel import pallas_decode_attention
 from countdown_jax.config import ModelConfig
-from countdown_jax.fast_path import resolve_attention, resolve_spec
+from countdown_jax.decode_projections import (STACKED_KEYS, project_heads, project_out,
+                                              uses_kernel)
+from countdown_jax.fast_path import resolve_attention, resolve_projections, resolve_spec
 from countdown_jax.ffn import ffn
 from countdown_jax.norms import rms_norm
 from countdown_jax.policy import DENSE, SparseSpec, check_layer_axis
@@ -72,9 +74,22 @@ def _logits(params, cfg: ModelConfig, x):
     return logits
 
 
-def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq):
+def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq, proj: bool = False):
+    def heads(w):                  # h @ w [(L,) d, H, hd] -> [B, T, H, hd]
+        if not proj:
+            return jnp.einsum("btd,dhk->bthk", h, w)
+        B, T, d = h.shape          # T = 1 (decode): the Pallas GEMV, stacks read in place
+        y = project_heads(h.reshape(B * T, d), w, layer.get("layer"),
+                          kv_heads=cfg.num_kv_heads)
+        return y.reshape((B, T) + y.shape[1:])
+
     if "wqkv" in layer:            # fuse_qkv: one projection per head group, split by heads
-        qkv = jnp.einsum("btd,dgjk->btgjk", h, layer["wqkv"])
+        w = layer["wqkv"]
+        if proj:                   # [.., G, j, hd] -> [.., G * j, hd]: a free reshape
+            qkv = heads(w.reshape(*w.shape[:-3], -1, w.shape[-1]))
+            qkv = qkv.reshape(*qkv.shape[:2], w.shape[-3], -1, w.shape[-1])
+        else:
+            qkv = jnp.einsum("btd,dgjk->btgjk", h, w)
         if cfg.qkv_bias:
             qkv = qkv + layer["bqkv"]
         groups = layer["wqkv"].shape[-3]
@@ -82,9 +97,7 @@ def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq):
         q, k, v = (a.reshape(*a.shape[:2], -1, a.shape[-1])      # [b, t, G * heads, hd]
                    for a in jnp.split(qkv, [hq, hq + hkv], axis=3))
     else:
-        q = jnp.einsum("btd,dhk->bthk", h, layer["wq"])
-        k = jnp.einsum("btd,dhk->bthk", h, layer["wk"])
-        v = jnp.einsum("btd,dhk->bthk", h, layer["wv"])
+        q, k, v = heads(layer["wq"]), heads(layer["wk"]), heads(layer["wv"])
         if cfg.qkv_bias:
             q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
     if cfg.qk_norm:
@@ -94,8 +107,13 @@ def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq):
 
 
 def _attn_out_and_mlp(cfg: ModelConfig, spec, layer, x, attn, policy, sparse,
-                      collect: bool = False):
-    o = jnp.einsum("bthk,hkd->btd", attn, layer["wo"])
+                      collect: bool = False, proj: bool = False):
+    if proj:                       # T = 1 (decode): the Pallas GEMV
+        B, T, H, hd = attn.shape
+        o = project_out(attn.reshape(B * T, H, hd), layer["wo"], layer.get("layer"),
+                        kv_heads=cfg.num_kv_heads).reshape(B, T, -1)
+    else:
+        o = jnp.einsum("bthk,hkd->btd", attn, layer["wo"])
     if cfg.sandwich_norm:
         o = rms_norm(o, layer["post_attn_norm"], cfg.norm_eps)
     x = x + o
@@ -169,11 +187,13 @@ def stack_layers(params):
     return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *layers)}
 
 
-def _run_layers(params, cfg: ModelConfig, body, carry, policy):
+def _run_layers(params, cfg: ModelConfig, body, carry, policy, whole=()):
     """Run ``body(carry, (layer, inv_freq, window, policy_l, l)) -> (carry, out)`` over the
     layers: a scan over stacked layers, or a Python loop over a tuple of layers. ``layer``
     always holds the MLP: per layer, or the whole stack plus "layer" (a traced index) so
-    sparse kernels read the kept rows of the stack in place (``gated.layer_weights``)."""
+    sparse kernels read the kept rows of the stack in place (``gated.layer_weights``).
+    Stacked, the weights named in ``whole`` are handed over whole too, with ``layer``'s
+    "layer" the index (the decode projections' kernel reads them in place)."""
     inv_freq, windows = _layer_consts(cfg)
     layers = params["layers"]
     if isinstance(layers, (list, tuple)):
@@ -188,27 +208,31 @@ def _run_layers(params, cfg: ModelConfig, body, carry, policy):
         return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
     mlp = layers["mlp"]
+    stacks = {k: layers[k] for k in whole if k in layers}
 
     def scan_body(carry, xs):
         layer, inv_f, window, pol, l = xs
-        return body(carry, ({**layer, "mlp": {**mlp, "layer": l}}, inv_f, window, pol, l))
+        extra = {**stacks, "layer": l} if stacks else {}
+        return body(carry, ({**layer, **extra, "mlp": {**mlp, "layer": l}}, inv_f, window,
+                            pol, l))
 
-    scanned = {k: v for k, v in layers.items() if k != "mlp"}
+    scanned = {k: v for k, v in layers.items() if k != "mlp" and k not in stacks}
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     return jax.lax.scan(scan_body, carry, (scanned, inv_freq, windows, policy, layer_ids))
 
 
 def _decoder_layer(cfg: ModelConfig, spec, carry, xs, *, positions, kv, sparse,
-                   collect: bool = False):
+                   collect: bool = False, proj: bool = False):
     """One layer (the body of ``_run_layers``). ``kv(q, k, v, ck, cv, l, window)`` writes
     this layer's cache slots and returns (attention output, ck, cv): the only part that
-    differs between a whole sequence and a chunk against the cache."""
+    differs between a whole sequence and a chunk against the cache. ``proj``: the q/k/v/o
+    projections run the Pallas GEMV (decode, ``decode_projections``)."""
     x, ck, cv = carry
     layer, inv_f, window, pol, l = xs
     h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
-    q, k, v = _qkv(cfg, layer, h, positions, inv_f)
+    q, k, v = _qkv(cfg, layer, h, positions, inv_f, proj)
     attn, ck, cv = kv(q, k, v, ck, cv, l, window)
-    x, kept = _attn_out_and_mlp(cfg, spec, layer, x, attn, pol, sparse, collect)
+    x, kept = _attn_out_and_mlp(cfg, spec, layer, x, attn, pol, sparse, collect, proj)
     return (x, ck, cv), kept
 
 
@@ -313,7 +337,7 @@ def _write_slots(cache, l, positions, new):
 
 
 def decode_step(params, cfg: ModelConfig, token, pos, cache, *, spec: SparseSpec = DENSE,
-                policy=None, sparse=None, attention: str = "auto"):
+                policy=None, sparse=None, attention: str = "auto", projections: str = "auto"):
     """token[B] at position pos[B]: writes k/v at slot pos[b], attends to slots <= pos[b]
     (and inside the layer's sliding window). Returns (logits [B, V] float32, cache,
     kept [L, B]). sparse: bool [B], default all True for a sparse spec.
@@ -321,17 +345,22 @@ def decode_step(params, cfg: ModelConfig, token, pos, cache, *, spec: SparseSpec
     reading the stacked cache in place; GPU, else the XLA path with a warning; under a
     mesh, per device on its heads and rows, ``attention_parallel``); "auto": pallas on one
     GPU, else xla (``fast_path``). spec.implementation "auto" likewise.
+    projections: "xla" (einsums) or "pallas" (``decode_projections``: q/k/v/o through the
+    Pallas GEMV, per device on a mesh; up to ``decode_projections.MAX_ROWS`` rows);
+    "auto": xla for now (``fast_path``: not yet measured).
     """
     B = token.shape[0]
     if sparse is not None:
         sparse = jnp.asarray(sparse).reshape(B, 1)
     logits, cache, kept = extend(params, cfg, jnp.asarray(token)[:, None], pos, cache,
-                                 spec=spec, policy=policy, sparse=sparse, attention=attention)
+                                 spec=spec, policy=policy, sparse=sparse, attention=attention,
+                                 projections=projections)
     return logits[:, 0], cache, kept[:, :, 0]
 
 
 def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec = DENSE,
-           policy=None, sparse=None, logits_at=None, attention: str = "auto"):
+           policy=None, sparse=None, logits_at=None, attention: str = "auto",
+           projections: str = "auto"):
     """A chunk tokens[B, T] continuing each row at positions start[b] + t (decode_step for
     T tokens at once, e.g. scoring continuations against a prefilled context).
 
@@ -341,9 +370,11 @@ def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec =
     sparse spec. Padding at the end of a row only produces junk after the row's tokens.
     attention: "xla" | "pallas" | "auto" (``fast_path``); the Pallas decode-attention
     kernel serves one token per row (T = 1), longer chunks use the XLA path.
+    projections: "xla" | "pallas" | "auto" (``decode_step``); the kernel serves T = 1.
     """
     attention = resolve_attention(attention)
     B, T = tokens.shape
+    proj = uses_kernel(resolve_projections(projections), B, T)
     spec = resolve_spec(spec, B * T)
     S = cache["k"].shape[2]
     start = jnp.asarray(start, jnp.int32)
@@ -367,7 +398,8 @@ def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec =
         return out, ck, cv
 
     body = functools.partial(_decoder_layer, cfg, spec, positions=positions, kv=kv,
-                             sparse=sparse)
+                             sparse=sparse, proj=proj)
 
-    (x, ck, cv), kept = _run_layers(params, cfg, body, (x, cache["k"], cache["v"]), policy)
+    (x, ck, cv), kept = _run_layers(params, cfg, body, (x, cache["k"], cache["v"]), policy,
+                                    whole=STACKED_KEYS if proj else ())
     return _head_at(params, cfg, x, logits_at), {"k": ck, "v": cv}, kept

@@ -64,6 +64,12 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=512)
     ap.add_argument("--attention", default="xla",
                     help="comma list of decode attention implementations: xla, pallas")
+    ap.add_argument("--projections", default="xla",
+                    help="comma list of decode q/k/v/o projections: xla, pallas (the GEMV, "
+                         "countdown_jax/decode_projections.py)")
+    ap.add_argument("--gemv-config", default="",
+                    help="block_n,block_d,split_d,num_warps of the Pallas GEMV (default: "
+                         "the kernel's DEFAULT_CONFIG)")
     ap.add_argument("--attention-config", default="",
                     help="bs,split,num_warps of the Pallas decode-attention kernel "
                          "(default: the kernel's DEFAULT_CONFIG)")
@@ -80,6 +86,12 @@ def main(argv=None):
         attn_kernel.DEFAULT_CONFIG = attn_kernel.AttentionConfig(bs=bs, split=split,
                                                                  num_warps=warps)
         print("decode attention config:", attn_kernel.DEFAULT_CONFIG, flush=True)
+    if args.gemv_config:        # likewise for the projections' GEMV
+        from countdown_jax.kernels.gemv import pallas_gpu as gemv_kernel
+        bn, bd, split, warps = (int(v) for v in args.gemv_config.split(","))
+        gemv_kernel.DEFAULT_CONFIG = gemv_kernel.GemvConfig(block_n=bn, block_d=bd,
+                                                            split_d=split, num_warps=warps)
+        print("GEMV config:", gemv_kernel.DEFAULT_CONFIG, flush=True)
 
     cfg = ModelConfig.from_hf(TINY_DECODER if args.tiny else LLAMA_3_1_8B)
     rank = min(args.rank, cfg.d_model)
@@ -93,11 +105,13 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    def record(method, impl, r, batch, layers, cap, res, note="", attention="xla"):
+    def record(method, impl, r, batch, layers, cap, res, note="", attention="xla",
+               projections="xla"):
         tps, realised, step_s, prof, summ = res
         row = dict(device=device, shape=shape, method=method, implementation=impl,
                    sparsity=r, sparsity_realised=round(realised, 4), batch=batch,
-                   layers=layers, capacity=cap, attention=attention, tokens_per_s=round(tps, 2),
+                   layers=layers, capacity=cap, attention=attention, projections=projections,
+                   tokens_per_s=round(tps, 2),
                    ms_per_step=round(step_s * 1e3, 4), note=note)
         if summ:
             row.update(gpu_busy_ms_per_step=round(summ["busy_us"] / args.steps / 1e3, 4),
@@ -105,7 +119,7 @@ def main(argv=None):
                        kernels_per_step=round(summ["kernels"] / args.steps, 1))
             for p in prof[:25]:
                 prof_rows.append(dict(setting=f"{method}/{impl}/r{r}/b{batch}/{layers}/c{cap}"
-                                              f"/attn-{attention}",
+                                              f"/attn-{attention}/proj-{projections}",
                                       op=p["op"][:120],
                                       us_per_step=round(p["us"] / args.steps, 2),
                                       launches_per_step=round(p["launches"] / args.steps, 2)))
@@ -122,14 +136,13 @@ def main(argv=None):
             forms[lf] = decode_params(params, lf)
     caps = [None if c == "none" else float(c) for c in args.capacity.split(",")]
     m = cfg.d_ff
-    attentions = args.attention.split(",")
+    paths = list(itertools.product(args.attention.split(","), args.projections.split(",")))
     for batch in batches:
-        for attn in attentions:
-            for lf in layer_forms:
-                res = time_decode(forms[lf], cfg, SparseSpec(), None, batch, args.steps,
-                                  args.repeats, args.prompt_len, key, profile=args.profile,
-                                  hlo_dir=args.dump_hlo, attention=attn)
-                record("dense", "xla", 0.0, batch, lf, "", res, attention=attn)
+        for (attn, proj), lf in itertools.product(paths, layer_forms):
+            res = time_decode(forms[lf], cfg, SparseSpec(), None, batch, args.steps,
+                              args.repeats, args.prompt_len, key, profile=args.profile,
+                              hlo_dir=args.dump_hlo, attention=attn, projections=proj)
+            record("dense", "xla", 0.0, batch, lf, "", res, attention=attn, projections=proj)
         for r in sparsities:
             tau, theta = calibrate(params, cfg, predictor, r, jax.random.PRNGKey(2))
             setups = {
@@ -137,9 +150,9 @@ def main(argv=None):
                 "d_countdown": ("predictor", make_policy(cfg.num_layers, theta=theta,
                                                          predictor=predictor)),
             }
-            for method, impl, cf, attn, lf in itertools.product(
+            for method, impl, cf, (attn, proj), lf in itertools.product(
                     args.methods.split(","), args.implementations.split(","), caps,
-                    attentions, layer_forms):
+                    paths, layer_forms):
                 mode, policy = setups[method]
                 # capacity: cf x the expected kept count absorbs per-token variation; an
                 # overflowing token keeps its highest-ranked neurons (counted in the
@@ -154,12 +167,15 @@ def main(argv=None):
                 try:
                     res = time_decode(forms[lf], cfg, spec, policy, batch, args.steps,
                                       args.repeats, args.prompt_len, key, profile=args.profile,
-                                      hlo_dir=args.dump_hlo, attention=attn)
-                    record(method, impl, r, batch, lf, label, res, attention=attn)
+                                      hlo_dir=args.dump_hlo, attention=attn,
+                                      projections=proj)
+                    record(method, impl, r, batch, lf, label, res, attention=attn,
+                           projections=proj)
                 except Exception as e:  # keep the other rows; say what failed
                     nan = float("nan")
                     record(method, impl, r, batch, lf, label, (nan, nan, nan, None, None),
-                           note=f"{type(e).__name__}: {str(e)[:200]}", attention=attn)
+                           note=f"{type(e).__name__}: {str(e)[:200]}", attention=attn,
+                           projections=proj)
     print(Path(out / f"{name}.md").read_text())
     return rows
 

@@ -61,6 +61,9 @@ def parse_args(argv=None):
     ap.add_argument("--methods", default="dense,m_countdown,d_countdown")
     ap.add_argument("--xla-dense-batches", default="1",
                     help="batches with a dense XLA-attention row per mesh ('' for none)")
+    ap.add_argument("--projections", default="xla",
+                    help="comma list of decode q/k/v/o paths for the fast-path rows: xla, "
+                         "pallas (the GEMV kernel per device, decode_projections.py)")
     ap.add_argument("--profile", default="dense,d_countdown",
                     help="methods whose batch-1 call is profiled on --profile-meshes "
                          "('' for none)")
@@ -101,6 +104,9 @@ def parse_args(argv=None):
     if not args.layers or any(f not in ("unstacked", "fused_qkv") for f in args.layers):
         ap.error(f"--layers entries are unstacked or fused_qkv, got {args.layers}")
     args.profile_meshes = [m for m in args.profile_meshes.split(",") if m]
+    args.projections = tuple(args.projections.split(","))
+    if any(p not in ("xla", "pallas") for p in args.projections):
+        ap.error(f"--projections must be among xla, pallas, got {args.projections}")
     args.profile = [p for p in args.profile.split(",") if p]
     bad = [m for m in args.methods + args.profile
            if m not in ("dense", "m_countdown", "d_countdown")]
@@ -155,7 +161,8 @@ def main(argv=None):
     if not meshes:
         raise SystemExit(f"no mesh of {args.meshes} fits the {len(devices)} devices")
     rows_plan = [r for r in plan(args.meshes, args.batches, args.methods, args.sparsities,
-                                 args.xla_dense_batches, args.layers) if r.label in meshes]
+                                 args.xla_dense_batches, args.layers, args.projections)
+                 if r.label in meshes]
 
     # -- weights, calibration and prefill on the first mesh; copies for the others -------
     first = next(iter(meshes.values()))
@@ -215,7 +222,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         with jax.set_mesh(mesh):
             exe = decode_loop.lower(p, cfg, cache, tok, pos, policy, spec=spec,
-                                    steps=args.steps, attention=row.attention).compile()
+                                    steps=args.steps, attention=row.attention,
+                                    projections=row.projections).compile()
         return exe, time.perf_counter() - t0
 
     # -- compile everything (dense first, alone), then time -------------------------------
@@ -239,8 +247,8 @@ def main(argv=None):
 
     rows, prof_rows, prof_summ, refs = [], [], [], {}
     # compiles past the deadline keep running (and autotuning GEMMs on the GPU): say so
-    # in a row timed meanwhile, and let them finish before a profile (S7's dense 1x2 trace
-    # held DelayKernel / MemcpyOther / redzone kernels of the autotuner)
+    # in a row timed meanwhile, and let them finish before a profile (a dense 1x2 trace
+    # taken during them held the autotuner's DelayKernel / MemcpyOther / redzone kernels)
     running = lambda: [f for f in compiled.values() if f.running()]
 
     def write():
@@ -261,7 +269,8 @@ def main(argv=None):
         rec = dict(device=card, n_devices=mesh.size, mesh=row.label, shape=shape,
                    batch=row.batch, method=row.method, mode=spec.mode if row.method != "dense"
                    else "-", implementation="xla" if row.method == "dense" else "pallas",
-                   attention=row.attention, layers=row.layers, capacity_scope=scope,
+                   attention=row.attention, projections=row.projections, layers=row.layers,
+                   capacity_scope=scope,
                    capacity_per_device=cap, sparsity=row.sparsity)
         fut = compiled[row]
         if time.perf_counter() - t_start > args.budget_s or not fut.done() or fut.cancelled():
@@ -294,7 +303,7 @@ def main(argv=None):
                 fresh = jax.block_until_ready(jax.tree.map(jnp.copy, cache0))   # outside
                 ops, summ = profile_devices(lambda: exe(p, fresh, tok0, pos0, policy))
                 key = dict(mesh=row.label, batch=row.batch, method=row.method,
-                           layers=row.layers, steps=args.steps)
+                           layers=row.layers, projections=row.projections, steps=args.steps)
                 prof_summ += [dict(key, **s) for s in summ]
                 prof_rows += [dict(key, **o) for o in ops]
                 if not summ:
@@ -305,7 +314,7 @@ def main(argv=None):
             rec["note"] = f"{type(e).__name__}: {str(e)[:300]}".replace("\n", " ")
         rows.append(rec)
         log(" ".join(f"{k}={rec.get(k)}" for k in ("mesh", "batch", "method", "layers",
-                                                    "attention",
+                                                    "attention", "projections",
                                                     "tokens_per_s", "check_rel_err", "note")))
         write()
     write()

@@ -89,7 +89,7 @@ def test_hbm_ceiling_script_prints_both_ceilings():
 
 
 @pytest.mark.parametrize("script", ["bench_attention", "bench_projections", "bench_kernels",
-                                    "bench_decode", "bench_spmd"])
+                                    "bench_decode", "bench_spmd", "bench_gemv"])
 def test_entry_scripts_import_as_a_package(script):
     r = _run("-m", f"experiments.{script}", "--help")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -198,17 +198,55 @@ def test_bench_kernels_proxy_plan_times_the_kernel_and_the_proxy_ffn(tmp_path):
     assert md.count("\n| ") == sum(1 for x in rows if x["us_per_call"]) + 1
 
 
+# ----------------------------------------------------------------------------- gemv
+
+def test_bench_gemv_tiny_checks_then_times_and_records_failures(tmp_path, monkeypatch):
+    """Every shape x batch gets its loop row, XLA in both layouts and each config; a config
+    that does not parse, one the kernel refuses and one giving wrong numbers are recorded
+    and skipped, the rest run (Pallas in interpret mode)."""
+    from experiments import bench_gemv
+
+    real = bench_gemv.implementations
+
+    def with_a_wrong_one(names):
+        out = real(names)
+        out["wrong"] = (False, lambda x, w: 2 * bench_gemv.gemv_xla(x, w))
+        return out
+
+    monkeypatch.setattr(bench_gemv, "implementations", with_a_wrong_one)
+    configs = "bn64-bd32,bn32-bd64-s3,bn32-bd32-dot,t-bn16-bd64-s2,bn8-dot,zz"
+    rows = bench_gemv.main(["--tiny", "--out", str(tmp_path), "--iters", "1", "--reps", "1",
+                            "--batches", "1,3", "--configs", configs])
+    csv_rows = _rows(tmp_path / "bench_gemv.csv")
+    assert len(csv_rows) == len(rows) == 2 * 2 * (1 + 2 + 6 + 1)
+    status = {(r["batch"], r["shape"], r["impl"]): r["status"] for r in csv_rows}
+    for b in ("1", "3"):
+        for shape in bench_gemv.TINY_SHAPES:
+            for impl in ["loop+feedback", "xla", "xla t",
+                         *(f"pallas {c}" for c in configs.split(",")[:4])]:
+                assert status[(b, shape, impl)] == "ok", (b, shape, impl)
+            assert status[(b, shape, "wrong")] == "wrong"
+            assert status[(b, shape, "pallas bn8-dot")].startswith("error: ValueError: "
+                                                                   "GemvConfig.dot needs")
+            assert "unknown token 'zz'" in status[(b, shape, "pallas zz")]
+    assert all(float(r["us_per_call"]) > 0 for r in csv_rows if r["status"] == "ok")
+    md = (tmp_path / "bench_gemv.md").read_text()
+    assert md.count("## batch") == 4 and "| pallas bn32-bd32-dot |" in md
+
+
 # ----------------------------------------------------------------------------- decode
 
 def test_bench_decode_tiny_both_attentions_and_plot(tmp_path):
     r = _run(EXP / "bench_decode.py", "--tiny", "--out", tmp_path, "--batches", "1",
              "--sparsities", "0.9", "--implementations", "pallas", "--capacity", "none",
-             "--attention", "xla,pallas", "--steps", 2, "--repeats", 1, "--prompt-len", 8)
+             "--attention", "xla,pallas", "--projections", "xla,pallas", "--gemv-config",
+             "32,64,2,4", "--steps", 2, "--repeats", 1, "--prompt-len", 8)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "GEMV config: GemvConfig(block_n=32, block_d=64, split_d=2" in r.stdout
     rows = _rows(tmp_path / "bench_decode_tiny.csv")
-    got = {(x["method"], x["attention"]) for x in rows}
-    assert got == {(m, a) for m in ("dense", "m_countdown", "d_countdown")
-                   for a in ("xla", "pallas")}
+    got = {(x["method"], x["attention"], x["projections"]) for x in rows}
+    assert got == {(m, a, p) for m in ("dense", "m_countdown", "d_countdown")
+                   for a in ("xla", "pallas") for p in ("xla", "pallas")}
     for x in rows:
         assert float(x["tokens_per_s"]) > 0 and not x["note"]
         if x["method"] != "dense":      # realised sparsity measured from the masks
@@ -288,8 +326,27 @@ def test_profile_devices_splits_collectives_per_gpu(monkeypatch):
         ("/device:GPU:1", "fusion.1", False)}
     prof = [dict(s, mesh="1x2", batch=1, method="dense", steps=2) for s in summ]
     md = spmd.table([], prof, "head")
-    assert "| 1x2 | 1 | dense | unstacked | /device:GPU:0 | 0.004 | 0.004 | 0.001 | 0.003 | " \
-           "0.002 | 1 | 0.001 |" in md, md
+    assert "| 1x2 | 1 | dense | unstacked | xla | /device:GPU:0 | 0.004 | 0.004 | 0.001 | " \
+           "0.003 | 0.002 | 1 | 0.001 |" in md, md
+
+
+
+def test_bench_spmd_plan_repeats_the_fast_path_per_projection_path():
+    from experiments.bench import spmd
+    rows = spmd.plan([(1, 1), (1, 2)], [1], ["dense", "d_countdown"], [0.9],
+                     projections=("xla", "pallas"))
+    got = [(r.method, r.projections, r.attention, r.label, r.primer) for r in rows]
+    assert got == [(m, p, "pallas", mh, m == "dense" and p == "xla")
+                   for m in ("dense", "d_countdown") for p in ("xla", "pallas")
+                   for mh in ("1x1", "1x2")] + [
+        ("dense", "xla", "xla", mh, False) for mh in ("1x1", "1x2")]
+    rec = [dict(mesh=mh, batch=1, method=m, attention="pallas", projections=p, sparsity=r,
+                tokens_per_s=t) for mh, m, p, r, t in (
+        ("1x1", "dense", "xla", 0.0, 10.0), ("1x1", "dense", "pallas", 0.0, 20.0),
+        ("1x2", "dense", "pallas", 0.0, 30.0), ("1x1", "d_countdown", "pallas", 0.9, 40.0))]
+    spmd.add_ratios(rec)
+    assert [r["x_dense_same_mesh"] for r in rec] == [1.0, 1.0, 1.0, 2.0]  # same projections
+    assert rec[2]["x_one_device"] == 1.5
 
 
 def test_bench_kernels_floor_plan_batches_through_the_dispatch(tmp_path):

@@ -132,11 +132,17 @@ def test_generate_text_reports_the_path(tiny, fake_gpu, pallas_interpret):
     tok.eos_token_id = None
     model = api.Model(params=params, cfg=cfg, path=Path("/nonexistent"), tokenizer=tok)
     out = cj.generate_text(model, "hello", max_new_tokens=4)
-    assert out.path == dict(layers="unstacked", implementation="masked", attention="pallas")
+    assert out.path == dict(layers="unstacked", implementation="masked", attention="pallas",
+                            projections="xla")
     ref = cj.generate_text(model, "hello", max_new_tokens=4, implementation="masked",
                            attention="xla", layers="stacked")
-    assert ref.path == dict(layers="stacked", implementation="masked", attention="xla")
+    assert ref.path == dict(layers="stacked", implementation="masked", attention="xla",
+                            projections="xla")
     assert out.token_ids == ref.token_ids
+    gemv = cj.generate_text(model, "hello", max_new_tokens=4, projections="pallas")
+    assert gemv.path["projections"] == "pallas" and gemv.token_ids == ref.token_ids
+    with pytest.raises(ValueError, match="projections must be"):
+        cj.generate_text(model, "hello", max_new_tokens=2, projections="triton")
     assert out.tokens_per_s > 0 and out.prefill_tokens_per_s > 0
     with pytest.raises(ValueError, match="attention must be"):
         cj.generate_text(model, "hello", max_new_tokens=2, attention="triton")

@@ -43,13 +43,15 @@ def calibrate(params, cfg, predictor, r, key):
     return np.asarray(tau), np.asarray(theta)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "spec", "steps", "attention"),
-                   donate_argnums=(2,))
-def decode_loop(params, cfg, cache, token, pos, policy, *, spec, steps, attention="xla"):
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "steps", "attention",
+                                             "projections"), donate_argnums=(2,))
+def decode_loop(params, cfg, cache, token, pos, policy, *, spec, steps, attention="xla",
+                projections="xla"):
     def body(_, c):
         tok, p, cache, kept = c
         logits, cache, k = model_lib.decode_step(params, cfg, tok, p, cache, spec=spec,
-                                                 policy=policy, attention=attention)
+                                                 policy=policy, attention=attention,
+                                                 projections=projections)
         return jnp.argmax(logits, -1).astype(jnp.int32), p + 1, cache, kept + jnp.mean(k)
 
     tok, p, cache, kept = jax.lax.fori_loop(0, steps, body, (token, pos, cache, jnp.float32(0)))
@@ -57,7 +59,7 @@ def decode_loop(params, cfg, cache, token, pos, policy, *, spec, steps, attentio
 
 
 def time_decode(params, cfg, spec, policy, batch, steps, repeats, prompt_len, key, *,
-                profile=False, hlo_dir=None, attention="xla"):
+                profile=False, hlo_dir=None, attention="xla", projections="xla"):
     """(tokens/s, realised sparsity, s/step, profile rows or None, profile summary or None)."""
     cache = model_lib.init_cache(cfg, batch, prompt_len + steps + 1, jnp.bfloat16)
     tokens = jax.random.randint(key, (batch, prompt_len), 0, cfg.vocab_size)
@@ -67,7 +69,7 @@ def time_decode(params, cfg, spec, policy, batch, steps, repeats, prompt_len, ke
     tok0 = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
     pos0 = lengths
     run = functools.partial(decode_loop, params, cfg, spec=spec, steps=steps,
-                            attention=attention)
+                            attention=attention, projections=projections)
     t0 = time.perf_counter()
     _, cache, kept = run(jax.tree.map(jnp.copy, cache0), tok0, pos0, policy)
     jax.block_until_ready(cache)                      # compile + warm-up
@@ -84,7 +86,8 @@ def time_decode(params, cfg, spec, policy, batch, steps, repeats, prompt_len, ke
     prof = summ = None
     if profile and hlo_dir is not None:     # what the compiler made of one program
         txt = decode_loop.lower(params, cfg, jax.tree.map(jnp.copy, cache0), tok0, pos0, policy,
-                                spec=spec, steps=steps, attention=attention).compile().as_text()
+                                spec=spec, steps=steps, attention=attention,
+                                projections=projections).compile().as_text()
         Path(hlo_dir).mkdir(parents=True, exist_ok=True)
         layers = "unstacked" if isinstance(params["layers"], tuple) else "stacked"
         (Path(hlo_dir) / f"hlo_{spec.method}_{layers}.txt").write_text(txt)
@@ -108,13 +111,14 @@ def write(out: Path, name: str, rows, prof_rows):
             dense[r["batch"]] = max(dense.get(r["batch"], 0.0), r["tokens_per_s"])
     lines = [f"Decode throughput, {rows[0]['shape']}, {rows[0]['device']}, bf16.", "",
              "| method | impl | r | r realised | batch | layers | capacity | attention | "
-             "tokens/s | ms/step | GPU busy ms | GPU idle ms | x best dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "projections | tokens/s | ms/step | GPU busy ms | GPU idle ms | x best dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = dense.get(r["batch"])
         lines.append(f"| {r['method']} | {r['implementation']} | {r['sparsity']} | "
                      f"{r['sparsity_realised']} | {r['batch']} | {r['layers']} | "
-                     f"{r['capacity']} | {r.get('attention', 'xla')} | {r['tokens_per_s']} | "
+                     f"{r['capacity']} | {r.get('attention', 'xla')} | "
+                     f"{r.get('projections', 'xla')} | {r['tokens_per_s']} | "
                      f"{r['ms_per_step']} | "
                      f"{r.get('gpu_busy_ms_per_step', '')} | "
                      f"{r.get('gpu_idle_ms_per_step', '')} | "

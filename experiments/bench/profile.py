@@ -41,8 +41,8 @@ def chained(step, calls: int):
 
 # A collective's XLA op is named after its HLO instruction, and an explicit jax.lax.psum
 # (ffn_parallel's shard_map) names it "psum.N" ("psum.229.0-fusion.1" on the GPU):
-# missing that counted the FFN's all-reduce as compute (bench_spmd S7: 33 collectives
-# per step reported, 65 ran).
+# missing that counted the FFN's all-reduce as compute (a 1x2 profile then reported 33
+# collectives per step where 65 ran).
 _COLLECTIVE = re.compile(r"all-reduce|all-gather|reduce-scatter|all-to-all|"
                          r"collective-permute|nccl|^(psum|pmax|pmin|ppermute|"
                          r"all_gather|psum_scatter)\b", re.IGNORECASE)

@@ -6,6 +6,8 @@ A plan is the list of rows to time, most wanted first (a time budget drops the l
   3. dense with XLA attention (the path without the decode-attention kernel) at batch 1;
   4. the rows of 1. again for every other layer form asked for (``--layers``, e.g.
      fused_qkv: ``model.fuse_qkv`` with one head group per "model" device).
+Rows 1-2 run once per decode-projection path asked for (``projections``: XLA's einsums,
+or "pallas", the GEMV kernel of countdown_jax/decode_projections.py), in that order.
 Fast path = unstacked layers, the Pallas decode attention, the dense FFN in XLA, the
 sparse FFN with implementation="pallas": at one token per device the fused kernel
 (exact rule, no capacity), above it index lists of capacity 1.5 (1 - r) m (per shard
@@ -18,10 +20,12 @@ import dataclasses
 import math
 
 FIELDS = ["device", "n_devices", "mesh", "shape", "batch", "method", "mode",
-          "implementation", "attention", "layers", "capacity_scope", "capacity_per_device",
+          "implementation", "attention", "projections", "layers", "capacity_scope",
+          "capacity_per_device",
           "sparsity", "sparsity_realised", "tokens_per_s", "ms_per_step",
           "x_dense_same_mesh", "x_one_device", "check_rel_err", "compile_s", "note"]
-PROFILE_FIELDS = ["mesh", "batch", "method", "layers", "device", "kernels", "wall_us", "busy_us",
+PROFILE_FIELDS = ["mesh", "batch", "method", "layers", "projections", "device", "kernels",
+                  "wall_us", "busy_us",
                   "idle_us", "compute_us", "collective_us", "collective_launches",
                   "exposed_collective_us", "steps"]
 _MODES = {"dense": "-", "m_countdown": "threshold", "d_countdown": "predictor"}
@@ -38,6 +42,7 @@ class Row:
     attention: str            # pallas | xla
     primer: bool = False      # compiled alone, first (GEMM autotuning on an idle GPU)
     layers: str = "unstacked"  # unstacked | fused_qkv (model.fuse_qkv, groups = model)
+    projections: str = "xla"  # decode q/k/v/o: xla | pallas
 
     @property
     def label(self) -> str:
@@ -49,7 +54,7 @@ class Row:
 
 
 def plan(meshes, batches, methods, sparsities, xla_dense_batches=(1,),
-         layer_forms=("unstacked",)):
+         layer_forms=("unstacked",), projections=("xla",)):
     """The rows, in priority order (see the module docstring); steps 1-3 on the first
     layer form."""
     first, rest = [b for b in batches if b == 1], [b for b in batches if b != 1]
@@ -60,9 +65,12 @@ def plan(meshes, batches, methods, sparsities, xla_dense_batches=(1,),
         fits = [mh for mh in meshes if batch % mh[0] == 0]
         for method in methods:
             for r in ([0.0] if method == "dense" else sparsities):
-                for mh in fits:
-                    rows.append(Row(mh, batch, method, r, "pallas", layers=form,
-                                    primer=method == "dense" and batch == first_batch))
+                for proj in projections:
+                    for mh in fits:
+                        rows.append(Row(mh, batch, method, r, "pallas", layers=form,
+                                        primer=(method == "dense" and batch == first_batch
+                                                and proj == projections[0]),
+                                        projections=proj))
     for batch in xla_dense_batches:
         if batch in batches and "dense" in methods:
             rows += [Row(mh, batch, "dense", 0.0, "xla", layers=form) for mh in meshes
@@ -90,10 +98,11 @@ def sparse_spec(row: Row, m: int, SparseSpec):
 
 
 def add_ratios(rows):
-    """x dense on the same mesh, batch and attention; x the same row on one device."""
+    """x dense on the same mesh, batch, attention, projections and layer form; x the same
+    row on one device."""
     def key(r, **kw):
         return tuple({**r, **kw}.get(k) for k in ("mesh", "batch", "method", "attention",
-                                                    "sparsity", "layers"))
+                                                    "projections", "sparsity", "layers"))
     tps = {key(r): r["tokens_per_s"] for r in rows
            if isinstance(r.get("tokens_per_s"), float)}
     for r in rows:
@@ -107,7 +116,7 @@ def add_ratios(rows):
 
 
 def table(rows, profile, head: str) -> str:
-    cols = ("mesh", "batch", "method", "layers", "attention", "capacity_scope",
+    cols = ("mesh", "batch", "method", "layers", "attention", "projections", "capacity_scope",
             "capacity_per_device",
             "sparsity", "sparsity_realised", "tokens_per_s", "ms_per_step",
             "x_dense_same_mesh", "x_one_device", "check_rel_err", "note")
@@ -118,14 +127,15 @@ def table(rows, profile, head: str) -> str:
                   "the collectives (it includes waiting for the other GPU) and of the "
                   "compute kernels; `exposed` = time only a collective was running; idle = "
                   "no kernel running (launch gaps, host round trips).", "",
-                  "| mesh | batch | method | layers | device | wall ms | busy ms | idle ms | "
-                  "compute ms | collective ms | collectives | exposed collective ms |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| mesh | batch | method | layers | projections | device | wall ms | busy ms | "
+                  "idle ms | compute ms | collective ms | collectives | exposed collective ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in profile:
             n = p["steps"]
             ms = lambda k, p=p, n=n: f"{p[k] / n / 1e3:.3f}"
             lines.append(f"| {p['mesh']} | {p['batch']} | {p['method']} | "
-                         f"{p.get('layers', 'unstacked')} | {p['device']} | "
+                         f"{p.get('layers', 'unstacked')} | {p.get('projections', 'xla')} | "
+                         f"{p['device']} | "
                          f"{ms('wall_us')} | {ms('busy_us')} | {ms('idle_us')} | "
                          f"{ms('compute_us')} | {ms('collective_us')} | "
                          f"{p['collective_launches'] / n:.0f} | "

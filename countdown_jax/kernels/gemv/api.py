@@ -1,0 +1,81 @@
+"""y = x @ W for a few rows of x (decode projections): ``implementation=`` picks the backend.
+
+implementation (the vocabulary of every kernel op, ``kernels._platform``):
+  "xla"         XLA's dot in the stored dtype, float32 accumulation (``reference.gemv_xla``)
+  "pallas"      the Pallas GPU kernel ("pallas_gpu": tiles over n, a loop over d, the
+                weight streamed once). TPU and CPU: falls back to "xla" with a warning
+                (CPU: unless in interpret mode). There is no "pallas_tpu" backend.
+interpret: True / False, or None = the ``_platform.interpret_mode`` setting.
+
+x [..., d] with at most ``MAX_ROWS`` rows for the kernel (leading axes flattened);
+W [d, n] (the params' layout flattened, e.g. wq [d, Hq, hd] -> [d, Hq*hd]) or, with
+``transposed``, [n, d]; or a stack [L, d, n] / [L, n, d] with ``layer`` (a traced index),
+read in place. x and W share one floating dtype. Returns [..., n] in ``out_dtype``
+(default x.dtype); products and sums in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+
+from countdown_jax.kernels import _platform
+from countdown_jax.kernels.gemv.pallas_gpu import MAX_ROWS
+from countdown_jax.kernels.gemv.reference import gemv_xla
+
+__all__ = ["IMPLEMENTATIONS", "MAX_ROWS", "gemv"]
+
+IMPLEMENTATIONS = _platform.IMPLEMENTATIONS
+_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _check(x, w, layer, transposed: bool):
+    """(d, n) of a valid call, else a ValueError naming the problem."""
+    stacked = layer is not None
+    form = "[n, d]" if transposed else "[d, n]"
+    if w.ndim != (3 if stacked else 2):
+        raise ValueError(f"gemv: w must be {form}"
+                         f"{', stacked as [L, ' + form[1:] + ' (layer= given)' if stacked else ''}"
+                         f", got shape {w.shape}")
+    d, n = (w.shape[-1], w.shape[-2]) if transposed else (w.shape[-2], w.shape[-1])
+    if x.ndim < 1 or x.shape[-1] != d:
+        raise ValueError(f"gemv: x must be [..., d] with d = {d} (w {form} of shape "
+                         f"{w.shape}), got x of shape {x.shape}")
+    for name, a in (("x", x), ("w", w)):
+        if a.dtype not in _FLOATS:
+            raise ValueError(f"gemv: {name} must be float32, bfloat16 or float16, got "
+                             f"{a.dtype}")
+    if x.dtype != w.dtype:
+        raise ValueError(f"gemv: x and w must share one dtype, got {x.dtype} and {w.dtype}")
+    return d, n
+
+
+def gemv(x, w, *, layer=None, transposed: bool = False, out_dtype=None,
+         implementation: str = "xla", interpret: bool | None = None, config=None):
+    """See module docstring. ``config``: ``pallas_gpu.GemvConfig`` (None: its default)."""
+    _platform.check_implementation(implementation, "gemv")
+    d, n = _check(x, w, layer, transposed)
+    lead = x.shape[:-1]
+    rows = math.prod(lead)
+    x2 = x.reshape(rows, d)
+    interpret = _platform.interpret_enabled(interpret)
+    impl = _platform.resolve(implementation, interpret, "gemv", backends=("pallas_gpu",))
+    if impl == "pallas_gpu" and rows > MAX_ROWS:
+        raise ValueError(f"gemv: the Pallas kernel serves at most {MAX_ROWS} rows of x "
+                         f"(decode), got {rows}; use implementation='xla'")
+    if impl == "xla" or rows == 0:
+        if layer is not None:
+            (w,) = _platform.layer_slice((w,), layer)
+        out = gemv_xla(x2, w, transposed=transposed, out_dtype=out_dtype)
+    else:
+        from countdown_jax.kernels.gemv.pallas_gpu import gemv_pallas_gpu
+        # a stack as flat rows (free) + this layer's first row; past int32 offsets, the
+        # layer's slice (a copy)
+        (wf,), off, _ = _platform.flat_stack((w,), layer, "gemv")
+        if wf.size > _platform.MAX_FLAT_ELEMENTS:
+            raise ValueError(f"gemv: a weight of {wf.size} elements is past the kernel's "
+                             "int32 offsets; use implementation='xla'")
+        out = gemv_pallas_gpu(x2, wf, d=d, n=n, offset=off, transposed=transposed,
+                              out_dtype=out_dtype, config=config, interpret=interpret)
+    return out.reshape(lead + (n,))

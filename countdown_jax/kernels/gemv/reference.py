@@ -1,0 +1,30 @@
+"""Plain-JAX forms of y = x @ W: the float32 reference the kernel is checked against, and
+the XLA form (what the model's einsums do), the api's "xla" implementation.
+
+x [B, d]; W [d, n] (the params' own layout, flattened: wq [d, Hq*hd], wo [Hq*hd, d]) or,
+``transposed``, [n, d]. Both return [B, n] in x's dtype (or ``out_dtype``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["gemv_reference", "gemv_xla"]
+
+
+def _spec(transposed: bool) -> str:
+    return "bd,nd->bn" if transposed else "bd,dn->bn"
+
+
+def gemv_reference(x, w, *, transposed: bool = False, out_dtype=None):
+    """float32 inputs, float32 products and sums (no TF32 on GPU)."""
+    y = jnp.einsum(_spec(transposed), x.astype(jnp.float32), w.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+    return y.astype(out_dtype or x.dtype)
+
+
+def gemv_xla(x, w, *, transposed: bool = False, out_dtype=None):
+    """XLA's dot in the stored dtype with float32 accumulation."""
+    y = jnp.einsum(_spec(transposed), x, w, preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or x.dtype)

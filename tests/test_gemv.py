@@ -1,0 +1,175 @@
+"""The GEMV kernel (countdown_jax/kernels/gemv) against its float32 reference.
+
+CPU: the Triton kernel in the Pallas interpreter, on ragged shapes (d = 200 and n = 333
+against every block size), batches 1 / 3 / 8 / 16, both weight layouts, split d (float32
+partials summed), the tensor-core dot, deferred reductions, and a stacked weight read in
+place at a traced layer whose other layers are NaN. GPU (marked ``gpu``): compiled.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from countdown_jax.kernels import _platform
+from countdown_jax.kernels.gemv.api import gemv
+from countdown_jax.kernels.gemv.pallas_gpu import GemvConfig as C
+from countdown_jax.kernels.gemv.reference import gemv_reference, gemv_xla
+
+
+def make(seed, B, d, n, dtype, transposed=False, layers=None):
+    rng = np.random.default_rng(seed)
+    shape = (n, d) if transposed else (d, n)
+    if layers is not None:
+        shape = (layers,) + shape
+    x = rng.standard_normal((B, d)).astype(np.float32)
+    w = (rng.standard_normal(shape) / np.sqrt(d)).astype(np.float32)
+    return jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+
+
+def assert_close(got, x, w, transposed=False):
+    """float32 output: float32 sums in another order. bfloat16 output: within one rounding
+    of the float32 result."""
+    ref = np.asarray(gemv_reference(x, w, transposed=transposed, out_dtype=jnp.float32))
+    got = np.asarray(got, np.float32)
+    assert got.shape == ref.shape and np.all(np.isfinite(got))
+    scale = np.abs(ref).max()
+    tol = 1e-5 if x.dtype == jnp.float32 else 2 ** -8
+    assert np.max(np.abs(got - ref)) <= tol * scale, np.max(np.abs(got - ref)) / scale
+
+
+CASES = [   # B, transposed, config, dtype
+    (1, False, C(block_n=64, block_d=32), jnp.float32),                     # deferred sum
+    (3, False, C(block_n=128, block_d=64, split_d=2), jnp.float32),         # 2 partials
+    (8, False, C(block_n=32, block_d=16, split_d=5), jnp.bfloat16),         # uneven splits
+    (3, False, C(block_n=64, block_d=64, dot=True), jnp.bfloat16),
+    (8, False, C(block_n=16, block_d=128, dot=True, split_d=2), jnp.bfloat16),
+    (2, False, C(block_n=256, block_d=8, defer=4), jnp.float32),            # defer at B=2
+    (1, True, C(block_n=16, block_d=64), jnp.bfloat16),
+    (3, True, C(block_n=32, block_d=32, split_d=3), jnp.float32),
+    (8, True, C(block_n=32, block_d=64, dot=True), jnp.bfloat16),
+    (16, False, None, jnp.bfloat16),                                        # the default
+    (16, True, None, jnp.float32),
+]
+
+
+@pytest.mark.parametrize("B,transposed,cfg,dtype", CASES)
+def test_kernel_matches_float32_reference(B, transposed, cfg, dtype, pallas_interpret):
+    d, n = 200, 333
+    x, w = make(B + 7 * transposed, B, d, n, dtype, transposed)
+    f = jax.jit(lambda x, w: gemv(x, w, transposed=transposed, implementation="pallas",
+                                  config=cfg))
+    y = f(x, w)
+    assert y.dtype == dtype
+    assert_close(y, x, w, transposed)
+    y32 = gemv(x, w, transposed=transposed, implementation="pallas", config=cfg,
+               out_dtype=jnp.float32)
+    assert y32.dtype == jnp.float32
+    assert_close(y32, x, w, transposed)
+    if dtype == jnp.float32:           # float32 sums: only their order differs
+        np.testing.assert_allclose(np.asarray(y), np.asarray(y32), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_stack_read_in_place_at_a_traced_layer(transposed, pallas_interpret):
+    """[L, d, n] with a traced layer reads that layer only (the others are NaN); x's
+    leading axes are kept."""
+    L, d, n = 3, 72, 100
+    x, w = make(5, 6, d, n, jnp.float32, transposed, layers=L)
+    x = x.reshape(2, 3, d)
+    for layer in range(L):
+        wn = np.array(w)
+        wn[[i for i in range(L) if i != layer]] = np.nan
+        got = jax.jit(lambda x, w, l: gemv(x, w, layer=l, transposed=transposed,
+                                           implementation="pallas",
+                                           config=C(block_n=32, block_d=16, split_d=2)))(
+            x, jnp.asarray(wn), jnp.int32(layer))
+        assert got.shape == (2, 3, n)
+        assert_close(got.reshape(6, n), x.reshape(6, d), w[layer], transposed)
+
+
+def test_stack_past_int32_offsets_reads_the_layer_slice(monkeypatch, pallas_interpret):
+    x, w = make(2, 2, 40, 50, jnp.float32, layers=3)
+    monkeypatch.setattr(_platform, "MAX_FLAT_ELEMENTS", w[0].size)      # one layer fits
+    got = gemv(x, w, layer=jnp.int32(2), implementation="pallas", config=C(block_n=16))
+    assert_close(got, x, w[2])
+    monkeypatch.setattr(_platform, "MAX_FLAT_ELEMENTS", w[0].size - 1)
+    with pytest.raises(ValueError, match="int32 offsets"):
+        gemv(x, w, layer=0, implementation="pallas")
+
+
+def test_xla_implementation_is_the_xla_dot():
+    x, w = make(1, 3, 64, 48, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(gemv(x, w)), np.asarray(gemv_xla(x, w)))
+    np.testing.assert_array_equal(np.asarray(gemv(x, w.T, transposed=True)),
+                                  np.asarray(gemv_xla(x, w)))
+    assert_close(gemv(x, w, out_dtype=jnp.float32), x, w)
+
+
+def test_bad_inputs_name_the_problem():
+    x, w = make(0, 2, 32, 24, jnp.float32)
+    with pytest.raises(ValueError, match="unknown gemv implementation"):
+        gemv(x, w, implementation="cuda")
+    with pytest.raises(ValueError, match="no 'pallas_tpu' backend"):
+        gemv(x, w, implementation="pallas_tpu")
+    with pytest.raises(ValueError, match=r"w must be \[d, n\], got shape"):
+        gemv(x, w[None])
+    with pytest.raises(ValueError, match=r"stacked as \[L, d, n\] \(layer= given\)"):
+        gemv(x, w, layer=0)
+    with pytest.raises(ValueError, match=r"x must be \[..., d\] with d = 32"):
+        gemv(x[:, :20], w)
+    with pytest.raises(ValueError, match=r"d = 24 \(w \[n, d\]"):
+        gemv(x, w, transposed=True)
+    with pytest.raises(ValueError, match="x must be"):
+        gemv(jnp.float32(1.0), w)
+    with pytest.raises(ValueError, match="share one dtype"):
+        gemv(x.astype(jnp.bfloat16), w)
+    with pytest.raises(ValueError, match="w must be float32, bfloat16 or float16"):
+        gemv(x, w.astype(jnp.int8))
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        gemv(jnp.zeros((17, 32)), w, implementation="pallas_gpu", interpret=True)
+    with pytest.raises(ValueError, match="rounds to TF32"):
+        gemv(x, w, implementation="pallas_gpu", interpret=True, config=C(dot=True))
+    with pytest.raises(ValueError, match="power of two"):
+        C(block_n=48)
+    with pytest.raises(ValueError, match="split_d"):
+        C(split_d=0)
+    with pytest.raises(ValueError, match="dot needs"):
+        C(block_n=8, dot=True)
+
+
+def test_pallas_on_cpu_falls_back_to_xla_with_a_warning():
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU fallback only")
+    x, w = make(3, 2, 32, 24, jnp.float32)
+    _platform.reset_fallback_warnings()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = gemv(x, w, implementation="pallas")
+    assert any("gemv falls back" in str(i.message) for i in caught)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(gemv(x, w)))
+
+
+# --------------------------------------------------------------------------- compiled GPU
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+def test_kernel_compiled_on_gpu():
+    """Triton-compiled: ragged and Llama-8B shapes, every option, a stacked weight."""
+    configs = [None, C(block_n=128, block_d=64, split_d=4), C(block_n=32, block_d=256),
+               C(block_n=64, block_d=64, dot=True, split_d=2), C(block_n=256, num_warps=8)]
+    for (d, n), B, transposed, dtype in [((200, 333), 3, False, jnp.float32),
+                                         ((200, 333), 8, True, jnp.bfloat16),
+                                         ((4096, 1024), 1, False, jnp.bfloat16),
+                                         ((2048, 4096), 8, True, jnp.bfloat16)]:
+        x, w = make(d + B, B, d, n, dtype, transposed, layers=2)
+        for cfg in configs:
+            if cfg is not None and cfg.dot and dtype == jnp.float32:
+                continue
+            got = jax.jit(lambda x, w: gemv(x, w, layer=jnp.int32(1), transposed=transposed,
+                                            implementation="pallas", config=cfg))(x, w)
+            assert_close(got, x, w[1], transposed)
