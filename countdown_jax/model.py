@@ -85,14 +85,14 @@ def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq, proj: bool = False):
 
     if "wqkv" in layer:            # fuse_qkv: one projection per head group, split by heads
         w = layer["wqkv"]
+        groups = w.shape[-3]
         if proj:                   # [.., G, j, hd] -> [.., G * j, hd]: a free reshape
             qkv = heads(w.reshape(*w.shape[:-3], -1, w.shape[-1]))
-            qkv = qkv.reshape(*qkv.shape[:2], w.shape[-3], -1, w.shape[-1])
+            qkv = qkv.reshape(*qkv.shape[:2], groups, -1, w.shape[-1])
         else:
             qkv = jnp.einsum("btd,dgjk->btgjk", h, w)
         if cfg.qkv_bias:
             qkv = qkv + layer["bqkv"]
-        groups = layer["wqkv"].shape[-3]
         hq, hkv = cfg.num_heads // groups, cfg.num_kv_heads // groups
         q, k, v = (a.reshape(*a.shape[:2], -1, a.shape[-1])      # [b, t, G * heads, hd]
                    for a in jnp.split(qkv, [hq, hq + hkv], axis=3))

@@ -51,6 +51,13 @@ prepare() {   # model -> converted model dir in $ST/models/<model>
   echo "$dir"
 }
 
+frontier_cmd() {  # model res [args] -> the quality_frontier command of a model's run
+  local model=$1 res=$2
+  shift 2
+  echo "python3 -m experiments.quality_frontier --model $ST/models/$model --name $model" \
+       "--work $ST/work/$model --out $res $*"
+}
+
 eval_cmd() {  # group base res -> the eval command of a task group, touching its marker
   local tasks=$1
   [ "$1" = rest ] && tasks="arc_easy arc_challenge piqa winogrande openbookqa boolq lambada boolq_ppl"
@@ -79,17 +86,16 @@ case "$cmd" in
     model=$1 gpu=$2
     shift 2
     if [ $# -gt 0 ] && [ -d "$1" ]; then cp -v "$1"/* "$ST"/; shift; fi
-    dir=$(CUDA_VISIBLE_DEVICES=$gpu prepare "$model")
+    CUDA_VISIBLE_DEVICES=$gpu prepare "$model" > /dev/null     # into $ST/models/$model
     res=$ST/res/$model
     mkdir -p "$res" "$ST/jaxcache"
     nvidia-smi --query-gpu=index,name,memory.total --format=csv
-    base=(python3 -m experiments.quality_frontier --model "$dir" --name "$model"
-          --work "$ST/work/$model" --out "$res" "$@")
+    base=$(frontier_cmd "$model" "$res" "$@")
     # fit, then the task groups in EVALS (default: every task but HellaSwag, then
     # HellaSwag); each stage writes its results as it ends
-    chain="${base[*]} --stage fit && touch $res/fit.done"
+    chain="$base --stage fit && touch $res/fit.done"
     for group in ${EVALS:-rest hellaswag}; do
-      chain+=" && $(eval_cmd "$group" "${base[*]}" "$res")"
+      chain+=" && $(eval_cmd "$group" "$base" "$res")"
     done
     CUDA_VISIBLE_DEVICES=$gpu JAX_COMPILATION_CACHE_DIR=$ST/jaxcache setsid nohup bash -c "$chain" \
       > "$res/chain.log" 2>&1 < /dev/null &
@@ -100,8 +106,7 @@ case "$cmd" in
     model=$1 group=$2 slots=$3
     shift 3
     res=$ST/res/$model
-    base=(python3 -m experiments.quality_frontier --model "$ST/models/$model" --name "$model"
-          --work "$ST/work/$model" --out "$res" "$@")
+    base=$(frontier_cmd "$model" "$res" "$@")
     setsid nohup bash -c "
       until [ -f $res/fit.done ]; do sleep 5; done
       while :; do
@@ -111,7 +116,7 @@ case "$cmd" in
         sleep 5
       done
       echo queue: $group on GPU \$gpu
-      CUDA_VISIBLE_DEVICES=\$gpu JAX_COMPILATION_CACHE_DIR=$ST/jaxcache $(eval_cmd "$group" "${base[*]}" "$res")" \
+      CUDA_VISIBLE_DEVICES=\$gpu JAX_COMPILATION_CACHE_DIR=$ST/jaxcache $(eval_cmd "$group" "$base" "$res")" \
       > "$res/queue_$group.log" 2>&1 < /dev/null &
     sleep 1; echo "queued $model $group on $slots" ;;
   poll)                        # seconds: wait until every launched chain ended, then collect
