@@ -134,8 +134,8 @@ def main(argv=None):
     from countdown_jax.config import ModelConfig
     from countdown_jax.kernels._platform import interpret_mode
     from countdown_jax.policy import SparseSpec, make_policy
-    from experiments.bench.decode import calibrate, decode_loop, random_predictor
-    from experiments.bench.harness import write_csv
+    from experiments.bench.decode import calibrate, decode_loop, random_predictor, step_bytes
+    from experiments.bench.harness import ceilings, write_csv
     from experiments.bench.profile import profile_devices
     from experiments.bench.shapes import LLAMA_3_1_8B, TINY_DECODER
 
@@ -154,6 +154,10 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or ("bench_spmd_tiny" if args.tiny else "bench_spmd")
     log(f"{len(devices)} x {card}, jax {jax.__version__}, {shape}")
+    # HBM read ceiling of one device (the cards are alike), this run: GB/s per device
+    # below is the bytes a step must read on a device over its time
+    read_bw = ceilings(n=1 << (16 if args.tiny else 29))[1]
+    log(f"HBM read ceiling {read_bw:.0f} GB/s")
     named = lambda mesh, specs: jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                                              is_leaf=lambda x: isinstance(x, PartitionSpec))
     meshes = {f"{d}x{mo}": sharding.make_mesh(model=mo, data=d)
@@ -261,7 +265,11 @@ def main(argv=None):
                 f"bf16, {args.steps} greedy steps per compiled call after a "
                 f"{args.prompt_len}-token prompt, median of {args.repeats}; mesh = data x "
                 f"model devices; layers: unstacked, or q/k/v fused per model device "
-                f"(fused_qkv); experiments/bench_spmd.py.")
+                f"(fused_qkv); GB/s per device = the weight + KV-cache bytes a step must "
+                f"read on one device (experiments/bench/decode.py step_bytes; batch 1 "
+                f"per replica for the sparse rules) / its time, against the HBM read "
+                f"ceiling measured in this run ({read_bw:.0f} GB/s); "
+                f"experiments/bench_spmd.py.")
         (out / f"{name}.md").write_text(table(rows, prof_summ, head))
 
     for row in rows_plan:
@@ -293,6 +301,14 @@ def main(argv=None):
             rec.update(tokens_per_s=round(row.batch * args.steps / t, 2),
                        ms_per_step=round(t / args.steps * 1e3, 4),
                        sparsity_realised=round(1.0 - float(kept), 4))
+            data, n_model = (int(v) for v in row.label.split("x"))
+            nbytes = step_bytes(cfg, row.method, float(kept), batch=row.batch // data,
+                                context=args.prompt_len + args.steps // 2,
+                                rank=min(args.rank, cfg.d_model), model_shards=n_model)
+            if nbytes:
+                gbps = nbytes / (t / args.steps) / 1e9
+                rec.update(gb_per_s_per_device=round(gbps), pct_of_read_ceiling=round(
+                    100 * gbps / read_bw, 1))
             keys = np.asarray(cache["k"][L - 1, :, args.prompt_len], np.float32)
             ref = refs.setdefault((row.batch, row.method, row.sparsity), keys)
             rec["check_rel_err"] = float(f"{np.max(np.abs(keys - ref)) / np.max(np.abs(ref)):.3g}")

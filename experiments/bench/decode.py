@@ -15,8 +15,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from countdown_jax import model as model_lib
+from countdown_jax.cost import bytes_share
 
 from .harness import read_csv, write_csv
+
+_MODE = {"dense": "ideal", "m_countdown": "threshold", "d_countdown": "predictor"}
+
+
+def step_bytes(cfg, method: str, kept: float, *, batch: int, context: int, rank: int = 0,
+               model_shards: int = 1, itemsize: int = 2):
+    """Bytes one decode step must read per device: the q/k/v/o and LM-head weights, the FFN
+    weights the rule reads (``cost.bytes_share``: batch 1 only, where the kept set is one
+    token's; a batch reads the union of its tokens' sets, not measured here -> None) and
+    the KV cache of ``context`` positions per sequence. Weights split evenly over
+    ``model_shards`` (tensor parallel); norms and activations (O(d)) are left out."""
+    if method != "dense" and batch != 1:
+        return None
+    d, m, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
+    attn = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    share = bytes_share(method, _MODE[method], kept, m=m, d=d, rank=rank)
+    weights = cfg.num_layers * (attn + 3 * m * d * share) + cfg.vocab_size * d
+    kv = cfg.num_layers * 2 * cfg.num_kv_heads * hd * context * batch
+    return (weights + kv) * itemsize / model_shards
 
 
 def random_predictor(key, cfg, rank, dtype=jnp.bfloat16):
@@ -111,15 +131,17 @@ def write(out: Path, name: str, rows, prof_rows):
             dense[r["batch"]] = max(dense.get(r["batch"], 0.0), r["tokens_per_s"])
     lines = [f"Decode throughput, {rows[0]['shape']}, {rows[0]['device']}, bf16.", "",
              "| method | impl | r | r realised | batch | layers | capacity | attention | "
-             "projections | tokens/s | ms/step | GPU busy ms | GPU idle ms | x best dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "projections | tokens/s | ms/step | floor ms (bytes / read ceiling) | "
+             "% of read ceiling | GPU busy ms | GPU idle ms | x best dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = dense.get(r["batch"])
         lines.append(f"| {r['method']} | {r['implementation']} | {r['sparsity']} | "
                      f"{r['sparsity_realised']} | {r['batch']} | {r['layers']} | "
                      f"{r['capacity']} | {r.get('attention', 'xla')} | "
                      f"{r.get('projections', 'xla')} | {r['tokens_per_s']} | "
-                     f"{r['ms_per_step']} | "
+                     f"{r['ms_per_step']} | {r.get('floor_ms_per_step', '')} | "
+                     f"{r.get('pct_of_read_ceiling', '')} | "
                      f"{r.get('gpu_busy_ms_per_step', '')} | "
                      f"{r.get('gpu_idle_ms_per_step', '')} | "
                      f"{r['tokens_per_s'] / base:.2f} |" if base else "|")

@@ -23,7 +23,8 @@ FIELDS = ["device", "n_devices", "mesh", "shape", "batch", "method", "mode",
           "implementation", "attention", "projections", "layers", "capacity_scope",
           "capacity_per_device",
           "sparsity", "sparsity_realised", "tokens_per_s", "ms_per_step",
-          "x_dense_same_mesh", "x_one_device", "check_rel_err", "compile_s", "note"]
+          "x_dense_same_mesh", "x_one_device", "gb_per_s_per_device", "pct_of_read_ceiling",
+          "check_rel_err", "compile_s", "note"]
 PROFILE_FIELDS = ["mesh", "batch", "method", "layers", "projections", "device", "kernels",
                   "wall_us", "busy_us",
                   "idle_us", "compute_us", "collective_us", "collective_launches",
@@ -119,7 +120,8 @@ def table(rows, profile, head: str) -> str:
     cols = ("mesh", "batch", "method", "layers", "attention", "projections", "capacity_scope",
             "capacity_per_device",
             "sparsity", "sparsity_realised", "tokens_per_s", "ms_per_step",
-            "x_dense_same_mesh", "x_one_device", "check_rel_err", "note")
+            "x_dense_same_mesh", "x_one_device", "gb_per_s_per_device",
+            "pct_of_read_ceiling", "check_rel_err", "note")
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(k, "")) for k in cols) + " |" for r in rows]
     if profile:
