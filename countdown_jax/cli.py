@@ -168,7 +168,8 @@ def _add_generate(sub):
     p.add_argument("--layers", choices=(AUTO,) + LAYER_FORMS, default=AUTO,
                    help="layer layout for generation: auto (unstacked on a GPU: a copy of "
                         "the weights, faster decode), stacked (as stored), unstacked, "
-                        "fused_qkv (unstacked, q/k/v as one weight)")
+                        "fused_qkv (unstacked, q/k/v as one weight), transposed "
+                        "(unstacked, q/k/v/o one row per output)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")

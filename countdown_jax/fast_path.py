@@ -33,9 +33,10 @@ __all__ = ["ATTENTIONS", "AUTO", "LAYER_FORMS", "PROJECTIONS", "SKIPS_WORK",
 
 ATTENTIONS = ("xla", "pallas")
 PROJECTIONS = ("xla", "pallas")
-# fused_qkv: unstacked, q/k/v projections as one weight (``model.fuse_qkv``; a variant
-# for the GPU comparison, not yet what "auto" picks)
-LAYER_FORMS = ("stacked", "unstacked", "fused_qkv")
+# fused_qkv: unstacked, q/k/v projections as one weight (``model.fuse_qkv``); transposed:
+# unstacked, q/k/v/o one row per output (``model.transpose_projections``). Variants for
+# the GPU comparison, not yet what "auto" picks.
+LAYER_FORMS = ("stacked", "unstacked", "fused_qkv", "transposed")
 
 # (method, mode) whose "pallas" path reads only the kept rows (no dense s needed to
 # select): the fused kernel's rules plus Deja Vu's predictor (index list). The oracle modes

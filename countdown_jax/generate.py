@@ -177,36 +177,42 @@ def layer_form(params) -> str:
     layers = params["layers"]
     if not isinstance(layers, (list, tuple)):
         return "stacked"
-    return "fused_qkv" if "wqkv" in layers[0] else "unstacked"
+    if "wqkv" in layers[0]:
+        return "fused_qkv"
+    return "transposed" if "wq_t" in layers[0] else "unstacked"
 
 
 def _head_groups(params) -> int:
     """q/k/v head groups for ``model.fuse_qkv``: the context mesh's "model" size when the
     heads split over it (one fused GEMV per device), else 1."""
     layers = params["layers"]
-    hkv = (layers[0] if isinstance(layers, (list, tuple)) else layers)["wk"].shape[-2]
+    layer = layers[0] if isinstance(layers, (list, tuple)) else layers
+    hkv = layer["wk"].shape[-2] if "wk" in layer else layer["wk_t"].shape[-3]
     return axis_size(context_mesh(), MODEL) if head_axis(hkv) else 1
 
 
 _CONVERT = {"stacked": model_lib.stack_layers, "unstacked": model_lib.unstack_layers,
             "fused_qkv": lambda p: model_lib.fuse_qkv(model_lib.unstack_layers(p),
-                                                      _head_groups(p))}
+                                                      _head_groups(p)),
+            "transposed": lambda p: model_lib.transpose_projections(
+                model_lib.unstack_layers(p))}
 
 
 def decode_params(params, layers: str = "auto"):
     """params in the layer form decode should run on: "stacked" | "unstacked" |
     "fused_qkv" (unstacked, ``model.fuse_qkv``: one head group per "model" device of the
-    mesh in context) | "auto" (``fast_path``: unstacked on one
+    mesh in context) | "transposed" (unstacked, ``model.transpose_projections``: q/k/v/o
+    one row per output) | "auto" (``fast_path``: unstacked on one
     GPU, the params as given elsewhere). A conversion is a copy, made once per params and
     kept while they live; traced params (inside a jit) are returned as given, and so are
-    fused_qkv params asked for "unstacked" (they are)."""
+    fused_qkv or transposed params asked for "unstacked" (they are)."""
     given = layer_form(params)
     form = resolve_layers(layers)
     if layers == "auto" and form == "stacked":
         form = given                       # portable path: whatever the caller holds
     first = jax.tree_util.tree_leaves(params["layers"])[0]
-    if form == given or (form, given) == ("unstacked", "fused_qkv") or isinstance(
-            first, jax.core.Tracer):
+    if form == given or (form == "unstacked" and given in ("fused_qkv", "transposed")) \
+            or isinstance(first, jax.core.Tracer):
         return params
     key = (form, _head_groups(params) if form == "fused_qkv" else 1)
     if _CONVERTED and _CONVERTED[0][0] == key and _CONVERTED[0][1]() is first:

@@ -19,6 +19,9 @@ slices the same way.
         "bq":             [L, Hq, hd]        optional (Qwen2 qkv bias); "bk", "bv": [L, Hkv, hd]
         "wqkv", "bqkv":   [L, d, G, (Hq + 2 Hkv) / G, hd], [L, G, .., hd]: wq/wk/wv (bq/bk/bv)
                                              fused per head group (model.fuse_qkv only)
+        "wq_t", "wk_t", "wv_t": [L, H, hd, d], "wo_t": [L, d, Hq, hd]: the projections
+                                             stored one row per output, replacing wq/wk/
+                                             wv/wo (model.transpose_projections only)
         "q_norm","k_norm":[L, hd]            optional (Qwen3, Gemma 3)
         "post_attn_norm": [L, d]             optional (Gemma 2/3 sandwich norms)
         "mlp_norm":       [L, d]             pre-FFN norm (HF post_attention_layernorm for
@@ -94,7 +97,8 @@ class Leaf:
 
 _NORM = Leaf(("embed",), "norm")
 _FROM_D = ("embed",)
-_DERIVED = lambda c: False    # made by a params transform (model.fuse_qkv), never loaded
+_DERIVED = lambda c: False    # made by a params transform (model.fuse_qkv,
+                              # model.transpose_projections), never loaded
 
 PARAMS = {
     "embed": Leaf(("vocab_in", "embed")),
@@ -114,6 +118,11 @@ PARAMS = {
         "wqkv": Leaf(("embed", "qkv_groups", "qkv_heads", "head_dim"), fan_in=_FROM_D,
                      when=_DERIVED),
         "bqkv": Leaf(("qkv_groups", "qkv_heads", "head_dim"), "bias", when=_DERIVED),
+        "wq_t": Leaf(("q_heads", "head_dim", "embed"), fan_in=_FROM_D, when=_DERIVED),
+        "wk_t": Leaf(("kv_heads", "head_dim", "embed"), fan_in=_FROM_D, when=_DERIVED),
+        "wv_t": Leaf(("kv_heads", "head_dim", "embed"), fan_in=_FROM_D, when=_DERIVED),
+        "wo_t": Leaf(("embed", "q_heads", "head_dim"), fan_in=("q_heads", "head_dim"),
+                     when=_DERIVED),
         "q_norm": Leaf(("head_dim",), "norm", when=lambda c: c.qk_norm),
         "k_norm": Leaf(("head_dim",), "norm", when=lambda c: c.qk_norm),
         "post_attn_norm": Leaf(("embed",), "norm", when=lambda c: c.sandwich_norm),

@@ -33,7 +33,7 @@ from countdown_jax.rope import apply_rope, layer_inv_frequencies
 from countdown_jax.sharding import constrain_batch
 
 __all__ = ["decode_step", "extend", "forward", "fuse_qkv", "init_cache", "prefill",
-           "stack_layers", "unstack_layers"]
+           "stack_layers", "transpose_projections", "unstack_layers"]
 
 
 # -- cache ---------------------------------------------------------------------------------
@@ -74,6 +74,10 @@ def _logits(params, cfg: ModelConfig, x):
     return logits
 
 
+_NO_GEMV_T = ("projections='pallas' reads the einsum layout (wq/wk/wv/wo); the transposed "
+              "layer form runs XLA's projections: use projections='xla' or 'auto'")
+
+
 def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq, proj: bool = False):
     def heads(w):                  # h @ w [(L,) d, H, hd] -> [B, T, H, hd]
         if not proj:
@@ -97,7 +101,13 @@ def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq, proj: bool = False):
         q, k, v = (a.reshape(*a.shape[:2], -1, a.shape[-1])      # [b, t, G * heads, hd]
                    for a in jnp.split(qkv, [hq, hq + hkv], axis=3))
     else:
-        q, k, v = heads(layer["wq"]), heads(layer["wk"]), heads(layer["wv"])
+        if "wq_t" in layer:        # transpose_projections: one row per output
+            if proj:
+                raise ValueError(_NO_GEMV_T)
+            q, k, v = (jnp.einsum("btd,hkd->bthk", h, layer[n])
+                       for n in ("wq_t", "wk_t", "wv_t"))
+        else:
+            q, k, v = heads(layer["wq"]), heads(layer["wk"]), heads(layer["wv"])
         if cfg.qkv_bias:
             q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
     if cfg.qk_norm:
@@ -108,7 +118,11 @@ def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq, proj: bool = False):
 
 def _attn_out_and_mlp(cfg: ModelConfig, spec, layer, x, attn, policy, sparse,
                       collect: bool = False, proj: bool = False):
-    if proj:                       # T = 1 (decode): the Pallas GEMV
+    if "wo_t" in layer:            # transpose_projections: one row per output
+        if proj:
+            raise ValueError(_NO_GEMV_T)
+        o = jnp.einsum("bthk,dhk->btd", attn, layer["wo_t"])
+    elif proj:                     # T = 1 (decode): the Pallas GEMV
         B, T, H, hd = attn.shape
         o = project_out(attn.reshape(B * T, H, hd), layer["wo"], layer.get("layer"),
                         kv_heads=cfg.num_kv_heads).reshape(B, T, -1)
@@ -160,6 +174,9 @@ def fuse_qkv(params, groups: int = 1):
     def one(layer):
         if "wqkv" in layer:
             return layer
+        if "wk_t" in layer:
+            raise ValueError("fuse_qkv: the projections are transposed "
+                             "(model.transpose_projections); fuse the einsum layout instead")
         hkv = layer["wk"].shape[-2]
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 \
                 or hkv % groups:
@@ -171,6 +188,42 @@ def fuse_qkv(params, groups: int = 1):
                 parts = [layer[n].reshape(*layer[n].shape[:-2], groups, -1,
                                           layer[n].shape[-1]) for n in names]
                 out[fused] = jnp.concatenate(parts, axis=-2)
+        return out
+
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return {**params, "layers": tuple(one(l) for l in layers)}
+    return {**params, "layers": one(layers)}
+
+
+_TRANSPOSED = (("wq", "wq_t", (1, 2, 0)), ("wk", "wk_t", (1, 2, 0)),
+               ("wv", "wv_t", (1, 2, 0)), ("wo", "wo_t", (2, 0, 1)))
+
+
+def transpose_projections(params):
+    """params with each layer's q/k/v/o projections stored one row per output: "wq_t",
+    "wk_t", "wv_t" [(L,) H, hd, d] and "wo_t" [(L,) d, Hq, hd] in place of wq/wk/wv/wo,
+    stacked or unstacked (the ``layers`` form ``"transposed"`` of ``generate`` /
+    ``bench_decode``; makes a copy).
+
+    Why: at decode a projection is a GEMV, and XLA on GPU reads x @ W [d, n] with a small
+    n as a column reduction (strided reads, well under the HBM ceiling) while W^T [n, d]
+    is a row reduction over contiguous rows. Measured on an H200, bf16, batch 1
+    (experiments/results/bench_gemv.md): k/v [4096 -> 1024] 18.1 -> 6.2 us; the
+    tensor-parallel halves q [4096 -> 2048] 30.2 -> 8.2 us and o [2048 -> 4096] 21.4 ->
+    9.8 us; a full q/o about the same (19.4 -> 18.0 us). The same dot products: every
+    output equals the einsum layout's. Not combined with ``fuse_qkv``.
+    """
+    def one(layer):
+        if "wqkv" in layer:
+            raise ValueError("transpose_projections: q/k/v are fused (model.fuse_qkv); "
+                             "transpose the unfused params instead")
+        out = dict(layer)
+        for src, dst, perm in _TRANSPOSED:
+            if src in out:
+                w = out.pop(src)
+                lead = tuple(range(w.ndim - 3))
+                out[dst] = jnp.transpose(w, lead + tuple(len(lead) + i for i in perm))
         return out
 
     layers = params["layers"]

@@ -56,7 +56,9 @@ def main(argv=None):
     ap.add_argument("--layers", default="unstacked",
                     help="comma list: stacked (one scan over [L, ...] weights), unstacked "
                          "(model.unstack_layers: one buffer per layer weight), fused_qkv "
-                         "(unstacked, q/k/v as one weight: model.fuse_qkv)")
+                         "(unstacked, q/k/v as one weight: model.fuse_qkv), transposed "
+                         "(unstacked, q/k/v/o one row per output: "
+                         "model.transpose_projections)")
     ap.add_argument("--capacity", default="1.5",
                     help="comma list: index-list capacity as a multiple of (1-r)*m, or "
                          "'none' (no cap: the exact rule; lets pallas use the fused kernel)")

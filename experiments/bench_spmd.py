@@ -71,9 +71,10 @@ def parse_args(argv=None):
                     help="meshes whose batch-1 calls are profiled (e.g. 1x1,1x2: the same "
                          "program on one GPU next to its tensor-parallel split)")
     ap.add_argument("--layers", default="unstacked",
-                    help="layer forms, comma list: unstacked and/or fused_qkv "
+                    help="layer forms, comma list: unstacked, fused_qkv "
                          "(model.fuse_qkv with one head group per model device: one q/k/v "
-                         "GEMV per device); the first runs every row, the others the "
+                         "GEMV per device), transposed (model.transpose_projections: q/k/v/o "
+                         "one row per output); the first runs every row, the others the "
                          "first batch's fast-path rows")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
@@ -101,8 +102,9 @@ def parse_args(argv=None):
         ap.error(f"--meshes entries are DATAxMODEL with positive sizes, got {args.meshes}")
     args.methods = args.methods.split(",")
     args.layers = args.layers.split(",")
-    if not args.layers or any(f not in ("unstacked", "fused_qkv") for f in args.layers):
-        ap.error(f"--layers entries are unstacked or fused_qkv, got {args.layers}")
+    forms = ("unstacked", "fused_qkv", "transposed")
+    if not args.layers or any(f not in forms for f in args.layers):
+        ap.error(f"--layers entries are among {forms}, got {args.layers}")
     args.profile_meshes = [m for m in args.profile_meshes.split(",") if m]
     args.projections = tuple(args.projections.split(","))
     if any(p not in ("xla", "pallas") for p in args.projections):
@@ -204,6 +206,10 @@ def main(argv=None):
             fused = model_lib.fuse_qkv(params[lbl, "unstacked"], groups)
             params[lbl, "fused_qkv"] = jax.device_put(fused, named(
                 mesh, sharding.param_specs(cfg, mesh, fused)))
+        if "transposed" in args.layers:
+            tr = model_lib.transpose_projections(params[lbl, "unstacked"])
+            params[lbl, "transposed"] = jax.device_put(tr, named(
+                mesh, sharding.param_specs(cfg, mesh, tr)))
     jax.block_until_ready(params)
     log(f"weights on every mesh: {', '.join(args.layers)}")
 

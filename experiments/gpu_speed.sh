@@ -15,7 +15,9 @@ SP=$HOME/speed
 mkdir -p "$SP"
 
 collect() {
-  tar czf "${OUT:-/tmp}/speed.tgz" --exclude=src -C "$HOME" speed
+  # results and logs only: not the frozen trees, the compile cache or profiler traces
+  tar czf "${OUT:-/tmp}/speed.tgz" --exclude=src --exclude=jaxcache --exclude='*.pb' \
+    --exclude='*.pb.gz' --exclude='*trace*' -C "$HOME" speed
   for d in "$SP"/*/; do
     [ -f "$d/log" ] || continue
     state=running; [ -f "$d/rc" ] && state="rc=$(cat "$d/rc")"

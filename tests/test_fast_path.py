@@ -16,7 +16,7 @@ import pytest
 import countdown_jax as cj
 from countdown_jax import api, fast_path
 from countdown_jax import model as model_lib
-from countdown_jax.generate import _CONVERTED, decode_params, generate
+from countdown_jax.generate import _CONVERTED, decode_params, generate, layer_form
 from countdown_jax.policy import SparseSpec, make_policy
 from tests.support import tiny_params
 from tests.test_user_path import CharTokenizer
@@ -175,6 +175,49 @@ def test_fused_qkv_equals_separate_projections(tiny, bias, groups):
     b = _gen(params, cfg, M_THR, pol, layers="fused_qkv")
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_allclose(a[1], b[1], atol=1e-6)
+    _CONVERTED.clear()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_transposed_projections_equal_the_einsum_layout(tiny, bias):
+    """model.transpose_projections (q/k/v/o one row per output) against the einsum layout:
+    forward logits (stacked, scan) and greedy generation (layers="transposed", unrolled)
+    agree; it refuses fused q/k/v, and the Pallas GEMV names the layout it needs."""
+    params, cfg = tiny
+    if bias:
+        rng = np.random.default_rng(1)
+        L, H, K, hd = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        params = {**params, "layers": {**params["layers"], **{
+            n: jnp.asarray(rng.standard_normal((L, h, hd)).astype(np.float32))
+            for n, h in (("bq", H), ("bk", K), ("bv", K))}}}
+        cfg = dataclasses.replace(cfg, qkv_bias=True)
+    tr = model_lib.transpose_projections(params)
+    lay, src = tr["layers"], params["layers"]
+    assert not {"wq", "wk", "wv", "wo"} & set(lay)
+    np.testing.assert_array_equal(np.asarray(lay["wq_t"][1, 2, 3]),
+                                  np.asarray(src["wq"][1, :, 2, 3]))
+    np.testing.assert_array_equal(np.asarray(lay["wo_t"][1, 5]),
+                                  np.asarray(src["wo"][1, :, :, 5]))
+    tokens = jnp.asarray([[5, 17, 33, 8, 60, 11]], jnp.int32)
+    ref, _ = model_lib.forward(params, cfg, tokens)
+    got, _ = model_lib.forward(tr, cfg, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    pol = _threshold_policy(cfg)
+    a = _gen(params, cfg, M_THR, pol, layers="stacked")
+    b = _gen(params, cfg, M_THR, pol, layers="transposed")
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_allclose(a[1], b[1], atol=1e-6)
+    unstacked = model_lib.unstack_layers(tr)
+    assert layer_form(unstacked) == "transposed"
+    assert decode_params(unstacked, "unstacked") is unstacked      # already unstacked
+    with pytest.raises(ValueError, match="fused"):
+        model_lib.transpose_projections(model_lib.fuse_qkv(params))
+    with pytest.raises(ValueError, match="transposed"):
+        model_lib.fuse_qkv(tr)
+    cache = model_lib.init_cache(cfg, 1, 8)
+    with pytest.raises(ValueError, match="projections='xla'"):
+        model_lib.decode_step(tr, cfg, jnp.asarray([3]), jnp.asarray([0]), cache,
+                              projections="pallas")
     _CONVERTED.clear()
 
 

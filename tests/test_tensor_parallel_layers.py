@@ -59,7 +59,8 @@ def _worker():
 
     mesh = sharding.make_mesh(model=2)
     report = {"models": {}, "hlo": {}, "errors": {}}
-    forms = {"unstacked": params, "fused_qkv": M.fuse_qkv(params, groups=2)}
+    forms = {"unstacked": params, "fused_qkv": M.fuse_qkv(params, groups=2),
+             "transposed": M.transpose_projections(params)}
     for form, p in forms.items():
         sp = sharding.shard_params(p, cfg, mesh)
         sc = sharding.shard_cache(cache, cfg, mesh)
@@ -109,7 +110,7 @@ def report():
     return fake_devices.run_worker(__file__, devices=2)
 
 
-@pytest.mark.parametrize("form", ["unstacked", "fused_qkv"])
+@pytest.mark.parametrize("form", ["unstacked", "fused_qkv", "transposed"])
 @pytest.mark.parametrize("spec", list(SPECS))
 def test_sharded_decode_equals_one_device(report, form, spec):
     r = report["models"][f"{form}/{spec}"]
@@ -130,6 +131,15 @@ def test_fused_qkv_is_one_dot_per_layer_and_two_all_reduces(report, spec):
     assert (width(plain, 16), width(fused, 16)) == (layers, 0), (plain, fused)
     assert width(fused, 8) == width(plain, 8) - 2 * layers, (plain, fused)
     assert width(fused, 32) == width(plain, 32) + layers, (plain, fused)
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_transposed_projections_keep_the_collectives_and_dots(report, spec):
+    """q/k/v/o one row per output (model.transpose_projections): the same 2 all-reduces
+    per layer and the same dots, each reading its device's heads."""
+    plain, tr = report["hlo"][f"unstacked/{spec}"], report["hlo"][f"transposed/{spec}"]
+    assert (tr["all-reduce"], tr["all-gather"], tr["other"]) == (4, 0, 0), tr
+    assert tr["dots"] == plain["dots"], (plain, tr)
 
 
 def test_each_device_holds_its_own_q_k_v_heads(report):
