@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from countdown_jax import model as model_lib
 from countdown_jax.fast_path import resolve_layers
-from countdown_jax.policy import DENSE, SparseSpec
+from countdown_jax.policy import DENSE, SparseSpec, unstack_policy
 from countdown_jax.sharding import MODEL, axis_size, context_mesh, head_axis
 
 __all__ = ["GREEDY", "Generation", "Sampling", "decode_params", "generate", "layer_form",
@@ -254,8 +254,13 @@ def generate(params, cfg, prompt, lengths, key, policy=None, *, max_new_tokens: 
     (the decode steps' attention and q/k/v/o projections, ``model.decode_step``) and
     ``spec.implementation`` each take "auto", the fastest exact choice for the backend
     (``fast_path``; on CPU the portable path), or an explicit value that is used as
-    given."""
-    return _generate(decode_params(params, layers), cfg, prompt, lengths, key, policy,
+    given. Unstacked layers take the policy unstacked too (``policy.unstack_policy``)."""
+    params = decode_params(params, layers)
+    leaves = jax.tree_util.tree_leaves(policy)
+    if layer_form(params) != "stacked" and leaves and not isinstance(leaves[0],
+                                                                     jax.core.Tracer):
+        policy = unstack_policy(policy)       # (a traced policy: sliced in the program)
+    return _generate(params, cfg, prompt, lengths, key, policy,
                      max_new_tokens=max_new_tokens, spec=spec, sampling=sampling,
                      stop_tokens=stop_tokens, cache_dtype=cache_dtype, attention=attention,
                      projections=projections)

@@ -255,7 +255,8 @@ def _run_layers(params, cfg: ModelConfig, body, carry, policy, whole=()):
                              f"{cfg.num_layers}")
         outs = []
         for l, layer in enumerate(layers):
-            pol = jax.tree.map(lambda a, l=l: a[l], policy)
+            pol = policy[l] if isinstance(policy, tuple) else jax.tree.map(
+                lambda a, l=l: a[l], policy)
             carry, out = body(carry, (layer, inv_freq[l], windows[l], pol, l))
             outs.append(out)
         return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
@@ -269,6 +270,8 @@ def _run_layers(params, cfg: ModelConfig, body, carry, policy, whole=()):
         return body(carry, ({**layer, **extra, "mlp": {**mlp, "layer": l}}, inv_f, window,
                             pol, l))
 
+    if isinstance(policy, tuple):                 # per-layer policies (unstack_policy)
+        policy = jax.tree.map(lambda *a: jnp.stack(a), *policy)
     scanned = {k: v for k, v in layers.items() if k != "mlp" and k not in stacks}
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     return jax.lax.scan(scan_body, carry, (scanned, inv_freq, windows, policy, layer_ids))

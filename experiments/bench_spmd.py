@@ -135,7 +135,7 @@ def main(argv=None):
     from countdown_jax import sharding
     from countdown_jax.config import ModelConfig
     from countdown_jax.kernels._platform import interpret_mode
-    from countdown_jax.policy import SparseSpec, make_policy
+    from countdown_jax.policy import SparseSpec, make_policy, unstack_policy
     from experiments.bench.decode import calibrate, decode_loop, random_predictor, step_bytes
     from experiments.bench.harness import ceilings, write_csv
     from experiments.bench.profile import profile_devices
@@ -224,7 +224,7 @@ def main(argv=None):
             tau, theta = calib[row.sparsity]
             policy = make_policy(L, **({"threshold": tau} if row.method == "m_countdown"
                                        else {"theta": theta, "predictor": predictor}))
-            policy = sharding.shard_policy(policy, mesh)
+            policy = unstack_policy(sharding.shard_policy(policy, mesh))   # as generate
         return mesh, params[row.label, row.layers], cache, tok, pos, policy, spec, scope, cap
 
     def compile_row(row):

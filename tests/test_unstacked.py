@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from countdown_jax import model as M
-from countdown_jax.policy import SparseSpec, make_policy
+from countdown_jax.policy import SparseSpec, make_policy, unstack_policy
 from tests.support import tiny_params
 
 
@@ -63,6 +63,33 @@ def test_unstacked_equals_stacked(tiny, spec):
     fb, kb = M.forward(flat, cfg, tokens, lengths, spec=spec, policy=pol)
     np.testing.assert_allclose(np.asarray(fa), np.asarray(fb), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(ka), np.asarray(kb))
+
+
+@pytest.mark.parametrize("layers", ["stacked", "unstacked"])
+def test_unstacked_policy_equals_stacked(tiny, layers):
+    """A per-layer policy tuple (``unstack_policy``: one buffer per layer, what generate
+    hands unstacked layers) decodes as the stacked policy does, on either layer form; a
+    tuple of the wrong length is refused by name."""
+    params, cfg = tiny
+    if layers == "unstacked":
+        params = M.unstack_layers(params)
+    L = cfg.num_layers
+    pol = make_policy(L, threshold=np.linspace(0.3, 0.5, L).astype(np.float32))
+    per_layer = unstack_policy(pol)
+    assert isinstance(per_layer, tuple) and len(per_layer) == L
+    assert float(per_layer[1]["threshold"]) == float(pol["threshold"][1])
+    assert unstack_policy(per_layer) is per_layer and unstack_policy(None) is None
+    spec = SparseSpec(method="m_countdown", mode="threshold", implementation="masked")
+    tokens = jnp.asarray(np.random.default_rng(1).integers(3, cfg.vocab_size, (2, 6)),
+                         jnp.int32)
+    lengths = jnp.array([6, 4], jnp.int32)
+    a = _prefill_then_decode(params, cfg, tokens, lengths, pol, spec=spec)
+    b = _prefill_then_decode(params, cfg, tokens, lengths, per_layer, spec=spec)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert float(jnp.mean(a[2])) < 0.95
+    with pytest.raises(ValueError, match=f"needs {L} entries"):
+        M.forward(params, cfg, tokens, lengths, spec=spec, policy=per_layer[:-1])
 
 
 def test_stack_round_trip_and_layer_count(tiny):

@@ -16,6 +16,7 @@ import numpy as np
 
 from countdown_jax import model as model_lib
 from countdown_jax.cost import bytes_share
+from countdown_jax.policy import unstack_policy
 
 from .harness import read_csv, write_csv
 
@@ -81,6 +82,8 @@ def decode_loop(params, cfg, cache, token, pos, policy, *, spec, steps, attentio
 def time_decode(params, cfg, spec, policy, batch, steps, repeats, prompt_len, key, *,
                 profile=False, hlo_dir=None, attention="xla", projections="xla"):
     """(tokens/s, realised sparsity, s/step, profile rows or None, profile summary or None)."""
+    if isinstance(params["layers"], tuple):         # as generate runs unstacked layers
+        policy = unstack_policy(policy)
     cache = model_lib.init_cache(cfg, batch, prompt_len + steps + 1, jnp.bfloat16)
     tokens = jax.random.randint(key, (batch, prompt_len), 0, cfg.vocab_size)
     lengths = jnp.full((batch,), prompt_len, jnp.int32)
