@@ -251,6 +251,8 @@ def test_bench_decode_tiny_both_attentions_and_plot(tmp_path):
         assert float(x["tokens_per_s"]) > 0 and not x["note"]
         if x["method"] != "dense":      # realised sparsity measured from the masks
             assert abs(float(x["sparsity_realised"]) - 0.9) < 0.1
+        # batch 1: the byte floor at this run's read ceiling, and the share of it reached
+        assert float(x["floor_ms_per_step"]) > 0 and float(x["pct_of_read_ceiling"]) > 0
     assert (tmp_path / "bench_decode_tiny.md").read_text().count("\n| ") == len(rows) + 1
     (tmp_path / "bench_decode.csv").write_bytes((RESULTS / "bench_decode.csv").read_bytes())
     r = _run(EXP / "bench_decode.py", "--plot", "--out", tmp_path)
@@ -287,6 +289,32 @@ def test_bench_spmd_tiny_on_two_cpu_devices(tmp_path):
     assert [x["note"] for x in rows if x["note"]] == [
         "profiled: no GPU device plane in the trace"]       # the 1x2 batch-1 dense row
     assert (tmp_path / "bench_spmd_tiny.md").read_text().count("\n| ") == len(rows) + 1
+    for x in rows:      # GB/s per device against this run's read ceiling: batch 1 per
+        # replica, or dense (a sparse batch reads its tokens' union: not modelled)
+        per_replica = int(x["batch"]) // int(x["mesh"].split("x")[0])
+        has = x["method"] == "dense" or per_replica == 1
+        assert bool(x["gb_per_s_per_device"]) == has, x
+        if has:
+            assert float(x["pct_of_read_ceiling"]) > 0, x
+
+
+def test_step_bytes_at_llama_8b():
+    """Bytes a decode step reads (bench.decode.step_bytes) at Llama-3.1-8B, bf16, batch 1:
+    dense 15.0 GB (the figure bench_decode.md's floors use), M at r = 0.9 about 8.2 GB,
+    D with a rank-512 predictor about 5.5 GB; halved per device on 2 model shards; a
+    sparse batch is not modelled."""
+    from countdown_jax.config import ModelConfig
+    from experiments.bench.decode import step_bytes
+    from experiments.bench.shapes import LLAMA_3_1_8B
+
+    cfg = ModelConfig.from_hf(LLAMA_3_1_8B)
+    gb = lambda *a, **k: step_bytes(cfg, *a, context=160, **k) / 1e9
+    assert abs(gb("dense", 1.0, batch=1) - 15.05) < 0.1
+    assert abs(gb("m_countdown", 0.1, batch=1) - 8.3) < 0.15
+    assert abs(gb("d_countdown", 0.1, batch=1, rank=512) - 5.5) < 0.15
+    assert gb("dense", 1.0, batch=1, model_shards=2) == gb("dense", 1.0, batch=1) / 2
+    assert gb("dense", 1.0, batch=4) > gb("dense", 1.0, batch=1)        # the KV cache
+    assert step_bytes(cfg, "m_countdown", 0.1, batch=4, context=160) is None
 
 
 def test_profile_devices_splits_collectives_per_gpu(monkeypatch):
