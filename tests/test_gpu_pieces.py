@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 
@@ -84,3 +85,33 @@ def test_queue_runs_a_task_group_on_the_first_gpu_freed(tmp_path):
     assert call.startswith("gpu=0 -m experiments.quality_frontier")
     assert "--stage eval --tasks hellaswag --ranks 64" in call
     assert (res / "gemma3" / "hellaswag.done").exists()
+
+
+def test_speed_jobs_run_in_order_from_a_frozen_tree(tmp_path):
+    """gpu_speed.sh: a launched job runs in the background from its own copy of the work
+    tree on the GPUs it names, a job --after another starts when that one ended, a name
+    is never reused, and collect packs results and logs but not the copied trees."""
+    script = Path(__file__).resolve().parents[1] / "experiments" / "gpu_speed.sh"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho stub-gpu\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = dict(os.environ, HOME=str(tmp_path), OUT=str(tmp_path / "out"),
+               PATH=f"{bin_dir}:{os.environ['PATH']}")
+    (tmp_path / "out").mkdir()
+    run = lambda *a: subprocess.run(["bash", str(script), *a], env=env, check=True,
+                                    capture_output=True, text=True, timeout=60)
+    run("launch", "a", "0", 'sleep 2; echo "$CUDA_VISIBLE_DEVICES" > $R/gpus; '
+        'test -f experiments/gpu_speed.sh && date +%s.%N > $R/t')
+    run("launch", "b", "0,1", "--after", "a", 'date +%s.%N > $R/t; cat $R/../../a/out/t')
+    with pytest.raises(subprocess.CalledProcessError):
+        run("launch", "a", "0", "true")                   # the name is taken
+    out = run("poll", "30").stdout
+    assert "== a (rc=0)" in out and "== b (rc=0)" in out
+    sp = tmp_path / "speed"
+    assert (sp / "a" / "out" / "gpus").read_text().strip() == "0"
+    assert float((sp / "b" / "out" / "t").read_text()) > float((sp / "a" / "out" / "t").read_text())
+    with tarfile.open(tmp_path / "out" / "speed.tgz") as tar:
+        names = tar.getnames()
+    assert "speed/a/out/gpus" in names and "speed/b/log" in names
+    assert not [n for n in names if "/src" in n]
