@@ -28,8 +28,8 @@ from countdown_jax.ffn import _FUSED_RULES
 from countdown_jax.policy import ACCEPTED_IMPLEMENTATIONS, AUTO, SparseSpec
 from countdown_jax.sharding import multi_device_mesh
 
-__all__ = ["ATTENTIONS", "AUTO", "LAYER_FORMS", "PROJECTIONS", "SKIPS_WORK",
-           "SPARSE_MAX_TOKENS", "backend", "resolve_attention", "resolve_implementation",
+__all__ = ["ATTENTIONS", "AUTO", "BATCH_MEASURED", "LAYER_FORMS", "PROJECTIONS",
+           "SKIPS_WORK", "SPARSE_MAX_TOKENS", "SPARSE_MAX_TOKENS_CAPPED", "backend", "resolve_attention", "resolve_implementation",
            "resolve_layers", "resolve_projections", "resolve_spec"]
 
 ATTENTIONS = ("xla", "pallas")
@@ -44,11 +44,18 @@ LAYER_FORMS = ("stacked", "unstacked", "fused_qkv", "transposed")
 # of d_countdown / dejavu / s_countdown need the dense s to select, so masked is faster.
 SKIPS_WORK = frozenset(_FUSED_RULES) | {("dejavu", "predictor")}
 
-# Tokens per call up to which the sparse kernels beat the dense FFN end to end. Measured:
-# batch 1 1.39-1.65x dense (H200, S4-A); batch 4 0.78-0.87x (H200, S4-C), 0.99-1.08x
-# (H100, S3-B). Above it "auto" runs masked (the same kept set, at dense cost).
-# experiments/bench_auto_path.py measures batch 2/4/8 to move it.
-SPARSE_MAX_TOKENS = 1
+# Tokens per call up to which "auto" runs the Pallas path (the fused kernel at one token,
+# index lists above) rather than masked (the same kept set at dense cost). Measured on an
+# H200 (Llama-3.1-8B, bf16, r = 0.9; experiments/results/bench_decode.md, session 8):
+# exact index lists at batch 4 (S8-L) run M 0.97x / D 1.01x dense against masked's 0.95x /
+# 0.84x (S8-G); with a capacity cut (1.5x, S8-H) batch 2 runs 0.98x / 0.95x (masked 0.94x /
+# 0.84x) but batch 4 0.91x / 0.82x (the cut's per-token top-k costs more than it saves);
+# batch 8 lost to masked in every form (S8-C, S8-I). Batch 1: M 1.41x, D 1.66x (S8-J).
+SPARSE_MAX_TOKENS = 4             # exact rules (no capacity)
+SPARSE_MAX_TOKENS_CAPPED = 2      # a capacity cut (``SparseSpec.capacity``)
+# Rules whose batches were not measured run "pallas" at one token only.
+BATCH_MEASURED = frozenset({("m_countdown", "threshold"), ("cats", "threshold"),
+                            ("d_countdown", "predictor"), ("dejavu", "predictor")})
 
 
 def backend() -> str:
@@ -73,10 +80,13 @@ def resolve_implementation(spec: SparseSpec, n_tokens: int) -> str:
     _check(impl, ACCEPTED_IMPLEMENTATIONS, "implementation")
     if impl != AUTO:
         return impl
-    if (_fast() and not spec.is_dense and (spec.method, spec.mode) in SKIPS_WORK
-            and n_tokens <= SPARSE_MAX_TOKENS):
-        return "pallas"
-    return "masked"
+    rule = (spec.method, spec.mode)
+    if not _fast() or spec.is_dense or rule not in SKIPS_WORK:
+        return "masked"
+    limit = 1
+    if rule in BATCH_MEASURED:       # (CATS's path is M's with the gate as the score)
+        limit = SPARSE_MAX_TOKENS if spec.capacity is None else SPARSE_MAX_TOKENS_CAPPED
+    return "pallas" if n_tokens <= limit else "masked"
 
 
 def resolve_spec(spec: SparseSpec, n_tokens: int) -> SparseSpec:

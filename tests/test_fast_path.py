@@ -49,7 +49,14 @@ def test_cpu_resolves_to_the_portable_path():
 def test_gpu_choices(fake_gpu):
     impl = fast_path.resolve_implementation
     assert impl(M_THR, 1) == "pallas"                       # fused kernel at one token
-    assert impl(M_THR, 4) == "masked"                       # batches: dense beats the lists
+    # batches: exact index lists up to 4 tokens, 2 with a capacity cut (measured, H200)
+    d_pred = SparseSpec("d_countdown", "predictor", "auto")
+    for spec in (M_THR, d_pred, SparseSpec("cats", "threshold", "auto")):
+        assert [impl(spec, n) for n in (2, 4, 5, 8)] == ["pallas"] * 2 + ["masked"] * 2
+        capped = dataclasses.replace(spec, capacity=3)
+        assert [impl(capped, n) for n in (1, 2, 3)] == ["pallas"] * 2 + ["masked"]
+    cascade = SparseSpec("d_countdown", "cascade", "auto")
+    assert (impl(cascade, 1), impl(cascade, 2)) == ("pallas", "masked")   # not measured
     assert impl(SparseSpec("d_countdown", "predictor", "auto"), 1) == "pallas"
     assert impl(SparseSpec("dejavu", "predictor", "auto"), 1) == "pallas"
     assert impl(SparseSpec("d_countdown", "ideal", "auto"), 1) == "masked"  # needs dense s
@@ -146,6 +153,30 @@ def test_generate_text_reports_the_path(tiny, fake_gpu, pallas_interpret):
     assert out.tokens_per_s > 0 and out.prefill_tokens_per_s > 0
     with pytest.raises(ValueError, match="attention must be"):
         cj.generate_text(model, "hello", max_new_tokens=2, attention="triton")
+    _CONVERTED.clear()
+
+
+@pytest.mark.parametrize("rows", [[6, 3, 5], [3]])
+def test_auto_batches_run_exact_index_lists(tiny, fake_gpu, pallas_interpret, rows):
+    """A decode batch of up to SPARSE_MAX_TOKENS rows runs the index lists under "auto"
+    (a prompt that short, its prefill too, with the prompt's tokens dense) and keeps the
+    masked reference's tokens and kept sets."""
+    params, cfg = tiny
+    pol = _threshold_policy(cfg)
+    assert fast_path.resolve_implementation(M_THR, len(rows)) == "pallas"
+    prompt = np.zeros((len(rows), max(rows)), np.int32)
+    for i, n in enumerate(rows):
+        prompt[i, :n] = np.arange(5, 5 + n) * (i + 3) % cfg.vocab_size
+    run = lambda spec, **kw: generate(params, cfg, jnp.asarray(prompt), jnp.asarray(rows),
+                                      jax.random.PRNGKey(0), pol, max_new_tokens=4,
+                                      spec=spec, **kw)
+    auto = run(M_THR)
+    ref = run(dataclasses.replace(M_THR, implementation="masked"), attention="xla",
+              layers="stacked")
+    np.testing.assert_array_equal(np.asarray(auto.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(auto.realised_sparsity),
+                               np.asarray(ref.realised_sparsity), atol=1e-6)
+    assert 0.0 < float(np.mean(auto.realised_sparsity)) < 1.0
     _CONVERTED.clear()
 
 
