@@ -26,8 +26,8 @@ import numpy as np
 from countdown_jax.config import ModelConfig
 from countdown_jax.fast_path import (resolve_attention, resolve_implementation,
                                      resolve_projections)
-from countdown_jax.generate import (Sampling, decode_jit, decode_params, finish, generate,
-                                    is_finished, layer_form, start_jit)
+from countdown_jax.generate import (Sampling, decode_jit, decode_params, decode_policy,
+                                    finish, generate, is_finished, layer_form, start_jit)
 from countdown_jax.policy import SparseSpec, make_policy, stack_policies
 
 
@@ -264,6 +264,7 @@ def generate_tokens(model: Model, tokens, lengths, spec: SparseSpec, policy=None
         raise ValueError(f"stream_every must be >= 1, got {stream_every}")
     batch = len(lengths)
     params = decode_params(model.params, layers)
+    policy = decode_policy(params, policy)
     path = dict(layers=layer_form(params),
                 implementation=resolve_implementation(spec, batch),
                 attention=resolve_attention(attention),

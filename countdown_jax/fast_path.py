@@ -29,8 +29,9 @@ from countdown_jax.policy import ACCEPTED_IMPLEMENTATIONS, AUTO, SparseSpec
 from countdown_jax.sharding import multi_device_mesh
 
 __all__ = ["ATTENTIONS", "AUTO", "BATCH_MEASURED", "LAYER_FORMS", "PROJECTIONS",
-           "SKIPS_WORK", "SPARSE_MAX_TOKENS", "SPARSE_MAX_TOKENS_CAPPED", "backend", "resolve_attention", "resolve_implementation",
-           "resolve_layers", "resolve_projections", "resolve_spec"]
+           "SKIPS_WORK", "SPARSE_MAX_TOKENS", "SPARSE_MAX_TOKENS_CAPPED", "backend",
+           "resolve_attention", "resolve_implementation", "resolve_layers",
+           "resolve_projections", "resolve_spec"]
 
 ATTENTIONS = ("xla", "pallas")
 PROJECTIONS = ("xla", "pallas")

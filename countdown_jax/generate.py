@@ -22,8 +22,8 @@ from countdown_jax.fast_path import resolve_layers
 from countdown_jax.policy import DENSE, SparseSpec, unstack_policy
 from countdown_jax.sharding import MODEL, axis_size, context_mesh, head_axis
 
-__all__ = ["GREEDY", "Generation", "Sampling", "decode_params", "generate", "layer_form",
-           "sample"]
+__all__ = ["GREEDY", "Generation", "Sampling", "decode_params", "decode_policy", "generate",
+           "layer_form", "sample"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +222,18 @@ def decode_params(params, layers: str = "auto"):
     return out
 
 
+def decode_policy(params, policy):
+    """The policy as decode should read it for ``params`` (``decode_params``' result):
+    per-layer buffers (``policy.unstack_policy``, a copy) for unstacked layers, so no
+    kernel copies a layer's slice out of the stack; as given for stacked layers, and when
+    traced (a ``vmap`` sweep: sliced inside the program)."""
+    leaves = jax.tree_util.tree_leaves(policy)
+    if layer_form(params) == "stacked" or not leaves or isinstance(leaves[0],
+                                                                   jax.core.Tracer):
+        return policy
+    return unstack_policy(policy)
+
+
 def _forget(ref):
     """The source params are gone: drop their copy."""
     if _CONVERTED and _CONVERTED[0][1] is ref:
@@ -256,11 +268,7 @@ def generate(params, cfg, prompt, lengths, key, policy=None, *, max_new_tokens: 
     (``fast_path``; on CPU the portable path), or an explicit value that is used as
     given. Unstacked layers take the policy unstacked too (``policy.unstack_policy``)."""
     params = decode_params(params, layers)
-    leaves = jax.tree_util.tree_leaves(policy)
-    if layer_form(params) != "stacked" and leaves and not isinstance(leaves[0],
-                                                                     jax.core.Tracer):
-        policy = unstack_policy(policy)       # (a traced policy: sliced in the program)
-    return _generate(params, cfg, prompt, lengths, key, policy,
+    return _generate(params, cfg, prompt, lengths, key, decode_policy(params, policy),
                      max_new_tokens=max_new_tokens, spec=spec, sampling=sampling,
                      stop_tokens=stop_tokens, cache_dtype=cache_dtype, attention=attention,
                      projections=projections)

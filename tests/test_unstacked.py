@@ -92,6 +92,26 @@ def test_unstacked_policy_equals_stacked(tiny, layers):
         M.forward(params, cfg, tokens, lengths, spec=spec, policy=per_layer[:-1])
 
 
+def test_decode_policy_follows_the_layer_form(tiny):
+    """generate / generate_tokens hand the policy over per layer for unstacked layers,
+    as given for stacked ones and when traced (a vmap sweep slices it in the program)."""
+    from countdown_jax.generate import decode_policy
+
+    params, cfg = tiny
+    pol = make_policy(cfg.num_layers, threshold=0.4)
+    assert decode_policy(params, pol) is pol and decode_policy(params, None) is None
+    flat = decode_policy(M.unstack_layers(params), pol)
+    assert isinstance(flat, tuple) and len(flat) == cfg.num_layers
+    seen = []
+
+    def sweep(t):               # a traced policy stays whole (sliced in the program)
+        seen.append(type(decode_policy(M.unstack_layers(params), {**pol, "threshold": t})))
+        return t
+
+    jax.vmap(sweep)(jnp.zeros((2, cfg.num_layers)))
+    assert seen == [dict]
+
+
 def test_stack_round_trip_and_layer_count(tiny):
     params, cfg = tiny
     back = M.stack_layers(M.unstack_layers(params))
