@@ -157,6 +157,14 @@ def unstack_layers(params):
                                       for l in range(n))}
 
 
+def _map_layers(params, one):
+    """params with ``one`` applied to the stacked layer dict, or to each of a tuple."""
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return {**params, "layers": tuple(one(l) for l in layers)}
+    return {**params, "layers": one(layers)}
+
+
 _QKV = (("wq", "wk", "wv"), ("bq", "bk", "bv"))
 
 
@@ -190,10 +198,7 @@ def fuse_qkv(params, groups: int = 1):
                 out[fused] = jnp.concatenate(parts, axis=-2)
         return out
 
-    layers = params["layers"]
-    if isinstance(layers, (list, tuple)):
-        return {**params, "layers": tuple(one(l) for l in layers)}
-    return {**params, "layers": one(layers)}
+    return _map_layers(params, one)
 
 
 _TRANSPOSED = (("wq", "wq_t", (1, 2, 0)), ("wk", "wk_t", (1, 2, 0)),
@@ -226,10 +231,7 @@ def transpose_projections(params):
                 out[dst] = jnp.transpose(w, lead + tuple(len(lead) + i for i in perm))
         return out
 
-    layers = params["layers"]
-    if isinstance(layers, (list, tuple)):
-        return {**params, "layers": tuple(one(l) for l in layers)}
-    return {**params, "layers": one(layers)}
+    return _map_layers(params, one)
 
 
 def stack_layers(params):
