@@ -180,6 +180,30 @@ def test_auto_batches_run_exact_index_lists(tiny, fake_gpu, pallas_interpret, ro
     _CONVERTED.clear()
 
 
+def _with_qkv_bias(params, cfg):
+    """The tiny model with random q/k/v biases (Qwen2-style)."""
+    rng = np.random.default_rng(1)
+    L, H, K, hd = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    params = {**params, "layers": {**params["layers"], **{
+        n: jnp.asarray(rng.standard_normal((L, h, hd)).astype(np.float32))
+        for n, h in (("bq", H), ("bk", K), ("bv", K))}}}
+    return params, dataclasses.replace(cfg, qkv_bias=True)
+
+
+def _assert_same_model(params, other, cfg, form):
+    """``other`` (a layer form of ``params``) gives the same forward logits (stacked, scan)
+    and greedy generation (``layers=form``, unrolled) as ``params``."""
+    tokens = jnp.asarray([[5, 17, 33, 8, 60, 11]], jnp.int32)
+    ref, _ = model_lib.forward(params, cfg, tokens)
+    got, _ = model_lib.forward(other, cfg, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    pol = _threshold_policy(cfg)
+    a = _gen(params, cfg, M_THR, pol, layers="stacked")
+    b = _gen(params, cfg, M_THR, pol, layers=form)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_allclose(a[1], b[1], atol=1e-6)
+
+
 @pytest.mark.parametrize("bias,groups", [(False, 1), (True, 1), (True, 2)])
 def test_fused_qkv_equals_separate_projections(tiny, bias, groups):
     """model.fuse_qkv (one q/k/v weight, in 1 or 2 head groups) against the three
@@ -187,25 +211,12 @@ def test_fused_qkv_equals_separate_projections(tiny, bias, groups):
     unrolled) agree."""
     params, cfg = tiny
     if bias:
-        rng = np.random.default_rng(1)
-        L, H, K, hd = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        params = {**params, "layers": {**params["layers"], **{
-            n: jnp.asarray(rng.standard_normal((L, h, hd)).astype(np.float32))
-            for n, h in (("bq", H), ("bk", K), ("bv", K))}}}
-        cfg = dataclasses.replace(cfg, qkv_bias=True)
+        params, cfg = _with_qkv_bias(params, cfg)
     fused = model_lib.fuse_qkv(params, groups)
     assert "wqkv" in fused["layers"] and "wq" not in fused["layers"]
     assert fused["layers"]["wqkv"].shape[-3] == groups
     assert ("bqkv" in fused["layers"]) == bias
-    tokens = jnp.asarray([[5, 17, 33, 8, 60, 11]], jnp.int32)
-    ref, _ = model_lib.forward(params, cfg, tokens)
-    got, _ = model_lib.forward(fused, cfg, tokens)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
-    pol = _threshold_policy(cfg)
-    a = _gen(params, cfg, M_THR, pol, layers="stacked")
-    b = _gen(params, cfg, M_THR, pol, layers="fused_qkv")
-    np.testing.assert_array_equal(a[0], b[0])
-    np.testing.assert_allclose(a[1], b[1], atol=1e-6)
+    _assert_same_model(params, fused, cfg, "fused_qkv")
     _CONVERTED.clear()
 
 
@@ -216,12 +227,7 @@ def test_transposed_projections_equal_the_einsum_layout(tiny, bias):
     agree; it refuses fused q/k/v, and the Pallas GEMV names the layout it needs."""
     params, cfg = tiny
     if bias:
-        rng = np.random.default_rng(1)
-        L, H, K, hd = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        params = {**params, "layers": {**params["layers"], **{
-            n: jnp.asarray(rng.standard_normal((L, h, hd)).astype(np.float32))
-            for n, h in (("bq", H), ("bk", K), ("bv", K))}}}
-        cfg = dataclasses.replace(cfg, qkv_bias=True)
+        params, cfg = _with_qkv_bias(params, cfg)
     tr = model_lib.transpose_projections(params)
     lay, src = tr["layers"], params["layers"]
     assert not {"wq", "wk", "wv", "wo"} & set(lay)
@@ -229,15 +235,7 @@ def test_transposed_projections_equal_the_einsum_layout(tiny, bias):
                                   np.asarray(src["wq"][1, :, 2, 3]))
     np.testing.assert_array_equal(np.asarray(lay["wo_t"][1, 5]),
                                   np.asarray(src["wo"][1, :, :, 5]))
-    tokens = jnp.asarray([[5, 17, 33, 8, 60, 11]], jnp.int32)
-    ref, _ = model_lib.forward(params, cfg, tokens)
-    got, _ = model_lib.forward(tr, cfg, tokens)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
-    pol = _threshold_policy(cfg)
-    a = _gen(params, cfg, M_THR, pol, layers="stacked")
-    b = _gen(params, cfg, M_THR, pol, layers="transposed")
-    np.testing.assert_array_equal(a[0], b[0])
-    np.testing.assert_allclose(a[1], b[1], atol=1e-6)
+    _assert_same_model(params, tr, cfg, "transposed")
     unstacked = model_lib.unstack_layers(tr)
     assert layer_form(unstacked) == "transposed"
     assert decode_params(unstacked, "unstacked") is unstacked      # already unstacked
