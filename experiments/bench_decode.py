@@ -33,9 +33,8 @@ from countdown_jax.config import ModelConfig
 from countdown_jax.generate import decode_params
 from countdown_jax.policy import SparseSpec, make_policy
 from countdown_jax.sharding import random_params
-from experiments.bench.decode import (calibrate, plot, random_predictor, step_bytes,
-                                      time_decode, write)
-from experiments.bench.harness import ceilings
+from experiments.bench.decode import (bandwidth, calibrate, plot, random_predictor,
+                                      read_ceiling, step_bytes, time_decode, write)
 from experiments.bench.shapes import LLAMA_3_1_8B, TINY_DECODER
 
 
@@ -105,7 +104,7 @@ def main(argv=None):
     params = random_params(cfg, key, jnp.bfloat16)
     predictor = random_predictor(jax.random.PRNGKey(1), cfg, rank)
     rows, prof_rows = [], []
-    read_bw = ceilings(n=1 << (16 if args.tiny else 29))[1]   # HBM read GB/s, this run
+    read_bw = read_ceiling(args.tiny)
     print(f"{device}: HBM read ceiling {read_bw:.0f} GB/s", flush=True)
     name = args.name or ("bench_decode_tiny" if args.tiny else "bench_decode")
     out = Path(args.out)
@@ -121,10 +120,9 @@ def main(argv=None):
                    ms_per_step=round(step_s * 1e3, 4), note=note)
         nbytes = step_bytes(cfg, method, 1.0 - realised, batch=batch, rank=rank,
                             context=args.prompt_len + args.steps // 2)
-        if nbytes and step_s == step_s:       # batch 1 or dense, and timed (not nan)
-            gbps = nbytes / step_s / 1e9
+        if nbytes:                            # batch 1 or dense
             row.update(floor_ms_per_step=round(nbytes / read_bw / 1e6, 4),
-                       gb_per_s=round(gbps), pct_of_read_ceiling=round(100 * gbps / read_bw, 1))
+                       **bandwidth(nbytes, step_s, read_bw))
         if summ:
             row.update(gpu_busy_ms_per_step=round(summ["busy_us"] / args.steps / 1e3, 4),
                        gpu_idle_ms_per_step=round(summ["idle_us"] / args.steps / 1e3, 4),

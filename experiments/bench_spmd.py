@@ -135,9 +135,11 @@ def main(argv=None):
     from countdown_jax import sharding
     from countdown_jax.config import ModelConfig
     from countdown_jax.kernels._platform import interpret_mode
-    from countdown_jax.policy import SparseSpec, make_policy, unstack_policy
-    from experiments.bench.decode import calibrate, decode_loop, random_predictor, step_bytes
-    from experiments.bench.harness import ceilings, write_csv
+    from countdown_jax.generate import decode_policy
+    from countdown_jax.policy import SparseSpec, make_policy
+    from experiments.bench.decode import (bandwidth, calibrate, decode_loop, random_predictor,
+                                          read_ceiling, step_bytes)
+    from experiments.bench.harness import write_csv
     from experiments.bench.profile import profile_devices
     from experiments.bench.shapes import LLAMA_3_1_8B, TINY_DECODER
 
@@ -158,7 +160,7 @@ def main(argv=None):
     log(f"{len(devices)} x {card}, jax {jax.__version__}, {shape}")
     # HBM read ceiling of one device (the cards are alike), this run: GB/s per device
     # below is the bytes a step must read on a device over its time
-    read_bw = ceilings(n=1 << (16 if args.tiny else 29))[1]
+    read_bw = read_ceiling(args.tiny)
     log(f"HBM read ceiling {read_bw:.0f} GB/s")
     named = lambda mesh, specs: jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                                              is_leaf=lambda x: isinstance(x, PartitionSpec))
@@ -197,19 +199,17 @@ def main(argv=None):
     params0 = jax.jit(model_lib.unstack_layers, out_shardings=named(
         first, sharding.param_specs(cfg, first, shape_of)))(stacked)
     del stacked
-    params = {(lbl, "unstacked"): jax.device_put(params0, named(
-        mesh, sharding.param_specs(cfg, mesh, params0))) for lbl, mesh in meshes.items()}
+    place = lambda p, mesh: jax.device_put(p, named(mesh, sharding.param_specs(cfg, mesh, p)))
+    params = {(lbl, "unstacked"): place(params0, mesh) for lbl, mesh in meshes.items()}
     for lbl, mesh in meshes.items():          # q/k/v fused per model device (same values)
         if "fused_qkv" in args.layers:
             n_model = sharding.axis_size(mesh, sharding.MODEL)
             groups = n_model if sharding.splits_heads(cfg, n_model) else 1
-            fused = model_lib.fuse_qkv(params[lbl, "unstacked"], groups)
-            params[lbl, "fused_qkv"] = jax.device_put(fused, named(
-                mesh, sharding.param_specs(cfg, mesh, fused)))
+            params[lbl, "fused_qkv"] = place(
+                model_lib.fuse_qkv(params[lbl, "unstacked"], groups), mesh)
         if "transposed" in args.layers:
-            tr = model_lib.transpose_projections(params[lbl, "unstacked"])
-            params[lbl, "transposed"] = jax.device_put(tr, named(
-                mesh, sharding.param_specs(cfg, mesh, tr)))
+            params[lbl, "transposed"] = place(
+                model_lib.transpose_projections(params[lbl, "unstacked"]), mesh)
     jax.block_until_ready(params)
     log(f"weights on every mesh: {', '.join(args.layers)}")
 
@@ -219,13 +219,14 @@ def main(argv=None):
         cache = jax.device_put(cache, named(mesh, sharding.cache_specs(cfg, mesh)))
         tok, pos = sharding.shard_batch((tok, pos), mesh)
         spec, scope, cap = sparse_spec(row, m, SparseSpec)
-        policy = None
+        p, policy = params[row.label, row.layers], None
         if row.method != "dense":
             tau, theta = calib[row.sparsity]
             policy = make_policy(L, **({"threshold": tau} if row.method == "m_countdown"
                                        else {"theta": theta, "predictor": predictor}))
-            policy = unstack_policy(sharding.shard_policy(policy, mesh))   # as generate
-        return mesh, params[row.label, row.layers], cache, tok, pos, policy, spec, scope, cap
+            # per-layer buffers, as generate hands them to unstacked layers
+            policy = decode_policy(p, sharding.shard_policy(policy, mesh))
+        return mesh, p, cache, tok, pos, policy, spec, scope, cap
 
     def compile_row(row):
         mesh, p, cache, tok, pos, policy, spec, *_ = inputs(row)
@@ -311,10 +312,9 @@ def main(argv=None):
             nbytes = step_bytes(cfg, row.method, float(kept), batch=row.batch // data,
                                 context=args.prompt_len + args.steps // 2,
                                 rank=min(args.rank, cfg.d_model), model_shards=n_model)
-            if nbytes:
-                gbps = nbytes / (t / args.steps) / 1e9
-                rec.update(gb_per_s_per_device=round(gbps), pct_of_read_ceiling=round(
-                    100 * gbps / read_bw, 1))
+            bw = bandwidth(nbytes, t / args.steps, read_bw)
+            rec.update(gb_per_s_per_device=bw.get("gb_per_s", ""),
+                       pct_of_read_ceiling=bw.get("pct_of_read_ceiling", ""))
             keys = np.asarray(cache["k"][L - 1, :, args.prompt_len], np.float32)
             ref = refs.setdefault((row.batch, row.method, row.sparsity), keys)
             rec["check_rel_err"] = float(f"{np.max(np.abs(keys - ref)) / np.max(np.abs(ref)):.3g}")

@@ -16,9 +16,9 @@ import numpy as np
 
 from countdown_jax import model as model_lib
 from countdown_jax.cost import bytes_share
-from countdown_jax.policy import unstack_policy
+from countdown_jax.generate import decode_policy
 
-from .harness import read_csv, write_csv
+from .harness import ceilings, gb_per_s, read_csv, write_csv
 
 _MODE = {"dense": "ideal", "m_countdown": "threshold", "d_countdown": "predictor"}
 
@@ -38,6 +38,21 @@ def step_bytes(cfg, method: str, kept: float, *, batch: int, context: int, rank:
     weights = cfg.num_layers * (attn + 3 * m * d * share) + cfg.vocab_size * d
     kv = cfg.num_layers * 2 * cfg.num_kv_heads * hd * context * batch
     return (weights + kv) * itemsize / model_shards
+
+
+def read_ceiling(tiny: bool) -> float:
+    """This run's HBM read ceiling in GB/s (2 GiB read; a small array for CPU smoke runs)."""
+    return ceilings(n=1 << (16 if tiny else 29))[1]
+
+
+def bandwidth(nbytes, step_s: float, read_bw: float) -> dict:
+    """Columns for a step that must read ``nbytes`` (``step_bytes``) in ``step_s``: GB/s
+    and its share of the read ceiling; {} when the bytes are not modelled or the step
+    was not timed (nan)."""
+    if not nbytes or step_s != step_s:
+        return {}
+    gbps = gb_per_s(nbytes, step_s * 1e6)
+    return dict(gb_per_s=round(gbps), pct_of_read_ceiling=round(100 * gbps / read_bw, 1))
 
 
 def random_predictor(key, cfg, rank, dtype=jnp.bfloat16):
@@ -82,8 +97,7 @@ def decode_loop(params, cfg, cache, token, pos, policy, *, spec, steps, attentio
 def time_decode(params, cfg, spec, policy, batch, steps, repeats, prompt_len, key, *,
                 profile=False, hlo_dir=None, attention="xla", projections="xla"):
     """(tokens/s, realised sparsity, s/step, profile rows or None, profile summary or None)."""
-    if isinstance(params["layers"], tuple):         # as generate runs unstacked layers
-        policy = unstack_policy(policy)
+    policy = decode_policy(params, policy)          # as generate hands it to the layers
     cache = model_lib.init_cache(cfg, batch, prompt_len + steps + 1, jnp.bfloat16)
     tokens = jax.random.randint(key, (batch, prompt_len), 0, cfg.vocab_size)
     lengths = jnp.full((batch,), prompt_len, jnp.int32)
