@@ -320,11 +320,11 @@ def generate_text(model: Model, prompts: str | Sequence[str], *, method: str = "
         sparse method; practical modes need a fit saved at that r, on a 0.01 grid).
     temperature 0 is greedy; top_k 0 and top_p 1 are off; seed drives sampling.
     implementation: masked (float reference) | xla (earlier name: gather) | pallas;
-    attention: xla | pallas; layers: stacked | unstacked; projections (decode q/k/v/o):
-    xla | pallas (the GEMV kernel). Each defaults to "auto": the fastest exact path for the
-    backend (``fast_path``: on a GPU unstacked layers, the Pallas kernels where the rule
-    skips work, Pallas attention, XLA projections until the GEMV is measured; on CPU the
-    portable path).
+    attention: xla | pallas; layers: stacked | unstacked | fused_qkv | transposed;
+    projections (decode q/k/v/o): xla | pallas (the GEMV kernel). Each defaults to "auto":
+    the fastest exact path for the backend (``fast_path``: on a GPU unstacked layers, the
+    Pallas kernels where the rule skips work, Pallas attention, XLA projections (the GEMV
+    measured slower); on CPU the portable path).
     The result's ``path`` says what decode ran.
     chat: wrap each prompt as a user turn with the tokenizer's chat template.
     stream: called with the new text of every row after each ``stream_every`` decode steps.

@@ -266,7 +266,7 @@ def generate(params, cfg, prompt, lengths, key, policy=None, *, max_new_tokens: 
     (the decode steps' attention and q/k/v/o projections, ``model.decode_step``) and
     ``spec.implementation`` each take "auto", the fastest exact choice for the backend
     (``fast_path``; on CPU the portable path), or an explicit value that is used as
-    given. Unstacked layers take the policy unstacked too (``policy.unstack_policy``)."""
+    given. Unstacked layers take the policy per layer too (``decode_policy``)."""
     params = decode_params(params, layers)
     return _generate(params, cfg, prompt, lengths, key, decode_policy(params, policy),
                      max_new_tokens=max_new_tokens, spec=spec, sampling=sampling,

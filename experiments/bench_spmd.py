@@ -16,9 +16,10 @@ of the first decoded token against the same method on 1x1 (max |diff| / max |ref
 sums in another order: ~1e-2 expected). A failing row is recorded with its error in
 `note` and the run goes on; rows not started within --budget-s are written as skipped.
 The profile rows trace one call of the batch-1 programs on --profile-meshes: collective
-vs compute time per GPU (bench/profile.py). --layers fused_qkv adds the batch-1 rows with
-q/k/v fused into one weight per model device (model.fuse_qkv): see KERNEL_NOTES.md,
-"Tensor parallel decode".
+vs compute time per GPU (bench/profile.py). --layers picks the layer forms: the first runs
+every row, the others the batch-1 rows (fused_qkv: q/k/v as one weight per model device,
+model.fuse_qkv; transposed: q/k/v/o one row per output, model.transpose_projections): see
+KERNEL_NOTES.md, "Tensor parallel decode".
 
 From the repository root (NVLink multicast stays off: the script sets
 NCCL_NVLS_ENABLE=0 before jax starts):

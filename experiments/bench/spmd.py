@@ -42,7 +42,8 @@ class Row:
     sparsity: float
     attention: str            # pallas | xla
     primer: bool = False      # compiled alone, first (GEMM autotuning on an idle GPU)
-    layers: str = "unstacked"  # unstacked | fused_qkv (model.fuse_qkv, groups = model)
+    layers: str = "unstacked"  # unstacked | fused_qkv (model.fuse_qkv, groups = model) |
+                               # transposed (model.transpose_projections)
     projections: str = "xla"  # decode q/k/v/o: xla | pallas
 
     @property
