@@ -1,8 +1,10 @@
 """Decode batches (N > 1 tokens): per call, the cheapest exact way to run the sparse FFN,
 chosen inside jit from the size of the union of the tokens' kept neurons.
 
-  "union"  ``sparse_ffn.union_sparse_ffn``: every row kept by any token read once (bytes
-           ~ md for the dense score of M / CATS + 2 or 3 x union x d), masked per token
+  "union"  every row kept by any token read once (bytes ~ md for the dense score of
+           M / CATS + 2 or 3 x union x d), masked per token: by the GEMV kernel with row
+           predicates (``union_impl="gemv"``: ``kernels.gemv`` with ``live``) or by the
+           union kernels (``"kernels"``: ``sparse_ffn.union_sparse_ffn``)
   "rows"   per-token index lists (``sparse_ffn``): bytes ~ the sum of the tokens' counts
   "dense"  the masked dense FFN: every row read (dense cost), the same mask applied, so
            the result is what the rule asks for (never slower than dense by construction)
@@ -21,10 +23,12 @@ import jax.numpy as jnp
 
 from countdown_jax.gated import activation, down_sum, layer_weights, project
 from countdown_jax.kernels._platform import index_list
+from countdown_jax.kernels.gemv.api import gemv
 from countdown_jax.kernels.sparse_ffn import api as sparse_ffn_api
+from countdown_jax.selection import count_kept
 
 __all__ = ["BRANCHES", "BatchDispatch", "DEFAULT_DISPATCH", "MAX_TOKENS", "batch_sparse_ffn",
-           "branch_index"]
+           "branch_index", "union_gemv"]
 
 BRANCHES = ("union", "rows", "dense")
 # Off by default: measured on an H200 (bench_kernels_floor.md, Llama-3.1-8B bf16, batches
@@ -57,11 +61,16 @@ class BatchDispatch:
     union_list: bool = True              # union branch: XLA compacts the union into a list
                                          # (False: the kernels walk every neuron and skip,
                                          # with predicated loads, those no token keeps)
+    union_impl: str = "kernels"          # "gemv": the GEMV kernel with row predicates
+    gemv_configs: tuple = (None, None)   # its GemvConfig for gate / up and for down
 
     def __post_init__(self):
         if self.force is not None and self.force not in BRANCHES:
             raise ValueError(f"BatchDispatch.force must be one of {BRANCHES} or None, "
                              f"got {self.force!r}")
+        if self.union_impl not in ("kernels", "gemv"):
+            raise ValueError(f"BatchDispatch.union_impl must be 'kernels' or 'gemv', got "
+                             f"{self.union_impl!r}")
 
     def union_limit(self, n: int) -> float:
         return dict(self.union_max).get(n, self.union_max_other)
@@ -98,6 +107,9 @@ def batch_sparse_ffn(stack, xs, mask, *, act, dense=None, coef=None,
               layer=layer)
 
     def union(xs, mask, coef):
+        if cfg.union_impl == "gemv":
+            return union_gemv(stack, xs, mask, act=act, dense=dense, coef=coef,
+                              configs=cfg.gemv_configs, interpret=interpret)
         cw = mask.astype(jnp.float32) if dense is None else jnp.where(mask, coef, 0)
         lst = (None, None)
         if cfg.union_list:
@@ -124,4 +136,26 @@ def batch_sparse_ffn(stack, xs, mask, *, act, dense=None, coef=None,
         branches = [lambda xs, mask, c, f=f: f(xs, mask, c if dense is not None else None)
                     for f in (fns[b] for b in BRANCHES)]
         y = jax.lax.switch(branch_index(cfg, mask), branches, xs, mask, coef)
-    return y, jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    return y, count_kept(mask)
+
+
+def union_gemv(stack, xs, mask, *, act, dense=None, coef=None, configs=(None, None),
+               interpret=None):
+    """The union of the tokens' kept neurons read once by the GEMV kernel: the gate / up
+    rows it holds as output columns of W [m, d] (transposed), each token's s masked to its
+    own kept set, then the W_down rows it holds as inputs of W [m, d]; rows outside the
+    union are predicated off (``gemv``'s ``live``). stack, mask, dense and coef as
+    ``batch_sparse_ffn``. Returns y [N, d] in xs.dtype."""
+    live = jnp.any(mask, axis=0)
+    kw = dict(layer=stack.get("layer"), implementation="pallas", interpret=interpret,
+              live=live)
+    gate_cfg, down_cfg = configs
+
+    def rows(name):          # [N, m] float32: the union's dot products, 0 elsewhere
+        return gemv(xs, stack[name], transposed=True, config=gate_cfg,
+                    out_dtype=jnp.float32, **kw)
+    g = coef if dense == "gate" else rows("gate")
+    u = coef if dense == "up" else rows("up")
+    s = (g if dense == "gate" else activation(act)(g)) * u
+    s = jnp.where(mask, s, 0).astype(xs.dtype)
+    return gemv(s, stack["down"], config=down_cfg, **kw)

@@ -58,8 +58,8 @@ from countdown_jax.kernels.fused_sparse_ffn import api as fused_sparse_ffn_api
 from countdown_jax.kernels.proxy_scores import api as proxy_scores_api
 from countdown_jax.kernels.sparse_ffn import api as sparse_ffn_api
 from countdown_jax.policy import DENSE, SparseSpec, check_layer
-from countdown_jax.selection import (kept_fraction, limit_to_capacity, mask_to_indices,
-                                     refine, select, spec_quantity)
+from countdown_jax.selection import (count_kept, kept_fraction, limit_to_capacity,
+                                     mask_to_indices, refine, select, spec_quantity)
 from countdown_jax.sharding import multi_device_mesh, splits_neurons
 
 __all__ = ["dense_ffn", "ffn"]
@@ -131,13 +131,14 @@ def _masked(mlp, x, act, spec, layer, sparse):
     q = spec_quantity(spec, mlp, x, act, layer, g=g, u=u)
     rule, mask = _choose(spec, q, layer)
     # (cascade: the capacity caps the candidates, so ``dropped`` counts candidates cut)
-    dropped = jnp.sum(rule, axis=-1, dtype=jnp.int32) - jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    dropped = (jnp.zeros(mask.shape[:-1], jnp.int32) if mask is rule
+               else count_kept(rule) - count_kept(mask))
     mask = refine(spec, mask, s, layer)
     if sparse is not None:
         mask = mask | ~sparse[..., None]
         dropped = jnp.where(sparse, dropped, 0)
     y = down_sum(jnp.where(mask, s, jnp.zeros_like(s)), mlp["down"])
-    kept = kept_fraction(jnp.sum(mask, axis=-1, dtype=jnp.int32), mask.shape[-1])
+    kept = kept_fraction(count_kept(mask), mask.shape[-1])
     return y.astype(x.dtype), kept, dropped
 
 

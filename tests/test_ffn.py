@@ -12,6 +12,7 @@ from tests.support import np_sparse_ffn as ref
 from countdown_jax import selection as sel
 from countdown_jax.ffn import dense_ffn, ffn
 from countdown_jax.policy import DENSE, SparseSpec, make_policy, stack_policies
+from countdown_jax.kernels.gemv.pallas_gpu import GemvConfig
 
 M, D, RANK = 37, 19, 5
 
@@ -372,7 +373,8 @@ def test_pallas_routes_only_single_tokens_to_fused(pallas_interpret):
                                          ("d_countdown", "predictor")])
 def test_pallas_batch_dispatch_equals_masked(monkeypatch, pallas_interpret, method, mode):
     """Batches under implementation="pallas" (interpret mode, as on a GPU) go through
-    batch_dispatch: every branch (union kernel, per-token lists, masked dense) and the
+    batch_dispatch: every branch (union kernels or the GEMV with row predicates,
+    per-token lists, masked dense) and the
     automatic choice give the masked path's y and counts; the stack is read in place (the
     other layer NaN); thresholds keep half, all, or none of the neurons."""
     import countdown_jax.batch_dispatch as bd
@@ -390,9 +392,14 @@ def test_pallas_batch_dispatch_equals_masked(monkeypatch, pallas_interpret, meth
     real_switch = jax.lax.switch
     monkeypatch.setattr(jax.lax, "switch", lambda i, fs, *a: branches_seen.append(len(fs))
                         or real_switch(i, fs, *a))
-    for force, listed in [(f, True) for f in (*bd.BRANCHES, None)] + [("union", False)]:
+    runs = [(f, True, "kernels") for f in (*bd.BRANCHES, None)] + [
+        ("union", False, "kernels"), ("union", True, "gemv")]
+    for force, listed, impl in runs:
         monkeypatch.setattr(bd, "DEFAULT_DISPATCH",
-                            bd.BatchDispatch(force=force, union_list=listed))
+                            bd.BatchDispatch(force=force, union_list=listed, union_impl=impl,
+                                             gemv_configs=(GemvConfig(block_n=16, block_d=32),
+                                                           GemvConfig(block_n=32, block_d=16,
+                                                                      split_d=3))))
         run = jax.jit(lambda s, pol, spec: ffn(s, x, act="silu", spec=spec, policy=pol,
                                                return_dropped=True), static_argnums=2)
         for cut in cuts:
@@ -420,6 +427,8 @@ def test_batch_dispatch_branch_index():
     assert int(branch_index(BatchDispatch(), jnp.zeros((2, 8), bool))) == 0
     with pytest.raises(ValueError, match="force"):
         BatchDispatch(force="sparse")
+    with pytest.raises(ValueError, match="union_impl"):
+        BatchDispatch(union_impl="xla")
 
 
 def test_pallas_batches_route_by_size(monkeypatch, pallas_interpret):

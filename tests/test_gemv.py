@@ -74,6 +74,40 @@ def test_kernel_matches_float32_reference(B, transposed, cfg, dtype, pallas_inte
         np.testing.assert_allclose(np.asarray(y), np.asarray(y32), rtol=0, atol=0)
 
 
+LIVE_CASES = [   # B, transposed, config, dtype
+    (4, True, C(block_n=16, block_d=64, split_d=2), jnp.bfloat16),
+    (3, False, C(block_n=32, block_d=16, split_d=3), jnp.float32),
+    (8, False, C(block_n=16, block_d=32, dot=True), jnp.bfloat16),
+    (2, True, C(block_n=32, block_d=32, dot=True), jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("B,transposed,cfg,dtype", LIVE_CASES)
+def test_live_rows_count_as_zero_and_are_not_read(B, transposed, cfg, dtype, pallas_interpret):
+    """live: W's rows where it is False are skipped (NaN there, so a read would show) and
+    count as zero; random, all and none live; ragged sizes; a stacked layer in place."""
+    d, n = 200, 333
+    x, w = make(30 + B, B, d, n, dtype, transposed, layers=2)
+    rows = n if transposed else d
+    rng = np.random.default_rng(31)
+    for case, live in (("random", rng.random(rows) < 0.3), ("all", np.ones(rows, bool)),
+                       ("none", np.zeros(rows, bool))):
+        live = jnp.asarray(live)
+        wl = jnp.where(live[:, None], w[1], 0)                 # the zeroed rows, for the reference
+        poisoned = w.at[1].set(jnp.where(live[:, None], w[1], jnp.nan))
+        y = jax.jit(lambda x, w, l: gemv(x, w, layer=jnp.int32(1), transposed=transposed,
+                                         implementation="pallas", config=cfg, live=l,
+                                         out_dtype=jnp.float32))(x, poisoned, live)
+        if case == "none":
+            np.testing.assert_array_equal(np.asarray(y), 0.0)
+        else:
+            assert_close(y, x, wl, transposed)
+        ref = gemv(x, w, layer=1, transposed=transposed, live=live, out_dtype=jnp.float32)
+        assert_close(ref, x, wl, transposed)                  # the "xla" path's live
+    with pytest.raises(ValueError, match="live must be bool"):
+        gemv(x, w[0], transposed=transposed, live=jnp.ones((rows + 1,), bool))
+
+
 @pytest.mark.parametrize("transposed", [False, True])
 def test_stack_read_in_place_at_a_traced_layer(transposed, pallas_interpret):
     """[L, d, n] with a traced layer reads that layer only (the others are NaN); x's
@@ -173,3 +207,23 @@ def test_kernel_compiled_on_gpu():
             got = jax.jit(lambda x, w: gemv(x, w, layer=jnp.int32(1), transposed=transposed,
                                             implementation="pallas", config=cfg))(x, w)
             assert_close(got, x, w[1], transposed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+def test_live_rows_compiled_on_gpu():
+    """Triton-compiled live rows (NaN where not live: a read would show), FMA and dot, a
+    ragged and the Llama-8B FFN shape."""
+    rng = np.random.default_rng(40)
+    for (d, n), B, transposed in [((200, 333), 4, True), ((200, 333), 3, False),
+                                  ((4096, 14336), 4, True), ((14336, 4096), 8, False)]:
+        x, w = make(d + B, B, d, n, jnp.bfloat16, transposed)
+        rows = n if transposed else d
+        for share in (0.0, 0.3, 1.0):
+            live = jnp.asarray(rng.random(rows) < share)
+            poisoned = jnp.where(live[:, None], w, jnp.nan)
+            for cfg in (None, C(block_n=64, block_d=128, split_d=4, dot=True)):
+                got = jax.jit(lambda x, w, l: gemv(x, w, transposed=transposed, live=l,
+                                                   implementation="pallas", config=cfg,
+                                                   out_dtype=jnp.float32))(x, poisoned, live)
+                assert_close(got, x, jnp.where(live[:, None], w, 0), transposed)

@@ -157,3 +157,15 @@ def test_mask_to_indices_roundtrip_and_capacity_cut():
         if cap == 8:
             np.testing.assert_array_equal(
                 sel.limit_to_capacity(jnp.asarray(mask), jnp.asarray(q), cap), capped)
+
+
+@pytest.mark.parametrize("m", [100, 128, 256, 14336])
+def test_count_kept_equals_a_plain_sum(m):
+    """The two-stage count (m a multiple of 128 above 128) equals one sum over m: random,
+    all and none kept, leading axes kept."""
+    rng = np.random.default_rng(m)
+    for mask in (rng.random((2, 3, m)) < 0.3, np.ones((2, 3, m), bool),
+                 np.zeros((2, 3, m), bool)):
+        got = sel.count_kept(jnp.asarray(mask))
+        assert got.dtype == jnp.int32 and got.shape == (2, 3)
+        np.testing.assert_array_equal(np.asarray(got), mask.sum(-1))

@@ -11,6 +11,11 @@ batches through ``batch_dispatch``, in ONE GPU process (budget ~170 s, compile i
    (``kept_frac`` of those rows).
 3. If time is left: stage profiles (per-kernel GPU time) of the old and new batch-1 kernels.
 Writes bench_kernels.csv (+ _stages.csv) and bench_kernels_floor.md into --out.
+
+Plan "union" (``union``): decode batches (--batches) at r = 0.5, 0.7, 0.9 for M and D:
+XLA dense, the union read once by the GEMV kernel with row predicates (``UNION_GEMV``:
+its configs for gate / up and for down), per-token lists and the masked dense branch,
+each checked against the float32 reference; bench_kernels_union.md.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ import collections
 import os
 
 import jax.numpy as jnp
+
+from countdown_jax.batch_dispatch import BatchDispatch
+from countdown_jax.kernels.gemv.pallas_gpu import GemvConfig
 
 from .ffn_problem import dispatch_step
 from .ffn_runner import Runner, log
@@ -126,6 +134,87 @@ def write_markdown(R: Runner, read_bw: float):
                  f"{cell(v.get('rows'))} | "
                  f"{cell(dense_m.get((b, method)))} |")
     path = os.path.join(R.args.out, "bench_kernels_floor.md")
+    with open(path, "w") as fh:
+        fh.write("\n".join(L) + "\n")
+    log(f"wrote {path}")
+
+
+def _gemv(bn, bd, split, **kw):
+    return GemvConfig(block_n=bn, block_d=bd, split_d=split, **kw)
+
+
+# label -> BatchDispatch of a forced branch. GEMV configs: the kernel's default (its best
+# on the projections, bench_gemv.md), the transposed layout's best there for the gate /
+# up rows, more splits for W_down's 14336 input rows, and the tensor-core dot.
+UNION_GEMV = {
+    "union-gemv": BatchDispatch(force="union", union_impl="gemv"),
+    "union-gemv-t16": BatchDispatch(force="union", union_impl="gemv",
+                                    gemv_configs=(_gemv(16, 512, 1), None)),
+    "union-gemv-t32s2": BatchDispatch(force="union", union_impl="gemv",
+                                      gemv_configs=(_gemv(32, 256, 2), None)),
+    "union-gemv-d128s8": BatchDispatch(force="union", union_impl="gemv",
+                                       gemv_configs=(None, _gemv(128, 128, 8))),
+    "union-gemv-dot": BatchDispatch(force="union", union_impl="gemv", gemv_configs=(
+        _gemv(64, 128, 4, dot=True), _gemv(64, 128, 4, dot=True))),
+    "rows": BatchDispatch(force="rows"),
+    "dense": BatchDispatch(force="dense"),
+}
+
+
+def union(R: Runner, best=None):
+    R.add_ceilings()
+    read_bw = float(next(r["gb_per_s"] for r in R.rows if r["method"] == "hbm-read"))
+    for batch in R.args.batches:
+        if R.left() < 30:
+            R.add(shape=LLAMA, dtype="bfloat16", batch=batch, note="not run: time budget")
+            continue
+        p = R.problem(LLAMA, jnp.bfloat16, batch)
+        R.baseline(p)
+        for method in [m for m in ("m", "d", "cats") if m in R.args.methods]:
+            for label, cfg in UNION_GEMV.items():
+                if R.left() < 25:
+                    break
+                R.time_variant(p, method, "batch-union", label,
+                               dispatch_step(p, method, cfg=cfg),
+                               BATCH_RATIOS if label != "dense" else (0.9,))
+        del p
+        write_union_markdown(R, read_bw)
+
+
+def write_union_markdown(R: Runner, read_bw: float):
+    """bench_kernels_union.md: per batch, method and r, each branch's us and x dense."""
+    rows = [r for r in R.rows if r["us_per_call"]]
+    dense = {r["batch"]: float(r["us_per_call"]) for r in rows if r["method"] == "dense"}
+    labels = list(UNION_GEMV)
+    L = ["# Decode batches: the union read once by the GEMV (bench_kernels.py --plan union)",
+         "", f"Card: {R.device}; HBM read ceiling {read_bw:.0f} GB/s (same run). us per FFN "
+         "call (Llama-3.1-8B bf16, incl. the timing loop's cost), x = XLA dense / time; "
+         "union share = the realised fraction of m kept by any token; rows failing the "
+         "reference check say FAILED.", "",
+         "| batch | method | r | union share | dense | " + " | ".join(labels) + " |",
+         "|---|---|---|---|---|" + "---|" * len(labels)]
+    by = collections.defaultdict(dict)
+    share = {}
+    for r in rows:
+        if r["implementation"] == "batch-union":
+            key = (r["batch"], r["method"], r["sparsity"])
+            by[key][r["variant"]] = float(r["us_per_call"]), "FAILED" in r["note"]
+            if r["variant"] != "rows":
+                share[key] = r["kept_frac"]
+    for (b, method, sp), v in sorted(by.items()):
+        base = dense.get(b)
+        cells = []
+        for lab in labels:
+            t = v.get(lab)
+            if lab == "dense" and t is None:       # timed at r = 0.9 only: r-independent
+                t = next((w.get("dense") for k, w in by.items() if k[:2] == (b, method)
+                          and "dense" in w), None)
+            cells.append("-" if t is None else
+                         f"{t[0]:.1f} ({base / t[0]:.2f}x){' FAILED' if t[1] else ''}"
+                         if base else f"{t[0]:.1f}")
+        L.append(f"| {b} | {method} | {sp} | {share.get((b, method, sp), '-')} | "
+                 f"{'-' if base is None else f'{base:.1f}'} | " + " | ".join(cells) + " |")
+    path = os.path.join(R.args.out, "bench_kernels_union.md")
     with open(path, "w") as fh:
         fh.write("\n".join(L) + "\n")
     log(f"wrote {path}")

@@ -16,6 +16,8 @@ comparisons stay within a run (a device call may land on another card).
               proxy D-COUNTDOWN FFN at r = 0.5 / 0.9 (proxy_plan.py).
 - floor:      fixed-overhead variants vs the shipped kernels at batch 1 (r = 0.5, 0.9,
               1.0), batches through batch_dispatch (ffn_floor), stage profiles.
+- union:      decode batches: the union read once by the GEMV with row predicates, its
+              configs, per-token lists and masked dense, r = 0.5 / 0.7 / 0.9 (ffn_floor).
 
 ``best``: {method: label, "gather": label} of the kernels to use (--best).
 """
@@ -26,7 +28,7 @@ import json
 
 import jax.numpy as jnp
 
-from .ffn_floor import floor
+from .ffn_floor import floor, union
 from .ffn_problem import METHODS
 from .ffn_runner import Runner, log
 from .ffn_variants import TUNE_PREFETCH, TUNE_XLA_SCORE, probe_variants
@@ -247,4 +249,4 @@ def stages(R: Runner, best):
 
 
 PLANS = {"tune": tune, "matrix": matrix, "xla-scores": xla_scores, "prefetch": prefetch,
-         "probe": probe, "stages": stages, "proxy": proxy, "floor": floor}
+         "probe": probe, "stages": stages, "proxy": proxy, "floor": floor, "union": union}

@@ -127,12 +127,13 @@ def sparse_step(p: Problem, method, impl, config=None, capacity=None):
     return f
 
 
-def dispatch_step(p: Problem, method, force=None):
+def dispatch_step(p: Problem, method, force=None, cfg: BatchDispatch | None = None):
     """A batch through ``batch_dispatch`` (the model's path for N > 1 tokens): XLA's
     scores, the rule's mask, then the default choice (force None) or one forced branch
-    ("union-nolist": the union kernels without the XLA-compacted list)."""
-    cfg = BatchDispatch(force=force and force.split("-")[0],
-                        union_list=force != "union-nolist")
+    ("union-nolist": the union kernels without the XLA-compacted list), or ``cfg``."""
+    if cfg is None:
+        cfg = BatchDispatch(force=force and force.split("-")[0],
+                            union_list=force != "union-nolist")
     dense = {"m": "up", "cats": "gate", "d": None}[method]
 
     def f(x, w, tau):

@@ -11,7 +11,8 @@ x [..., d] with at most ``MAX_ROWS`` rows for the kernel (leading axes flattened
 W [d, n] (the params' layout flattened, e.g. wq [d, Hq, hd] -> [d, Hq*hd]) or, with
 ``transposed``, [n, d]; or a stack [L, d, n] / [L, n, d] with ``layer`` (a traced index),
 read in place. x and W share one floating dtype. Returns [..., n] in ``out_dtype``
-(default x.dtype); products and sums in float32.
+(default x.dtype); products and sums in float32. ``live`` (optional bool [rows of W]: [n]
+transposed, [d] plain): rows where it is False count as zero and are not read.
 """
 
 from __future__ import annotations
@@ -52,10 +53,16 @@ def _check(x, w, layer, transposed: bool):
 
 
 def gemv(x, w, *, layer=None, transposed: bool = False, out_dtype=None,
-         implementation: str = "xla", interpret: bool | None = None, config=None):
+         implementation: str = "xla", interpret: bool | None = None, config=None,
+         live=None):
     """See module docstring. ``config``: ``pallas_gpu.GemvConfig`` (None: its default)."""
     _platform.check_implementation(implementation, "gemv")
     d, n = _check(x, w, layer, transposed)
+    if live is not None:
+        rows_w = n if transposed else d
+        if live.shape != (rows_w,) or live.dtype != jnp.bool_:
+            raise ValueError(f"gemv: live must be bool [{rows_w}] (one flag per row of W), "
+                             f"got {live.dtype}{list(live.shape)}")
     lead = x.shape[:-1]
     rows = math.prod(lead)
     x2 = x.reshape(rows, d)
@@ -67,7 +74,7 @@ def gemv(x, w, *, layer=None, transposed: bool = False, out_dtype=None,
     if impl == "xla" or rows == 0:
         if layer is not None:
             (w,) = _platform.layer_slice((w,), layer)
-        out = gemv_xla(x2, w, transposed=transposed, out_dtype=out_dtype)
+        out = gemv_xla(x2, w, transposed=transposed, out_dtype=out_dtype, live=live)
     else:
         from countdown_jax.kernels.gemv.pallas_gpu import gemv_pallas_gpu
         # a stack as flat rows (free) + this layer's first row; past int32 offsets, the
@@ -77,5 +84,6 @@ def gemv(x, w, *, layer=None, transposed: bool = False, out_dtype=None,
             raise ValueError(f"gemv: a weight of {wf.size} elements is past the kernel's "
                              "int32 offsets; use implementation='xla'")
         out = gemv_pallas_gpu(x2, wf, d=d, n=n, offset=off, transposed=transposed,
-                              out_dtype=out_dtype, config=config, interpret=interpret)
+                              out_dtype=out_dtype, config=config, interpret=interpret,
+                              live=live)
     return out.reshape(lead + (n,))

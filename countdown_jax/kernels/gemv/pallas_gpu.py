@@ -21,6 +21,11 @@ Products: float32 FMAs of the stored values (exact for bf16) summed in float32, 
 ``dot``, a tensor-core dot with x's rows padded to 16 (bf16 / f16 only: Triton's float32
 dot rounds to TF32). For B <= ``defer`` rows the per-tile products are accumulated
 elementwise and reduced across the tile once, after the loop.
+
+``live`` [rows of W] (optional): rows where it is 0 are not read (predicated loads move no
+bytes) and count as zero: a decode batch's union of kept neurons read once, the gate / up
+rows as output columns of W [m, d] (transposed) and the W_down rows as inputs of
+W [m, d] (plain) (``batch_dispatch``).
 """
 
 from __future__ import annotations
@@ -77,14 +82,19 @@ def _all(masks):
     return functools.reduce(jnp.logical_and, masks) if masks else None
 
 
-def _kernel(x_ref, w_ref, off_ref, o_ref, *, B, d, n, steps, nblocks, transposed,
+def _kernel(x_ref, w_ref, off_ref, *refs, B, d, n, steps, nblocks, transposed,
             cfg: GemvConfig):
+    live_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
     # Triton: every tensor dimension a power of two, no slicing of loaded values - so x
     # is loaded row by row (FMA path) or as one [16, bd] tile (dot path), never sliced.
     bn, bd = cfg.block_n, cfg.block_d
     j, s = pl.program_id(0), pl.program_id(1)
     cols = j * bn + jnp.arange(bn, dtype=jnp.int32)         # output columns
-    col_ok = cols < n if n % bn else None
+    col_ok = cols < n if n % bn else None                  # stores: every column
+    col_rd = col_ok                                          # loads: the live ones
+    if live_ref is not None and transposed:       # W's rows are the output columns
+        col_live = plt.load(live_ref.at[cols], mask=col_ok, other=0) != 0
+        col_rd = col_live if col_ok is None else col_ok & col_live
     off = off_ref[0]
     first = s * steps                                        # this split's first d block
     # the last split may hold fewer blocks (a traced trip count: a while loop, which
@@ -104,14 +114,17 @@ def _kernel(x_ref, w_ref, off_ref, o_ref, *, B, d, n, steps, nblocks, transposed
     def body(k, acc):
         r = (first + k) * bd + jnp.arange(bd, dtype=jnp.int32)     # this d block
         r_ok = r < d if row_mask else None
+        if live_ref is not None and not transposed:   # W's rows are the inputs
+            r_live = plt.load(live_ref.at[r], mask=r_ok, other=0) != 0
+            r_ok = r_live if r_ok is None else r_ok & r_live
         if transposed:
             idx = (off + cols[:, None], r[None, :])
-            masks = (None if col_ok is None else col_ok[:, None],
+            masks = (None if col_rd is None else col_rd[:, None],
                      None if r_ok is None else r_ok[None, :])
         else:
             idx = (off + r[:, None], cols[None, :])
             masks = (None if r_ok is None else r_ok[:, None],
-                     None if col_ok is None else col_ok[None, :])
+                     None if col_rd is None else col_rd[None, :])
         w = masked_load(w_ref, idx, _all(masks), wshape)
         if cfg.dot:         # [16, bd] . W -> [16, bn], float32 accumulation
             xmask = _all(((brow < B)[:, None], None if r_ok is None else r_ok[None, :]))
@@ -145,10 +158,11 @@ def _kernel(x_ref, w_ref, off_ref, o_ref, *, B, d, n, steps, nblocks, transposed
 
 def gemv_pallas_gpu(x, w, *, d: int, n: int, offset=0, transposed: bool = False,
                     out_dtype=None, config: GemvConfig | None = None,
-                    interpret: bool = False):
+                    interpret: bool = False, live=None):
     """x [B, d] (B <= MAX_ROWS); w [R, n] whose rows offset..offset+d are W [d, n], or,
     ``transposed``, [R, d] whose rows offset..offset+n are W [n, d]. Returns [B, n] in
-    ``out_dtype`` (default x.dtype). Checks are the api's (``api.gemv``)."""
+    ``out_dtype`` (default x.dtype); live: None or [n] (transposed) / [d] (plain) of
+    W's rows, nonzero = read (module docstring). Checks are the api's (``api.gemv``)."""
     cfg = config or DEFAULT_CONFIG
     if cfg.dot and x.dtype == jnp.float32:
         raise ValueError("gemv: GemvConfig.dot is for bfloat16 / float16 (Triton's float32 "
@@ -167,6 +181,7 @@ def gemv_pallas_gpu(x, w, *, d: int, n: int, offset=0, transposed: bool = False,
         out_shape=jax.ShapeDtypeStruct(shape, out_dtype if split == 1 else jnp.float32),
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps,
                                            num_stages=cfg.num_stages),
-        name="gemv_t" if transposed else "gemv",
-    )(x, w, jnp.reshape(jnp.asarray(offset, jnp.int32), (1,)))
+        name=("gemv_t" if transposed else "gemv") + ("_live" if live is not None else ""),
+    )(x, w, jnp.reshape(jnp.asarray(offset, jnp.int32), (1,)),
+      *(() if live is None else (live.astype(jnp.int32),)))
     return out if split == 1 else jnp.sum(out, axis=0).astype(out_dtype)

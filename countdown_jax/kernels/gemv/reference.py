@@ -3,6 +3,8 @@ the XLA form (what the model's einsums do), the api's "xla" implementation.
 
 x [B, d]; W [d, n] (the params' own layout, flattened: wq [d, Hq*hd], wo [Hq*hd, d]) or,
 ``transposed``, [n, d]. Both return [B, n] in x's dtype (or ``out_dtype``).
+live (optional, [rows of W] bool): W's rows where it is False count as zero (the kernel
+does not read them): the output columns of a transposed W, the inputs of a plain one.
 """
 
 from __future__ import annotations
@@ -17,14 +19,20 @@ def _spec(transposed: bool) -> str:
     return "bd,nd->bn" if transposed else "bd,dn->bn"
 
 
-def gemv_reference(x, w, *, transposed: bool = False, out_dtype=None):
+def _live_rows(w, live):
+    return w if live is None else jnp.where(live[:, None], w, jnp.zeros_like(w))
+
+
+def gemv_reference(x, w, *, transposed: bool = False, out_dtype=None, live=None):
     """float32 inputs, float32 products and sums (no TF32 on GPU)."""
+    w = _live_rows(w, live)
     y = jnp.einsum(_spec(transposed), x.astype(jnp.float32), w.astype(jnp.float32),
                    precision=jax.lax.Precision.HIGHEST)
     return y.astype(out_dtype or x.dtype)
 
 
-def gemv_xla(x, w, *, transposed: bool = False, out_dtype=None):
+def gemv_xla(x, w, *, transposed: bool = False, out_dtype=None, live=None):
     """XLA's dot in the stored dtype with float32 accumulation."""
+    w = _live_rows(w, live)
     y = jnp.einsum(_spec(transposed), x, w, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or x.dtype)
