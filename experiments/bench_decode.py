@@ -220,10 +220,12 @@ def union_branch(on: bool, configs: str):
     bd.ENABLED = True
     bd.DEFAULT_DISPATCH = bd.BatchDispatch(force="union", union_impl="gemv",
                                            gemv_configs=tuple(one(t) for t in parts))
+    jax.clear_caches()     # the decode loop's jit keys on the spec, which is unchanged
     try:
         yield
     finally:
         bd.ENABLED, bd.DEFAULT_DISPATCH = saved
+        jax.clear_caches()
 
 
 if __name__ == "__main__":

@@ -87,13 +87,18 @@ def _kernel(x_ref, w_ref, off_ref, *refs, B, d, n, steps, nblocks, transposed,
     live_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
     # Triton: every tensor dimension a power of two, no slicing of loaded values - so x
     # is loaded row by row (FMA path) or as one [16, bd] tile (dot path), never sliced.
+    def masked_load(ref, idx, mask, shape):
+        if mask is None:
+            return ref[idx]
+        return plt.load(ref.at[idx], mask=jnp.broadcast_to(mask, shape), other=0)
+
     bn, bd = cfg.block_n, cfg.block_d
     j, s = pl.program_id(0), pl.program_id(1)
     cols = j * bn + jnp.arange(bn, dtype=jnp.int32)         # output columns
     col_ok = cols < n if n % bn else None                  # stores: every column
     col_rd = col_ok                                          # loads: the live ones
     if live_ref is not None and transposed:       # W's rows are the output columns
-        col_live = plt.load(live_ref.at[cols], mask=col_ok, other=0) != 0
+        col_live = masked_load(live_ref, cols, col_ok, (bn,)) != 0
         col_rd = col_live if col_ok is None else col_ok & col_live
     off = off_ref[0]
     first = s * steps                                        # this split's first d block
@@ -106,16 +111,11 @@ def _kernel(x_ref, w_ref, off_ref, *refs, B, d, n, steps, nblocks, transposed,
     wshape = (bn, bd) if transposed else (bd, bn)
     lead = () if cfg.split_d == 1 else (s,)                 # split: its partials' slot
 
-    def masked_load(ref, idx, mask, shape):
-        if mask is None:
-            return ref[idx]
-        return plt.load(ref.at[idx], mask=jnp.broadcast_to(mask, shape), other=0)
-
     def body(k, acc):
         r = (first + k) * bd + jnp.arange(bd, dtype=jnp.int32)     # this d block
         r_ok = r < d if row_mask else None
         if live_ref is not None and not transposed:   # W's rows are the inputs
-            r_live = plt.load(live_ref.at[r], mask=r_ok, other=0) != 0
+            r_live = masked_load(live_ref, r, r_ok, (bd,)) != 0
             r_ok = r_live if r_ok is None else r_ok & r_live
         if transposed:
             idx = (off + cols[:, None], r[None, :])
