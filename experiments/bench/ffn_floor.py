@@ -139,23 +139,33 @@ def write_markdown(R: Runner, read_bw: float):
     log(f"wrote {path}")
 
 
-def _gemv(bn, bd, split, **kw):
-    return GemvConfig(block_n=bn, block_d=bd, split_d=split, **kw)
+def _gemv(bn, bd, split, stages=1, warps=4, dot=True):
+    return GemvConfig(block_n=bn, block_d=bd, split_d=split, num_stages=stages,
+                      num_warps=warps, dot=dot)
 
 
-# label -> BatchDispatch of a forced branch. GEMV configs: the kernel's default (its best
-# on the projections, bench_gemv.md), the transposed layout's best there for the gate /
-# up rows, more splits for W_down's 14336 input rows, and the tensor-core dot.
+def _union(gate=None, down=None):
+    return BatchDispatch(force="union", union_impl="gemv", gemv_configs=(gate, down))
+
+
+# The tensor-core dot GEMV (session 9, first run: the FMA GEMV unrolls the tokens and ran
+# 0.24-0.80x dense, the dot 0.66-0.99x): its default tiles, then one side changed at a
+# time: gate / up rows (W [m, d] transposed: [bn neurons, bd] tiles) and W_down's rows
+# (W [m, d] plain: [bd neurons, bn] tiles; more programs for its 4096 output columns).
+_GATE = {"g64x128s4": _gemv(64, 128, 4), "g32x256s2": _gemv(32, 256, 2),
+         "g128x64s4": _gemv(128, 64, 4), "g64x128s4st3": _gemv(64, 128, 4, stages=3),
+         "g64x256s2st3": _gemv(64, 256, 2, stages=3), "g16x512s1": _gemv(16, 512, 1),
+         "g128x128s4w8": _gemv(128, 128, 4, warps=8)}
+_DOWN = {"d64x128s4": _gemv(64, 128, 4), "d64x64s16": _gemv(64, 64, 16),
+         "d32x128s8": _gemv(32, 128, 8), "d128x64s8": _gemv(128, 64, 8),
+         "d64x128s8st3": _gemv(64, 128, 8, stages=3), "d32x64s16": _gemv(32, 64, 16),
+         "d128x128s8w8": _gemv(128, 128, 8, warps=8)}
 UNION_GEMV = {
-    "union-gemv": BatchDispatch(force="union", union_impl="gemv"),
-    "union-gemv-t16": BatchDispatch(force="union", union_impl="gemv",
-                                    gemv_configs=(_gemv(16, 512, 1), None)),
-    "union-gemv-t32s2": BatchDispatch(force="union", union_impl="gemv",
-                                      gemv_configs=(_gemv(32, 256, 2), None)),
-    "union-gemv-d128s8": BatchDispatch(force="union", union_impl="gemv",
-                                       gemv_configs=(None, _gemv(128, 128, 8))),
-    "union-gemv-dot": BatchDispatch(force="union", union_impl="gemv", gemv_configs=(
-        _gemv(64, 128, 4, dot=True), _gemv(64, 128, 4, dot=True))),
+    "dot": _union(_GATE["g64x128s4"], _DOWN["d64x128s4"]),
+    **{f"dot-{k}": _union(v, _DOWN["d64x128s4"]) for k, v in _GATE.items()
+       if k != "g64x128s4"},
+    **{f"dot-{k}": _union(_GATE["g64x128s4"], v) for k, v in _DOWN.items()
+       if k != "d64x128s4"},
     "rows": BatchDispatch(force="rows"),
     "dense": BatchDispatch(force="dense"),
 }
