@@ -77,12 +77,27 @@ def rank_quantity(method: str, mlp, x, act: str, *, g=None, u=None):
     raise ValueError(f"no ranked quantity for sparsity method {method!r}")
 
 
-def predictor_logits(predictor, x):
+def predictor_logits(predictor, x, h_dtype=None):
     """z [..., m] float32 = (x V) U^T for one layer's stored predictor {"Vt": [rank, d],
-    "U": [m, rank]} (V transposed: both GEMVs read rows, see policy.py)."""
+    "U": [m, rank]} (V transposed: both GEMVs read rows, see policy.py).
+
+    h = x V is accumulated in float32, then rounded to ``h_dtype`` (None: U's dtype) for
+    z = h U^T, accumulated in float32. Float32 U: h stays float32 (unchanged maths). bf16 U
+    (a bf16 model's predictor): a bf16 x bf16 GEMM in place of a float32 one, 18 -> ~4 us
+    per layer at batch 4 on an H200 (D batch-4 decode 1.01x -> 1.11x dense, "S8-K" in
+    experiments/results/bench_decode.md); z keeps ~3 significant digits, which left the
+    masks and perplexity unchanged within noise (experiments/results/predictor_precision.md).
+    h_dtype=float32 gives the all-float32 logits (the experiment's reference arm).
+    """
     h = jnp.einsum("...d,rd->...r", x, predictor["Vt"], preferred_element_type=jnp.float32,
                    precision=HIGHEST)
-    return jnp.einsum("...r,mr->...m", h, predictor["U"].astype(jnp.float32), precision=HIGHEST)
+    u = predictor["U"]
+    h = h.astype(u.dtype if h_dtype is None else h_dtype)
+    # HIGHEST only where an operand is float32 (else GPUs use TF32); bf16 x bf16 is exact
+    # products with float32 accumulation either way.
+    prec = HIGHEST if jnp.float32 in (h.dtype, u.dtype) else None
+    return jnp.einsum("...r,mr->...m", h, u, preferred_element_type=jnp.float32,
+                      precision=prec)
 
 
 def spec_quantity(spec: SparseSpec, mlp, x, act: str, layer, *, g=None, u=None):

@@ -113,6 +113,45 @@ def test_predictor_logits_vs_numpy():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _float32_logits(stored, x):
+    """Plain-JAX float32 z = (x Vt^T) U^T (the all-float32 maths, h never rounded)."""
+    f32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), (stored, x))
+    h = jnp.einsum("td,rd->tr", f32[1], f32[0]["Vt"], precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("tr,mr->tm", h, f32[0]["U"], precision=jax.lax.Precision.HIGHEST)
+
+
+def test_predictor_logits_round_h_to_u_dtype():
+    """float32 U: exactly the float32 maths. bf16 U (a bf16 model's predictor): h is
+    rounded to bf16, so z is within the bound of that rounding (|dh| <= 2^-9 |h|, plus
+    float32 accumulation) of the float32 z, and z > theta differs only where z lies
+    within that bound of theta. h_dtype=float32 gives the float32 maths for bf16 U too."""
+    rng = np.random.default_rng(12)
+    d, m, rank, theta = 64, 256, 32, 0.25
+    x = jnp.asarray(rng.standard_normal((48, d)), jnp.float32)
+    stored = {"Vt": jnp.asarray(rng.standard_normal((rank, d)) / np.sqrt(d), jnp.float32),
+              "U": jnp.asarray(rng.standard_normal((m, rank)) / np.sqrt(rank), jnp.float32)}
+    z32 = sel.predictor_logits(stored, x)
+    assert z32.dtype == jnp.float32
+    np.testing.assert_array_equal(z32, _float32_logits(stored, x))
+    np.testing.assert_array_equal(sel.predictor_logits(stored, x, h_dtype=jnp.float32), z32)
+
+    b16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), stored)
+    xb = x.astype(jnp.bfloat16)
+    ref32 = _float32_logits(b16, xb)                       # same bf16 values, float32 maths
+    np.testing.assert_allclose(sel.predictor_logits(b16, xb, h_dtype=jnp.float32), ref32,
+                               rtol=1e-5, atol=1e-5)       # only the summation order differs
+    zb = sel.predictor_logits(b16, xb)
+    assert zb.dtype == jnp.float32
+    h = np.abs(np.asarray(_float32_logits({"Vt": b16["Vt"], "U": jnp.eye(rank)}, xb)))
+    bound = 2.0 ** -8 * h @ np.abs(np.asarray(b16["U"], np.float32)).T + 1e-5
+    err = np.abs(np.asarray(zb) - np.asarray(ref32))
+    assert np.all(err <= bound) and err.max() > 1e-4              # rounded, and no further
+    differ = np.asarray(zb > theta) != np.asarray(ref32 > theta)
+    near = np.abs(np.asarray(ref32) - theta) <= bound
+    assert not np.any(differ & ~near)
+    assert near.mean() < 0.05                            # the tie band is a small share
+
+
 def test_keep_largest_among_valid():
     rng = np.random.default_rng(6)
     m = 23
