@@ -57,8 +57,9 @@ def main(argv=None):
                          "(pallas with batch_dispatch's union branch: the GEMV with row "
                          "predicates, --union-gemv configs)")
     ap.add_argument("--union-gemv", default="",
-                    help="pallas-union: block_n,block_d,split_d[,dot] of the GEMV for "
-                         "gate / up, then ';' and the same for down (default: the kernel's)")
+                    help="pallas-union: block_n,block_d,split_d[,dot][,num_stages] of the "
+                         "GEMV for gate / up, then ';' and the same for down (default: the "
+                         "kernel's)")
     ap.add_argument("--layers", default="unstacked",
                     help="comma list: stacked (one scan over [L, ...] weights), unstacked "
                          "(model.unstack_layers: one buffer per layer weight), fused_qkv "
@@ -202,7 +203,8 @@ def main(argv=None):
 @contextlib.contextmanager
 def union_branch(on: bool, configs: str):
     """While on: batches of the pallas path take batch_dispatch's union branch, read by
-    the GEMV with row predicates (configs: "bn,bd,split[,dot];bn,bd,split[,dot]")."""
+    the GEMV with row predicates (configs: "bn,bd,split[,dot][,stages]" for gate / up,
+    ";", the same for down)."""
     if not on:
         yield
         return
@@ -214,7 +216,8 @@ def union_branch(on: bool, configs: str):
             return None
         v = text.split(",")
         return GemvConfig(block_n=int(v[0]), block_d=int(v[1]), split_d=int(v[2]),
-                          dot=len(v) > 3 and v[3] == "dot")
+                          dot="dot" in v[3:], num_stages=next(
+                              (int(t) for t in v[3:] if t.isdigit()), 1))
     parts = (configs.split(";") + ["", ""])[:2]
     saved = bd.ENABLED, bd.DEFAULT_DISPATCH
     bd.ENABLED = True
