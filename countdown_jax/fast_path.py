@@ -5,7 +5,9 @@ Three choices make decode fast on a GPU (experiments/results/bench_decode.md):
     layers          "unstacked" (``model.unstack_layers``: one buffer per layer weight; a
                     stacked layer costs the GPU a copy of its q/o weights every step)
     implementation  "pallas" for a rule whose kernels skip work (the fused kernel at one
-                    token, the index list otherwise; ``ffn``), "masked" for the others
+                    token, the index lists for a batch where they were measured faster:
+                    by batch and the rule's target sparsity, ``PALLAS_WHERE``), "masked"
+                    otherwise
     attention       "pallas" (the decode-attention kernel, one token per row)
     projections     "xla": the Pallas GEMV of the q/k/v/o projections
                     (``decode_projections``) stays opt-in, measured slower end to end
@@ -28,10 +30,10 @@ from countdown_jax.ffn import _FUSED_RULES
 from countdown_jax.policy import ACCEPTED_IMPLEMENTATIONS, AUTO, SparseSpec
 from countdown_jax.sharding import multi_device_mesh
 
-__all__ = ["ATTENTIONS", "AUTO", "BATCH_MEASURED", "LAYER_FORMS", "PROJECTIONS",
-           "SKIPS_WORK", "SPARSE_MAX_TOKENS", "SPARSE_MAX_TOKENS_CAPPED", "backend",
-           "resolve_attention", "resolve_implementation", "resolve_layers",
-           "resolve_projections", "resolve_spec"]
+__all__ = ["ATTENTIONS", "AUTO", "LAYER_FORMS", "PALLAS_WHERE", "PALLAS_WHERE_CAPPED",
+           "PROJECTIONS", "SKIPS_WORK", "backend", "pallas_wins", "resolve_attention",
+           "resolve_implementation", "resolve_layers", "resolve_projections",
+           "resolve_spec"]
 
 ATTENTIONS = ("xla", "pallas")
 PROJECTIONS = ("xla", "pallas")
@@ -45,18 +47,26 @@ LAYER_FORMS = ("stacked", "unstacked", "fused_qkv", "transposed")
 # of d_countdown / dejavu / s_countdown need the dense s to select, so masked is faster.
 SKIPS_WORK = frozenset(_FUSED_RULES) | {("dejavu", "predictor")}
 
-# Tokens per call up to which "auto" runs the Pallas path (the fused kernel at one token,
-# index lists above) rather than masked (the same kept set at dense cost). Measured on an
-# H200 (Llama-3.1-8B, bf16, r = 0.9; experiments/results/bench_decode.md, session 8):
-# exact index lists at batch 4 (S8-L) run M 0.97x / D 1.01x dense against masked's 0.95x /
-# 0.84x (S8-G); with a capacity cut (1.5x, S8-H) batch 2 runs 0.98x / 0.95x (masked 0.94x /
-# 0.84x) but batch 4 0.91x / 0.82x (the cut's per-token top-k costs more than it saves);
-# batch 8 lost to masked in every form (S8-C, S8-I). Batch 1: M 1.41x, D 1.66x (S8-J).
-SPARSE_MAX_TOKENS = 4             # exact rules (no capacity)
-SPARSE_MAX_TOKENS_CAPPED = 2      # a capacity cut (``SparseSpec.capacity``)
-# Rules whose batches were not measured run "pallas" at one token only.
-BATCH_MEASURED = frozenset({("m_countdown", "threshold"), ("cats", "threshold"),
-                            ("d_countdown", "predictor"), ("dejavu", "predictor")})
+# Where "auto" runs the Pallas path rather than masked (the same kept set at dense cost),
+# by tokens per call and the rule's target sparsity: (max tokens, min target r) pairs, the
+# Pallas path wins when some pair admits the call. One token: the fused kernel, at any r.
+# Batches: exact per-token index lists, measured against masked on an H200 (Llama-3.1-8B
+# bf16, decode x dense of the same run, lists / masked; bench_decode.md S9-A):
+#   M  batch 2  r 0.9 1.05 / 0.95, r 0.7 0.87 / 0.95    batch 4  r 0.9 0.96 / 0.94,
+#      r 0.7 0.72 / 0.95    batch 8  r 0.9 0.80 / 0.95
+#   D  batch 2  r 0.9 1.17 / 0.83, r 0.7 0.91 / 0.83, r 0.5 0.79 / 0.84    batch 4
+#      r 0.9 0.99 / 0.84, r 0.7 0.70 / 0.84    batch 8  r 0.9 0.79 / 0.85
+# (CATS reads what M reads; Deja Vu's predictor path is D's.) An r between two measured
+# points takes the lower one's choice; an unknown r (``SparseSpec.target_sparsity`` None)
+# admits only the pairs with min r 0. A capacity cut (its per-token top-k) moved the
+# crossover down (S8-H, r = 0.9: batch 2 M 0.98x / D 0.95x, batch 4 below masked).
+PALLAS_WHERE = {
+    "m": ((1, 0.0), (4, 0.9)),
+    "d": ((1, 0.0), (2, 0.7), (4, 0.9)),
+}
+PALLAS_WHERE_CAPPED = ((1, 0.0), (2, 0.9))
+_RULE_TABLE = {("m_countdown", "threshold"): "m", ("cats", "threshold"): "m",
+               ("d_countdown", "predictor"): "d", ("dejavu", "predictor"): "d"}
 
 
 def backend() -> str:
@@ -74,6 +84,19 @@ def _check(value: str, allowed, what: str):
                          f"{value!r}")
 
 
+def pallas_wins(spec: SparseSpec, n_tokens: int) -> bool:
+    """Whether the measured table (``PALLAS_WHERE``) has the Pallas path faster than
+    masked for this rule, capacity, target sparsity and tokens per call."""
+    table = _RULE_TABLE.get((spec.method, spec.mode))
+    if table is None:                # batches of this rule not measured: one token only
+        pairs = ((1, 0.0),)
+    else:
+        pairs = PALLAS_WHERE[table] if spec.capacity is None else PALLAS_WHERE_CAPPED
+    r = spec.target_sparsity
+    return any(n_tokens <= most and (r_min == 0.0 or (r is not None and r >= r_min - 1e-9))
+               for most, r_min in pairs)
+
+
 def resolve_implementation(spec: SparseSpec, n_tokens: int) -> str:
     """spec.implementation, or for "auto" the fastest exact one for ``n_tokens`` tokens
     per call (decode: the batch; prefill: batch x length)."""
@@ -81,13 +104,9 @@ def resolve_implementation(spec: SparseSpec, n_tokens: int) -> str:
     _check(impl, ACCEPTED_IMPLEMENTATIONS, "implementation")
     if impl != AUTO:
         return impl
-    rule = (spec.method, spec.mode)
-    if not _fast() or spec.is_dense or rule not in SKIPS_WORK:
+    if not _fast() or spec.is_dense or (spec.method, spec.mode) not in SKIPS_WORK:
         return "masked"
-    limit = 1
-    if rule in BATCH_MEASURED:       # (CATS's path is M's with the gate as the score)
-        limit = SPARSE_MAX_TOKENS if spec.capacity is None else SPARSE_MAX_TOKENS_CAPPED
-    return "pallas" if n_tokens <= limit else "masked"
+    return "pallas" if pallas_wins(spec, n_tokens) else "masked"
 
 
 def resolve_spec(spec: SparseSpec, n_tokens: int) -> SparseSpec:

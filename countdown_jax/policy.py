@@ -99,6 +99,10 @@ class SparseSpec:
         no extra communication, but a device holding more than this many of a token's
         winners keeps only its highest-ranked (counted in ``dropped``). None = exact
         (masks equal one device's). Ignored without a "model" mesh axis.
+    target_sparsity: the r the rule was set for (its thresholds / predictor were fit at
+        r; ``api.sparsity_setup`` fills it). A static hint read only by
+        implementation="auto" to pick a decode batch's path (``fast_path``); it changes
+        no mask. None = unknown (batches then take the path that never loses much).
     """
 
     method: str = "dense"
@@ -107,6 +111,7 @@ class SparseSpec:
     capacity: int | None = None
     sparse_prefill: bool = False
     shard_capacity: int | None = None
+    target_sparsity: float | None = None
 
     def __post_init__(self):
         if self.implementation in LEGACY_IMPLEMENTATIONS:
@@ -134,6 +139,10 @@ class SparseSpec:
                 or self.shard_capacity < 1):
             raise ValueError(f"shard_capacity must be a positive int or None, got "
                              f"{self.shard_capacity!r}")
+
+        if self.target_sparsity is not None and not 0.0 <= self.target_sparsity < 1.0:
+            raise ValueError(f"target_sparsity must be in [0, 1) or None, got "
+                             f"{self.target_sparsity!r}")
 
     @property
     def is_dense(self) -> bool:

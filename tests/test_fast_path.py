@@ -49,12 +49,24 @@ def test_cpu_resolves_to_the_portable_path():
 def test_gpu_choices(fake_gpu):
     impl = fast_path.resolve_implementation
     assert impl(M_THR, 1) == "pallas"                       # fused kernel at one token
-    # batches: exact index lists up to 4 tokens, 2 with a capacity cut (measured, H200)
+    # batches: exact index lists where measured faster than masked, by batch and the
+    # rule's target sparsity (H200, bench_decode.md S9-A); r unknown: masked
     d_pred = SparseSpec("d_countdown", "predictor", "auto")
-    for spec in (M_THR, d_pred, SparseSpec("cats", "threshold", "auto")):
-        assert [impl(spec, n) for n in (2, 4, 5, 8)] == ["pallas"] * 2 + ["masked"] * 2
-        capped = dataclasses.replace(spec, capacity=3)
+    cats = SparseSpec("cats", "threshold", "auto")
+    at = lambda spec, r: dataclasses.replace(spec, target_sparsity=r)
+    for spec in (M_THR, d_pred, cats):
+        assert [impl(spec, n) for n in (1, 2, 4)] == ["pallas", "masked", "masked"]
+        for r in (0.9, 0.95):
+            assert [impl(at(spec, r), n) for n in (2, 3, 4, 5, 8)] == \
+                ["pallas"] * 3 + ["masked"] * 2
+        assert impl(at(spec, 0.5), 1) == "pallas"                    # one token: any r
+        capped = dataclasses.replace(at(spec, 0.9), capacity=3)
         assert [impl(capped, n) for n in (1, 2, 3)] == ["pallas"] * 2 + ["masked"]
+        assert impl(dataclasses.replace(at(spec, 0.7), capacity=3), 2) == "masked"
+    for r, want in ((0.5, "masked"), (0.7, "pallas"), (0.8, "pallas")):
+        assert impl(at(d_pred, r), 2) == want, r                     # D's lists win at 0.7
+        assert impl(at(d_pred, r), 4) == "masked", r
+        assert impl(at(M_THR, r), 2) == "masked", r                  # M's from 0.9 only
     cascade = SparseSpec("d_countdown", "cascade", "auto")
     assert (impl(cascade, 1), impl(cascade, 2)) == ("pallas", "masked")   # not measured
     assert impl(SparseSpec("d_countdown", "predictor", "auto"), 1) == "pallas"
@@ -158,20 +170,22 @@ def test_generate_text_reports_the_path(tiny, fake_gpu, pallas_interpret):
 
 @pytest.mark.parametrize("rows", [[6, 3, 5], [3]])
 def test_auto_batches_run_exact_index_lists(tiny, fake_gpu, pallas_interpret, rows):
-    """A decode batch of up to SPARSE_MAX_TOKENS rows runs the index lists under "auto"
-    (a prompt that short, its prefill too, with the prompt's tokens dense) and keeps the
-    masked reference's tokens and kept sets."""
+    """A decode batch the table admits (``fast_path.PALLAS_WHERE``: up to 4 rows at a
+    target r of 0.9) runs the index lists under "auto" (a prompt that short, its prefill
+    too, with the prompt's tokens dense) and keeps the masked reference's tokens and kept
+    sets."""
     params, cfg = tiny
     pol = _threshold_policy(cfg)
-    assert fast_path.resolve_implementation(M_THR, len(rows)) == "pallas"
+    spec = dataclasses.replace(M_THR, target_sparsity=0.9)
+    assert fast_path.resolve_implementation(spec, len(rows)) == "pallas"
     prompt = np.zeros((len(rows), max(rows)), np.int32)
     for i, n in enumerate(rows):
         prompt[i, :n] = np.arange(5, 5 + n) * (i + 3) % cfg.vocab_size
     run = lambda spec, **kw: generate(params, cfg, jnp.asarray(prompt), jnp.asarray(rows),
                                       jax.random.PRNGKey(0), pol, max_new_tokens=4,
                                       spec=spec, **kw)
-    auto = run(M_THR)
-    ref = run(dataclasses.replace(M_THR, implementation="masked"), attention="xla",
+    auto = run(spec)
+    ref = run(dataclasses.replace(spec, implementation="masked"), attention="xla",
               layers="stacked")
     np.testing.assert_array_equal(np.asarray(auto.tokens), np.asarray(ref.tokens))
     np.testing.assert_allclose(np.asarray(auto.realised_sparsity),
@@ -260,3 +274,12 @@ def test_the_copy_goes_with_its_source(fake_gpu):
     del params
     gc.collect()
     assert not _CONVERTED
+
+
+def test_setup_carries_the_target_sparsity(tmp_path):
+    """api.check_setup hands "auto" the r the rule was set for; dense carries none; a
+    target outside [0, 1) is refused by name."""
+    assert api.check_setup(tmp_path, "m_countdown", "ideal", 0.7).target_sparsity == 0.7
+    assert api.check_setup(tmp_path).target_sparsity is None
+    with pytest.raises(ValueError, match="target_sparsity must be in"):
+        SparseSpec("m_countdown", "threshold", target_sparsity=1.0)
