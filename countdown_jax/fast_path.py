@@ -5,9 +5,9 @@ Three choices make decode fast on a GPU (experiments/results/bench_decode.md):
     layers          "unstacked" (``model.unstack_layers``: one buffer per layer weight; a
                     stacked layer costs the GPU a copy of its q/o weights every step)
     implementation  "pallas" for a rule whose kernels skip work (the fused kernel at one
-                    token, the index lists for a batch where they were measured faster:
-                    by batch and the rule's target sparsity, ``PALLAS_WHERE``), "masked"
-                    otherwise
+                    token; for a batch, where measured faster, by batch and the rule's
+                    target sparsity (``PALLAS_WHERE``), the index lists or the union
+                    read once, ``SparseSpec.batch_kernel``), "masked" otherwise
     attention       "pallas" (the decode-attention kernel, one token per row)
     projections     "xla": the Pallas GEMV of the q/k/v/o projections
                     (``decode_projections``) stays opt-in, measured slower end to end
@@ -31,7 +31,7 @@ from countdown_jax.policy import ACCEPTED_IMPLEMENTATIONS, AUTO, SparseSpec
 from countdown_jax.sharding import multi_device_mesh
 
 __all__ = ["ATTENTIONS", "AUTO", "LAYER_FORMS", "PALLAS_WHERE", "PALLAS_WHERE_CAPPED",
-           "PROJECTIONS", "SKIPS_WORK", "backend", "pallas_wins", "resolve_attention",
+           "PROJECTIONS", "SKIPS_WORK", "backend", "pallas_choice", "resolve_attention",
            "resolve_implementation", "resolve_layers", "resolve_projections",
            "resolve_spec"]
 
@@ -48,25 +48,33 @@ LAYER_FORMS = ("stacked", "unstacked", "fused_qkv", "transposed")
 SKIPS_WORK = frozenset(_FUSED_RULES) | {("dejavu", "predictor")}
 
 # Where "auto" runs the Pallas path rather than masked (the same kept set at dense cost),
-# by tokens per call and the rule's target sparsity: (max tokens, min target r) pairs, the
-# Pallas path wins when some pair admits the call. One token: the fused kernel, at any r.
-# Batches: exact per-token index lists, measured against masked on an H200 (Llama-3.1-8B
-# bf16, decode x dense of the same run, lists / masked; bench_decode.md S9-A):
-#   M  batch 2  r 0.9 1.05 / 0.95, r 0.7 0.87 / 0.95    batch 4  r 0.9 0.96 / 0.94,
-#      r 0.7 0.72 / 0.95    batch 8  r 0.9 0.80 / 0.95
-#   D  batch 2  r 0.9 1.17 / 0.83, r 0.7 0.91 / 0.83, r 0.5 0.79 / 0.84    batch 4
-#      r 0.9 0.99 / 0.84, r 0.7 0.70 / 0.84    batch 8  r 0.9 0.79 / 0.85
-# (CATS reads what M reads; Deja Vu's predictor path is D's.) An r between two measured
-# points takes the lower one's choice; an unknown r (``SparseSpec.target_sparsity`` None)
-# admits only the pairs with min r 0. A capacity cut (its per-token top-k) moved the
-# crossover down (S8-H, r = 0.9: batch 2 M 0.98x / D 0.95x, batch 4 below masked).
+# and with which batch kernel, by tokens per call and the rule's target sparsity r:
+# (max tokens, min target r, batch kernel), the first entry that admits the call wins;
+# none: masked. One token: the fused kernel at any r. Measured on an H200 (Llama-3.1-8B
+# bf16, decode x dense of the same run; bench_decode.md, session 9):
+#          batch 2                 batch 4                 batch 8
+#          r .9   r .7   r .5      r .9   r .7   r .5      r .9   r .7   r .5
+#   M lists 1.05  0.87  0.78      0.96  0.72  0.61      0.80  0.58  0.47
+#   M union 1.03  0.99  0.93      1.03  0.94  0.90      0.99  0.90  0.89
+#   M masked 0.95 0.95  0.95      0.94  0.95  0.94      0.95  0.95  0.95
+#   D lists 1.35  1.02  0.79*     1.05  0.76  0.58*     0.79* 0.53* 0.41*
+#   D union 1.05  1.03  0.93      1.07  0.94  0.88      1.00  0.88  0.86
+#   D masked 0.91 0.91  0.84*     0.87  0.91  0.85*     0.85* 0.85* 0.85*
+# (* before D's predictor rounded h to bf16, which sped D up at batches; CATS reads what
+# M reads; Deja Vu's predictor path is D's, without the union kernel.) An r between two
+# measured points takes the lower one's choice; an unknown r (``SparseSpec.
+# target_sparsity`` None) admits only the entries with min r 0. A capacity cut (a
+# per-token top-k) ran batch 2 at r = 0.9 above masked (S8-H: M 0.98x, D 0.95x) and
+# batch 4 below it.
 PALLAS_WHERE = {
-    "m": ((1, 0.0), (4, 0.9)),
-    "d": ((1, 0.0), (2, 0.7), (4, 0.9)),
+    "m": ((1, 0.0, "lists"), (2, 0.9, "lists"), (2, 0.7, "union"), (8, 0.9, "union")),
+    "d": ((1, 0.0, "lists"), (2, 0.9, "lists"), (2, 0.5, "union"), (4, 0.7, "union"),
+          (8, 0.9, "union")),
+    "dejavu": ((1, 0.0, "lists"), (2, 0.7, "lists"), (4, 0.9, "lists")),
 }
-PALLAS_WHERE_CAPPED = ((1, 0.0), (2, 0.9))
+PALLAS_WHERE_CAPPED = ((1, 0.0, "lists"), (2, 0.9, "lists"))
 _RULE_TABLE = {("m_countdown", "threshold"): "m", ("cats", "threshold"): "m",
-               ("d_countdown", "predictor"): "d", ("dejavu", "predictor"): "d"}
+               ("d_countdown", "predictor"): "d", ("dejavu", "predictor"): "dejavu"}
 
 
 def backend() -> str:
@@ -84,17 +92,20 @@ def _check(value: str, allowed, what: str):
                          f"{value!r}")
 
 
-def pallas_wins(spec: SparseSpec, n_tokens: int) -> bool:
-    """Whether the measured table (``PALLAS_WHERE``) has the Pallas path faster than
-    masked for this rule, capacity, target sparsity and tokens per call."""
+def pallas_choice(spec: SparseSpec, n_tokens: int) -> str | None:
+    """The batch kernel ("lists" / "union") of the first ``PALLAS_WHERE`` entry that
+    admits this rule, capacity, target sparsity and tokens per call; None: masked is
+    faster (or the batch was not measured)."""
     table = _RULE_TABLE.get((spec.method, spec.mode))
     if table is None:                # batches of this rule not measured: one token only
-        pairs = ((1, 0.0),)
+        entries = ((1, 0.0, "lists"),)
     else:
-        pairs = PALLAS_WHERE[table] if spec.capacity is None else PALLAS_WHERE_CAPPED
+        entries = PALLAS_WHERE[table] if spec.capacity is None else PALLAS_WHERE_CAPPED
     r = spec.target_sparsity
-    return any(n_tokens <= most and (r_min == 0.0 or (r is not None and r >= r_min - 1e-9))
-               for most, r_min in pairs)
+    for most, r_min, kernel in entries:
+        if n_tokens <= most and (r_min == 0.0 or (r is not None and r >= r_min - 1e-9)):
+            return kernel
+    return None
 
 
 def resolve_implementation(spec: SparseSpec, n_tokens: int) -> str:
@@ -106,14 +117,19 @@ def resolve_implementation(spec: SparseSpec, n_tokens: int) -> str:
         return impl
     if not _fast() or spec.is_dense or (spec.method, spec.mode) not in SKIPS_WORK:
         return "masked"
-    return "pallas" if pallas_wins(spec, n_tokens) else "masked"
+    return "masked" if pallas_choice(spec, n_tokens) is None else "pallas"
 
 
 def resolve_spec(spec: SparseSpec, n_tokens: int) -> SparseSpec:
-    """The spec with "auto" replaced (the spec itself otherwise)."""
+    """The spec with "auto" replaced, and the batch kernel of a Pallas batch (the spec
+    itself when its implementation is explicit)."""
     if spec.implementation != AUTO:
         return spec
-    return dataclasses.replace(spec, implementation=resolve_implementation(spec, n_tokens))
+    impl = resolve_implementation(spec, n_tokens)
+    if impl != "pallas":
+        return dataclasses.replace(spec, implementation=impl)
+    return dataclasses.replace(spec, implementation=impl,
+                               batch_kernel=pallas_choice(spec, n_tokens))
 
 
 def resolve_attention(attention: str) -> str:

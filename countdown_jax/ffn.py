@@ -32,10 +32,10 @@ Implementations (``spec.implementation``; "xla" and "pallas" are the kernels' vo
           ``_FUSED_MAX_TOKENS`` tokens (decode), run ``kernels.fused_sparse_ffn``
           instead: the threshold is applied inside the kernel (no index list), on the
           same scores ``select`` compares (XLA's dense u / act(g) / z), so the kept
-          set is the same. Batches of those rules (except the cascade) on the same
-          terms go to ``batch_dispatch``: the union of the tokens' kept rows read once,
-          per-token lists or the masked dense FFN, chosen per call from the union's
-          size. Elsewhere the index list as above (CPU: XLA, with a warning).
+          set is the same. Decode batches of those rules (except the cascade) on the
+          same terms with ``spec.batch_kernel="union"`` go to ``batch_union``: the rows
+          any token keeps read once. Elsewhere the index list as above (CPU: XLA, with
+          a warning).
 
 Under a mesh whose "model" axis splits the neurons, ``ffn`` hands its single-device body
 to ``ffn_parallel`` (the tensor parallel form); the body never looks at the mesh. The
@@ -49,7 +49,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from countdown_jax import batch_dispatch, parallel_selection
+from countdown_jax import batch_union, parallel_selection
 from countdown_jax.ffn_parallel import tensor_parallel_ffn
 from countdown_jax.gated import activation, coefficients, down_sum, layer_weights, project
 from countdown_jax.kernels._platform import pallas_backend
@@ -154,11 +154,11 @@ def _fused_method(spec, n_tokens):
 
 
 def _batched(spec, n_tokens):
-    """Whether a batch runs ``batch_dispatch`` (the fused kernel's rules bar the cascade,
-    on the same terms as ``_fused_method``, for 2 to ``batch_dispatch.MAX_TOKENS`` tokens:
-    decode batches; a prefill keeps the per-token lists)."""
-    return (batch_dispatch.ENABLED
-            and _FUSED_MAX_TOKENS < n_tokens <= batch_dispatch.MAX_TOKENS
+    """Whether a batch runs ``batch_union`` (spec.batch_kernel "union"; the fused kernel's
+    rules bar the cascade, on the same terms as ``_fused_method``, for 2 to
+    ``batch_union.MAX_TOKENS`` tokens: decode batches; a prefill keeps the lists)."""
+    return (spec.batch_kernel == "union"
+            and _FUSED_MAX_TOKENS < n_tokens <= batch_union.MAX_TOKENS
             and _FUSED_RULES.get((spec.method, spec.mode)) in
             ("m", "cats", "d") and spec.implementation == "pallas" and spec.capacity is None
             and parallel_selection.current() is None and pallas_backend() == "pallas_gpu")
@@ -198,8 +198,8 @@ def _gathered(stack, x, act, spec, layer, sparse):
         dropped = jnp.zeros(count.shape, jnp.int32)      # no capacity: nothing cut
     elif _batched(spec, xs.shape[0]):
         _, mask = _choose(spec, q, layer)                # no capacity: mask = rule
-        y, count = batch_dispatch.batch_sparse_ffn(stack, xs, mask, act=act, dense=dense,
-                                                   coef=coef)
+        y = batch_union.union_ffn(stack, xs, mask, act=act, dense=dense, coef=coef)
+        count = count_kept(mask)
         dropped = jnp.zeros(count.shape, jnp.int32)
     else:
         rule, mask = _choose(spec, q, layer)

@@ -35,7 +35,7 @@ import numpy as np
 
 from countdown_jax.proxy import check_proxy
 
-__all__ = ["ACCEPTED_IMPLEMENTATIONS", "AUTO", "DENSE", "IMPLEMENTATIONS",
+__all__ = ["ACCEPTED_IMPLEMENTATIONS", "AUTO", "BATCH_KERNELS", "DENSE", "IMPLEMENTATIONS",
            "LEGACY_IMPLEMENTATIONS", "METHODS", "METHOD_MODES", "MODES", "MODE_KEYS",
            "SCALAR_KEYS", "SparseSpec", "check_layer", "check_layer_axis", "check_policy",
            "make_policy", "stack_policies", "unstack_policy"]
@@ -75,6 +75,9 @@ MODE_KEYS = {
 SCALAR_KEYS = ("sparsity", "threshold", "theta")
 
 
+BATCH_KERNELS = ("lists", "union")
+
+
 @dataclasses.dataclass(frozen=True)
 class SparseSpec:
     """Static choice of FFN selection rule.
@@ -99,6 +102,10 @@ class SparseSpec:
         no extra communication, but a device holding more than this many of a token's
         winners keeps only its highest-ranked (counted in ``dropped``). None = exact
         (masks equal one device's). Ignored without a "model" mesh axis.
+    batch_kernel: how implementation="pallas" runs a decode batch (2 to 16 tokens, no
+        capacity; M / CATS thresholds, D's predictor): "lists" (per-token index lists,
+        ``kernels.sparse_ffn``) or "union" (the rows any token keeps read once,
+        ``batch_union``). Same masks either way; "auto" picks by measurement.
     target_sparsity: the r the rule was set for (its thresholds / predictor were fit at
         r; ``api.sparsity_setup`` fills it). A static hint read only by
         implementation="auto" to pick a decode batch's path (``fast_path``); it changes
@@ -111,6 +118,7 @@ class SparseSpec:
     capacity: int | None = None
     sparse_prefill: bool = False
     shard_capacity: int | None = None
+    batch_kernel: str = "lists"
     target_sparsity: float | None = None
 
     def __post_init__(self):
@@ -140,6 +148,9 @@ class SparseSpec:
             raise ValueError(f"shard_capacity must be a positive int or None, got "
                              f"{self.shard_capacity!r}")
 
+        if self.batch_kernel not in BATCH_KERNELS:
+            raise ValueError(f"batch_kernel must be one of {BATCH_KERNELS}, got "
+                             f"{self.batch_kernel!r}")
         if self.target_sparsity is not None and not 0.0 <= self.target_sparsity < 1.0:
             raise ValueError(f"target_sparsity must be in [0, 1) or None, got "
                              f"{self.target_sparsity!r}")

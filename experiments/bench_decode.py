@@ -20,7 +20,6 @@ From the repository root:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import time
@@ -53,13 +52,10 @@ def main(argv=None):
     ap.add_argument("--sparsities", default="0.7,0.9")
     ap.add_argument("--methods", default="m_countdown,d_countdown")
     ap.add_argument("--implementations", default="gather,pallas",
-                    help="comma list: masked, gather, pallas, and for batches pallas-union "
-                         "(pallas with batch_dispatch's union branch: the GEMV with row "
-                         "predicates, --union-gemv configs)")
-    ap.add_argument("--union-gemv", default="",
-                    help="pallas-union: block_n,block_d,split_d[,dot][,num_stages] of the "
-                         "GEMV for gate / up, then ';' and the same for down (default: the "
-                         "kernel's)")
+                    help="comma list: masked, gather, pallas (batches: per-token index "
+                         "lists), pallas-union (batches: the union read once, "
+                         "SparseSpec.batch_kernel='union'), auto (fast_path's choice, "
+                         "given the target r)")
     ap.add_argument("--layers", default="unstacked",
                     help="comma list: stacked (one scan over [L, ...] weights), unstacked "
                          "(model.unstack_layers: one buffer per layer weight), fused_qkv "
@@ -178,17 +174,17 @@ def main(argv=None):
                 # runs the fused kernel on GPU).
                 cap = None if cf is None else int(np.ceil(cf * (1 - r) * m))
                 spec = SparseSpec(method=method, mode=mode, capacity=cap,
-                                  implementation=impl.split("-")[0])
+                                  implementation=impl.split("-")[0], target_sparsity=r,
+                                  batch_kernel="union" if impl == "pallas-union" else "lists")
                 if time.perf_counter() - t_start > args.budget_s:
                     print("budget spent: stop", flush=True)
                     return rows
                 label = "none" if cf is None else f"{cf}x"
                 try:
-                    with union_branch(impl == "pallas-union", args.union_gemv):
-                        res = time_decode(forms[lf], cfg, spec, policy, batch, args.steps,
-                                          args.repeats, args.prompt_len, key,
-                                          profile=args.profile, hlo_dir=args.dump_hlo,
-                                          attention=attn, projections=proj)
+                    res = time_decode(forms[lf], cfg, spec, policy, batch, args.steps,
+                                      args.repeats, args.prompt_len, key, profile=args.profile,
+                                      hlo_dir=args.dump_hlo, attention=attn,
+                                      projections=proj)
                     record(method, impl, r, batch, lf, label, res, attention=attn,
                            projections=proj)
                 except Exception as e:  # keep the other rows; say what failed
@@ -198,37 +194,6 @@ def main(argv=None):
                            projections=proj)
     print(Path(out / f"{name}.md").read_text())
     return rows
-
-
-@contextlib.contextmanager
-def union_branch(on: bool, configs: str):
-    """While on: batches of the pallas path take batch_dispatch's union branch, read by
-    the GEMV with row predicates (configs: "bn,bd,split[,dot][,stages]" for gate / up,
-    ";", the same for down)."""
-    if not on:
-        yield
-        return
-    from countdown_jax import batch_dispatch as bd
-    from countdown_jax.kernels.gemv.pallas_gpu import GemvConfig
-
-    def one(text):
-        if not text:
-            return None
-        v = text.split(",")
-        return GemvConfig(block_n=int(v[0]), block_d=int(v[1]), split_d=int(v[2]),
-                          dot="dot" in v[3:], num_stages=next(
-                              (int(t) for t in v[3:] if t.isdigit()), 1))
-    parts = (configs.split(";") + ["", ""])[:2]
-    saved = bd.ENABLED, bd.DEFAULT_DISPATCH
-    bd.ENABLED = True
-    bd.DEFAULT_DISPATCH = bd.BatchDispatch(force="union", union_impl="gemv",
-                                           gemv_configs=tuple(one(t) for t in parts))
-    jax.clear_caches()     # the decode loop's jit keys on the spec, which is unchanged
-    try:
-        yield
-    finally:
-        bd.ENABLED, bd.DEFAULT_DISPATCH = saved
-        jax.clear_caches()
 
 
 if __name__ == "__main__":

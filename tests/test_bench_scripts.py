@@ -377,18 +377,20 @@ def test_bench_spmd_plan_repeats_the_fast_path_per_projection_path():
     assert rec[2]["x_one_device"] == 1.5
 
 
-def test_bench_kernels_floor_plan_batches_through_the_dispatch(tmp_path):
-    """--plan floor at toy sizes: a budget below the batch-1 share skips those variants,
-    the batch-2 rows (dispatch and forced branches) pass their reference checks, and the
-    markdown table is written."""
-    r = _run(EXP / "bench_kernels.py", "--plan", "floor", "--out", tmp_path, *TINY_RUN,
-             "--batches", 2, "--budget-s", 70)
+def test_bench_kernels_union_plan(tmp_path):
+    """--plan union at toy sizes (interpret mode): for a batch of 2, the union read once
+    with its tiles, the per-token lists and masked dense each pass their reference check
+    at every r, and the table of x dense with the union's share is written."""
+    r = _run(EXP / "bench_kernels.py", "--plan", "union", "--out", tmp_path, *TINY_RUN,
+             "--batches", 2, "--methods", "m", "d", "--budget-s", 400)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = _rows(tmp_path / "bench_kernels.csv")
-    batch = [x for x in rows if x["implementation"] == "batch-dispatch" and x["us_per_call"]]
+    batch = [x for x in rows if x["implementation"] == "batch-union" and x["us_per_call"]]
     assert batch and not any("FAILED" in x["note"] for x in rows)
-    assert {x["variant"] for x in batch} >= {"dispatch", "union"}
-    assert "| batch | method | r | union share |" in (tmp_path / "bench_kernels_floor.md").read_text()
+    assert {x["variant"] for x in batch} >= {"union", "lists", "masked"}
+    assert {x["method"] for x in batch} == {"m", "d"}
+    md = (tmp_path / "bench_kernels_union.md").read_text()
+    assert "| batch | method | r | union share | dense | union |" in md
 
 
 # ----------------------------------------------------------------------------- auto path

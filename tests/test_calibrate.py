@@ -111,7 +111,7 @@ def test_saved_thresholds_are_what_sparsity_setup_reads(tmp_path, setup):
     C.save_thresholds(tmp_path, "cats", 0.7, tau, meta={"stat": "mean_kth"})
     model = api.Model(params=params, cfg=cfg, path=tmp_path)
     spec, pol = api.sparsity_setup(model, "cats", "threshold", 0.7)
-    assert spec == SparseSpec("cats", "threshold")
+    assert spec == SparseSpec("cats", "threshold", target_sparsity=0.7)
     np.testing.assert_allclose(np.asarray(pol["threshold"]), tau, rtol=1e-6)
 
 

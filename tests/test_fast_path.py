@@ -49,24 +49,33 @@ def test_cpu_resolves_to_the_portable_path():
 def test_gpu_choices(fake_gpu):
     impl = fast_path.resolve_implementation
     assert impl(M_THR, 1) == "pallas"                       # fused kernel at one token
-    # batches: exact index lists where measured faster than masked, by batch and the
-    # rule's target sparsity (H200, bench_decode.md S9-A); r unknown: masked
+    # batches: the index lists or the union read once where measured faster than
+    # masked, by batch and the rule's target sparsity (H200, bench_decode.md S9); an
+    # unknown r: masked
     d_pred = SparseSpec("d_countdown", "predictor", "auto")
     cats = SparseSpec("cats", "threshold", "auto")
     at = lambda spec, r: dataclasses.replace(spec, target_sparsity=r)
+
+    def kernel(spec, n):
+        got = fast_path.resolve_spec(spec, n)
+        return got.batch_kernel if got.implementation == "pallas" else "masked"
     for spec in (M_THR, d_pred, cats):
         assert [impl(spec, n) for n in (1, 2, 4)] == ["pallas", "masked", "masked"]
-        for r in (0.9, 0.95):
-            assert [impl(at(spec, r), n) for n in (2, 3, 4, 5, 8)] == \
-                ["pallas"] * 3 + ["masked"] * 2
-        assert impl(at(spec, 0.5), 1) == "pallas"                    # one token: any r
+        assert [kernel(at(spec, 0.9), n) for n in (1, 2, 3, 4, 8, 9)] == \
+            ["lists", "lists", "union", "union", "union", "masked"]
+        assert kernel(at(spec, 0.5), 1) == "lists"                   # the fused kernel
         capped = dataclasses.replace(at(spec, 0.9), capacity=3)
-        assert [impl(capped, n) for n in (1, 2, 3)] == ["pallas"] * 2 + ["masked"]
+        assert [kernel(capped, n) for n in (1, 2, 3)] == ["lists", "lists", "masked"]
         assert impl(dataclasses.replace(at(spec, 0.7), capacity=3), 2) == "masked"
-    for r, want in ((0.5, "masked"), (0.7, "pallas"), (0.8, "pallas")):
-        assert impl(at(d_pred, r), 2) == want, r                     # D's lists win at 0.7
-        assert impl(at(d_pred, r), 4) == "masked", r
-        assert impl(at(M_THR, r), 2) == "masked", r                  # M's from 0.9 only
+    assert [kernel(at(M_THR, r), 2) for r in (0.5, 0.7, 0.8)] == ["masked", "union", "union"]
+    assert [kernel(at(M_THR, r), 4) for r in (0.7, 0.89)] == ["masked", "masked"]
+    assert [kernel(at(d_pred, r), 2) for r in (0.4, 0.5, 0.7)] == ["masked", "union", "union"]
+    assert [kernel(at(d_pred, r), 4) for r in (0.5, 0.7)] == ["masked", "union"]
+    assert [kernel(at(d_pred, r), 8) for r in (0.7, 0.9)] == ["masked", "union"]
+    dejavu = SparseSpec("dejavu", "predictor", "auto")                # lists only
+    assert [kernel(at(dejavu, 0.9), n) for n in (2, 4, 8)] == ["lists", "lists", "masked"]
+    explicit = SparseSpec("m_countdown", "threshold", "pallas", target_sparsity=0.9)
+    assert fast_path.resolve_spec(explicit, 4).batch_kernel == "lists"  # explicit stays
     cascade = SparseSpec("d_countdown", "cascade", "auto")
     assert (impl(cascade, 1), impl(cascade, 2)) == ("pallas", "masked")   # not measured
     assert impl(SparseSpec("d_countdown", "predictor", "auto"), 1) == "pallas"
@@ -168,16 +177,18 @@ def test_generate_text_reports_the_path(tiny, fake_gpu, pallas_interpret):
     _CONVERTED.clear()
 
 
-@pytest.mark.parametrize("rows", [[6, 3, 5], [3]])
-def test_auto_batches_run_exact_index_lists(tiny, fake_gpu, pallas_interpret, rows):
-    """A decode batch the table admits (``fast_path.PALLAS_WHERE``: up to 4 rows at a
-    target r of 0.9) runs the index lists under "auto" (a prompt that short, its prefill
-    too, with the prompt's tokens dense) and keeps the masked reference's tokens and kept
-    sets."""
+@pytest.mark.parametrize("rows,kernel", [([6, 3, 5], "union"), ([2, 4], "lists"),
+                                         ([3], "lists")])
+def test_auto_batches_equal_the_masked_reference(tiny, fake_gpu, pallas_interpret, rows,
+                                                 kernel):
+    """A decode batch the table admits at a target r of 0.9 (``fast_path.PALLAS_WHERE``)
+    runs the Pallas path under "auto" (3 rows: the union read once; 2: the index lists;
+    1: the fused kernel) and keeps the masked reference's tokens and kept sets."""
     params, cfg = tiny
     pol = _threshold_policy(cfg)
     spec = dataclasses.replace(M_THR, target_sparsity=0.9)
-    assert fast_path.resolve_implementation(spec, len(rows)) == "pallas"
+    resolved = fast_path.resolve_spec(spec, len(rows))
+    assert (resolved.implementation, resolved.batch_kernel) == ("pallas", kernel)
     prompt = np.zeros((len(rows), max(rows)), np.int32)
     for i, n in enumerate(rows):
         prompt[i, :n] = np.arange(5, 5 + n) * (i + 3) % cfg.vocab_size
@@ -283,3 +294,5 @@ def test_setup_carries_the_target_sparsity(tmp_path):
     assert api.check_setup(tmp_path).target_sparsity is None
     with pytest.raises(ValueError, match="target_sparsity must be in"):
         SparseSpec("m_countdown", "threshold", target_sparsity=1.0)
+    with pytest.raises(ValueError, match="batch_kernel must be one of"):
+        SparseSpec("m_countdown", "threshold", batch_kernel="rows")

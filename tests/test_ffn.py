@@ -11,6 +11,7 @@ import pytest
 from tests.support import np_sparse_ffn as ref
 from countdown_jax import selection as sel
 from countdown_jax.ffn import dense_ffn, ffn
+from countdown_jax.gated import activation
 from countdown_jax.policy import DENSE, SparseSpec, make_policy, stack_policies
 from countdown_jax.kernels.gemv.pallas_gpu import GemvConfig
 
@@ -371,78 +372,66 @@ def test_pallas_routes_only_single_tokens_to_fused(pallas_interpret):
 
 @pytest.mark.parametrize("method,mode", [("m_countdown", "threshold"), ("cats", "threshold"),
                                          ("d_countdown", "predictor")])
-def test_pallas_batch_dispatch_equals_masked(monkeypatch, pallas_interpret, method, mode):
-    """Batches under implementation="pallas" (interpret mode, as on a GPU) go through
-    batch_dispatch: every branch (union kernels or the GEMV with row predicates,
-    per-token lists, masked dense) and the
-    automatic choice give the masked path's y and counts; the stack is read in place (the
-    other layer NaN); thresholds keep half, all, or none of the neurons."""
-    import countdown_jax.batch_dispatch as bd
-    monkeypatch.setattr(bd, "ENABLED", True)
+def test_pallas_union_batches_equal_masked(pallas_interpret, method, mode):
+    """batch_kernel="union" (interpret mode, as on a GPU): a decode batch reads the rows
+    any token keeps once (``batch_union``: the GEMV with row predicates) and gives the
+    masked path's y and counts; the stack is read in place (the other layer NaN);
+    thresholds keep half, all, or none of the neurons. Explicit (ragged) GEMV tiles
+    against the float32 per-token masked FFN."""
+    import countdown_jax.batch_union as bu
     mlp, x, pred = _problem(31, tokens=(5,))
     x = jnp.asarray(x[1:])                           # token 0 of _problem is all zero
     stack = {k: jnp.asarray(np.stack([np.full_like(v, np.nan), v])) for k, v in mlp.items()}
     mlp = jax.tree.map(jnp.asarray, mlp)
-    spec_m, spec_p = SparseSpec(method, mode, "masked"), SparseSpec(method, mode, "pallas")
+    spec_m = SparseSpec(method, mode, "masked")
+    spec_p = SparseSpec(method, mode, "pallas", batch_kernel="union")
     stored = {"Vt": pred["V"].T, "U": pred["U"]}
-    q = np.sort(np.asarray(sel.spec_quantity(spec_m, mlp, x, "silu",
-                                             {"predictor": stored})).ravel())
-    cuts = ((q[len(q) // 2] + q[len(q) // 2 + 1]) / 2, q[0] - 1.0, q[-1] + 1.0)
-    branches_seen = []
-    real_switch = jax.lax.switch
-    monkeypatch.setattr(jax.lax, "switch", lambda i, fs, *a: branches_seen.append(len(fs))
-                        or real_switch(i, fs, *a))
-    runs = [(f, True, "kernels") for f in (*bd.BRANCHES, None)] + [
-        ("union", False, "kernels"), ("union", True, "gemv")]
-    for force, listed, impl in runs:
-        monkeypatch.setattr(bd, "DEFAULT_DISPATCH",
-                            bd.BatchDispatch(force=force, union_list=listed, union_impl=impl,
-                                             gemv_configs=(GemvConfig(block_n=16, block_d=32),
-                                                           GemvConfig(block_n=32, block_d=16,
-                                                                      split_d=3))))
-        run = jax.jit(lambda s, pol, spec: ffn(s, x, act="silu", spec=spec, policy=pol,
-                                               return_dropped=True), static_argnums=2)
-        for cut in cuts:
-            layer = _layer(mode, float(cut), pred if mode == "predictor" else None)
-            y, kept, dropped = run({**stack, "layer": jnp.int32(1)}, layer, spec_p)
-            ym, km, _ = run(mlp, layer, spec_m)
-            assert np.isfinite(np.asarray(y)).all(), (force, cut)
-            np.testing.assert_array_equal(_counts(kept), _counts(km))
-            np.testing.assert_array_equal(np.asarray(dropped), 0)
-            np.testing.assert_allclose(np.asarray(y), np.asarray(ym), rtol=1e-5, atol=1e-5,
-                                       err_msg=f"{force} {cut}")
-    assert branches_seen == [3]          # only the automatic choice is a lax.switch
+    q = sel.spec_quantity(spec_m, mlp, x, "silu", {"predictor": stored})
+    qs = np.sort(np.asarray(q).ravel())
+    cuts = ((qs[len(qs) // 2] + qs[len(qs) // 2 + 1]) / 2, qs[0] - 1.0, qs[-1] + 1.0)
+    run = jax.jit(lambda s, pol, spec: ffn(s, x, act="silu", spec=spec, policy=pol,
+                                           return_dropped=True), static_argnums=2)
+    for cut in cuts:
+        layer = _layer(mode, float(cut), pred if mode == "predictor" else None)
+        y, kept, dropped = run({**stack, "layer": jnp.int32(1)}, layer, spec_p)
+        ym, km, _ = run(mlp, layer, spec_m)
+        assert np.isfinite(np.asarray(y)).all(), cut
+        np.testing.assert_array_equal(_counts(kept), _counts(km))
+        np.testing.assert_array_equal(np.asarray(dropped), 0)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(ym), rtol=1e-5, atol=1e-5,
+                                   err_msg=f"{cut}")
+    hi = jax.lax.Precision.HIGHEST
+    g = jnp.einsum("nd,md->nm", x, mlp["gate"], precision=hi)
+    u = jnp.einsum("nd,md->nm", x, mlp["up"], precision=hi)
+    mask = q > cuts[0]
+    dense, coef = {"m_countdown": ("up", u), "cats": ("gate", activation("silu")(g)),
+                   "d_countdown": (None, None)}[method]
+    y = bu.union_ffn({**stack, "layer": jnp.int32(1)}, x, mask, act="silu", dense=dense,
+                     coef=coef, configs=(GemvConfig(block_n=16, block_d=32),
+                                         GemvConfig(block_n=32, block_d=16, split_d=3)))
+    ref_y = jnp.einsum("nm,md->nd", jnp.where(mask, activation("silu")(g) * u, 0.0),
+                       mlp["down"], precision=hi)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), rtol=1e-4, atol=1e-4)
 
 
-def test_batch_dispatch_branch_index():
-    from countdown_jax.batch_dispatch import BatchDispatch, branch_index
-    mask = np.zeros((4, 100), bool)
-    mask[0, :30] = True                               # union 30%, mean kept 7.5%
-    cfg = BatchDispatch(union_max=((4, 0.3),), rows_max=0.1)
-    assert int(branch_index(cfg, jnp.asarray(mask))) == 0
-    mask[1, 30:31] = True                             # union 31%: lists (mean 7.75%)
-    assert int(branch_index(cfg, jnp.asarray(mask))) == 1
-    mask[2:, 31:] = True                              # union 100%, mean kept > 10%: dense
-    assert int(branch_index(cfg, jnp.asarray(mask))) == 2
-    assert int(branch_index(BatchDispatch(), jnp.zeros((2, 8), bool))) == 0
-    with pytest.raises(ValueError, match="force"):
-        BatchDispatch(force="sparse")
-    with pytest.raises(ValueError, match="union_impl"):
-        BatchDispatch(union_impl="xla")
-
-
-def test_pallas_batches_route_by_size(monkeypatch, pallas_interpret):
-    """Enabled, decode batches go to batch_dispatch; one token to the fused kernel; a
-    prefill (more than MAX_TOKENS) and the cascade keep the per-token lists. Off by
-    default (it lost to dense on the H200), when every batch keeps the lists."""
-    import countdown_jax.batch_dispatch as bd
+def test_union_batches_route_by_size_and_kernel(pallas_interpret):
+    """batch_kernel="union" takes decode batches (2 to MAX_TOKENS tokens) to batch_union;
+    one token keeps the fused kernel, a prefill (more than MAX_TOKENS), the cascade and a
+    capacity keep the per-token lists, and so does the default "lists"; bad input is
+    refused by name."""
     import countdown_jax.ffn as ffn_mod
-    from countdown_jax.batch_dispatch import MAX_TOKENS
-    spec = SparseSpec("m_countdown", "threshold", "pallas")
-    assert not bd.ENABLED and not ffn_mod._batched(spec, 4)
-    monkeypatch.setattr(bd, "ENABLED", True)
+    from countdown_jax.batch_union import MAX_TOKENS, union_ffn
+    spec = SparseSpec("m_countdown", "threshold", "pallas", batch_kernel="union")
+    assert not ffn_mod._batched(SparseSpec("m_countdown", "threshold", "pallas"), 4)
     assert not ffn_mod._batched(spec, 1) and ffn_mod._batched(spec, 2)
     assert ffn_mod._batched(spec, MAX_TOKENS) and not ffn_mod._batched(spec, MAX_TOKENS + 1)
-    assert not ffn_mod._batched(SparseSpec("d_countdown", "cascade", "pallas"), 4)
+    assert not ffn_mod._batched(SparseSpec("d_countdown", "cascade", "pallas",
+                                           batch_kernel="union"), 4)
     assert not ffn_mod._batched(SparseSpec("m_countdown", "threshold", "pallas",
-                                           capacity=8), 4)
+                                           capacity=8, batch_kernel="union"), 4)
+    w = {k: jnp.zeros((8, 4)) for k in ("gate", "up", "down")}
+    with pytest.raises(ValueError, match="MAX_TOKENS"):
+        union_ffn(w, jnp.zeros((MAX_TOKENS + 1, 4)), jnp.ones((MAX_TOKENS + 1, 8), bool),
+                  act="silu")
+    with pytest.raises(ValueError, match="dense must be"):
+        union_ffn(w, jnp.zeros((2, 4)), jnp.ones((2, 8), bool), act="silu", dense="down")

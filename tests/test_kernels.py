@@ -23,9 +23,8 @@ from countdown_jax.gated import activation
 from countdown_jax.kernels.fused_sparse_ffn.reference import project_f32 as project
 from countdown_jax.kernels.fused_sparse_ffn.reference import selection_scores
 from countdown_jax.kernels import _platform
-from countdown_jax.kernels.sparse_ffn.api import index_list, sparse_ffn, union_sparse_ffn
+from countdown_jax.kernels.sparse_ffn.api import index_list, sparse_ffn
 from countdown_jax.kernels.sparse_ffn.pallas_gpu import GatherConfig
-from countdown_jax.kernels.sparse_ffn.union_gpu import UnionConfig
 
 M, D, R = 37, 19, 8
 
@@ -444,57 +443,3 @@ def test_kernels_compiled_on_gpu(dtype):
                 assert rel_err(y, r) < tol, (cand, keep, impl, cfg)
 
 
-# --------------------------------------------------------------------------- batch union
-
-UNION_CASES = [
-    # dense, act, n, dtype, config
-    (None, "silu", 3, jnp.float32, UnionConfig(bj=4, bd=8, programs=3, bj_down=4, bd_down=8,
-                                               programs_down=2, poison=True, x_regs=0)),
-    ("up", "gelu_tanh", 2, jnp.bfloat16, UnionConfig(bj=8, bd=16, programs=2, bj_down=8,
-                                                     bd_down=16, programs_down=3, poison=True)),
-    ("gate", "silu", 4, jnp.float32, UnionConfig(bj=2, bd=32, programs=4, bj_down=16,
-                                                 bd_down=4, programs_down=1, x_regs=0)),
-]
-
-
-@pytest.mark.parametrize("listed", [True, False])
-@pytest.mark.parametrize("dense,act,n,dtype,cfg", UNION_CASES)
-def test_union_kernel_matches_reference(dense, act, n, dtype, cfg, listed):
-    """The union list read once, masked per token; stacked weights read in place (the other
-    layer NaN); junk past count ignored; random, all and none kept. listed=False: no list,
-    the kernels skip the rows no token keeps."""
-    (wg, wu, wd), _, _ = weights(21, dtype=dtype)
-    stack = [jnp.stack([jnp.full_like(w, jnp.nan), w]) for w in (wg, wu, wd)]
-    x = jax.random.normal(jax.random.key(22), (n, D), jnp.float32).astype(dtype)
-    coef = jax.random.normal(jax.random.key(23), (n, M), jnp.float32)
-    rng = np.random.default_rng(24)
-
-    def run(impl, idx, cnt, keep):
-        cw = keep.astype(jnp.float32) if dense is None else jnp.where(keep, coef, 0.0)
-        if not listed:
-            idx = cnt = None
-        return union_sparse_ffn(x, *stack, idx, cnt, cw, act=act, dense=dense, layer=1,
-                                implementation=impl, interpret=True, config=cfg)
-
-    kern = jax.jit(lambda i, c, k: run("pallas_gpu", i, c, k))
-    ref = jax.jit(lambda i, c, k: run("xla", i, c, k))
-    for case, keep in (("random", rng.random((n, M)) < 0.3), ("all", np.ones((n, M), bool)),
-                       ("none", np.zeros((n, M), bool))):
-        idx, cnt = index_list(jnp.asarray(keep.any(0))[None], M)
-        junk = jnp.asarray(rng.integers(-5, M + 5, size=M), jnp.int32)
-        idx = jnp.where(jnp.arange(M) < cnt[0], idx[0], junk)
-        y, r = kern(idx, cnt[0], jnp.asarray(keep)), ref(idx, cnt[0], jnp.asarray(keep))
-        if case == "none":
-            assert np.all(np.asarray(y, np.float32) == 0)
-        else:
-            assert rel_err(y, r) < 1e-5, case
-            # the union reference is the per-token masked FFN
-            s = activation(act)(project(x, wg)) * project(x, wu)
-            s = jnp.where(jnp.asarray(keep), s, 0.0)
-            if dense == "up":
-                s = jnp.where(jnp.asarray(keep), activation(act)(project(x, wg)) * coef, 0.0)
-            elif dense == "gate":
-                s = jnp.where(jnp.asarray(keep), coef * project(x, wu), 0.0)
-            yy = jnp.einsum("nm,md->nd", s, wd.astype(jnp.float32),
-                            precision=jax.lax.Precision.HIGHEST)
-            assert rel_err(r, yy) < (1e-2 if dtype == jnp.bfloat16 else 1e-5), case

@@ -18,7 +18,7 @@ LAYERS = (
     ("selection", "policy", "parallel_selection", "sharding"),
     ("kernels._platform", "kernels._triton_tiles"),
     ("kernels.",),
-    ("ffn", "ffn_parallel", "attention_parallel", "decode_projections", "batch_dispatch", "fast_path"),
+    ("ffn", "ffn_parallel", "attention_parallel", "decode_projections", "batch_union", "fast_path"),
     ("model",),
     ("generate",),
     ("api", "evaluate.", "calibrate", "predictor", "predictor_online", "data", "modules"),

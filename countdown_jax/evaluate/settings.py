@@ -55,6 +55,8 @@ def ideal_setting(num_layers: int, method: str, sparsities: Sequence[float],
 
 
 def stacked_setting(name: str, spec: SparseSpec, sparsities, policies: Sequence[dict]) -> Setting:
+    # one spec serves every r of the stack: no single target r
+    spec = dataclasses.replace(spec, target_sparsity=None)
     return Setting(name, spec, tuple(float(r) for r in sparsities), stack_policies(policies))
 
 

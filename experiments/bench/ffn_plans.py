@@ -15,9 +15,10 @@ comparisons stay within a run (a device call may land on another card).
 - proxy:      the low-bit proxy rule (issue #12): the proxy-scores kernel alone and the
               proxy D-COUNTDOWN FFN at r = 0.5 / 0.9 (proxy_plan.py).
 - floor:      fixed-overhead variants vs the shipped kernels at batch 1 (r = 0.5, 0.9,
-              1.0), batches through batch_dispatch (ffn_floor), stage profiles.
-- union:      decode batches: the union read once by the GEMV with row predicates, its
-              configs, per-token lists and masked dense, r = 0.5 / 0.7 / 0.9 (ffn_floor).
+              1.0), stage profiles (ffn_floor).
+- union:      decode batches: the union read once by the GEMV with row predicates
+              (``batch_union``), its tiles, per-token lists and masked dense,
+              r = 0.5 / 0.7 / 0.9 (ffn_floor).
 
 ``best``: {method: label, "gather": label} of the kernels to use (--best).
 """

@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from countdown_jax.batch_dispatch import BatchDispatch, batch_sparse_ffn
-from countdown_jax.gated import activation
+from countdown_jax.batch_union import union_ffn
+from countdown_jax.gated import activation, down_sum, project as project_xla
 from countdown_jax.kernels.fused_sparse_ffn.api import fused_sparse_ffn
 from countdown_jax.kernels.fused_sparse_ffn.reference import project_f32 as project, selection_scores
+from countdown_jax.kernels.sparse_ffn.api import index_list, sparse_ffn
 
 METHODS = ("cats", "m", "d")
 # rows of the timing loop that are not a sparse method: no threshold, every neuron "kept"
@@ -127,21 +128,36 @@ def sparse_step(p: Problem, method, impl, config=None, capacity=None):
     return f
 
 
-def dispatch_step(p: Problem, method, force=None, cfg: BatchDispatch | None = None):
-    """A batch through ``batch_dispatch`` (the model's path for N > 1 tokens): XLA's
-    scores, the rule's mask, then the default choice (force None) or one forced branch
-    ("union-nolist": the union kernels without the XLA-compacted list), or ``cfg``."""
-    if cfg is None:
-        cfg = BatchDispatch(force=force and force.split("-")[0],
-                            union_list=force != "union-nolist")
+BATCH_KERNELS = ("union", "lists", "masked")
+
+
+def batch_step(p: Problem, method, kind, configs=None):
+    """A decode batch the model's ways (XLA's scores and the rule's mask first): "union"
+    (``batch_union.union_ffn``, GEMV tiles ``configs``), "lists" (per-token index lists,
+    ``sparse_ffn``) or "masked" (the dense FFN with the mask applied to s)."""
+    if kind not in BATCH_KERNELS:
+        raise ValueError(f"batch kind must be one of {BATCH_KERNELS}, got {kind!r}")
     dense = {"m": "up", "cats": "gate", "d": None}[method]
 
     def f(x, w, tau):
         wg, wu, wd, v, u = w
         q, coef = selection_scores(x, wg, wu, act=p.act, method=method, pred_vt=v, pred_u=u)
-        return batch_sparse_ffn({"gate": wg, "up": wu, "down": wd}, x, q > tau, act=p.act,
-                                dense=dense, coef=coef, implementation="pallas", cfg=cfg,
-                                interpret=p.interpret)
+        mask = q > tau
+        count = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+        stack = {"gate": wg, "up": wu, "down": wd}
+        if kind == "union":
+            y = union_ffn(stack, x, mask, act=p.act, dense=dense, coef=coef,
+                          configs=configs, interpret=p.interpret)
+        elif kind == "lists":
+            idx, cnt = index_list(mask, p.m)
+            y = sparse_ffn(x, wg, wu, wd, idx, cnt, act=p.act, dense=dense, coef=coef,
+                           implementation="pallas", interpret=p.interpret)
+        else:
+            g = coef if dense == "gate" else project_xla(x, wg)
+            uu = coef if dense == "up" else project_xla(x, wu)
+            sv = (g if dense == "gate" else activation(p.act)(g)) * uu
+            y = down_sum(jnp.where(mask, sv, jnp.zeros_like(sv)), wd).astype(x.dtype)
+        return y, count
     return f
 
 

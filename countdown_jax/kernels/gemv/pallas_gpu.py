@@ -25,7 +25,7 @@ elementwise and reduced across the tile once, after the loop.
 ``live`` [rows of W] (optional): rows where it is 0 are not read (predicated loads move no
 bytes) and count as zero: a decode batch's union of kept neurons read once, the gate / up
 rows as output columns of W [m, d] (transposed) and the W_down rows as inputs of
-W [m, d] (plain) (``batch_dispatch``).
+W [m, d] (plain) (``batch_union``).
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 from countdown_jax.kernels._platform import (IMPLEMENTATIONS, flat_stack, index_list,
                                              interpret_enabled, layer_slice, resolve,
                                              warn_once)
-from countdown_jax.kernels.sparse_ffn.reference import sparse_ffn_reference, union_ffn_reference
+from countdown_jax.kernels.sparse_ffn.reference import sparse_ffn_reference
 
-__all__ = ["IMPLEMENTATIONS", "index_list", "sparse_ffn", "union_sparse_ffn"]
+__all__ = ["IMPLEMENTATIONS", "index_list", "sparse_ffn"]
 
 
 def _check(x, w_gate, w_up, w_down, idx, count, dense, coef):
@@ -88,40 +88,3 @@ def sparse_ffn(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=Non
     return sparse_ffn_pallas_tpu(x, w_gate, w_up, w_down, idx, count, act=act,
                                  dense=dense, coef=coef, block=config or 128,
                                  interpret=interpret)
-
-
-def union_sparse_ffn(x, w_gate, w_up, w_down, idx, count, cw, *, act, dense=None,
-                     implementation: str = "xla", interpret: bool | None = None, config=None,
-                     layer=None):
-    """A batch's union of kept neurons read once (``union_gpu``): idx [C] int32 the union
-    list, count [] int32 its length (both None: no list, the kernels skip the rows whose
-    weight is 0 for every token), cw [N, m] each token's weight per neuron (dense "up":
-    u masked to the token's kept set, "gate": act(g) masked, None: the 0/1 mask).
-    Weights as ``sparse_ffn`` (stacked [L, m, d] with ``layer`` read in place). On TPU
-    (no union kernel) and CPU without interpret mode: the XLA reference."""
-    n, d = x.shape
-    w0 = w_down[0] if layer is not None and w_down.ndim == 3 else w_down
-    m = w0.shape[0]
-    if (idx is None) != (count is None):
-        raise ValueError("union_sparse_ffn: give both idx and count, or neither")
-    if idx is None:        # the reference reads every row; rows with cw 0 add nothing
-        idx, count = jnp.arange(m, dtype=jnp.int32), jnp.int32(m)
-        listed = False
-    else:
-        listed = True
-    if idx.ndim != 1 or count.shape != () or cw.shape != (n, m) or w0.shape[1] != d:
-        raise ValueError(f"union_sparse_ffn: needs x [N, d], idx [C], count [], cw [N, m] = "
-                         f"{(n, m)} and [m, d] weights; got x {x.shape}, idx {idx.shape}, "
-                         f"count {count.shape}, cw {cw.shape}, w_down {w_down.shape}")
-    if dense not in (None, "up", "gate"):
-        raise ValueError(f"union_sparse_ffn: dense must be 'up', 'gate' or None, got {dense!r}")
-    interpret = interpret_enabled(interpret)
-    impl = resolve(implementation, interpret, "union_sparse_ffn", backends=("pallas_gpu",))
-    (w_gate, w_up, w_down), off, _ = flat_stack((w_gate, w_up, w_down), layer)
-    if impl == "pallas_gpu":
-        from countdown_jax.kernels.sparse_ffn.union_gpu import union_ffn_pallas_gpu
-        lst = (idx, count) if listed else (None, None)
-        return union_ffn_pallas_gpu(x, w_gate, w_up, w_down, *lst, cw, act=act, dense=dense,
-                                    config=config, interpret=interpret, row_offset=off, m=m)
-    return union_ffn_reference(x, w_gate, w_up, w_down, idx, count, cw, act=act, dense=dense,
-                               row_offset=off, m=m)

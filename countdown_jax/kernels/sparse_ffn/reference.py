@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from countdown_jax.gated import HIGHEST, activation   # HIGHEST: float32 means float32 (no TF32)
 
-__all__ = ["sparse_ffn_reference", "union_ffn_reference"]
+__all__ = ["sparse_ffn_reference"]
 
 
 def sparse_ffn_reference(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=None,
@@ -60,36 +60,4 @@ def sparse_ffn_reference(x, w_gate, w_up, w_down, idx, count, *, act, dense=None
     y = jnp.einsum("nc,ncd->nd", s, rows(w_down).astype(jnp.float32), precision=HIGHEST)
     if s_tau is not None:
         return y.astype(x.dtype), jnp.sum(valid, axis=1, dtype=jnp.int32)
-    return y.astype(x.dtype)
-
-
-def union_ffn_reference(x, w_gate, w_up, w_down, idx, count, cw, *, act, dense=None,
-                        row_offset=0, m=None):
-    """The batch's union list read once: x [N, d]; idx [C] int32 (entries past count and
-    outside [0, m) ignored); count [] int32; cw [N, m] per-token weight of each neuron
-    (dense "up": masked u, "gate": masked act(g), None: the 0/1 mask).
-    s[n, c] = act(g) * u * cw (with g or u replaced by cw when dense names it)."""
-    c = idx.shape[0]
-    m = w_down.shape[0] if m is None else m
-    valid = (jnp.arange(c) < count) & (idx >= 0) & (idx < m)          # [C]
-    idx = jnp.where(valid, idx, 0)
-
-    def rows(w):               # [C, d] in the weights' dtype
-        return jnp.take(w, idx + row_offset, axis=0)
-
-    def dots(w):               # [N, C], float32 accumulation, no TF32
-        return jnp.einsum("nd,cd->nc", x, rows(w), preferred_element_type=jnp.float32,
-                          precision=HIGHEST)
-
-    w = jnp.take(cw.astype(jnp.float32), idx, axis=1)                 # [N, C]
-    if dense == "up":
-        s = activation(act)(dots(w_gate)) * w
-    elif dense == "gate":
-        s = w * dots(w_up)
-    elif dense is None:
-        s = activation(act)(dots(w_gate)) * dots(w_up) * w
-    else:
-        raise ValueError(f"dense must be 'up', 'gate' or None, got {dense!r}")
-    s = jnp.where(valid[None, :], s, 0.0)
-    y = jnp.einsum("nc,cd->nd", s, rows(w_down).astype(jnp.float32), precision=HIGHEST)
     return y.astype(x.dtype)
