@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from countdown_jax.config import ModelConfig
-from countdown_jax.fast_path import (resolve_attention, resolve_implementation,
-                                     resolve_projections)
+from countdown_jax.fast_path import resolve_attention, resolve_projections, resolve_spec
 from countdown_jax.generate import (Sampling, decode_jit, decode_params, decode_policy,
                                     finish, generate, is_finished, layer_form, start_jit)
 from countdown_jax.policy import SparseSpec, make_policy, stack_policies
@@ -267,10 +266,12 @@ def generate_tokens(model: Model, tokens, lengths, spec: SparseSpec, policy=None
     batch = len(lengths)
     params = decode_params(model.params, layers)
     policy = decode_policy(params, policy)
-    path = dict(layers=layer_form(params),
-                implementation=resolve_implementation(spec, batch),
+    ffn_spec = resolve_spec(spec, batch)
+    path = dict(layers=layer_form(params), implementation=ffn_spec.implementation,
                 attention=resolve_attention(attention),
                 projections=resolve_projections(projections))
+    if ffn_spec.implementation == "pallas" and batch > 1 and not spec.is_dense:
+        path["batch_kernel"] = ffn_spec.batch_kernel      # per-token lists or the union
     common = dict(cfg=model.cfg, spec=spec, sampling=sampling, stop_tokens=stop_tokens(model))
     start_args = (params, jnp.asarray(tokens), jnp.asarray(lengths),
                   jax.random.PRNGKey(seed), policy)

@@ -127,7 +127,9 @@ def _generate(args):
           f"{out.prefill_tokens_per_s:.1f} tokens/s, decode {out.tokens_per_s:.1f} tokens/s "
           f"(compile {out.seconds['compile']:.1f} s, not counted); realised sparsity "
           f"{out.realised_sparsity:.3f}; decode path: layers {out.path['layers']}, FFN "
-          f"{out.path['implementation']}, attention {out.path['attention']}, projections "
+          f"{out.path['implementation']}"
+          f"{' (' + out.path['batch_kernel'] + ')' if 'batch_kernel' in out.path else ''}, "
+          f"attention {out.path['attention']}, projections "
           f"{out.path['projections']}", file=sys.stderr if args.stream else sys.stdout)
 
 

@@ -174,6 +174,13 @@ def test_generate_text_reports_the_path(tiny, fake_gpu, pallas_interpret):
     assert out.tokens_per_s > 0 and out.prefill_tokens_per_s > 0
     with pytest.raises(ValueError, match="attention must be"):
         cj.generate_text(model, "hello", max_new_tokens=2, attention="triton")
+    # a sparse batch says which batch kernel ran (3 rows at r = 0.9: the union)
+    spec = dataclasses.replace(M_THR, target_sparsity=0.9)
+    tokens = np.full((3, 4), 7, np.int32)
+    sparse = api.generate_tokens(model, tokens, np.full((3,), 4, np.int32), spec,
+                                 _threshold_policy(cfg), max_new_tokens=3)
+    assert sparse.path == dict(layers="unstacked", implementation="pallas",
+                               attention="pallas", projections="xla", batch_kernel="union")
     _CONVERTED.clear()
 
 
