@@ -101,6 +101,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--name", default=None,
+                    help="output file stem (default bench_auto_path, tiny: bench_auto_path_tiny)")
     ap.add_argument("--methods", default="m_countdown,d_countdown,dense")
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--batches", default="1")
@@ -122,7 +124,7 @@ def main(argv=None):
     fast_params = decode_params(params, "unstacked")
     device = jax.devices()[0].device_kind
     shape = "tiny" if args.tiny else "llama3.1-8b"
-    name = "bench_auto_path_tiny" if args.tiny else "bench_auto_path"
+    name = args.name or ("bench_auto_path_tiny" if args.tiny else "bench_auto_path")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

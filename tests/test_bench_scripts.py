@@ -399,16 +399,17 @@ def test_bench_auto_path_tiny(tmp_path):
     """The user path (every choice "auto": the portable path on CPU) beside bench_decode's
     best path, one row per rule with both rates and their ratio."""
     r = _run(EXP / "bench_auto_path.py", "--tiny", "--out", tmp_path, "--methods",
-             "m_countdown,dense", "--steps", 2, "--repeats", 1, "--prompt-len", 8)
+             "m_countdown,dense", "--steps", 2, "--repeats", 1, "--prompt-len", 8,
+             "--name", "auto")
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = _rows(tmp_path / "bench_auto_path_tiny.csv")
+    rows = _rows(tmp_path / "auto.csv")
     assert [x["method"] for x in rows] == ["m_countdown", "dense"]
     for x in rows:
         assert x["user_path"] == "stacked/masked/xla"
         assert float(x["user_tokens_per_s"]) > 0 and float(x["best_tokens_per_s"]) > 0
         assert x["within_10pct"] in ("yes", "NO") and x["note"].startswith("(")
     assert abs(float(rows[0]["realised_user"]) - 0.9) < 0.1
-    assert (tmp_path / "bench_auto_path_tiny.md").read_text().count("\n| ") == len(rows) + 1
+    assert (tmp_path / "auto.md").read_text().count("\n| ") == len(rows) + 1
 
 
 def test_bench_spmd_plan_repeats_the_first_batch_per_layer_form():
