@@ -106,7 +106,7 @@ def check_setup(model_dir, method: str = "dense", mode: str = "ideal",
     if sparsity is None:
         raise ValueError(f"method {method!r} needs a sparsity r in [0, 1) (e.g. 0.7); "
                          "without one it would run dense")
-    if 0.0 <= sparsity < 1.0:       # the hint "auto" picks a batch's path by
+    if 0.0 <= sparsity < 1.0:       # "auto" picks a decode batch's path by the target r
         spec = dataclasses.replace(spec, target_sparsity=float(sparsity))
     practical = _practical(mode)
     if practical is None:

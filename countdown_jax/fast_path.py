@@ -108,6 +108,13 @@ def pallas_choice(spec: SparseSpec, n_tokens: int) -> str | None:
     return None
 
 
+def _auto_kernel(spec: SparseSpec, n_tokens: int) -> str | None:
+    """What "auto" runs: the Pallas path's batch kernel, or None for masked."""
+    if not _fast() or spec.is_dense or (spec.method, spec.mode) not in SKIPS_WORK:
+        return None
+    return pallas_choice(spec, n_tokens)
+
+
 def resolve_implementation(spec: SparseSpec, n_tokens: int) -> str:
     """spec.implementation, or for "auto" the fastest exact one for ``n_tokens`` tokens
     per call (decode: the batch; prefill: batch x length)."""
@@ -115,9 +122,7 @@ def resolve_implementation(spec: SparseSpec, n_tokens: int) -> str:
     _check(impl, ACCEPTED_IMPLEMENTATIONS, "implementation")
     if impl != AUTO:
         return impl
-    if not _fast() or spec.is_dense or (spec.method, spec.mode) not in SKIPS_WORK:
-        return "masked"
-    return "masked" if pallas_choice(spec, n_tokens) is None else "pallas"
+    return "masked" if _auto_kernel(spec, n_tokens) is None else "pallas"
 
 
 def resolve_spec(spec: SparseSpec, n_tokens: int) -> SparseSpec:
@@ -125,11 +130,10 @@ def resolve_spec(spec: SparseSpec, n_tokens: int) -> SparseSpec:
     itself when its implementation is explicit)."""
     if spec.implementation != AUTO:
         return spec
-    impl = resolve_implementation(spec, n_tokens)
-    if impl != "pallas":
-        return dataclasses.replace(spec, implementation=impl)
-    return dataclasses.replace(spec, implementation=impl,
-                               batch_kernel=pallas_choice(spec, n_tokens))
+    kernel = _auto_kernel(spec, n_tokens)
+    if kernel is None:
+        return dataclasses.replace(spec, implementation="masked")
+    return dataclasses.replace(spec, implementation="pallas", batch_kernel=kernel)
 
 
 def resolve_attention(attention: str) -> str:

@@ -212,15 +212,8 @@ def limit_to_capacity(mask, q, capacity: int | None):
 
 
 def count_kept(mask):
-    """int32 [...]: how many of the last axis are True. Summed in two stages (blocks of
-    128, then the blocks) when m allows: a one-stage sum over m with a few decode rows
-    becomes a row reduction on a few GPU blocks (H200, batch 4: 6.9 us per layer, the
-    masked M path's only cost over dense; bench_decode.md S8-G)."""
-    m = mask.shape[-1]
-    if m % 128 or m == 128:
-        return jnp.sum(mask, axis=-1, dtype=jnp.int32)
-    part = jnp.sum(mask.reshape(mask.shape[:-1] + (m // 128, 128)), axis=-1, dtype=jnp.int32)
-    return jnp.sum(part, axis=-1, dtype=jnp.int32)
+    """int32 [...]: how many of the last axis are True (the kept count of each token)."""
+    return jnp.sum(mask, axis=-1, dtype=jnp.int32)
 
 
 def kept_fraction(count, m: int):

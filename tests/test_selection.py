@@ -200,8 +200,8 @@ def test_mask_to_indices_roundtrip_and_capacity_cut():
 
 @pytest.mark.parametrize("m", [100, 128, 256, 14336])
 def test_count_kept_equals_a_plain_sum(m):
-    """The two-stage count (m a multiple of 128 above 128) equals one sum over m: random,
-    all and none kept, leading axes kept."""
+    """The kept count equals one sum over m: random, all and none kept, leading axes
+    kept, m a multiple of 128 or not."""
     rng = np.random.default_rng(m)
     for mask in (rng.random((2, 3, m)) < 0.3, np.ones((2, 3, m), bool),
                  np.zeros((2, 3, m), bool)):
