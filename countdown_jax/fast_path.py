@@ -5,15 +5,20 @@ Three choices make decode fast on a GPU (experiments/results/bench_decode.md):
     layers          "unstacked" (``model.unstack_layers``: one buffer per layer weight; a
                     stacked layer costs the GPU a copy of its q/o weights every step)
     implementation  "pallas" for a rule whose kernels skip work (the fused kernel at one
-                    token; for a batch, where measured faster, by batch and the rule's
-                    target sparsity (``PALLAS_WHERE``), the index lists or the union
-                    read once, ``SparseSpec.batch_kernel``), "masked" otherwise
+                    token; for a batch, by batch and the rule's target sparsity
+                    (``PALLAS_WHERE``), the index lists or the union read once where
+                    measured faster than dense, else the dense FFN:
+                    ``SparseSpec.batch_kernel``), "masked" otherwise
     attention       "pallas" (the decode-attention kernel, one token per row)
     projections     "xla": the Pallas GEMV of the q/k/v/o projections
                     (``decode_projections``) stays opt-in, measured slower end to end
                     (H200, Llama-3.1-8B, batch 1: dense 0.65x, bench_decode.md S8-A)
 
-Every one is exact: the kept sets equal the masked reference's (no capacity is added).
+Every choice but one is exact: the kept sets equal the masked reference's (no capacity
+is added). The exception is a decode batch where the table says no sparse path beats
+dense: it runs dense, every neuron kept, and says so (kept 1.0, so the realised sparsity
+reads 0; ``path["batch_kernel"] == "dense"``). An explicit implementation keeps the rule
+exact at every batch.
 On CPU (and TPU, whose kernels are not tuned here) and under a multi-device mesh (XLA
 cannot partition the kernels) every choice resolves to the portable path: stacked,
 masked, xla. An explicit value is never changed; "auto" (the default of ``generate``,
@@ -26,6 +31,7 @@ import dataclasses
 
 import jax
 
+from countdown_jax import batch_union
 from countdown_jax.ffn import _FUSED_RULES
 from countdown_jax.policy import ACCEPTED_IMPLEMENTATIONS, AUTO, SparseSpec
 from countdown_jax.sharding import multi_device_mesh
@@ -49,9 +55,15 @@ SKIPS_WORK = frozenset(_FUSED_RULES) | {("dejavu", "predictor")}
 
 # Where "auto" runs the Pallas path rather than masked (the same kept set at dense cost),
 # and with which batch kernel, by tokens per call and the rule's target sparsity r:
-# (max tokens, min target r, batch kernel), the first entry that admits the call wins;
-# none: masked. One token: the fused kernel at any r. Measured on an H200 (Llama-3.1-8B
-# bf16, decode x dense of the same run; bench_decode.md, session 9):
+# (max tokens, min target r, batch kernel), the first entry that admits the call wins.
+# One token: the fused kernel at any r. A decode batch (2 to batch_union.MAX_TOKENS
+# tokens) that no entry admits runs dense (batch_kernel "dense") when its r is known:
+# there the union of the tokens' kept sets is most of m, so no sparse path reads fewer
+# bytes than dense, and masked reads dense's bytes plus the selection's. An unknown r
+# (``SparseSpec.target_sparsity`` None) admits only the entries with min r 0 and keeps a
+# batch exact (masked). An r between two measured points takes the lower one's choice.
+# Measured on an H200 (Llama-3.1-8B bf16, decode x dense of the same run;
+# bench_decode.md, session 9):
 #          batch 2                 batch 4                 batch 8
 #          r .9   r .7   r .5      r .9   r .7   r .5      r .9   r .7   r .5
 #   M lists 1.05  0.87  0.78      0.96  0.72  0.61      0.80  0.58  0.47
@@ -61,14 +73,12 @@ SKIPS_WORK = frozenset(_FUSED_RULES) | {("dejavu", "predictor")}
 #   D union 1.05  1.03  0.93      1.07  0.94  0.88      1.00  0.88  0.86
 #   D masked 0.91 0.91  0.84*     0.87  0.91  0.85*     0.85* 0.85* 0.85*
 # (* before D's predictor rounded h to bf16, which sped D up at batches; CATS reads what
-# M reads; Deja Vu's predictor path is D's, without the union kernel.) An r between two
-# measured points takes the lower one's choice; an unknown r (``SparseSpec.
-# target_sparsity`` None) admits only the entries with min r 0. A capacity cut (a
+# M reads; Deja Vu's predictor path is D's, without the union kernel.) A capacity cut (a
 # per-token top-k) ran batch 2 at r = 0.9 above masked (S8-H: M 0.98x, D 0.95x) and
 # batch 4 below it.
 PALLAS_WHERE = {
-    "m": ((1, 0.0, "lists"), (2, 0.9, "lists"), (2, 0.7, "union"), (8, 0.9, "union")),
-    "d": ((1, 0.0, "lists"), (2, 0.9, "lists"), (2, 0.5, "union"), (4, 0.7, "union"),
+    "m": ((1, 0.0, "lists"), (2, 0.9, "lists"), (4, 0.9, "union")),
+    "d": ((1, 0.0, "lists"), (2, 0.9, "lists"), (2, 0.7, "union"), (4, 0.9, "union"),
           (8, 0.9, "union")),
     "dejavu": ((1, 0.0, "lists"), (2, 0.7, "lists"), (4, 0.9, "lists")),
 }
@@ -94,8 +104,8 @@ def _check(value: str, allowed, what: str):
 
 def pallas_choice(spec: SparseSpec, n_tokens: int) -> str | None:
     """The batch kernel ("lists" / "union") of the first ``PALLAS_WHERE`` entry that
-    admits this rule, capacity, target sparsity and tokens per call; None: masked is
-    faster (or the batch was not measured)."""
+    admits this rule, capacity, target sparsity and tokens per call; None: no sparse
+    kernel was measured faster there (``_auto_kernel`` then picks dense or masked)."""
     table = _RULE_TABLE.get((spec.method, spec.mode))
     if table is None:                # batches of this rule not measured: one token only
         entries = ((1, 0.0, "lists"),)
@@ -109,10 +119,16 @@ def pallas_choice(spec: SparseSpec, n_tokens: int) -> str | None:
 
 
 def _auto_kernel(spec: SparseSpec, n_tokens: int) -> str | None:
-    """What "auto" runs: the Pallas path's batch kernel, or None for masked."""
+    """What "auto" runs: the Pallas path's batch kernel ("lists", "union", or "dense" for
+    a decode batch whose rule's r is known and no sparse kernel was measured faster
+    there), or None for masked."""
     if not _fast() or spec.is_dense or (spec.method, spec.mode) not in SKIPS_WORK:
         return None
-    return pallas_choice(spec, n_tokens)
+    kernel = pallas_choice(spec, n_tokens)
+    if (kernel is None and spec.target_sparsity is not None
+            and 1 < n_tokens <= batch_union.MAX_TOKENS):
+        return "dense"
+    return kernel
 
 
 def resolve_implementation(spec: SparseSpec, n_tokens: int) -> str:

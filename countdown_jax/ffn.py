@@ -34,8 +34,10 @@ Implementations (``spec.implementation``; "xla" and "pallas" are the kernels' vo
           same scores ``select`` compares (XLA's dense u / act(g) / z), so the kept
           set is the same. Decode batches of those rules (except the cascade) on the
           same terms with ``spec.batch_kernel="union"`` go to ``batch_union``: the rows
-          any token keeps read once. Elsewhere the index list as above (CPU: XLA, with
-          a warning).
+          any token keeps read once; with ``batch_kernel="dense"`` a decode batch
+          (any rule) runs the dense FFN, kept 1 (``fast_path`` picks it where no sparse
+          path beats dense). Elsewhere the index list as above (CPU: XLA, with a
+          warning).
 
 Under a mesh whose "model" axis splits the neurons, ``ffn`` hands its single-device body
 to ``ffn_parallel`` (the tensor parallel form); the body never looks at the mesh. The
@@ -45,6 +47,8 @@ cannot partition a kernel.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -112,8 +116,20 @@ def _one_device_ffn(mlp, x, *, act, spec, policy, sparse):
         if sparse.dtype != jnp.bool_ or sparse.shape != x.shape[:-1]:
             raise ValueError(f"sparse must be bool{list(x.shape[:-1])} (one flag per "
                              f"token), got {sparse.dtype}{list(sparse.shape)}")
+    if _dense_batch(spec, math.prod(x.shape[:-1])):
+        return _one_device_ffn(layer_weights(mlp), x, act=act, spec=DENSE, policy=None,
+                               sparse=None)
     run = _masked if spec.implementation == "masked" else _gathered
     return run(mlp, x, act, spec, policy, sparse)
+
+
+def _dense_batch(spec, n_tokens):
+    """batch_kernel "dense": a decode batch runs the dense FFN (every neuron kept, kept =
+    1). ``fast_path`` picks it where the union of the batch's kept sets is most of m: no
+    sparse path then reads fewer bytes than dense, and masked reads dense's plus the
+    selection's."""
+    return (spec.batch_kernel == "dense" and spec.implementation == "pallas"
+            and _FUSED_MAX_TOKENS < n_tokens <= batch_union.MAX_TOKENS)
 
 
 def _choose(spec, q, layer):

@@ -75,7 +75,7 @@ MODE_KEYS = {
 SCALAR_KEYS = ("sparsity", "threshold", "theta")
 
 
-BATCH_KERNELS = ("lists", "union")
+BATCH_KERNELS = ("lists", "union", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +105,10 @@ class SparseSpec:
     batch_kernel: how implementation="pallas" runs a decode batch (2 to 16 tokens, no
         capacity; M / CATS thresholds, D's predictor): "lists" (per-token index lists,
         ``kernels.sparse_ffn``) or "union" (the rows any token keeps read once,
-        ``batch_union``). Same masks either way; "auto" picks by measurement.
+        ``batch_union``), both the rule's exact masks; or "dense": the batch runs the
+        dense FFN (every neuron kept, reported as kept 1.0). "auto" picks by measurement
+        (``fast_path``): dense where the union of the batch's kept sets is most of m and
+        no sparse path beats dense.
     target_sparsity: the r the rule was set for (its thresholds / predictor were fit at
         r; ``api.sparsity_setup`` fills it). A static hint read only by
         implementation="auto" to pick a decode batch's path (``fast_path``); it changes

@@ -13,6 +13,7 @@ near the target; both sides report it). Both sides decode ``--steps`` tokens aft
 the compiled program (compile excluded, as ``generate_text`` reports it).
 
     PYTHONPATH=. python3 experiments/bench_auto_path.py --out DIR      # GPU, ~2 min
+    ... --batches 2,4,8 --sparsity 0.5,0.7,0.9 --best none     # the batch grid, x dense
     python -m experiments.bench_auto_path --tiny --out /tmp/auto       # CPU smoke run
 """
 
@@ -64,19 +65,33 @@ def user_path(model, spec, policy, batch, steps, prompt_len, repeats):
     return rate, outs[-1].realised_sparsity, outs[-1].path
 
 
-def best_path(params, cfg, spec, policy, batch, steps, prompt_len, repeats):
-    """bench_decode's best path: unstacked, Pallas attention, the faster of the Pallas FFN
-    (no capacity) and masked (a batch's index lists lose at some r): (tokens/s,
-    realised sparsity, FFN implementation)."""
-    impls = ("xla",) if spec.is_dense else ("pallas",) if batch == 1 else ("pallas", "masked")
+CANDIDATES = ("lists", "union", "masked", "dense")
+
+
+def best_path(params, cfg, spec, policy, batch, steps, prompt_len, repeats, candidates):
+    """bench_decode's best path: unstacked, Pallas attention, the fastest FFN of
+    ``candidates`` ("lists" / "union": the Pallas FFN with that batch kernel, "masked",
+    "dense": the dense FFN; one token: the Pallas FFN): (tokens/s, realised sparsity,
+    the winner's name)."""
+    if spec.is_dense:
+        candidates = ("dense",)
+    elif batch == 1:
+        candidates = ("lists",)
     best = None
-    for impl in impls:
-        fast = spec if spec.is_dense else dataclasses.replace(spec, implementation=impl)
+    for name in candidates:
+        if name == "dense":
+            fast = dataclasses.replace(spec, method="dense", mode="ideal",
+                                       implementation="xla")
+        elif name == "masked":
+            fast = dataclasses.replace(spec, implementation="masked")
+        else:
+            fast = dataclasses.replace(spec, implementation="pallas", batch_kernel=name)
         tps, realised, _, _, _ = time_decode(params, cfg, fast, policy, batch, steps,
                                              repeats, prompt_len, jax.random.PRNGKey(0),
                                              attention="pallas")
+        print(f"  best candidate {name}: {tps:.1f} tokens/s", flush=True)
         if best is None or tps > best[0]:
-            best = tps, realised, impl
+            best = tps, realised, name
     return best
 
 
@@ -84,13 +99,15 @@ def write(out: Path, name: str, rows):
     write_csv(out / f"{name}.csv", rows)
     lines = [f"User path (no flags) vs bench_decode's best path, {rows[0]['shape']}, "
              f"{rows[0]['device']}, bf16; target: user / best >= {TARGET}.", "",
+             "x dense: the user path's rate over the dense user path's at the same batch, "
+             "same run.", "",
              "| method | r | batch | user path (layers / FFN / attention) | user tokens/s | "
-             "best tokens/s (its FFN) | user / best | r realised user / best | within 10% | "
-             "note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "x dense | best tokens/s (its FFN) | user / best | r realised user / best | "
+             "within 10% | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['sparsity']} | {r['batch']} | {r['user_path']} | "
-                     f"{r['user_tokens_per_s']} | {r['best_tokens_per_s']} "
+                     f"{r['user_tokens_per_s']} | {r['x_dense']} | {r['best_tokens_per_s']} "
                      f"({r.get('best_ffn', '')}) | {r['ratio']} | "
                      f"{r['realised_user']} / {r['realised_best']} | {r['within_10pct']} | "
                      f"{r['note']} |")
@@ -104,7 +121,10 @@ def main(argv=None):
     ap.add_argument("--name", default=None,
                     help="output file stem (default bench_auto_path, tiny: bench_auto_path_tiny)")
     ap.add_argument("--methods", default="m_countdown,d_countdown,dense")
-    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--sparsity", default="0.9", help="target r, comma-separated")
+    ap.add_argument("--best", default="lists,masked",
+                    help=f"the best path's FFN candidates at batches, from {CANDIDATES}; "
+                         "'none': time the user path only")
     ap.add_argument("--batches", default="1")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
@@ -119,7 +139,11 @@ def main(argv=None):
     params = random_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
     predictor = random_predictor(jax.random.PRNGKey(1), cfg, min(args.rank, cfg.d_model))
     model = api.Model(params=params, cfg=cfg, path=Path("random"), tokenizer=None)
-    setups = _setups(params, cfg, predictor, args.sparsity)
+    best = () if args.best == "none" else tuple(args.best.split(","))
+    if set(best) - set(CANDIDATES):
+        raise SystemExit(f"--best: unknown candidates {sorted(set(best) - set(CANDIDATES))}")
+    sparsities = [float(r) for r in args.sparsity.split(",")]
+    setups = {r: _setups(params, cfg, predictor, r) for r in sparsities}
     # one unstacked copy, shared: the user path's (cached by decode_params) is the best's
     fast_params = decode_params(params, "unstacked")
     device = jax.devices()[0].device_kind
@@ -129,39 +153,47 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     print(f"setup {time.perf_counter() - t_start:.1f} s", flush=True)
-    for batch in (int(b) for b in args.batches.split(",")):
-        for method in args.methods.split(","):
-            if time.perf_counter() - t_start > args.budget_s:
-                print("budget spent: stop", flush=True)
-                break
-            mode, policy = setups[method]
-            r = 0.0 if method == "dense" else args.sparsity
-            spec = SparseSpec(method=method, mode=mode, implementation="auto",
-                              target_sparsity=None if method == "dense" else r)
-            row = dict(device=device, shape=shape, method=method, sparsity=r, batch=batch,
-                       user_path="", user_tokens_per_s=float("nan"),
-                       best_tokens_per_s=float("nan"), best_ffn="", ratio=float("nan"),
-                       realised_user=float("nan"), realised_best=float("nan"),
-                       within_10pct="", note="")
-            t0 = time.perf_counter()
-            try:
-                u_tps, u_real, path = user_path(model, spec, policy, batch, args.steps,
-                                                args.prompt_len, args.repeats)
-                row.update(user_path="/".join(path[k] for k in ("layers", "implementation",
-                                                                 "attention")),
-                           user_tokens_per_s=round(u_tps, 2), realised_user=round(u_real, 4))
-                b_tps, b_real, b_impl = best_path(fast_params, cfg, spec, policy, batch,
-                                                  args.steps, args.prompt_len, args.repeats)
+    settings = [(b, m, r) for b in (int(b) for b in args.batches.split(","))
+                for m in args.methods.split(",")
+                for r in ((0.0,) if m == "dense" else sparsities)]
+    dense_rate = {}
+    for batch, method, r in settings:
+        if time.perf_counter() - t_start > args.budget_s:
+            print("budget spent: stop", flush=True)
+            break
+        mode, policy = setups[sparsities[0] if method == "dense" else r][method]
+        spec = SparseSpec(method=method, mode=mode, implementation="auto",
+                          target_sparsity=None if method == "dense" else r)
+        row = dict(device=device, shape=shape, method=method, sparsity=r, batch=batch,
+                   user_path="", batch_kernel="", user_tokens_per_s=float("nan"),
+                   x_dense=float("nan"), best_tokens_per_s=float("nan"), best_ffn="",
+                   ratio=float("nan"), realised_user=float("nan"),
+                   realised_best=float("nan"), within_10pct="", note="")
+        t0 = time.perf_counter()
+        try:
+            u_tps, u_real, path = user_path(model, spec, policy, batch, args.steps,
+                                            args.prompt_len, args.repeats)
+            row.update(user_path="/".join(path[k] for k in ("layers", "implementation",
+                                                             "attention")),
+                       batch_kernel=path.get("batch_kernel", ""),
+                       user_tokens_per_s=round(u_tps, 2), realised_user=round(u_real, 4))
+            if method == "dense":
+                dense_rate[batch] = u_tps
+            if batch in dense_rate:
+                row["x_dense"] = round(u_tps / dense_rate[batch], 3)
+            if best:
+                b_tps, b_real, b_name = best_path(fast_params, cfg, spec, policy, batch,
+                                                  args.steps, args.prompt_len, args.repeats,
+                                                  best)
                 row.update(best_tokens_per_s=round(b_tps, 2), realised_best=round(b_real, 4),
-                           best_ffn=b_impl,
-                           ratio=round(u_tps / b_tps, 3),
+                           best_ffn=b_name, ratio=round(u_tps / b_tps, 3),
                            within_10pct="yes" if u_tps >= TARGET * b_tps else "NO")
-            except Exception as e:      # keep the other rows; say what failed
-                row["note"] = f"{type(e).__name__}: {str(e)[:200]}"
-            row["note"] = (row["note"] + f" ({time.perf_counter() - t0:.0f} s)").strip()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            write(out, name, rows)
+        except Exception as e:      # keep the other rows; say what failed
+            row["note"] = f"{type(e).__name__}: {str(e)[:200]}"
+        row["note"] = (row["note"] + f" ({time.perf_counter() - t0:.0f} s)").strip()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write(out, name, rows)
     if rows:
         print((out / f"{name}.md").read_text())
     return rows

@@ -397,19 +397,30 @@ def test_bench_kernels_union_plan(tmp_path):
 
 def test_bench_auto_path_tiny(tmp_path):
     """The user path (every choice "auto": the portable path on CPU) beside bench_decode's
-    best path, one row per rule with both rates and their ratio."""
+    best path, one row per rule, r and batch with both rates, their ratio and the user
+    path over dense of the same batch."""
     r = _run(EXP / "bench_auto_path.py", "--tiny", "--out", tmp_path, "--methods",
-             "m_countdown,dense", "--steps", 2, "--repeats", 1, "--prompt-len", 8,
-             "--name", "auto")
+             "dense,m_countdown", "--sparsity", "0.5,0.9", "--batches", "1,2", "--best",
+             "masked,dense", "--steps", 2, "--repeats", 1, "--prompt-len", 8,
+             "--name", "auto", "--budget-s", 600)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = _rows(tmp_path / "auto.csv")
-    assert [x["method"] for x in rows] == ["m_countdown", "dense"]
+    assert [(x["method"], float(x["sparsity"]), int(x["batch"])) for x in rows] == [
+        (m, s, b) for b in (1, 2) for m, s in (("dense", 0.0), ("m_countdown", 0.5),
+                                               ("m_countdown", 0.9))]
     for x in rows:
-        assert x["user_path"] == "stacked/masked/xla"
+        assert x["user_path"] == "stacked/masked/xla" and x["batch_kernel"] == ""
         assert float(x["user_tokens_per_s"]) > 0 and float(x["best_tokens_per_s"]) > 0
+        assert float(x["x_dense"]) > 0
         assert x["within_10pct"] in ("yes", "NO") and x["note"].startswith("(")
-    assert abs(float(rows[0]["realised_user"]) - 0.9) < 0.1
+        assert x["best_ffn"] in ("lists", "masked", "dense")
+    assert [x["best_ffn"] for x in rows if x["batch"] == "1"] == ["dense", "lists", "lists"]
+    assert float(rows[0]["x_dense"]) == 1.0
+    assert abs(float(rows[1]["realised_user"]) - 0.5) < 0.1
+    assert abs(float(rows[2]["realised_user"]) - 0.9) < 0.1
     assert (tmp_path / "auto.md").read_text().count("\n| ") == len(rows) + 1
+    r = _run(EXP / "bench_auto_path.py", "--tiny", "--out", tmp_path, "--best", "fast")
+    assert r.returncode != 0 and "unknown candidates ['fast']" in r.stderr
 
 
 def test_bench_spmd_plan_repeats_the_first_batch_per_layer_form():

@@ -50,8 +50,8 @@ def test_gpu_choices(fake_gpu):
     impl = fast_path.resolve_implementation
     assert impl(M_THR, 1) == "pallas"                       # fused kernel at one token
     # batches: the index lists or the union read once where measured faster than
-    # masked, by batch and the rule's target sparsity (H200, bench_decode.md S9); an
-    # unknown r: masked
+    # dense, by batch and the rule's target sparsity (H200, bench_decode.md); dense where
+    # none is; an unknown r: masked (exact)
     d_pred = SparseSpec("d_countdown", "predictor", "auto")
     cats = SparseSpec("cats", "threshold", "auto")
     at = lambda spec, r: dataclasses.replace(spec, target_sparsity=r)
@@ -61,26 +61,32 @@ def test_gpu_choices(fake_gpu):
         return got.batch_kernel if got.implementation == "pallas" else "masked"
     for spec in (M_THR, d_pred, cats):
         assert [impl(spec, n) for n in (1, 2, 4)] == ["pallas", "masked", "masked"]
-        assert [kernel(at(spec, 0.9), n) for n in (1, 2, 3, 4, 8, 9)] == \
-            ["lists", "lists", "union", "union", "union", "masked"]
+        b8 = "union" if spec is d_pred else "dense"
+        assert [kernel(at(spec, 0.9), n) for n in (1, 2, 3, 4, 8, 9, 16, 17)] == \
+            ["lists", "lists", "union", "union", b8, "dense", "dense", "masked"]
         assert kernel(at(spec, 0.5), 1) == "lists"                   # the fused kernel
         capped = dataclasses.replace(at(spec, 0.9), capacity=3)
-        assert [kernel(capped, n) for n in (1, 2, 3)] == ["lists", "lists", "masked"]
-        assert impl(dataclasses.replace(at(spec, 0.7), capacity=3), 2) == "masked"
-    assert [kernel(at(M_THR, r), 2) for r in (0.5, 0.7, 0.8)] == ["masked", "union", "union"]
-    assert [kernel(at(M_THR, r), 4) for r in (0.7, 0.89)] == ["masked", "masked"]
-    assert [kernel(at(d_pred, r), 2) for r in (0.4, 0.5, 0.7)] == ["masked", "union", "union"]
-    assert [kernel(at(d_pred, r), 4) for r in (0.5, 0.7)] == ["masked", "union"]
-    assert [kernel(at(d_pred, r), 8) for r in (0.7, 0.9)] == ["masked", "union"]
+        assert [kernel(capped, n) for n in (1, 2, 3)] == ["lists", "lists", "dense"]
+        assert kernel(dataclasses.replace(spec, capacity=3), 2) == "masked"   # r unknown
+    # below the table's entries a batch with a known r runs dense (no sparse path won)
+    assert [kernel(at(M_THR, r), 2) for r in (0.5, 0.7, 0.89, 0.9)] == \
+        ["dense", "dense", "dense", "lists"]
+    assert [kernel(at(M_THR, r), 4) for r in (0.7, 0.89)] == ["dense", "dense"]
+    assert [kernel(at(d_pred, r), 2) for r in (0.4, 0.5, 0.7)] == ["dense", "dense", "union"]
+    assert [kernel(at(d_pred, r), 4) for r in (0.5, 0.7)] == ["dense", "dense"]
+    assert [kernel(at(d_pred, r), 8) for r in (0.7, 0.9)] == ["dense", "union"]
     dejavu = SparseSpec("dejavu", "predictor", "auto")                # lists only
-    assert [kernel(at(dejavu, 0.9), n) for n in (2, 4, 8)] == ["lists", "lists", "masked"]
+    assert [kernel(at(dejavu, 0.9), n) for n in (2, 4, 8)] == ["lists", "lists", "dense"]
     explicit = SparseSpec("m_countdown", "threshold", "pallas", target_sparsity=0.9)
     assert fast_path.resolve_spec(explicit, 4).batch_kernel == "lists"  # explicit stays
     cascade = SparseSpec("d_countdown", "cascade", "auto")
     assert (impl(cascade, 1), impl(cascade, 2)) == ("pallas", "masked")   # not measured
+    assert kernel(at(cascade, 0.9), 2) == "dense"
     assert impl(SparseSpec("d_countdown", "predictor", "auto"), 1) == "pallas"
     assert impl(SparseSpec("dejavu", "predictor", "auto"), 1) == "pallas"
     assert impl(SparseSpec("d_countdown", "ideal", "auto"), 1) == "masked"  # needs dense s
+    assert kernel(SparseSpec("d_countdown", "ideal", "auto", target_sparsity=0.5), 4) == \
+        "masked"                                    # an oracle stays exact at any batch
     assert impl(SparseSpec(implementation="auto"), 1) == "masked"           # dense
     assert fast_path.resolve_attention("auto") == "pallas"
     assert fast_path.resolve_layers("auto") == "unstacked"
@@ -209,6 +215,37 @@ def test_auto_batches_equal_the_masked_reference(tiny, fake_gpu, pallas_interpre
     np.testing.assert_allclose(np.asarray(auto.realised_sparsity),
                                np.asarray(ref.realised_sparsity), atol=1e-6)
     assert 0.0 < float(np.mean(auto.realised_sparsity)) < 1.0
+    _CONVERTED.clear()
+
+
+def test_auto_runs_a_batch_dense_where_no_sparse_path_wins(tiny, fake_gpu,
+                                                          pallas_interpret):
+    """At r = 0.5 a batch of 4 (the union of their kept sets near all of m) runs the dense
+    FFN under "auto": dense generation's tokens, realised sparsity 0 (kept 1.0 is what
+    ran), and the path says "dense"; an unknown r or an explicit implementation keeps
+    the rule exact."""
+    params, cfg = tiny
+    pol = _threshold_policy(cfg)
+    prompt = jnp.asarray(np.arange(24).reshape(4, 6) * 7 % cfg.vocab_size, jnp.int32)
+    run = lambda spec, **kw: generate(params, cfg, prompt, jnp.full((4,), 6, jnp.int32),
+                                      jax.random.PRNGKey(0), pol, max_new_tokens=4,
+                                      spec=spec, **kw)
+    auto = run(dataclasses.replace(M_THR, target_sparsity=0.5))
+    dense = run(SparseSpec(), attention="xla", layers="stacked")
+    np.testing.assert_array_equal(np.asarray(auto.tokens), np.asarray(dense.tokens))
+    np.testing.assert_array_equal(np.asarray(auto.realised_sparsity), 0.0)
+    exact = run(M_THR)                                       # r unknown: masked
+    ref = run(dataclasses.replace(M_THR, implementation="masked"), attention="xla",
+              layers="stacked")
+    np.testing.assert_array_equal(np.asarray(exact.tokens), np.asarray(ref.tokens))
+    assert 0.0 < float(np.mean(exact.realised_sparsity)) < 1.0
+    tok = CharTokenizer()
+    tok.eos_token_id = None
+    model = api.Model(params=params, cfg=cfg, path=Path("/nonexistent"), tokenizer=tok)
+    out = api.generate_tokens(model, np.full((4, 4), 7, np.int32), np.full((4,), 4, np.int32),
+                              dataclasses.replace(M_THR, target_sparsity=0.5), pol,
+                              max_new_tokens=3)
+    assert out.path["batch_kernel"] == "dense" and out.realised_sparsity == 0.0
     _CONVERTED.clear()
 
 

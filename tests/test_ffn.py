@@ -414,6 +414,34 @@ def test_pallas_union_batches_equal_masked(pallas_interpret, method, mode):
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), rtol=1e-4, atol=1e-4)
 
 
+def test_dense_batch_kernel_runs_the_dense_ffn(pallas_interpret):
+    """batch_kernel="dense": a decode batch (2 to MAX_TOKENS tokens) gets the dense FFN
+    and kept 1 (the stack read at its layer); one token and a prefill keep the rule's
+    sparse paths (the fused kernel, the index lists)."""
+    from countdown_jax.batch_union import MAX_TOKENS
+    mlp, x, _ = _problem(5, tokens=(MAX_TOKENS + 1,))
+    stack = {k: jnp.asarray(np.stack([np.full_like(v, np.nan), v])) for k, v in mlp.items()}
+    mlp = jax.tree.map(jnp.asarray, mlp)
+    x = jnp.asarray(x)
+    spec = SparseSpec("m_countdown", "threshold", "pallas", batch_kernel="dense")
+    layer = _layer("threshold", 0.05)
+    run = lambda xs: ffn({**stack, "layer": jnp.int32(1)}, xs, act="silu", spec=spec,
+                         policy=layer)
+    y, kept = run(x[:4])
+    np.testing.assert_allclose(np.asarray(y), np.asarray(dense_ffn(mlp, x[:4], "silu")),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(kept), 1.0)
+    masked = SparseSpec("m_countdown", "threshold", "masked")
+    for xs in (x[:1], x):                       # one token, a prefill: the exact rule
+        y, kept = run(xs)
+        ym, km = ffn(mlp, xs, act="silu", spec=masked, policy=layer)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(ym), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(_counts(kept), _counts(km))
+        assert float(np.mean(np.asarray(kept))) < 1.0
+    with pytest.raises(ValueError, match="batch_kernel must be one of"):
+        SparseSpec("m_countdown", "threshold", "pallas", batch_kernel="dens")
+
+
 def test_union_batches_route_by_size_and_kernel(pallas_interpret):
     """batch_kernel="union" takes decode batches (2 to MAX_TOKENS tokens) to batch_union;
     one token keeps the fused kernel, a prefill (more than MAX_TOKENS), the cascade and a
