@@ -73,13 +73,14 @@ SKIPS_WORK = frozenset(_FUSED_RULES) | {("dejavu", "predictor")}
 #   D union 1.05  1.03  0.93      1.07  0.94  0.88      1.00  0.88  0.86
 #   D masked 0.91 0.91  0.84*     0.87  0.91  0.85*     0.85* 0.85* 0.85*
 # (* before D's predictor rounded h to bf16, which sped D up at batches; CATS reads what
-# M reads; Deja Vu's predictor path is D's, without the union kernel.) A capacity cut (a
+# M reads; Deja Vu's predictor path is D's, without the union kernel.) Session 10 through
+# the user path (bench_auto_batches.md): the union against dense at batch 8 r .9 M 0.97,
+# D 0.99, batch 2 r .7 M 0.99 (now dense); batch 4 r .9 M 1.00, D 1.05. A capacity cut (a
 # per-token top-k) ran batch 2 at r = 0.9 above masked (S8-H: M 0.98x, D 0.95x) and
 # batch 4 below it.
 PALLAS_WHERE = {
     "m": ((1, 0.0, "lists"), (2, 0.9, "lists"), (4, 0.9, "union")),
-    "d": ((1, 0.0, "lists"), (2, 0.9, "lists"), (2, 0.7, "union"), (4, 0.9, "union"),
-          (8, 0.9, "union")),
+    "d": ((1, 0.0, "lists"), (2, 0.9, "lists"), (2, 0.7, "union"), (4, 0.9, "union")),
     "dejavu": ((1, 0.0, "lists"), (2, 0.7, "lists"), (4, 0.9, "lists")),
 }
 PALLAS_WHERE_CAPPED = ((1, 0.0, "lists"), (2, 0.9, "lists"))

@@ -61,9 +61,8 @@ def test_gpu_choices(fake_gpu):
         return got.batch_kernel if got.implementation == "pallas" else "masked"
     for spec in (M_THR, d_pred, cats):
         assert [impl(spec, n) for n in (1, 2, 4)] == ["pallas", "masked", "masked"]
-        b8 = "union" if spec is d_pred else "dense"
-        assert [kernel(at(spec, 0.9), n) for n in (1, 2, 3, 4, 8, 9, 16, 17)] == \
-            ["lists", "lists", "union", "union", b8, "dense", "dense", "masked"]
+        assert [kernel(at(spec, 0.9), n) for n in (1, 2, 3, 4, 5, 8, 16, 17)] == \
+            ["lists", "lists", "union", "union", "dense", "dense", "dense", "masked"]
         assert kernel(at(spec, 0.5), 1) == "lists"                   # the fused kernel
         capped = dataclasses.replace(at(spec, 0.9), capacity=3)
         assert [kernel(capped, n) for n in (1, 2, 3)] == ["lists", "lists", "dense"]
@@ -74,7 +73,7 @@ def test_gpu_choices(fake_gpu):
     assert [kernel(at(M_THR, r), 4) for r in (0.7, 0.89)] == ["dense", "dense"]
     assert [kernel(at(d_pred, r), 2) for r in (0.4, 0.5, 0.7)] == ["dense", "dense", "union"]
     assert [kernel(at(d_pred, r), 4) for r in (0.5, 0.7)] == ["dense", "dense"]
-    assert [kernel(at(d_pred, r), 8) for r in (0.7, 0.9)] == ["dense", "union"]
+    assert [kernel(at(d_pred, r), 8) for r in (0.7, 0.9)] == ["dense", "dense"]
     dejavu = SparseSpec("dejavu", "predictor", "auto")                # lists only
     assert [kernel(at(dejavu, 0.9), n) for n in (2, 4, 8)] == ["lists", "lists", "dense"]
     explicit = SparseSpec("m_countdown", "threshold", "pallas", target_sparsity=0.9)
