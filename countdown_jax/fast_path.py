@@ -28,6 +28,7 @@ masked, xla. An explicit value is never changed; "auto" (the default of ``genera
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 
@@ -36,8 +37,8 @@ from countdown_jax.ffn import _FUSED_RULES
 from countdown_jax.policy import ACCEPTED_IMPLEMENTATIONS, AUTO, SparseSpec
 from countdown_jax.sharding import multi_device_mesh
 
-__all__ = ["ATTENTIONS", "AUTO", "LAYER_FORMS", "PALLAS_WHERE", "PALLAS_WHERE_CAPPED",
-           "PROJECTIONS", "SKIPS_WORK", "backend", "pallas_choice", "resolve_attention",
+__all__ = ["ATTENTIONS", "AUTO", "DenseBatchWarning", "LAYER_FORMS", "PALLAS_WHERE",
+           "PALLAS_WHERE_CAPPED", "PROJECTIONS", "SKIPS_WORK", "backend", "pallas_choice", "resolve_attention",
            "resolve_implementation", "resolve_layers", "resolve_projections",
            "resolve_spec"]
 
@@ -86,6 +87,10 @@ PALLAS_WHERE = {
 PALLAS_WHERE_CAPPED = ((1, 0.0, "lists"), (2, 0.9, "lists"))
 _RULE_TABLE = {("m_countdown", "threshold"): "m", ("cats", "threshold"): "m",
                ("d_countdown", "predictor"): "d", ("dejavu", "predictor"): "dejavu"}
+
+
+class DenseBatchWarning(UserWarning):
+    """"auto" ran a sparse rule's decode batch dense (``resolve_spec``)."""
 
 
 def backend() -> str:
@@ -150,6 +155,13 @@ def resolve_spec(spec: SparseSpec, n_tokens: int) -> SparseSpec:
     kernel = _auto_kernel(spec, n_tokens)
     if kernel is None:
         return dataclasses.replace(spec, implementation="masked")
+    if kernel == "dense":       # at trace time: once per compiled program
+        warnings.warn(
+            f"implementation='auto' runs this decode batch of {n_tokens} tokens dense: at "
+            f"r = {spec.target_sparsity} no sparse path was measured faster than dense "
+            "(fast_path.PALLAS_WHERE), so every neuron is kept and the realised sparsity "
+            "reads 0; pass implementation='pallas' or 'masked' to keep the rule exact",
+            DenseBatchWarning, stacklevel=2)
     return dataclasses.replace(spec, implementation="pallas", batch_kernel=kernel)
 
 

@@ -229,7 +229,8 @@ def test_auto_runs_a_batch_dense_where_no_sparse_path_wins(tiny, fake_gpu,
     run = lambda spec, **kw: generate(params, cfg, prompt, jnp.full((4,), 6, jnp.int32),
                                       jax.random.PRNGKey(0), pol, max_new_tokens=4,
                                       spec=spec, **kw)
-    auto = run(dataclasses.replace(M_THR, target_sparsity=0.5))
+    with pytest.warns(fast_path.DenseBatchWarning, match="batch of 4 tokens dense"):
+        auto = run(dataclasses.replace(M_THR, target_sparsity=0.5))
     dense = run(SparseSpec(), attention="xla", layers="stacked")
     np.testing.assert_array_equal(np.asarray(auto.tokens), np.asarray(dense.tokens))
     np.testing.assert_array_equal(np.asarray(auto.realised_sparsity), 0.0)
@@ -241,9 +242,11 @@ def test_auto_runs_a_batch_dense_where_no_sparse_path_wins(tiny, fake_gpu,
     tok = CharTokenizer()
     tok.eos_token_id = None
     model = api.Model(params=params, cfg=cfg, path=Path("/nonexistent"), tokenizer=tok)
-    out = api.generate_tokens(model, np.full((4, 4), 7, np.int32), np.full((4,), 4, np.int32),
-                              dataclasses.replace(M_THR, target_sparsity=0.5), pol,
-                              max_new_tokens=3)
+    with pytest.warns(fast_path.DenseBatchWarning):
+        out = api.generate_tokens(model, np.full((4, 4), 7, np.int32),
+                                  np.full((4,), 4, np.int32),
+                                  dataclasses.replace(M_THR, target_sparsity=0.5), pol,
+                                  max_new_tokens=3)
     assert out.path["batch_kernel"] == "dense" and out.realised_sparsity == 0.0
     _CONVERTED.clear()
 
