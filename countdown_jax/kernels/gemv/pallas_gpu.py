@@ -129,7 +129,9 @@ def _kernel(x_ref, w_ref, off_ref, *refs, B, d, n, steps, nblocks, transposed, s
         hi = (steps if steps * cfg.split_d == nblocks
               else jnp.minimum(steps, nblocks - first))
         if rows_ref is not None:                  # every position past count: no step
-            hi = jnp.where(j * bn < count, hi, 0)
+            # (a product, not jnp.where: its literal operands lower to i1 constants in
+            # the Triton lowering of jax 0.10, a zero trip count for every program)
+            hi = hi * (j * bn < count).astype(jnp.int32)
     row_mask = d % bd != 0
     brow = jnp.arange(_DOT_ROWS, dtype=jnp.int32)           # dot path: x's rows, padded
     defer = not cfg.dot and B <= cfg.defer
