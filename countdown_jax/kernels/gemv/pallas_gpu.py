@@ -124,13 +124,13 @@ def _kernel(x_ref, w_ref, off_ref, *refs, B, d, n, steps, nblocks, transposed, s
         hi = jnp.maximum(jnp.minimum(steps, nblk - first), 0)
     else:
         first = s * steps                                    # this split's first d block
-        # the last split may hold fewer blocks (a traced trip count: a while loop, which
-        # Triton does not pipeline); only the ragged last block is masked
+        # the last split may hold fewer blocks (a traced trip count, still lowered to
+        # scf.for: seen in the Triton IR); only the ragged last block is masked
         hi = (steps if steps * cfg.split_d == nblocks
               else jnp.minimum(steps, nblocks - first))
         if rows_ref is not None:                  # every position past count: no step
-            # (a product, not jnp.where: its literal operands lower to i1 constants in
-            # the Triton lowering of jax 0.10, a zero trip count for every program)
+            # (a product, not jnp.where: its literal operands lowered to i1 constants
+            # in jax 0.10's Triton IR, an invalid loop bound)
             hi = hi * (j * bn < count).astype(jnp.int32)
     row_mask = d % bd != 0
     brow = jnp.arange(_DOT_ROWS, dtype=jnp.int32)           # dot path: x's rows, padded
