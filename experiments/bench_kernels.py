@@ -57,7 +57,10 @@ def parse_args(argv=None):
     ap.add_argument("--xs-best", default="", help="xla-scores: json {method: label}, skips "
                     "the sweep")
     ap.add_argument("--methods", nargs="*", default=list(METHODS),
-                    help="xla-scores: all-r methods")
+                    help="xla-scores: all-r methods; union: the batch's methods")
+    ap.add_argument("--labels", nargs="*", default=[],
+                    help="union: only these columns (ffn_floor.UNION_STEPS labels, e.g. "
+                    "union compact compact-g64x128s8st3 masked); default all")
     return ap.parse_args(argv)
 
 

@@ -379,18 +379,31 @@ def test_bench_spmd_plan_repeats_the_fast_path_per_projection_path():
 
 def test_bench_kernels_union_plan(tmp_path):
     """--plan union at toy sizes (interpret mode): for a batch of 2, the union read once
-    with its tiles, the per-token lists and masked dense each pass their reference check
-    at every r, and the table of x dense with the union's share is written."""
+    (as a row predicate and as an index list, form="compact") with its tiles, the
+    per-token lists and masked dense each pass their reference check at every r, only the
+    --labels columns run, and the table of x dense with the union's share and the byte
+    floor is written."""
+    labels = ["union", "compact", "compact-d32x128s8st3", "lists", "masked"]
     r = _run(EXP / "bench_kernels.py", "--plan", "union", "--out", tmp_path, *TINY_RUN,
-             "--batches", 2, "--methods", "m", "d", "--budget-s", 400)
+             "--batches", 2, "--methods", "m", "d", "--budget-s", 400, "--labels", *labels)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = _rows(tmp_path / "bench_kernels.csv")
     batch = [x for x in rows if x["implementation"] == "batch-union" and x["us_per_call"]]
     assert batch and not any("FAILED" in x["note"] for x in rows)
-    assert {x["variant"] for x in batch} >= {"union", "lists", "masked"}
+    assert {x["variant"] for x in batch} == set(labels)
     assert {x["method"] for x in batch} == {"m", "d"}
     md = (tmp_path / "bench_kernels_union.md").read_text()
-    assert "| batch | method | r | union share | dense | union |" in md
+    assert ("| batch | method | r | union share | dense | floor | " + " | ".join(labels)
+            + " |") in md
+
+
+def test_union_labels_filter():
+    from experiments.bench.ffn_floor import UNION_STEPS, union_labels
+    assert union_labels(None) == list(UNION_STEPS)
+    assert union_labels(["masked", "compact"]) == ["compact", "masked"]    # table order
+    assert {"union", "compact", "lists", "masked"} <= set(UNION_STEPS)
+    with pytest.raises(ValueError, match=r"unknown \['compakt'\]"):
+        union_labels(["compakt"])
 
 
 # ----------------------------------------------------------------------------- auto path

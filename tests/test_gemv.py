@@ -3,7 +3,8 @@
 CPU: the Triton kernel in the Pallas interpreter, on ragged shapes (d = 200 and n = 333
 against every block size), batches 1 / 3 / 8 / 16, both weight layouts, split d (float32
 partials summed), the tensor-core dot, deferred reductions, and a stacked weight read in
-place at a traced layer whose other layers are NaN. GPU (marked ``gpu``): compiled.
+place at a traced layer whose other layers are NaN; rows not read (live / rows + count)
+are NaN too. GPU (marked ``gpu``): compiled.
 """
 
 from __future__ import annotations
@@ -106,6 +107,85 @@ def test_live_rows_count_as_zero_and_are_not_read(B, transposed, cfg, dtype, pal
         assert_close(ref, x, wl, transposed)                  # the "xla" path's live
     with pytest.raises(ValueError, match="live must be bool"):
         gemv(x, w[0], transposed=transposed, live=jnp.ones((rows + 1,), bool))
+
+
+ROWS_CASES = [   # B, transposed, config, dtype
+    (3, True, C(block_n=16, block_d=32, split_d=3), jnp.float32),
+    (5, True, C(block_n=32, block_d=64, dot=True, split_d=2), jnp.bfloat16),
+    (1, True, C(block_n=64, block_d=128), jnp.bfloat16),                 # deferred sum
+    (3, False, C(block_n=32, block_d=16, split_d=3), jnp.float32),
+    (8, False, C(block_n=16, block_d=32, dot=True, split_d=4), jnp.bfloat16),
+    (2, False, C(block_n=64, block_d=64), jnp.float32),                  # one split
+]
+
+
+@pytest.mark.parametrize("B,transposed,cfg,dtype", ROWS_CASES)
+def test_compact_rows_equal_the_gathered_reference(B, transposed, cfg, dtype,
+                                                   pallas_interpret):
+    """rows + count: W's rows rows[:count] only (every other row NaN: a read would show;
+    plain, x's compact columns past count NaN too); transposed, a compact [B, C] output,
+    0 past count. C = 150 ascending random rows of 333 (ragged against every tile), count
+    0, 61 and all; a stacked layer in place; the "xla" path the same."""
+    d, n, C = 200, 333, 150
+    x, w = make(50 + B, B, d, n, dtype, transposed, layers=2)
+    rows_w = n if transposed else d
+    rng = np.random.default_rng(51 + B)
+    rows = jnp.asarray(np.sort(rng.choice(rows_w, C, replace=False)).astype(np.int32))
+    if not transposed:
+        x = jnp.asarray(rng.standard_normal((B, C)), dtype)          # compact x
+    f = jax.jit(lambda x, w, r, c: gemv(x, w, layer=jnp.int32(1), transposed=transposed,
+                                        implementation="pallas", config=cfg, rows=r,
+                                        count=c, out_dtype=jnp.float32))
+    for count in (0, 61, C):
+        read = np.zeros(rows_w, bool)
+        read[np.asarray(rows[:count])] = True
+        poisoned = w.at[1].set(jnp.where(jnp.asarray(read)[:, None], w[1], jnp.nan))
+        xp = x if transposed else x.at[:, count:].set(jnp.nan)
+        y = f(xp, poisoned, rows, jnp.int32(count))
+        assert y.shape == (B, C if transposed else n)
+        # the reference: the same sums over the gathered rows, densely
+        wg = jnp.take(w[1], rows[:count], axis=0)
+        if transposed:
+            ref_w = jnp.zeros((C, d), dtype).at[:count].set(wg)
+            ref_x = x
+        else:
+            ref_w = jnp.zeros((C, n), dtype).at[:count].set(wg)
+            ref_x = x.at[:, count:].set(0)
+        if count == 0:
+            np.testing.assert_array_equal(np.asarray(y), 0.0)
+        else:
+            assert_close(y, ref_x, ref_w, transposed)
+        if transposed:           # exact zeros past count
+            np.testing.assert_array_equal(np.asarray(y[:, count:]), 0.0)
+        xla = gemv(xp, poisoned, layer=1, transposed=transposed, rows=rows, count=count,
+                   out_dtype=jnp.float32)
+        if count:
+            assert_close(xla, ref_x, ref_w, transposed)
+        else:
+            np.testing.assert_array_equal(np.asarray(xla), 0.0)
+    # count left out: all of rows
+    y_all = gemv(x, w[1], transposed=transposed, implementation="pallas", config=cfg,
+                 rows=rows, out_dtype=jnp.float32)
+    assert_close(y_all, x, jnp.take(w[1], rows, axis=0), transposed)
+
+
+def test_bad_rows_name_the_problem():
+    x, w = make(0, 2, 32, 24, jnp.float32)            # w [32, 24] plain
+    rows = jnp.arange(5, dtype=jnp.int32)
+    with pytest.raises(ValueError, match="rows must be int32"):
+        gemv(x, w, transposed=True, rows=rows.astype(jnp.int16))
+    with pytest.raises(ValueError, match="rows must be int32"):
+        gemv(x, w, transposed=True, rows=rows.reshape(1, 5))
+    with pytest.raises(ValueError, match="rows must be int32"):
+        gemv(x, w, transposed=True, rows=np.arange(5))
+    with pytest.raises(ValueError, match="count given without rows"):
+        gemv(x, w, count=3)
+    with pytest.raises(ValueError, match="live .* or rows .*not both"):
+        gemv(x, w, rows=rows, live=jnp.ones((32,), bool))
+    with pytest.raises(ValueError, match="count must be an integer scalar"):
+        gemv(x[:, :5], w, rows=rows, count=jnp.ones((2,), jnp.int32))
+    with pytest.raises(ValueError, match=r"x must be compact \[..., C\] with C = 5"):
+        gemv(x, w, rows=rows, count=3)                 # plain: x is the compact [B, 5]
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -227,3 +307,35 @@ def test_live_rows_compiled_on_gpu():
                                                    implementation="pallas", config=cfg,
                                                    out_dtype=jnp.float32))(x, poisoned, live)
                 assert_close(got, x, jnp.where(live[:, None], w, 0), transposed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+def test_compact_rows_compiled_on_gpu():
+    """Triton-compiled rows + count (rows not listed NaN), FMA and dot, a ragged and the
+    Llama-8B FFN shape, count 0, a half and all."""
+    rng = np.random.default_rng(41)
+    for (d, n), B, transposed in [((200, 333), 4, True), ((200, 333), 3, False),
+                                  ((4096, 14336), 8, True), ((14336, 4096), 8, False)]:
+        x, w = make(d + B, B, d, n, jnp.bfloat16, transposed)
+        rows_w = n if transposed else d
+        cap = rows_w // 2 + 1
+        rows = jnp.asarray(np.sort(rng.choice(rows_w, cap, replace=False)).astype(np.int32))
+        if not transposed:
+            x = jnp.asarray(rng.standard_normal((B, cap)), jnp.bfloat16)
+        for count in (0, cap // 2, cap):
+            read = jnp.zeros(rows_w, bool).at[rows[:count]].set(True)
+            poisoned = jnp.where(read[:, None], w, jnp.nan)
+            for cfg in (None, _dot(64, 128, 4), _dot(32, 128, 8)):
+                got = jax.jit(lambda x, w, c: gemv(x, w, transposed=transposed, rows=rows,
+                                                   count=c, implementation="pallas",
+                                                   config=cfg, out_dtype=jnp.float32))(
+                    x, poisoned, jnp.int32(count))
+                ref = gemv(x, w, transposed=transposed, rows=rows, count=count,
+                           out_dtype=jnp.float32)
+                np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-2,
+                                           atol=2e-2 * float(jnp.abs(ref).max() + 1e-6))
+
+
+def _dot(bn, bd, split):
+    return C(block_n=bn, block_d=bd, split_d=split, num_stages=3, dot=True)

@@ -10,9 +10,10 @@ Writes bench_kernels.csv (+ _stages.csv) and bench_kernels_floor.md into --out.
 
 union: decode batches (--batches) at r = 0.5, 0.7, 0.9 for --methods: XLA dense, the
 union read once by the GEMV with row predicates (``batch_union``) with its GEMV tiles
-(``UNION_TILES``: its defaults, then the gate / up side or the W_down side changed),
-per-token index lists and masked dense, each checked against the float32 reference, the
-union's realised share beside them; bench_kernels_union.md.
+(``UNION_TILES``: its defaults, then the gate / up side or the W_down side changed), the
+union as an index list (form="compact", ``COMPACT_TILES``), per-token index lists and
+masked dense, each checked against the float32 reference, the union's realised share and
+the byte floor beside them; bench_kernels_union.md. --labels: only those columns.
 """
 
 from __future__ import annotations
@@ -109,12 +110,37 @@ _DOWN = {"d64x128s4st3": _gemv(64, 128, 4, stages=3), "d64x64s16st3": _gemv(64, 
 UNION_TILES = {"union": (GATE_CONFIG, DOWN_CONFIG),
                **{f"union-{k}": (v, DOWN_CONFIG) for k, v in _GATE.items()},
                **{f"union-{k}": (GATE_CONFIG, v) for k, v in _DOWN.items()}}
+# The compact form (the union as an index list): the shipped tiles, then one side
+# changed. Gate / up: active programs = ceil(count / bn) x split (at batch 2, r = 0.9 the
+# union is ~2.7k rows: 43 x 4 with bn 64 - so smaller bn or split 8); W_down: its d / bn
+# column blocks x split, each over ceil(count / bd / split) blocks of rows.
+_COMPACT_GATE = {"g32x128s4st3": _gemv(32, 128, 4, stages=3),
+                 "g64x128s8st3": _gemv(64, 128, 8, stages=3),
+                 "g128x128s4st3": _gemv(128, 128, 4, stages=3)}
+_COMPACT_DOWN = {"d64x128s4st3": _gemv(64, 128, 4, stages=3),
+                 "d32x128s8st3": _gemv(32, 128, 8, stages=3)}
+COMPACT_TILES = {"compact": (GATE_CONFIG, DOWN_CONFIG),
+                 **{f"compact-{k}": (v, DOWN_CONFIG) for k, v in _COMPACT_GATE.items()},
+                 **{f"compact-{k}": (GATE_CONFIG, v) for k, v in _COMPACT_DOWN.items()}}
 # label -> (batch kind, GEMV tiles)
 UNION_STEPS = {**{k: ("union", v) for k, v in UNION_TILES.items()},
+               **{k: ("compact", v) for k, v in COMPACT_TILES.items()},
                "lists": ("lists", None), "masked": ("masked", None)}
 
 
+def union_labels(wanted=None):
+    """The UNION_STEPS labels to time, in table order (None / empty: all); an unknown
+    label is a ValueError listing the known ones."""
+    if not wanted:
+        return list(UNION_STEPS)
+    bad = [w for w in wanted if w not in UNION_STEPS]
+    if bad:
+        raise ValueError(f"--labels: unknown {bad}; known: {' '.join(UNION_STEPS)}")
+    return [k for k in UNION_STEPS if k in wanted]
+
+
 def union(R: Runner, best=None):
+    labels = union_labels(getattr(R.args, "labels", None))
     R.add_ceilings()
     read_bw = float(next(r["gb_per_s"] for r in R.rows if r["method"] == "hbm-read"))
     for batch in R.args.batches:
@@ -124,36 +150,41 @@ def union(R: Runner, best=None):
         p = R.problem(LLAMA, jnp.bfloat16, batch)
         R.baseline(p)
         for method in [m for m in ("m", "d", "cats") if m in R.args.methods]:
-            for label, (kind, tiles) in UNION_STEPS.items():
+            for label in labels:
                 if R.left() < 25:
                     break
+                kind, tiles = UNION_STEPS[label]
                 R.time_variant(p, method, "batch-union", label,
                                batch_step(p, method, kind, tiles),
                                BATCH_RATIOS if label != "masked" else (0.9,))
         del p
-        write_union_markdown(R, read_bw)
+        write_union_markdown(R, read_bw, labels)
 
 
-def write_union_markdown(R: Runner, read_bw: float):
+def write_union_markdown(R: Runner, read_bw: float, labels=None):
     """bench_kernels_union.md: per batch, method and r, each branch's us and x dense."""
     rows = [r for r in R.rows if r["us_per_call"]]
     dense = {r["batch"]: float(r["us_per_call"]) for r in rows if r["method"] == "dense"}
-    labels = list(UNION_STEPS)
+    labels = labels or list(UNION_STEPS)
     L = ["# Decode batches: the union read once by the GEMV (bench_kernels.py --plan union)",
          "", f"Card: {R.device}; HBM read ceiling {read_bw:.0f} GB/s (same run). us per FFN "
          "call (Llama-3.1-8B bf16, incl. the timing loop's cost), x = XLA dense / time; "
-         "union share = the realised fraction of m kept by any token; rows failing the "
-         "reference check say FAILED.", "",
-         "| batch | method | r | union share | dense | " + " | ".join(labels) + " |",
-         "|---|---|---|---|---|" + "---|" * len(labels)]
+         "union share = the realised fraction of m kept by any token; floor = the bytes "
+         "the method must read with that union / the read ceiling; `union*` = the union "
+         "as a row predicate, `compact*` = as an index list; rows failing the reference "
+         "check say FAILED.", "",
+         "| batch | method | r | union share | dense | floor | " + " | ".join(labels) + " |",
+         "|---|---|---|---|---|---|" + "---|" * len(labels)]
     by = collections.defaultdict(dict)
-    share = {}
+    share, floor_us = {}, {}
     for r in rows:
         if r["implementation"] == "batch-union":
             key = (r["batch"], r["method"], r["sparsity"])
             by[key][r["variant"]] = float(r["us_per_call"]), "FAILED" in r["note"]
             if r["variant"] != "lists":
                 share[key] = r["kept_frac"]
+                if r["bytes_needed"]:
+                    floor_us[key] = float(r["bytes_needed"]) / read_bw / 1e3
     for (b, method, sp), v in sorted(by.items()):
         base = dense.get(b)
         cells = []
@@ -165,8 +196,10 @@ def write_union_markdown(R: Runner, read_bw: float):
             cells.append("-" if t is None else
                          f"{t[0]:.1f} ({base / t[0]:.2f}x){' FAILED' if t[1] else ''}"
                          if base else f"{t[0]:.1f}")
+        fl = floor_us.get((b, method, sp))
         L.append(f"| {b} | {method} | {sp} | {share.get((b, method, sp), '-')} | "
-                 f"{'-' if base is None else f'{base:.1f}'} | " + " | ".join(cells) + " |")
+                 f"{'-' if base is None else f'{base:.1f}'} | "
+                 f"{'-' if fl is None else f'{fl:.1f}'} | " + " | ".join(cells) + " |")
     path = os.path.join(R.args.out, "bench_kernels_union.md")
     with open(path, "w") as fh:
         fh.write("\n".join(L) + "\n")

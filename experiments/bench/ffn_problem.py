@@ -128,13 +128,14 @@ def sparse_step(p: Problem, method, impl, config=None, capacity=None):
     return f
 
 
-BATCH_KERNELS = ("union", "lists", "masked")
+BATCH_KERNELS = ("union", "compact", "lists", "masked")
 
 
 def batch_step(p: Problem, method, kind, configs=None):
     """A decode batch the model's ways (XLA's scores and the rule's mask first): "union"
-    (``batch_union.union_ffn``, GEMV tiles ``configs``), "lists" (per-token index lists,
-    ``sparse_ffn``) or "masked" (the dense FFN with the mask applied to s)."""
+    (``batch_union.union_ffn``, the union as a row predicate, GEMV tiles ``configs``),
+    "compact" (the same, the union as an index list: form="compact"), "lists" (per-token
+    index lists, ``sparse_ffn``) or "masked" (the dense FFN with the mask applied to s)."""
     if kind not in BATCH_KERNELS:
         raise ValueError(f"batch kind must be one of {BATCH_KERNELS}, got {kind!r}")
     dense = {"m": "up", "cats": "gate", "d": None}[method]
@@ -145,9 +146,10 @@ def batch_step(p: Problem, method, kind, configs=None):
         mask = q > tau
         count = jnp.sum(mask, axis=-1, dtype=jnp.int32)
         stack = {"gate": wg, "up": wu, "down": wd}
-        if kind == "union":
+        if kind in ("union", "compact"):
             y = union_ffn(stack, x, mask, act=p.act, dense=dense, coef=coef,
-                          configs=configs, interpret=p.interpret)
+                          configs=configs, interpret=p.interpret,
+                          form="live" if kind == "union" else "compact")
         elif kind == "lists":
             idx, cnt = index_list(mask, p.m)
             y = sparse_ffn(x, wg, wu, wd, idx, cnt, act=p.act, dense=dense, coef=coef,

@@ -26,6 +26,15 @@ elementwise and reduced across the tile once, after the loop.
 bytes) and count as zero: a decode batch's union of kept neurons read once, the gate / up
 rows as output columns of W [m, d] (transposed) and the W_down rows as inputs of
 W [m, d] (plain) (``batch_union``).
+
+``rows`` [R] + ``count`` (optional, instead of ``live``): the same union as an index list,
+so that no program walks rows that are not read. A random half of m live leaves almost
+every tile with some live row, and then every program runs the whole loop on partly
+masked loads; compact, the work is the union's. Transposed: the output is compact,
+out[:, j] = x . W[rows[j]] for j < count (0 past it); a program owns block_n positions,
+gathers their rows of W (each contiguous along d) and, past count, runs no loop step.
+Plain: x is compact [B, R], y = sum_{j < count} x[:, j] W[rows[j]]; the loop walks
+blocks of block_d positions, ceil(count / block_d) of them split over split_d programs.
 """
 
 from __future__ import annotations
@@ -82,9 +91,12 @@ def _all(masks):
     return functools.reduce(jnp.logical_and, masks) if masks else None
 
 
-def _kernel(x_ref, w_ref, off_ref, *refs, B, d, n, steps, nblocks, transposed,
+def _kernel(x_ref, w_ref, off_ref, *refs, B, d, n, steps, nblocks, transposed, sel,
             cfg: GemvConfig):
-    live_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
+    """sel: None, "live" (refs: live, out) or "rows" (refs: rows, count, out)."""
+    o_ref = refs[-1]
+    live_ref = refs[0] if sel == "live" else None
+    rows_ref, count = (refs[0], refs[1][0]) if sel == "rows" else (None, None)
     # Triton: every tensor dimension a power of two, no slicing of loaded values - so x
     # is loaded row by row (FMA path) or as one [16, bd] tile (dot path), never sliced.
     def masked_load(ref, idx, mask, shape):
@@ -97,14 +109,29 @@ def _kernel(x_ref, w_ref, off_ref, *refs, B, d, n, steps, nblocks, transposed,
     cols = j * bn + jnp.arange(bn, dtype=jnp.int32)         # output columns
     col_ok = cols < n if n % bn else None                  # stores: every column
     col_rd = col_ok                                          # loads: the live ones
+    wcols = cols                                             # transposed: their rows of W
     if live_ref is not None and transposed:       # W's rows are the output columns
         col_live = masked_load(live_ref, cols, col_ok, (bn,)) != 0
         col_rd = col_live if col_ok is None else col_ok & col_live
+    if rows_ref is not None and transposed:       # compact output columns: rows gathered
+        col_rd = cols < count
+        wcols = masked_load(rows_ref, cols, col_rd, (bn,))
     off = off_ref[0]
-    first = s * steps                                        # this split's first d block
-    # the last split may hold fewer blocks (a traced trip count: a while loop, which
-    # Triton does not pipeline); only the ragged last block is masked
-    hi = steps if steps * cfg.split_d == nblocks else jnp.minimum(steps, nblocks - first)
+    if rows_ref is not None and not transposed:   # compact inputs: the blocks below count
+        nblk = jax.lax.div(count + bd - 1, bd)
+        steps = jax.lax.div(nblk + cfg.split_d - 1, cfg.split_d)
+        first = s * steps
+        hi = jnp.maximum(jnp.minimum(steps, nblk - first), 0)
+    else:
+        first = s * steps                                    # this split's first d block
+        # the last split may hold fewer blocks (a traced trip count, still lowered to
+        # scf.for: seen in the Triton IR); only the ragged last block is masked
+        hi = (steps if steps * cfg.split_d == nblocks
+              else jnp.minimum(steps, nblocks - first))
+        if rows_ref is not None:                  # every position past count: no step
+            # (a product, not jnp.where: its literal operands lowered to i1 constants
+            # in jax 0.10's Triton IR, an invalid loop bound)
+            hi = hi * (j * bn < count).astype(jnp.int32)
     row_mask = d % bd != 0
     brow = jnp.arange(_DOT_ROWS, dtype=jnp.int32)           # dot path: x's rows, padded
     defer = not cfg.dot and B <= cfg.defer
@@ -112,17 +139,22 @@ def _kernel(x_ref, w_ref, off_ref, *refs, B, d, n, steps, nblocks, transposed,
     lead = () if cfg.split_d == 1 else (s,)                 # split: its partials' slot
 
     def body(k, acc):
-        r = (first + k) * bd + jnp.arange(bd, dtype=jnp.int32)     # this d block
+        r = (first + k) * bd + jnp.arange(bd, dtype=jnp.int32)     # this d block (compact
+        # inputs: these positions of x and of rows)
         r_ok = r < d if row_mask else None
+        wr = r                                                  # plain: their rows of W
         if live_ref is not None and not transposed:   # W's rows are the inputs
             r_live = masked_load(live_ref, r, r_ok, (bd,)) != 0
             r_ok = r_live if r_ok is None else r_ok & r_live
+        if rows_ref is not None and not transposed:   # compact inputs: rows gathered
+            r_ok = r < count
+            wr = masked_load(rows_ref, r, r_ok, (bd,))
         if transposed:
-            idx = (off + cols[:, None], r[None, :])
+            idx = (off + wcols[:, None], r[None, :])
             masks = (None if col_rd is None else col_rd[:, None],
                      None if r_ok is None else r_ok[None, :])
         else:
-            idx = (off + r[:, None], cols[None, :])
+            idx = (off + wr[:, None], cols[None, :])
             masks = (None if r_ok is None else r_ok[:, None],
                      None if col_rd is None else col_rd[None, :])
         w = masked_load(w_ref, idx, _all(masks), wshape)
@@ -158,30 +190,36 @@ def _kernel(x_ref, w_ref, off_ref, *refs, B, d, n, steps, nblocks, transposed,
 
 def gemv_pallas_gpu(x, w, *, d: int, n: int, offset=0, transposed: bool = False,
                     out_dtype=None, config: GemvConfig | None = None,
-                    interpret: bool = False, live=None):
+                    interpret: bool = False, live=None, rows=None, count=None):
     """x [B, d] (B <= MAX_ROWS); w [R, n] whose rows offset..offset+d are W [d, n], or,
     ``transposed``, [R, d] whose rows offset..offset+n are W [n, d]. Returns [B, n] in
     ``out_dtype`` (default x.dtype); live: None or [n] (transposed) / [d] (plain) of
-    W's rows, nonzero = read (module docstring). Checks are the api's (``api.gemv``)."""
+    W's rows, nonzero = read; or rows int32 [C] + count int32 [] (0 <= count <= C), with
+    n = C (transposed: compact output) or d = C (plain: compact x) (module docstring).
+    Checks are the api's (``api.gemv``)."""
     cfg = config or DEFAULT_CONFIG
     if cfg.dot and x.dtype == jnp.float32:
         raise ValueError("gemv: GemvConfig.dot is for bfloat16 / float16 (Triton's float32 "
                          "dot rounds to TF32); use dot=False for float32")
     B = x.shape[0]
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    nblocks = -(-d // cfg.block_d)
+    nblocks = -(-d // cfg.block_d)              # compact x: the most blocks count allows
     steps = -(-nblocks // min(cfg.split_d, nblocks))
     split = -(-nblocks // steps)                # no split without a block of its own
     cfg = dataclasses.replace(cfg, split_d=split)
+    sel, extra = None, ()
+    if live is not None:
+        sel, extra = "live", (live.astype(jnp.int32),)
+    elif rows is not None:
+        sel, extra = "rows", (rows, jnp.reshape(count, (1,)).astype(jnp.int32))
     kern = functools.partial(_kernel, B=B, d=d, n=n, steps=steps, nblocks=nblocks,
-                             transposed=transposed, cfg=cfg)
+                             transposed=transposed, sel=sel, cfg=cfg)
     shape = (B, n) if split == 1 else (split, B, n)
     out = pl.pallas_call(
         kern, grid=(-(-n // cfg.block_n), split), interpret=interpret,
         out_shape=jax.ShapeDtypeStruct(shape, out_dtype if split == 1 else jnp.float32),
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps,
                                            num_stages=cfg.num_stages),
-        name=("gemv_t" if transposed else "gemv") + ("_live" if live is not None else ""),
-    )(x, w, jnp.reshape(jnp.asarray(offset, jnp.int32), (1,)),
-      *(() if live is None else (live.astype(jnp.int32),)))
+        name=("gemv_t" if transposed else "gemv") + (f"_{sel}" if sel else ""),
+    )(x, w, jnp.reshape(jnp.asarray(offset, jnp.int32), (1,)), *extra)
     return out if split == 1 else jnp.sum(out, axis=0).astype(out_dtype)
