@@ -170,10 +170,10 @@ def _fused_method(spec, n_tokens):
 
 
 def _batched(spec, n_tokens):
-    """Whether a batch runs ``batch_union`` (spec.batch_kernel "union"; the fused kernel's
-    rules bar the cascade, on the same terms as ``_fused_method``, for 2 to
+    """Whether a batch runs ``batch_union`` (spec.batch_kernel "union" / "compact"; the
+    fused kernel's rules bar the cascade, on the same terms as ``_fused_method``, for 2 to
     ``batch_union.MAX_TOKENS`` tokens: decode batches; a prefill keeps the lists)."""
-    return (spec.batch_kernel == "union"
+    return (spec.batch_kernel in ("union", "compact")
             and _FUSED_MAX_TOKENS < n_tokens <= batch_union.MAX_TOKENS
             and _FUSED_RULES.get((spec.method, spec.mode)) in
             ("m", "cats", "d") and spec.implementation == "pallas" and spec.capacity is None
@@ -214,7 +214,8 @@ def _gathered(stack, x, act, spec, layer, sparse):
         dropped = jnp.zeros(count.shape, jnp.int32)      # no capacity: nothing cut
     elif _batched(spec, xs.shape[0]):
         _, mask = _choose(spec, q, layer)                # no capacity: mask = rule
-        y = batch_union.union_ffn(stack, xs, mask, act=act, dense=dense, coef=coef)
+        y = batch_union.union_ffn(stack, xs, mask, act=act, dense=dense, coef=coef,
+                                  form="compact" if spec.batch_kernel == "compact" else "live")
         count = count_kept(mask)
         dropped = jnp.zeros(count.shape, jnp.int32)
     else:

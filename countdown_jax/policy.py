@@ -75,7 +75,7 @@ MODE_KEYS = {
 SCALAR_KEYS = ("sparsity", "threshold", "theta")
 
 
-BATCH_KERNELS = ("lists", "union", "dense")
+BATCH_KERNELS = ("lists", "union", "compact", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,11 +104,11 @@ class SparseSpec:
         (masks equal one device's). Ignored without a "model" mesh axis.
     batch_kernel: how implementation="pallas" runs a decode batch (2 to 16 tokens, no
         capacity; M / CATS thresholds, D's predictor): "lists" (per-token index lists,
-        ``kernels.sparse_ffn``) or "union" (the rows any token keeps read once,
-        ``batch_union``), both the rule's exact masks; or "dense": the batch runs the
-        dense FFN (every neuron kept, reported as kept 1.0). "auto" picks by measurement
-        (``fast_path``): dense where the union of the batch's kept sets is most of m and
-        no sparse path beats dense.
+        ``kernels.sparse_ffn``) or "union" / "compact" (the rows any token keeps read
+        once, ``batch_union``, as a row predicate / an index list), all the rule's exact
+        masks; or "dense": the batch runs the dense FFN (every neuron kept, reported as
+        kept 1.0). "auto" picks by measurement (``fast_path``): dense where no sparse
+        path beats dense.
     target_sparsity: the r the rule was set for (its thresholds / predictor were fit at
         r; ``api.sparsity_setup`` fills it). A static hint read only by
         implementation="auto" to pick a decode batch's path (``fast_path``); it changes

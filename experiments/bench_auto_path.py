@@ -65,12 +65,12 @@ def user_path(model, spec, policy, batch, steps, prompt_len, repeats):
     return rate, outs[-1].realised_sparsity, outs[-1].path
 
 
-CANDIDATES = ("lists", "union", "masked", "dense")
+CANDIDATES = ("lists", "union", "compact", "masked", "dense")
 
 
 def best_path(params, cfg, spec, policy, batch, steps, prompt_len, repeats, candidates):
     """bench_decode's best path: unstacked, Pallas attention, the fastest FFN of
-    ``candidates`` ("lists" / "union": the Pallas FFN with that batch kernel, "masked",
+    ``candidates`` ("lists" / "union" / "compact": the Pallas FFN with that batch kernel, "masked",
     "dense": the dense FFN; one token: the Pallas FFN): (tokens/s, realised sparsity,
     the winner's name)."""
     if spec.is_dense:

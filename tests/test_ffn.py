@@ -373,8 +373,8 @@ def test_pallas_routes_only_single_tokens_to_fused(pallas_interpret):
 @pytest.mark.parametrize("method,mode", [("m_countdown", "threshold"), ("cats", "threshold"),
                                          ("d_countdown", "predictor")])
 def test_pallas_union_batches_equal_masked(pallas_interpret, method, mode):
-    """batch_kernel="union" (interpret mode, as on a GPU): a decode batch reads the rows
-    any token keeps once (``batch_union``: the GEMV with row predicates) and gives the
+    """batch_kernel="union" / "compact" (interpret mode, as on a GPU): a decode batch reads
+    the rows any token keeps once (``batch_union``: the GEMV with row predicates) and gives the
     masked path's y and counts; the stack is read in place (the other layer NaN);
     thresholds keep half, all, or none of the neurons. Explicit (ragged) GEMV tiles
     against the float32 per-token masked FFN."""
@@ -384,7 +384,7 @@ def test_pallas_union_batches_equal_masked(pallas_interpret, method, mode):
     stack = {k: jnp.asarray(np.stack([np.full_like(v, np.nan), v])) for k, v in mlp.items()}
     mlp = jax.tree.map(jnp.asarray, mlp)
     spec_m = SparseSpec(method, mode, "masked")
-    spec_p = SparseSpec(method, mode, "pallas", batch_kernel="union")
+    specs_p = [SparseSpec(method, mode, "pallas", batch_kernel=k) for k in ("union", "compact")]
     stored = {"Vt": pred["V"].T, "U": pred["U"]}
     q = sel.spec_quantity(spec_m, mlp, x, "silu", {"predictor": stored})
     qs = np.sort(np.asarray(q).ravel())
@@ -393,13 +393,14 @@ def test_pallas_union_batches_equal_masked(pallas_interpret, method, mode):
                                            return_dropped=True), static_argnums=2)
     for cut in cuts:
         layer = _layer(mode, float(cut), pred if mode == "predictor" else None)
-        y, kept, dropped = run({**stack, "layer": jnp.int32(1)}, layer, spec_p)
         ym, km, _ = run(mlp, layer, spec_m)
-        assert np.isfinite(np.asarray(y)).all(), cut
-        np.testing.assert_array_equal(_counts(kept), _counts(km))
-        np.testing.assert_array_equal(np.asarray(dropped), 0)
-        np.testing.assert_allclose(np.asarray(y), np.asarray(ym), rtol=1e-5, atol=1e-5,
-                                   err_msg=f"{cut}")
+        for spec_p in specs_p:
+            y, kept, dropped = run({**stack, "layer": jnp.int32(1)}, layer, spec_p)
+            assert np.isfinite(np.asarray(y)).all(), cut
+            np.testing.assert_array_equal(_counts(kept), _counts(km))
+            np.testing.assert_array_equal(np.asarray(dropped), 0)
+            np.testing.assert_allclose(np.asarray(y), np.asarray(ym), rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{spec_p.batch_kernel} {cut}")
     hi = jax.lax.Precision.HIGHEST
     g = jnp.einsum("nd,md->nm", x, mlp["gate"], precision=hi)
     u = jnp.einsum("nd,md->nm", x, mlp["up"], precision=hi)
@@ -452,6 +453,8 @@ def test_union_batches_route_by_size_and_kernel(pallas_interpret):
     spec = SparseSpec("m_countdown", "threshold", "pallas", batch_kernel="union")
     assert not ffn_mod._batched(SparseSpec("m_countdown", "threshold", "pallas"), 4)
     assert not ffn_mod._batched(spec, 1) and ffn_mod._batched(spec, 2)
+    assert ffn_mod._batched(SparseSpec("m_countdown", "threshold", "pallas",
+                                       batch_kernel="compact"), 2)
     assert ffn_mod._batched(spec, MAX_TOKENS) and not ffn_mod._batched(spec, MAX_TOKENS + 1)
     assert not ffn_mod._batched(SparseSpec("d_countdown", "cascade", "pallas",
                                            batch_kernel="union"), 4)
