@@ -9,18 +9,20 @@ kept set, then W_down's rows as inputs of W [m, d]. Rows no token keeps move no 
 (predicated loads), so the bytes are the union's. The result is the masked reference's
 (``ffn._masked``) up to float rounding: a row a token did not keep gets s = 0.
 
-Measured on an H200 (Llama-3.1-8B bf16, bench_decode.md S9-E, decode x dense): batch 4,
-r = 0.9: M 1.03x, D 1.07x (index lists 0.96x / 1.05x); batch 8, r = 0.9: M 0.99x, D 1.00x
-(lists 0.80x / 0.79x, masked 0.95x / 0.85x). Near a union of all m (r <= 0.7 at batch 8)
-it reads what dense reads at the GEMV's speed, below XLA's GEMM: masked wins there.
-``fast_path.PALLAS_WHERE`` says where "auto" takes it.
+``form``: "live" (``batch_kernel="union"``) passes the union as a row predicate: a
+random half of m live leaves nearly every 64-row tile with a live row, so every GEMV
+program walks all of d on partly masked loads (dense instruction stream, scattered
+bytes). "compact" (``batch_kernel="compact"``) passes it as an index list
+(``selection.mask_to_indices``): the gate / up GEMV writes only the union's columns
+[N, C] (programs past the union's count run no loop step), s is formed on those columns,
+and W_down's GEMV walks only ceil(count / block_d) blocks of its rows.
 
-``form``: "live" (the shipped form) passes the union as a row predicate: a random half of
-m live leaves nearly every 64-row tile with a live row, so every GEMV program walks all
-of d on partly masked loads (dense instruction stream, scattered bytes). "compact" passes
-it as an index list (``selection.mask_to_indices``): the gate / up GEMV writes only the
-union's columns [N, C] (programs past the union's count run no loop step), s is formed
-on those columns, and W_down's GEMV walks only ceil(count / block_d) blocks of its rows.
+Measured on an H200 (Llama-3.1-8B bf16, decode x dense of the same job,
+results/bench_auto_batches.md S10-D): at r = 0.9 the compact form wins where the union
+is small (D batch 4: 1.13x, the predicate 1.07x; M batch 2: 1.09x), the predicate from
+there up (M batch 4: 1.02x); from ~55% of m (batch 8 r 0.9, r <= 0.7) both lose to
+dense (0.86-0.99x: the GEMV runs below XLA's GEMM speed), and "auto" runs dense there.
+``fast_path.PALLAS_WHERE`` says where "auto" takes each form.
 """
 
 from __future__ import annotations

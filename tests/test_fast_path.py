@@ -61,15 +61,17 @@ def test_gpu_choices(fake_gpu):
         return got.batch_kernel if got.implementation == "pallas" else "masked"
     for spec in (M_THR, d_pred, cats):
         assert [impl(spec, n) for n in (1, 2, 4)] == ["pallas", "masked", "masked"]
+        small = (["lists", "compact", "compact"] if spec is d_pred
+                 else ["compact", "union", "union"])             # 2, 3, 4 tokens
         assert [kernel(at(spec, 0.9), n) for n in (1, 2, 3, 4, 5, 8, 16, 17)] == \
-            ["lists", "lists", "union", "union", "dense", "dense", "dense", "masked"]
+            ["lists", *small, "dense", "dense", "dense", "masked"]
         assert kernel(at(spec, 0.5), 1) == "lists"                   # the fused kernel
         capped = dataclasses.replace(at(spec, 0.9), capacity=3)
         assert [kernel(capped, n) for n in (1, 2, 3)] == ["lists", "lists", "dense"]
         assert kernel(dataclasses.replace(spec, capacity=3), 2) == "masked"   # r unknown
     # below the table's entries a batch with a known r runs dense (no sparse path won)
     assert [kernel(at(M_THR, r), 2) for r in (0.5, 0.7, 0.89, 0.9)] == \
-        ["dense", "dense", "dense", "lists"]
+        ["dense", "dense", "dense", "compact"]
     assert [kernel(at(M_THR, r), 4) for r in (0.7, 0.89)] == ["dense", "dense"]
     assert [kernel(at(d_pred, r), 2) for r in (0.4, 0.5, 0.7)] == ["dense", "dense", "union"]
     assert [kernel(at(d_pred, r), 4) for r in (0.5, 0.7)] == ["dense", "dense"]
@@ -189,13 +191,13 @@ def test_generate_text_reports_the_path(tiny, fake_gpu, pallas_interpret):
     _CONVERTED.clear()
 
 
-@pytest.mark.parametrize("rows,kernel", [([6, 3, 5], "union"), ([2, 4], "lists"),
+@pytest.mark.parametrize("rows,kernel", [([6, 3, 5], "union"), ([2, 4], "compact"),
                                          ([3], "lists")])
 def test_auto_batches_equal_the_masked_reference(tiny, fake_gpu, pallas_interpret, rows,
                                                  kernel):
     """A decode batch the table admits at a target r of 0.9 (``fast_path.PALLAS_WHERE``)
-    runs the Pallas path under "auto" (3 rows: the union read once; 2: the index lists;
-    1: the fused kernel) and keeps the masked reference's tokens and kept sets."""
+    runs the Pallas path under "auto" (M: 3 rows the union as a row predicate, 2 as an
+    index list; 1: the fused kernel) and keeps the masked reference's tokens and kept sets."""
     params, cfg = tiny
     pol = _threshold_policy(cfg)
     spec = dataclasses.replace(M_THR, target_sparsity=0.9)
