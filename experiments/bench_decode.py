@@ -53,9 +53,9 @@ def main(argv=None):
     ap.add_argument("--methods", default="m_countdown,d_countdown")
     ap.add_argument("--implementations", default="gather,pallas",
                     help="comma list: masked, gather, pallas (batches: per-token index "
-                         "lists), pallas-union (batches: the union read once, "
-                         "SparseSpec.batch_kernel='union'), auto (fast_path's choice, "
-                         "given the target r)")
+                         "lists), pallas-union / pallas-compact / pallas-dense (batches: "
+                         "SparseSpec.batch_kernel 'union' / 'compact' / 'dense'), auto "
+                         "(fast_path's choice, given the target r)")
     ap.add_argument("--layers", default="unstacked",
                     help="comma list: stacked (one scan over [L, ...] weights), unstacked "
                          "(model.unstack_layers: one buffer per layer weight), fused_qkv "
@@ -175,7 +175,7 @@ def main(argv=None):
                 cap = None if cf is None else int(np.ceil(cf * (1 - r) * m))
                 spec = SparseSpec(method=method, mode=mode, capacity=cap,
                                   implementation=impl.split("-")[0], target_sparsity=r,
-                                  batch_kernel="union" if impl == "pallas-union" else "lists")
+                                  batch_kernel=impl.split("-")[1] if "-" in impl else "lists")
                 if time.perf_counter() - t_start > args.budget_s:
                     print("budget spent: stop", flush=True)
                     return rows
