@@ -75,22 +75,26 @@ SKIPS_WORK = frozenset(_FUSED_RULES) | {("dejavu", "predictor")}
 #   D union 1.05  1.03  0.93      1.07  0.94  0.88      1.00  0.88  0.86
 #   D masked 0.91 0.91  0.84*     0.87  0.91  0.85*     0.85* 0.85* 0.85*
 # (* before D's predictor rounded h to bf16, which sped D up at batches; CATS reads what
-# M reads; Deja Vu's predictor path is D's, without the union kernel.) Session 10 (S10-D,
-# bench_auto_batches.md), x dense of the same job, with "compact" (the union as an index
-# list, ``batch_union`` form "compact") beside the union as a row predicate:
+# M reads; Deja Vu's predictor path is D's, without the union kernel.) Session 10 (S10-F,
+# bench_auto_batches.md; after ``count_kept``'s barrier), x dense of the same job, with
+# "compact" (the union as an index list, ``batch_union`` form "compact") beside the union
+# as a row predicate:
 #          batch 2          batch 4          batch 8
 #          r .9   r .7      r .9   r .7      r .9
 #   M lists   1.07             -      -         -
-#   M union      -  0.99      1.02  0.93      0.97
-#   M compact 1.09  0.94      1.01  0.86      0.91
-#   D lists   1.34             -      -         -
-#   D union      -  1.01      1.07  0.93      0.99
-#   D compact 1.26  1.00      1.13  0.87      0.95
+#   M union      -  1.02      1.06  0.97      1.01
+#   M compact 1.14     -      1.07     -      0.95
+#   M masked     -  0.98         -  0.98         -
+#   D lists   1.35             -      -         -
+#   D union      -  1.03      1.08  0.94      1.00
+#   D compact 1.27     -      1.15     -      0.96
+#   D masked     -  0.91         -  0.91         -
 # A capacity cut (a
 # per-token top-k) ran batch 2 at r = 0.9 above masked (S8-H: M 0.98x, D 0.95x) and
 # batch 4 below it.
 PALLAS_WHERE = {
-    "m": ((1, 0.0, "lists"), (2, 0.9, "compact"), (4, 0.9, "union")),
+    "m": ((1, 0.0, "lists"), (2, 0.9, "compact"), (2, 0.7, "union"), (4, 0.9, "compact"),
+          (8, 0.9, "union")),
     "d": ((1, 0.0, "lists"), (2, 0.9, "lists"), (2, 0.7, "union"), (4, 0.9, "compact")),
     "dejavu": ((1, 0.0, "lists"), (2, 0.7, "lists"), (4, 0.9, "lists")),
 }

@@ -61,17 +61,17 @@ def test_gpu_choices(fake_gpu):
         return got.batch_kernel if got.implementation == "pallas" else "masked"
     for spec in (M_THR, d_pred, cats):
         assert [impl(spec, n) for n in (1, 2, 4)] == ["pallas", "masked", "masked"]
-        small = (["lists", "compact", "compact"] if spec is d_pred
-                 else ["compact", "union", "union"])             # 2, 3, 4 tokens
-        assert [kernel(at(spec, 0.9), n) for n in (1, 2, 3, 4, 5, 8, 16, 17)] == \
-            ["lists", *small, "dense", "dense", "dense", "masked"]
+        small = (["lists", "compact", "compact", "dense", "dense"] if spec is d_pred
+                 else ["compact", "compact", "compact", "union", "union"])   # 2-8 tokens
+        assert [kernel(at(spec, 0.9), n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17)] == \
+            ["lists", *small, "dense", "dense", "masked"]
         assert kernel(at(spec, 0.5), 1) == "lists"                   # the fused kernel
         capped = dataclasses.replace(at(spec, 0.9), capacity=3)
         assert [kernel(capped, n) for n in (1, 2, 3)] == ["lists", "lists", "dense"]
         assert kernel(dataclasses.replace(spec, capacity=3), 2) == "masked"   # r unknown
     # below the table's entries a batch with a known r runs dense (no sparse path won)
     assert [kernel(at(M_THR, r), 2) for r in (0.5, 0.7, 0.89, 0.9)] == \
-        ["dense", "dense", "dense", "compact"]
+        ["dense", "union", "union", "compact"]
     assert [kernel(at(M_THR, r), 4) for r in (0.7, 0.89)] == ["dense", "dense"]
     assert [kernel(at(d_pred, r), 2) for r in (0.4, 0.5, 0.7)] == ["dense", "dense", "union"]
     assert [kernel(at(d_pred, r), 4) for r in (0.5, 0.7)] == ["dense", "dense"]
@@ -181,22 +181,22 @@ def test_generate_text_reports_the_path(tiny, fake_gpu, pallas_interpret):
     assert out.tokens_per_s > 0 and out.prefill_tokens_per_s > 0
     with pytest.raises(ValueError, match="attention must be"):
         cj.generate_text(model, "hello", max_new_tokens=2, attention="triton")
-    # a sparse batch says which batch kernel ran (3 rows at r = 0.9: the union)
+    # a sparse batch says which batch kernel ran (3 rows at r = 0.9: the compact union)
     spec = dataclasses.replace(M_THR, target_sparsity=0.9)
     tokens = np.full((3, 4), 7, np.int32)
     sparse = api.generate_tokens(model, tokens, np.full((3,), 4, np.int32), spec,
                                  _threshold_policy(cfg), max_new_tokens=3)
     assert sparse.path == dict(layers="unstacked", implementation="pallas",
-                               attention="pallas", projections="xla", batch_kernel="union")
+                               attention="pallas", projections="xla", batch_kernel="compact")
     _CONVERTED.clear()
 
 
-@pytest.mark.parametrize("rows,kernel", [([6, 3, 5], "union"), ([2, 4], "compact"),
+@pytest.mark.parametrize("rows,kernel", [([6, 3, 5, 2, 4], "union"), ([2, 4], "compact"),
                                          ([3], "lists")])
 def test_auto_batches_equal_the_masked_reference(tiny, fake_gpu, pallas_interpret, rows,
                                                  kernel):
     """A decode batch the table admits at a target r of 0.9 (``fast_path.PALLAS_WHERE``)
-    runs the Pallas path under "auto" (M: 3 rows the union as a row predicate, 2 as an
+    runs the Pallas path under "auto" (M: 5 rows the union as a row predicate, 2 as an
     index list; 1: the fused kernel) and keeps the masked reference's tokens and kept sets."""
     params, cfg = tiny
     pol = _threshold_policy(cfg)
