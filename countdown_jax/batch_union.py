@@ -18,11 +18,11 @@ bytes). "compact" (``batch_kernel="compact"``) passes it as an index list
 and W_down's GEMV walks only ceil(count / block_d) blocks of its rows.
 
 Measured on an H200 (Llama-3.1-8B bf16, decode x dense of the same job,
-results/bench_auto_batches.md S10-D): at r = 0.9 the compact form wins where the union
-is small (D batch 4: 1.13x, the predicate 1.07x; M batch 2: 1.09x), the predicate from
-there up (M batch 4: 1.02x); from ~55% of m (batch 8 r 0.9, r <= 0.7) both lose to
-dense (0.86-0.99x: the GEMV runs below XLA's GEMM speed), and "auto" runs dense there.
-``fast_path.PALLAS_WHERE`` says where "auto" takes each form.
+results/bench_auto_batches.md S10-F): at r = 0.9 the compact form wins where the union
+is small (batch 2-4: M 1.07-1.14x, D batch 4 1.15x against the predicate's 1.08x), the
+predicate from ~55% of m (M batch 8: 1.01x, compact 0.95x); at r <= 0.7 from batch 4
+both lose to dense (0.86-0.97x: the GEMV runs below XLA's GEMM speed), and "auto" runs
+dense there. ``fast_path.PALLAS_WHERE`` says where "auto" takes each form.
 """
 
 from __future__ import annotations
