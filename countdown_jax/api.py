@@ -271,7 +271,7 @@ def generate_tokens(model: Model, tokens, lengths, spec: SparseSpec, policy=None
                 attention=resolve_attention(attention),
                 projections=resolve_projections(projections))
     if ffn_spec.implementation == "pallas" and batch > 1 and not spec.is_dense:
-        path["batch_kernel"] = ffn_spec.batch_kernel      # lists, union or dense
+        path["batch_kernel"] = ffn_spec.batch_kernel      # lists, union, compact or dense
     common = dict(cfg=model.cfg, spec=spec, sampling=sampling, stop_tokens=stop_tokens(model))
     start_args = (params, jnp.asarray(tokens), jnp.asarray(lengths),
                   jax.random.PRNGKey(seed), policy)

@@ -38,9 +38,9 @@ from countdown_jax.policy import ACCEPTED_IMPLEMENTATIONS, AUTO, SparseSpec
 from countdown_jax.sharding import multi_device_mesh
 
 __all__ = ["ATTENTIONS", "AUTO", "DenseBatchWarning", "LAYER_FORMS", "PALLAS_WHERE",
-           "PALLAS_WHERE_CAPPED", "PROJECTIONS", "SKIPS_WORK", "backend", "pallas_choice", "resolve_attention",
-           "resolve_implementation", "resolve_layers", "resolve_projections",
-           "resolve_spec"]
+           "PALLAS_WHERE_CAPPED", "PROJECTIONS", "SKIPS_WORK", "backend", "pallas_choice",
+           "resolve_attention", "resolve_implementation", "resolve_layers",
+           "resolve_projections", "resolve_spec"]
 
 ATTENTIONS = ("xla", "pallas")
 PROJECTIONS = ("xla", "pallas")
@@ -60,8 +60,9 @@ SKIPS_WORK = frozenset(_FUSED_RULES) | {("dejavu", "predictor")}
 # row predicate or an index list), the first entry that admits the call wins.
 # One token: the fused kernel at any r. A decode batch (2 to batch_union.MAX_TOKENS
 # tokens) that no entry admits runs dense (batch_kernel "dense") when its r is known:
-# there the union of the tokens' kept sets is most of m, so no sparse path reads fewer
-# bytes than dense, and masked reads dense's bytes plus the selection's. An unknown r
+# there no exact sparse path was measured faster than dense (mostly the union of the
+# tokens' kept sets is 75-100% of m), and masked reads dense's bytes plus the
+# selection's. An unknown r
 # (``SparseSpec.target_sparsity`` None) admits only the entries with min r 0 and keeps a
 # batch exact (masked). An r between two measured points takes the lower one's choice.
 # Measured on an H200 (Llama-3.1-8B bf16, decode x dense of the same run;
@@ -89,9 +90,8 @@ SKIPS_WORK = frozenset(_FUSED_RULES) | {("dejavu", "predictor")}
 #   D union      -  1.03      1.08  0.94      1.00
 #   D compact 1.27     -      1.15     -      0.96
 #   D masked     -  0.91         -  0.91         -
-# A capacity cut (a
-# per-token top-k) ran batch 2 at r = 0.9 above masked (S8-H: M 0.98x, D 0.95x) and
-# batch 4 below it.
+# A capacity cut (a per-token top-k) ran batch 2 at r = 0.9 above masked (S8-H: M 0.98x,
+# D 0.95x) and batch 4 below it.
 PALLAS_WHERE = {
     "m": ((1, 0.0, "lists"), (2, 0.9, "compact"), (2, 0.7, "union"), (4, 0.9, "compact"),
           (8, 0.9, "union")),
@@ -123,9 +123,10 @@ def _check(value: str, allowed, what: str):
 
 
 def pallas_choice(spec: SparseSpec, n_tokens: int) -> str | None:
-    """The batch kernel ("lists" / "union") of the first ``PALLAS_WHERE`` entry that
-    admits this rule, capacity, target sparsity and tokens per call; None: no sparse
-    kernel was measured faster there (``_auto_kernel`` then picks dense or masked)."""
+    """The batch kernel ("lists" / "union" / "compact") of the first ``PALLAS_WHERE``
+    entry that admits this rule, capacity, target sparsity and tokens per call; None: no
+    sparse kernel was measured faster there (``_auto_kernel`` then picks dense or
+    masked)."""
     table = _RULE_TABLE.get((spec.method, spec.mode))
     if table is None:                # batches of this rule not measured: one token only
         entries = ((1, 0.0, "lists"),)
@@ -139,9 +140,9 @@ def pallas_choice(spec: SparseSpec, n_tokens: int) -> str | None:
 
 
 def _auto_kernel(spec: SparseSpec, n_tokens: int) -> str | None:
-    """What "auto" runs: the Pallas path's batch kernel ("lists", "union", or "dense" for
-    a decode batch whose rule's r is known and no sparse kernel was measured faster
-    there), or None for masked."""
+    """What "auto" runs: the Pallas path's batch kernel ("lists", "union", "compact", or
+    "dense" for a decode batch whose rule's r is known and no sparse kernel was measured
+    faster there), or None for masked."""
     if not _fast() or spec.is_dense or (spec.method, spec.mode) not in SKIPS_WORK:
         return None
     kernel = pallas_choice(spec, n_tokens)

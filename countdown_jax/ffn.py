@@ -104,8 +104,7 @@ def ffn(mlp, x, *, act: str, spec: SparseSpec = DENSE, policy=None, sparse=None,
 def _one_device_ffn(mlp, x, *, act, spec, policy, sparse):
     """(y, kept, dropped) on this device's neurons (all of them, or a shard_map's slice)."""
     if spec.is_dense:
-        return dense_ffn(mlp, x, act), jnp.ones(x.shape[:-1], jnp.float32), \
-            jnp.zeros(x.shape[:-1], jnp.int32)
+        return _all_kept(mlp, x, act)
     m, d = mlp["gate"].shape[-2:]
     if x.shape[-1] != d:
         raise ValueError(f"MLP input has width {x.shape[-1]}, weights expect d={d}")
@@ -117,17 +116,21 @@ def _one_device_ffn(mlp, x, *, act, spec, policy, sparse):
             raise ValueError(f"sparse must be bool{list(x.shape[:-1])} (one flag per "
                              f"token), got {sparse.dtype}{list(sparse.shape)}")
     if _dense_batch(spec, math.prod(x.shape[:-1])):
-        return _one_device_ffn(layer_weights(mlp), x, act=act, spec=DENSE, policy=None,
-                               sparse=None)
+        return _all_kept(layer_weights(mlp), x, act)
     run = _masked if spec.implementation == "masked" else _gathered
     return run(mlp, x, act, spec, policy, sparse)
 
 
+def _all_kept(mlp, x, act):
+    """The dense FFN as (y, kept = 1, dropped = 0)."""
+    return (dense_ffn(mlp, x, act), jnp.ones(x.shape[:-1], jnp.float32),
+            jnp.zeros(x.shape[:-1], jnp.int32))
+
+
 def _dense_batch(spec, n_tokens):
     """batch_kernel "dense": a decode batch runs the dense FFN (every neuron kept, kept =
-    1). ``fast_path`` picks it where the union of the batch's kept sets is most of m: no
-    sparse path then reads fewer bytes than dense, and masked reads dense's plus the
-    selection's."""
+    1). ``fast_path`` picks it where no exact sparse path was measured faster than dense
+    (masked reads dense's bytes plus the selection's, so it never is)."""
     return (spec.batch_kernel == "dense" and spec.implementation == "pallas"
             and _FUSED_MAX_TOKENS < n_tokens <= batch_union.MAX_TOKENS)
 
