@@ -277,7 +277,11 @@ def _persistent_compile_cache():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    try:       # building the parser imports every subcommand's module (jax, transformers)
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("\ncountdown-jax: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if argv is None:
         _exit_on_interrupt(args.command)
         _persistent_compile_cache()
