@@ -286,11 +286,12 @@ def test_proxy_mode_calibrate_then_generate(smollm2_dir, tmp_path, capsys):
         (d / part).symlink_to(smollm2_dir / part)
     (d / "config.json").write_text((smollm2_dir / "config.json").read_text())
     assert cli.main(["calibrate", str(d), "--method", "d_countdown", "--proxy-bits", "4",
-                     "--proxy-group", "64", "--sparsity", "0.7", "--rows", "4",
+                     "--sparsity", "0.7", "--rows", "4",
                      "--held-out-rows", "2", "--seq-len", "64"]) == 0
     saved = [json.loads(line) for line in capsys.readouterr().out.splitlines()
              if line.startswith("{")]
-    assert saved[0]["proxy_bits"] == 4 and abs(saved[0]["realised_held_out"] - 0.7) < 0.15
+    assert saved[0]["proxy_bits"] == 4 and saved[0]["proxy_group"] == 64   # from d = 576
+    assert abs(saved[0]["realised_held_out"] - 0.7) < 0.15
     assert cli.main(["generate", str(d), "--prompt", "The capital of France is",
                      "--method", "d_countdown", "--mode", "proxy", "--sparsity", "0.7",
                      "--max-new-tokens", "6", "--json"]) == 0
