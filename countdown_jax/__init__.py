@@ -20,6 +20,7 @@ _EXPORTS = {
     "Model": "countdown_jax.api", "TextOutput": "countdown_jax.api",
     "generate_text": "countdown_jax.api", "load": "countdown_jax.api",
     "sparsity_setup": "countdown_jax.api", "sweep": "countdown_jax.api",
+    "calibrate_proxy": "countdown_jax.calibrate", "calibrate_thresholds": "countdown_jax.calibrate",
     "Generation": "countdown_jax.generate", "Sampling": "countdown_jax.generate",
     "generate": "countdown_jax.generate",
     "DENSE": "countdown_jax.policy", "SparseSpec": "countdown_jax.policy",

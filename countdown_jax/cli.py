@@ -196,18 +196,32 @@ def _add_generate(sub):
 def _demo(args):
     from countdown_jax import demo
 
-    demo.main(out_dir=args.out, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+    demo.main(out_dir=args.out, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+              sparsity=args.sparsity)
+
+
+def _check_demo(args):
+    from countdown_jax.api import policy_name
+
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise NotADirectoryError(f"--out {args.out} exists and is not a directory")
+    if not 0.0 < args.sparsity < 1.0:
+        raise ValueError(f"--sparsity must lie in (0, 1), got {args.sparsity}")
+    policy_name("proxy", "d_countdown", args.sparsity)     # fits are saved on a 0.01 grid
 
 
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="convert the embedded SmolLM2-135M and generate "
-                                    "dense and sparse")
+    p = sub.add_parser("demo", help="convert the embedded SmolLM2-135M, calibrate the proxy "
+                                    "rule (once) and compare it with dense, the D-COUNTDOWN "
+                                    "oracle and M-COUNTDOWN's thresholds")
     p.add_argument("--out", default=None,
                    help="where the converted model goes (default: the per-user cache)")
     p.add_argument("--prompt", default="The capital of France is", help="the prompt text")
     p.add_argument("--max-new-tokens", type=positive_int, default=24,
                    help="tokens generated per run")
-    p.set_defaults(func=_demo)
+    p.add_argument("--sparsity", type=float, default=0.7, metavar="R",
+                   help="fraction of FFN neurons skipped per token by every sparse rule")
+    p.set_defaults(func=_demo, check=_check_demo)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -282,7 +296,11 @@ def _persistent_compile_cache():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    try:       # building the parser imports every subcommand's module (jax, transformers)
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("\ncountdown-jax: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if argv is None:
         _exit_on_interrupt(args.command)
         _persistent_compile_cache()
