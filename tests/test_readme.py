@@ -79,7 +79,7 @@ def test_readme_is_a_short_front_door():
     assert "experiments/results/frontier_" in first_screen, "no result on the first screen"
     assert "| rule | SmolLM2-135M | Gemma-3-270M |" in first_screen
     headings = _headings(_tokens(README))
-    for want in ("Two commands", "Library", "In your Flax model", "Documentation"):
+    for want in ("Two commands", "Library", "Use it in your Flax model", "Documentation"):
         assert want in headings
 
 
