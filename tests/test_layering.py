@@ -23,7 +23,7 @@ LAYERS = (
     ("model",),
     ("generate",),
     ("api", "evaluate.", "calibrate", "predictor", "predictor_online", "data", "modules"),
-    ("cli", "demo"),
+    ("cli", "demo", "__main__"),
 )
 
 
