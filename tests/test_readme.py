@@ -130,7 +130,8 @@ def test_readme_links_every_docs_page():
 # ------------------------------------------------------------------------- work-log tags
 
 def _tag_scope() -> list[Path]:
-    files = [*PAGES, *sorted((ROOT / "conversion").rglob("*.py"))]
+    files = [*PAGES, *sorted((ROOT / "conversion").rglob("*.py")),
+             *sorted((ROOT / "countdown_jax").rglob("*.py"))]
     files += sorted((ROOT / "experiments").glob("*.py"))
     files += sorted((ROOT / "experiments" / "bench").glob("*.py"))
     return files
