@@ -76,7 +76,7 @@ def _auto_ffn(spec: SparseSpec, n_tokens: int) -> tuple[str, str]:
     if kernel is not None:
         return "pallas", kernel
     if spec.target_sparsity is not None and 1 < n_tokens <= MAX_BATCH_TOKENS:
-        warnings.warn(      # at trace time of the caller: once per compiled program
+        warnings.warn(      # Python shows it once per call site
             f"the auto decode path runs this batch of {n_tokens} tokens dense: at r = "
             f"{spec.target_sparsity} no sparse path was measured faster than dense "
             "(fast_path.BATCH_KERNEL_TABLE), so every neuron is kept and the realised "
@@ -106,5 +106,4 @@ def resolve(path: DecodePath, spec: SparseSpec, n_tokens: int,
     return DecodePath(layers=pick(path.layers, "unstacked", held_layers), ffn=ffn,
                       batch_kernel=kernel, attention=pick(path.attention, "pallas", "xla"),
                       # the Pallas GEMV lost end to end (results/bench_decode.md, H200)
-                      projections=pick(path.projections, "xla", "xla"))
-
+                      projections="xla" if path.projections == AUTO else path.projections)
