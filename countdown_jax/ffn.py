@@ -14,7 +14,6 @@ the neurons the body runs per device (``ffn_parallel``) and is told its ``Shard`
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -29,7 +28,7 @@ from countdown_jax.kernels._platform import pallas_backend
 from countdown_jax.kernels.fused_sparse_ffn import api as fused_sparse_ffn_api
 from countdown_jax.kernels.proxy_scores import api as proxy_scores_api
 from countdown_jax.kernels.sparse_ffn import api as sparse_ffn_api
-from countdown_jax.policy import DENSE, SparseSpec, check_layer
+from countdown_jax.policy import DENSE, Method, SparseSpec, check_layer
 from countdown_jax.selection import (count_kept, kept_fraction, limit_to_capacity,
                                      mask_to_indices, refine, select, spec_quantity)
 from countdown_jax.sharding import multi_device_mesh, splits_neurons
@@ -39,10 +38,11 @@ __all__ = ["FUSED_RULES", "dense_ffn", "ffn"]
 # The fused kernel unrolls its tokens and reads the union of their rows: one token only
 # (slower than the index lists from a few tokens on: results/bench_decode.md).
 _FUSED_MAX_TOKENS = 1
-# (method, mode) -> the fused kernel's rule, where it equals ``select``'s.
-FUSED_RULES = {("m_countdown", "threshold"): "m", ("cats", "threshold"): "cats",
-               ("d_countdown", "predictor"): "d", ("d_countdown", "cascade"): "dc",
-               ("d_countdown", "proxy"): "d"}
+# (method, mode) the fused kernel runs exactly as ``select`` does: its Rule takes the
+# method, the proxy's scores as D's z, and the cascade's |s| threshold as tau_s.
+FUSED_RULES = frozenset({(Method.M_COUNTDOWN, "threshold"), (Method.CATS, "threshold"),
+                         (Method.D_COUNTDOWN, "predictor"), (Method.D_COUNTDOWN, "cascade"),
+                         (Method.D_COUNTDOWN, "proxy")})
 
 
 def dense_ffn(mlp, x, act: str):
@@ -92,9 +92,8 @@ def _one_device_ffn(mlp, x, *, act, spec, policy, sparse, layer=None, shard=None
     lead = x.shape[:-1]
     xs = x.reshape(-1, d)
     scores = _scores(mlp, layer, xs, act, spec, policy)
-    fused = _fused_rule(spec, n_tokens)
-    if fused is not None:
-        run = functools.partial(_fused, rule=fused)
+    if _runs_fused(spec, n_tokens):
+        run = _fused
     elif _union_batch(spec, n_tokens, shard):
         run = _union
     else:
@@ -145,14 +144,14 @@ def _masked(mlp, x, act, spec, layer_policy, sparse, shard):
     return y.astype(x.dtype), kept, dropped
 
 
-def _fused_rule(spec, n_tokens):
-    """The fused kernel's rule when it runs this spec's exact rule on this platform."""
-    rule = FUSED_RULES.get((spec.method, spec.mode))
-    if (rule is None or spec.capacity is not None or n_tokens > _FUSED_MAX_TOKENS):
-        return None      # capacity cuts live in the index-list path
+def _runs_fused(spec, n_tokens):
+    """Whether the fused kernel runs this spec's exact rule on this platform."""
+    if ((spec.method, spec.mode) not in FUSED_RULES or spec.capacity is not None
+            or n_tokens > _FUSED_MAX_TOKENS):
+        return False     # capacity cuts live in the index-list path
     # These rules look at one neuron at a time: on a shard of the neurons (tensor
     # parallel) the kernel keeps exactly that shard's part of the one-device set.
-    return rule if pallas_backend() == "pallas_gpu" else None
+    return pallas_backend() == "pallas_gpu"
 
 
 def _union_batch(spec, n_tokens, shard):
@@ -160,7 +159,7 @@ def _union_batch(spec, n_tokens, shard):
     kernel "union" / "compact", the fused kernel's rules bar the cascade, no capacity."""
     return (spec.batch_kernel in ("union", "compact")
             and _FUSED_MAX_TOKENS < n_tokens <= batch_union.MAX_TOKENS
-            and FUSED_RULES.get((spec.method, spec.mode)) in ("m", "cats", "d")
+            and (spec.method, spec.mode) in FUSED_RULES and spec.mode != "cascade"
             and spec.capacity is None and shard is None
             and pallas_backend() == "pallas_gpu")
 
@@ -174,33 +173,33 @@ class _Scores(NamedTuple):
 def _scores(mlp, layer, xs, act, spec, layer_policy):
     """The rule's scores from the work it keeps dense (M: u, CATS: act(g), D / Deja Vu:
     the predictor, proxy: the low-bit copy's |s_hat|)."""
-    whole = layer_weights(mlp, layer)        # dense GEMVs slice the layer (XLA fuses it)
+    one_layer = layer_weights(mlp, layer)    # dense GEMVs slice the layer (XLA fuses it)
     if spec.mode == "proxy":
         pr = layer_policy["proxy"]
         q = proxy_scores_api.proxy_scores(xs, pr["packed"], pr["scale"], act=act,
                                           implementation=spec.implementation)
         return _Scores(q, None, None)
     if spec.mode != "predictor" and spec.method == "cats":
-        g = project(xs, whole["gate"])
+        g = project(xs, one_layer["gate"])
         coef = activation(act)(g)
-        return _Scores(spec_quantity(spec, whole, xs, act, layer_policy, g=g), coef, "gate")
+        return _Scores(spec_quantity(spec, one_layer, xs, act, layer_policy, g=g), coef, "gate")
     if spec.mode != "predictor" and spec.method == "m_countdown":
-        u = project(xs, whole["up"])
-        return _Scores(spec_quantity(spec, whole, xs, act, layer_policy, u=u), u, "up")
-    return _Scores(spec_quantity(spec, whole, xs, act, layer_policy), None, None)
+        u = project(xs, one_layer["up"])
+        return _Scores(spec_quantity(spec, one_layer, xs, act, layer_policy, u=u), u, "up")
+    return _Scores(spec_quantity(spec, one_layer, xs, act, layer_policy), None, None)
 
 
-def _fused(mlp, layer, xs, act, spec, layer_policy, scores, shard, *, rule):
+def _fused(mlp, layer, xs, act, spec, layer_policy, scores, shard):
     """One token: the fused kernel applies the threshold itself on the same scores
     ``select`` compares (|u| > tau, |act(g)| > tau, z > theta; the cascade's |s| > tau
     inside)."""
     tau = (layer_policy["threshold"] if spec.mode in ("threshold", "proxy")
            else layer_policy["theta"])
-    y, count = fused_sparse_ffn_api.fused_sparse_ffn(
-        xs, mlp["gate"], mlp["up"], mlp["down"], tau, act=act, method=rule,
-        implementation="pallas", layer=layer,
-        scores=scores.q if scores.coef is None else scores.coef,
-        tau_s=layer_policy["threshold"] if rule == "dc" else None)
+    rule = fused_sparse_ffn_api.Rule(
+        spec.method, tau, scores=scores.q if scores.coef is None else scores.coef,
+        tau_s=layer_policy["threshold"] if spec.mode == "cascade" else None)
+    y, count = fused_sparse_ffn_api.fused_sparse_ffn(xs, mlp, rule, act=act,
+                                                     implementation="pallas", layer=layer)
     return y, count, jnp.zeros(count.shape, jnp.int32)       # no capacity: nothing cut
 
 
@@ -223,10 +222,9 @@ def _lists(mlp, layer, xs, act, spec, layer_policy, scores, shard):
     s_tau = None
     if spec.mode == "cascade":
         s_tau = jnp.broadcast_to(layer_policy["threshold"], (xs.shape[0],))
-    out = sparse_ffn_api.sparse_ffn(xs, mlp["gate"], mlp["up"], mlp["down"], idx, count,
-                                    act=act, dense=scores.dense, coef=scores.coef,
-                                    layer=layer, implementation=spec.implementation,
-                                    s_tau=s_tau)
+    out = sparse_ffn_api.sparse_ffn(xs, mlp, idx, count, act=act, dense=scores.dense,
+                                    coef=scores.coef, layer=layer,
+                                    implementation=spec.implementation, s_tau=s_tau)
     y, count = out if s_tau is not None else (out, count)
     return y, count, dropped
 

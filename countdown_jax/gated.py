@@ -12,10 +12,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ACTIVATIONS", "HIGHEST", "activation", "coefficients", "down_sum",
+__all__ = ["ACTIVATIONS", "HIGHEST", "MLP_KEYS", "activation", "coefficients", "down_sum",
            "layer_weights", "project"]
 
 ACTIVATIONS = ("silu", "gelu_tanh")
+MLP_KEYS = ("gate", "up", "down")        # an MLP's weight dict, in kernel operand order
 
 # float32 GEMMs at full precision: on GPU the default lets XLA use TF32 (~1e-3 relative),
 # which would move selection cuts and break the float32 reference. No effect on bf16.
@@ -41,7 +42,7 @@ def layer_weights(mlp, layer=None):
     if layer is None:
         return mlp
     return {k: jax.lax.dynamic_index_in_dim(mlp[k], layer, 0, keepdims=False)
-            for k in ("gate", "up", "down")}
+            for k in MLP_KEYS}
 
 
 def project(x, w, *, float32: bool = False):

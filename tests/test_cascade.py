@@ -243,7 +243,7 @@ def test_vmap_sweep_compiles_once(impl):
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_fused_path_equals_masked(monkeypatch, pallas_interpret, n):
-    """implementation="pallas" routes decode tokens to the fused kernel's method "dc"
+    """implementation="pallas" routes decode tokens to the fused kernel's cascade rule
     (interpret mode forced, as on a GPU): the masked kept set, y within float32 rounding.
     It reads the model's stack in place (the other layer NaN) and none of the rows the
     cascade skips (NaN): the non-candidates' gate/up/down, the refined-out W_down rows."""
@@ -253,7 +253,8 @@ def test_fused_path_equals_masked(monkeypatch, pallas_interpret, n):
     calls = []
     real = fused_api.fused_sparse_ffn
     monkeypatch.setattr(fused_api, "fused_sparse_ffn",
-                        lambda *a, **kw: calls.append(kw["method"]) or real(*a, **kw))
+                        lambda x, mlp, rule, **kw: calls.append((rule.method, rule.cascade))
+                        or real(x, mlp, rule, **kw))
     mlp, x, pred = _problem(30, tokens=(4,))
     x = x[1:1 + n]                                   # token 0 of _problem is all zero
     z = np.sort(ref.predictor_logits(_to64(pred), _to64(x)).ravel())
@@ -274,7 +275,7 @@ def test_fused_path_equals_masked(monkeypatch, pallas_interpret, n):
                   static_argnums=3)
     y, kept, dropped = run(stack, jnp.int32(1), layer, _spec("pallas"))
     ym, km, _ = run(mlp, None, layer, _spec("masked"))
-    assert calls == ["dc"]
+    assert calls == [("d_countdown", True)]      # D's rule with tau_s: the cascade
     assert np.isfinite(np.asarray(y)).all()
     np.testing.assert_array_equal(_counts(kept, 37), keep.sum(-1))
     np.testing.assert_array_equal(_counts(km, 37), keep.sum(-1))

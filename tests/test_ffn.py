@@ -332,7 +332,8 @@ def test_pallas_fused_path_equals_masked(monkeypatch, pallas_interpret, method, 
     calls = []
     real = fused_api.fused_sparse_ffn
     monkeypatch.setattr(fused_api, "fused_sparse_ffn",
-                        lambda *a, **kw: calls.append(kw["method"]) or real(*a, **kw))
+                        lambda x, mlp, rule, **kw: calls.append(rule.method)
+                        or real(x, mlp, rule, **kw))
     l = 1
     mlp, x, pred = _problem(30, tokens=(4,))
     x = jnp.asarray(x[1:])                           # token 0 of _problem is all zero
@@ -365,10 +366,10 @@ def test_pallas_routes_only_single_tokens_to_fused(pallas_interpret):
     """Batches of several tokens take the index list (the fused kernel is slower there)."""
     import countdown_jax.ffn as ffn_mod
     spec = SparseSpec("m_countdown", "threshold", "pallas")
-    assert ffn_mod._fused_rule(spec, 1) == "m"
-    assert ffn_mod._fused_rule(spec, 2) is None
-    assert ffn_mod._fused_rule(SparseSpec("m_countdown", "threshold", "pallas",
-                                          capacity=8), 1) is None
+    assert ffn_mod._runs_fused(spec, 1)
+    assert not ffn_mod._runs_fused(spec, 2)
+    assert not ffn_mod._runs_fused(SparseSpec("m_countdown", "threshold", "pallas",
+                                              capacity=8), 1)
 
 
 @pytest.mark.parametrize("method,mode", [("m_countdown", "threshold"), ("cats", "threshold"),

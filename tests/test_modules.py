@@ -305,7 +305,7 @@ def test_jit_compiles_once_and_vmap_sweeps_policies():
     (SparseSpec("m_countdown", "topk"), {"sparsity": 0.5}),
     (SparseSpec("d_countdown", "ideal"), {"sparsity": 0.7}),
     (SparseSpec("cats", "threshold", "xla"), {"threshold": 0.3}),
-], ids=["m_topk", "d_ideal", "cats_threshold_gather"])
+], ids=["m_topk", "d_ideal", "cats_threshold_xla"])
 def test_gradient_reaches_only_kept_rows(spec, pol):
     mlp = _one_mlp(spec, pol)
     x = jax.random.normal(jax.random.key(7), (1, D))      # one token: one fixed mask
@@ -430,9 +430,9 @@ def _worker():
     for name, spec, pol in [
         ("dense", DENSE, None),
         ("m_topk", SparseSpec("m_countdown", "topk"), make_policy(cfg.num_layers, sparsity=0.7)),
-        ("cats_threshold_gather", SparseSpec("cats", "threshold", "xla"),
+        ("cats_threshold_xla", SparseSpec("cats", "threshold", "xla"),
          make_policy(cfg.num_layers, threshold=0.3)),
-        ("d_predictor_gather", SparseSpec("d_countdown", "predictor", "xla"),
+        ("d_predictor_xla", SparseSpec("d_countdown", "predictor", "xla"),
          make_policy(cfg.num_layers, theta=0.5, predictor={
              "V": jax.random.normal(jax.random.key(3), (cfg.num_layers, cfg.d_model, 8)),
              "U": jax.random.normal(jax.random.key(4), (cfg.num_layers, cfg.d_ff, 8))})),
@@ -470,8 +470,8 @@ def sharded():
     return fake_devices.run_worker(__file__)
 
 
-@pytest.mark.parametrize("name", ["dense", "m_topk", "cats_threshold_gather",
-                                  "d_predictor_gather"])
+@pytest.mark.parametrize("name", ["dense", "m_topk", "cats_threshold_xla",
+                                  "d_predictor_xla"])
 def test_sharded_module_equals_single_device(sharded, name):
     r = sharded[name]
     assert r["y_max_abs"] < 1e-5 and r["kept_equal"], r

@@ -116,7 +116,8 @@ def test_fused_path_equals_masked(monkeypatch, pallas_interpret, n):
     calls, scored = [], []
     real = fused_api.fused_sparse_ffn
     monkeypatch.setattr(fused_api, "fused_sparse_ffn",
-                        lambda *a, **kw: calls.append(kw["method"]) or real(*a, **kw))
+                        lambda x, mlp, rule, **kw: calls.append(rule.method)
+                        or real(x, mlp, rule, **kw))
     real_scores = proxy_api.proxy_scores
     monkeypatch.setattr(proxy_api, "proxy_scores", lambda *a, **kw: scored.append(
         kw["implementation"]) or real_scores(*a, **kw))
@@ -137,7 +138,7 @@ def test_fused_path_equals_masked(monkeypatch, pallas_interpret, n):
                                               layer=l), static_argnums=3)
     y, kept = run(stack, jnp.int32(1), layer, _spec("pallas"))
     ym, km = run({k: jnp.asarray(v) for k, v in mlp.items()}, None, layer, _spec("masked"))
-    assert calls == ["d"] and scored == ["pallas"]     # the proxy kernel, then the fused FFN
+    assert calls == ["d_countdown"] and scored == ["pallas"]     # the proxy kernel, then the fused FFN
     np.testing.assert_array_equal(np.rint(np.asarray(kept) * m), keep.sum(-1))
     np.testing.assert_array_equal(np.rint(np.asarray(km) * m), keep.sum(-1))
     np.testing.assert_allclose(np.asarray(y), np.asarray(ym), rtol=1e-5, atol=1e-6)

@@ -196,7 +196,7 @@ def _worker():
     step = jax.jit(M.decode_step, static_argnames=("cfg", "spec"))
     for name, spec, pol in (
             ("dense", SparseSpec(), None),
-            ("m_threshold_gather", SparseSpec("m_countdown", "threshold",
+            ("m_threshold_xla", SparseSpec("m_countdown", "threshold",
                                               implementation="xla", capacity=24,
                                               shard_capacity=16),
              make_policy(L, threshold=0.8)),
@@ -325,7 +325,7 @@ def test_one_psum_per_ffn(report):
     assert c["dense"] == {"all-reduce": 2, "all-gather": 0, "other": 0,
                           "all_gather_shapes": []}, c
     # Practical M with a per-shard capacity: the same two, the selection is local.
-    assert c["m_threshold_gather"] == c["dense"], c
+    assert c["m_threshold_xla"] == c["dense"], c
     # Ideal D ranks across shards: one extra all-gather of |s| [B, 1, m] float32.
     assert c["d_ideal"]["all-reduce"] == 2 and c["d_ideal"]["other"] == 0, c
     assert c["d_ideal"]["all_gather_shapes"] == ["f32[4,1,96]"], c

@@ -57,10 +57,10 @@ def test_kernel_reads_only_its_layer(impl, dense):
     idx = jnp.asarray(np.stack([rng.permutation(M)[:8] for _ in range(2)]), jnp.int32)
     count = jnp.asarray([8, 3], jnp.int32)
     coef = jnp.asarray(rng.standard_normal((2, M)), jnp.float32) if dense else None
-    ref = sparse_ffn(x, w["gate"][l], w["up"][l], w["down"][l], idx, count, act="silu",
+    ref = sparse_ffn(x, {k: v[l] for k, v in w.items()}, idx, count, act="silu",
                      dense=dense, coef=coef)
-    got = sparse_ffn(x, poisoned["gate"], poisoned["up"], poisoned["down"], idx, count,
-                     act="silu", dense=dense, coef=coef, layer=jnp.int32(l),
+    got = sparse_ffn(x, poisoned, idx, count, act="silu", dense=dense, coef=coef,
+                     layer=jnp.int32(l),
                      implementation=impl, interpret=True)
     assert np.isfinite(np.asarray(got)).all()
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
@@ -71,16 +71,15 @@ def test_stacked_weights_need_layer():
     x = jnp.ones((1, D))
     idx = jnp.zeros((1, 4), jnp.int32)
     with pytest.raises(ValueError, match=r"layer=|\[m, d\]"):
-        sparse_ffn(x, w["gate"], w["up"], w["down"], idx, jnp.ones((1,), jnp.int32),
-                   act="silu", implementation="xla")
+        sparse_ffn(x, w, idx, jnp.ones((1,), jnp.int32), act="silu", implementation="xla")
 
 
 # The fused kernel (selection inside) on the stack: ragged m and d against every block size,
 # in-kernel scoring (M, D), XLA-computed scores (CATS), predicated and compacted reads.
 FUSED_STACKED = [
-    ("m", 2, dict(bn=16, bd=8, blocks_per_program=2)),
+    ("m_countdown", 2, dict(bn=16, bd=8, blocks_per_program=2)),
     ("cats", 1, dict(bn=8, bd=16, score="xla", compact=4, programs=2)),
-    ("d", 2, dict(bn=16, bd=8, bds=4, compact=4)),
+    ("d_countdown", 2, dict(bn=16, bd=8, bds=4, compact=4)),
 ]
 
 
@@ -88,7 +87,7 @@ FUSED_STACKED = [
 def test_fused_kernel_reads_only_its_layer(method, n, cfg):
     """Stacked weights + traced layer == the kernel on the sliced layer == the reference,
     with every other layer's rows NaN (a read outside layer l poisons y)."""
-    from countdown_jax.kernels.fused_sparse_ffn.api import fused_sparse_ffn
+    from countdown_jax.kernels.fused_sparse_ffn.api import IndexLists, Rule, fused_sparse_ffn
     from countdown_jax.kernels.fused_sparse_ffn.pallas_gpu import FusedConfig
     from countdown_jax.kernels.fused_sparse_ffn.reference import selection_scores
 
@@ -98,15 +97,16 @@ def test_fused_kernel_reads_only_its_layer(method, n, cfg):
     x = jnp.asarray(rng.standard_normal((n, D)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((4, D)) / np.sqrt(D), jnp.float32)    # Vt [r, d]
     u = jnp.asarray(rng.standard_normal((M, 4)), jnp.float32)
-    kw = dict(act="silu", method=method, pred_vt=v, pred_u=u, interpret=True)
+    kw = dict(act="silu", interpret=True)
+    rule = lambda t: Rule(method, t, pred_vt=v, pred_u=u)
     stacked = jax.jit(lambda ws, t, l: fused_sparse_ffn(
-        x, *ws, t, implementation="pallas", config=cfg, layer=l, **kw))
+        x, ws, rule(t), implementation="pallas", config=cfg, layer=l, **kw))
     sliced = jax.jit(lambda ws, t: fused_sparse_ffn(
-        x, *ws, t, implementation="pallas", config=cfg, **kw))
+        x, ws, rule(t), implementation="pallas", config=cfg, **kw))
     for l in (1, L - 1):                      # a middle layer and the last (no rows after it)
-        own = tuple(w[k][l] for k in ("gate", "up", "down"))
-        poisoned = tuple(w[k].at[jnp.arange(L) != l].set(jnp.nan) for k in ("gate", "up", "down"))
-        q = np.sort(np.asarray(selection_scores(x, *own[:2], act="silu", method=method,
+        own = {k: a[l] for k, a in w.items()}
+        poisoned = {k: a.at[jnp.arange(L) != l].set(jnp.nan) for k, a in w.items()}
+        q = np.sort(np.asarray(selection_scores(x, own, act="silu", method=method,
                                                 pred_vt=v, pred_u=u)[0]), axis=1)
         taus = {"random": jnp.asarray((q[:, 20] + q[:, 21]) / 2, jnp.float32),
                 "all": jnp.asarray(q[:, 0] - 1, jnp.float32),
@@ -114,11 +114,12 @@ def test_fused_kernel_reads_only_its_layer(method, n, cfg):
         for case, tau in taus.items():
             y, cnt = stacked(poisoned, tau, jnp.int32(l))
             ys, cs = sliced(own, tau)
-            r, rc = fused_sparse_ffn(x, *own, tau, implementation="xla", **kw)
+            r, rc = fused_sparse_ffn(x, own, rule(tau), implementation="xla", **kw)
             # the XLA paths slice (or list) the poisoned stack by layer too
-            rx, rxc = fused_sparse_ffn(x, *poisoned, tau, implementation="xla", layer=l, **kw)
-            gx, gxc = fused_sparse_ffn(x, *poisoned, tau, implementation="xla_gather",
-                                       layer=l, **kw)
+            rx, rxc = fused_sparse_ffn(x, poisoned, rule(tau), implementation="xla", layer=l,
+                                       **kw)
+            gx, gxc = fused_sparse_ffn(x, poisoned, rule(tau), implementation="xla",
+                                       config=IndexLists(), layer=l, **kw)
             assert np.isfinite(np.asarray(y)).all(), (case, l)
             for c in (cnt, cs, rxc, gxc):
                 np.testing.assert_array_equal(np.asarray(c), np.asarray(rc), err_msg=case)
@@ -133,17 +134,17 @@ def test_fused_kernel_reads_only_its_layer(method, n, cfg):
 
 
 def test_fused_stack_shape_errors():
-    from countdown_jax.kernels.fused_sparse_ffn.api import fused_sparse_ffn
+    from countdown_jax.kernels.fused_sparse_ffn.api import Rule, fused_sparse_ffn
     w = stack()
     x = jnp.ones((1, D))
+    rule = Rule("m_countdown", 0.0)
     with pytest.raises(ValueError, match="layer="):
-        fused_sparse_ffn(x, w["gate"], w["up"], w["down"], 0.0, act="silu", method="m")
+        fused_sparse_ffn(x, w, rule, act="silu")
     with pytest.raises(ValueError, match=r"\[L, m, d\]"):
-        fused_sparse_ffn(x, w["gate"][0], w["up"][0], w["down"][0], 0.0, act="silu",
-                         method="m", layer=0)
+        fused_sparse_ffn(x, {k: v[0] for k, v in w.items()}, rule, act="silu", layer=0)
     with pytest.raises(ValueError, match="scores"):
-        fused_sparse_ffn(x, w["gate"], w["up"], w["down"], 0.0, act="silu", method="m",
-                         layer=0, scores=jnp.ones((1, M - 1)))
+        fused_sparse_ffn(x, w, Rule("m_countdown", 0.0, scores=jnp.ones((1, M - 1))),
+                         act="silu", layer=0)
 
 
 def test_stack_past_int32_offsets_hands_the_kernel_one_layer(monkeypatch):
@@ -156,12 +157,12 @@ def test_stack_past_int32_offsets_hands_the_kernel_one_layer(monkeypatch):
     idx = jnp.asarray(np.stack([rng.permutation(M)[:8] for _ in range(2)]), jnp.int32)
     count = jnp.asarray([8, 5], jnp.int32)
     l = 2
-    ref = sparse_ffn(x, w["gate"][l], w["up"][l], w["down"][l], idx, count, act="silu")
+    ref = sparse_ffn(x, {k: v[l] for k, v in w.items()}, idx, count, act="silu")
     flat, off, m = _platform.flat_stack(tuple(w.values()), l)
     assert flat[0].shape == (L * M, D) and m == M
     monkeypatch.setattr(_platform, "MAX_FLAT_ELEMENTS", M * D)            # one layer fits
     flat, off, m = _platform.flat_stack(tuple(w.values()), l)
     assert flat[0].shape == (M, D) and off == 0 and m == M
-    got = sparse_ffn(x, w["gate"], w["up"], w["down"], idx, count, act="silu",
-                     layer=jnp.int32(l), implementation="pallas_gpu", interpret=True)
+    got = sparse_ffn(x, w, idx, count, act="silu", layer=jnp.int32(l),
+                     implementation="pallas_gpu", interpret=True)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)

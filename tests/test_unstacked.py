@@ -127,9 +127,9 @@ def test_stack_round_trip_and_layer_count(tiny):
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
 @pytest.mark.parametrize("layers", ["stacked", "unstacked"])
-def test_pallas_decode_on_gpu_matches_xla_gather(tiny, layers):
+def test_pallas_decode_on_gpu_matches_xla_index_lists(tiny, layers):
     """Compiled: the model's pallas path (fused kernel for these rules: no capacity, decode
-    batch) against the XLA gather of the same rule, stacked and unstacked layers."""
+    batch) against the XLA index lists of the same rule, stacked and unstacked layers."""
     params, cfg = tiny
     if layers == "unstacked":
         params = M.unstack_layers(params)

@@ -25,11 +25,12 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from countdown_jax.gated import MLP_KEYS
 from countdown_jax.selection import mask_to_indices
 
-__all__ = ["IMPLEMENTATIONS", "MAX_FLAT_ELEMENTS", "check_implementation", "flat_stack",
-           "index_list", "interpret_enabled", "interpret_mode", "layer_slice", "pallas_backend",
-           "reset_fallback_warnings", "resolve", "warn_once"]
+__all__ = ["IMPLEMENTATIONS", "MAX_FLAT_ELEMENTS", "check_implementation", "flat_mlp",
+           "flat_stack", "index_list", "interpret_enabled", "interpret_mode", "layer_slice",
+           "pallas_backend", "reset_fallback_warnings", "resolve", "warn_once"]
 
 IMPLEMENTATIONS = ("xla", "pallas", "pallas_gpu", "pallas_tpu")
 
@@ -124,6 +125,12 @@ def flat_stack(ws, layer, op: str = "sparse_ffn"):
     if nl * m * d > MAX_FLAT_ELEMENTS:
         return layer_slice(ws, layer), 0, m
     return tuple(w.reshape(nl * m, d) for w in ws), jnp.asarray(layer, jnp.int32) * m, m
+
+
+def flat_mlp(mlp, layer, op: str):
+    """``flat_stack`` of an MLP's {"gate", "up", "down"} weights, kept as a dict."""
+    ws, off, m = flat_stack(tuple(mlp[k] for k in MLP_KEYS), layer, op)
+    return dict(zip(MLP_KEYS, ws)), off, m
 
 
 def index_list(keep, capacity: int):

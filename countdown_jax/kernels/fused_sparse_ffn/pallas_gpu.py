@@ -8,7 +8,7 @@ Per block of ``bn`` consecutive neurons a program
      up for D) and of W_down, and accumulates s * W_down[row] in float32 registers.
 No index list and no host sync: the selection never leaves the kernel. The dense scoring
 stream of co-resident programs hides the latency of the dependent sparse loads.
-Method "dc" (the cascade) selects candidates as D, forms their exact s from the gate/up
+The cascade (D with tau_s) selects candidates as D, forms their exact s from the gate/up
 rows, and reads W_down rows only where |s| > tau_s (its kept count): the down loads
 depend on s, so they cannot be issued with the gate/up loads (``prefetch`` must be off).
 
@@ -36,6 +36,10 @@ from jax.experimental.pallas import triton as plt
 
 from countdown_jax.gated import activation
 from countdown_jax.kernels import _triton_tiles as tt
+from countdown_jax.kernels.fused_sparse_ffn.reference import Rule, fused_method, predictor_hidden
+from countdown_jax.policy import Method
+
+M_COUNTDOWN, CATS, D_COUNTDOWN = Method.M_COUNTDOWN, Method.CATS, Method.D_COUNTDOWN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,29 +91,30 @@ class FusedConfig:
         return min(self.programs or -(-nblk // self.blocks_per_program), nblk)
 
 
-def default_config(dtype, method: str = "m") -> FusedConfig:
+def default_config(dtype, method=M_COUNTDOWN, cascade: bool = False) -> FusedConfig:
     """Fastest variant at Llama-3.1-8B shapes (the H100 prefetch comparison in
     experiments/results/bench_kernels.csv; no knob beat it on the H200): scores from XLA's dense GEMV (u, act(g), or the
     predictor's z), blocks of neurons compacted into tiles of 4 kept rows whose W_down
     loads are issued with their gate/up loads. M and CATS: 64-neuron blocks on 264
     programs; D (three gathered matrices): 32-neuron blocks on 448 programs. The cascade
-    (dc): D's, without prefetch (its W_down rows are known only after s; not measured).
+    (D with tau_s): D's, without prefetch (its W_down rows are known only after s; not
+    measured).
     float32 rows: half the columns per 16-byte vector, so half the chunk width."""
     bd = 1024 if jnp.dtype(dtype).itemsize <= 2 else 512
-    if method in ("d", "dc"):
+    if fused_method(method) == D_COUNTDOWN:
         return FusedConfig(bn=32, bd=bd, num_warps=4, programs=448, compact=4,
-                           score="xla", prefetch=method == "d")
+                           score="xla", prefetch=not cascade)
     return FusedConfig(bn=64, bd=bd, num_warps=4, programs=264, compact=4, score="xla",
                        prefetch=True)
 
 
-def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
+def _kernel(*refs, method, cascade, act, m, d, ds, nb, cfg: FusedConfig):
     x_ref, s_ref, ws_ref, wg_ref, wu_ref, wd_ref, tau_ref, off_ref, taus_ref = refs[:9]
     out_ref, cnt_ref = refs[-2:]
     p = pl.program_id(0)
     off = off_ref[0]          # first weight row of this layer (0, or l*m in a flat stack)
-    pred = method in ("d", "dc")
-    # U (methods d, dc) is one layer's [m, r]: only the model's weights carry the offset.
+    pred = method == D_COUNTDOWN
+    # U (D's predictor) is one layer's [m, r]: only the model's weights carry the offset.
     ws_off = 0 if pred else off
     bn, bd = cfg.bn, cfg.bd
     bds = cfg.bds or (min(512, pl.next_power_of_2(ds)) if pred else bd)
@@ -124,22 +129,22 @@ def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
         [tt.load_vec(s_ref, (b,), c0, bds, ds) for c0, _ in tt.chunks(ds, bds)]
         for b in range(nb)]
     taus = [tau_ref[b] for b in range(nb)]
-    tss = [taus_ref[b] for b in range(nb)]          # the cascade's |s| threshold (dc)
+    tss = [taus_ref[b] for b in range(nb)]          # the cascade's |s| threshold
 
     def sparse_part(carry, rows, ok, keep, dense_vals):
         """Read kept rows only: coefficients s per token, then accumulate s * W_down.
-        carry: (acc, cnts); dc counts its kept rows here (known only after s)."""
+        carry: (acc, cnts); the cascade counts its kept rows here (known only after s)."""
         acc, cnts = carry
         rows = rows + off
-        first = (wg_ref, wu_ref) if pred else {"m": (wg_ref,), "cats": (wu_ref,)}[method]
+        first = (wg_ref, wu_ref) if pred else {M_COUNTDOWN: (wg_ref,), CATS: (wu_ref,)}[method]
         dots, down = tt.kept_row_dots(first, wd_ref, rows, ok, xs, bd, d, cfg.prefetch)
-        if method == "m":
+        if method == M_COUNTDOWN:
             s = [f(dots[0][b]) * dense_vals[b] for b in range(nb)]
-        elif method == "cats":
+        elif method == CATS:
             s = [dense_vals[b] * dots[0][b] for b in range(nb)]
         else:
             s = [f(dots[0][b]) * dots[1][b] for b in range(nb)]
-        if method == "dc":      # second stage: W_down rows of |s| > tau_s only
+        if cascade:             # second stage: W_down rows of |s| > tau_s only
             keep = [k & (jnp.abs(v) > t) for k, v, t in zip(keep, s, tss)]
             ok = _any(keep)
             cnts = [c + jnp.sum(k.astype(jnp.int32)) for c, k in zip(cnts, keep)]
@@ -156,10 +161,10 @@ def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
                   else s_ref[b, rows] for b in range(nb)]
         else:
             sc = tt.row_dots(ws_ref, rows + ws_off, rv, ss, bds, ds)
-        if method == "m":
+        if method == M_COUNTDOWN:
             dense_vals = sc
             keep = [jnp.abs(sc[b]) > taus[b] for b in range(nb)]
-        elif method == "cats":
+        elif method == CATS:
             dense_vals = sc if cfg.score == "xla" else [f(v) for v in sc]
             keep = [jnp.abs(dense_vals[b]) > taus[b] for b in range(nb)]
         else:
@@ -168,7 +173,7 @@ def _kernel(*refs, method, act, m, d, ds, nb, cfg: FusedConfig):
         if rv is not None:
             keep = [k & rv for k in keep]
         anyk = _any(keep)
-        if method != "dc":
+        if not cascade:
             cnts = [c + jnp.sum(k.astype(jnp.int32)) for c, k in zip(cnts, keep)]
 
         if not cfg.compact:
@@ -215,41 +220,40 @@ def _any(masks):
     return out
 
 
-def fused_sparse_ffn_pallas_gpu(x, w_gate, w_up, w_down, tau, *, act, method, h=None,
-                                pred_u=None, config: FusedConfig | None = None,
-                                interpret: bool = False, scores=None, row_offset=0, m=None,
-                                tau_s=None):
-    """x [N, d]; tau [N] float32; for methods "d", "dc": h = x V [N, r] and U [m, r];
-    "dc" also tau_s [N] float32 (keep the candidates with |s| > tau_s).
+def fused_sparse_ffn_pallas_gpu(x, mlp, rule: Rule, *, act, config: FusedConfig | None = None,
+                                interpret: bool = False, row_offset=0, m=None):
+    """x [N, d]; rule.tau [N] float32 (rule.tau_s too, the cascade).
 
     Weights [R, d]: neuron i is row ``row_offset + i`` (R = m = one layer, or a flattened
-    [L*m, d] stack with ``m`` given). scores [N, m] float32, read instead of a scoring
-    stream when ``config.score == "xla"`` (required then): u (m), act(g) (cats), z (d, dc).
+    [L*m, d] stack with ``m`` given). rule.scores [N, m] float32, read instead of a scoring
+    stream when ``config.score == "xla"`` (required then): u, act(g) or z.
     """
-    cfg = config or default_config(w_down.dtype, method)
+    method, cascade = rule.method, rule.cascade
+    cfg = config or default_config(mlp["down"].dtype, method, cascade)
     nb, d = x.shape
-    if (method == "dc") != (tau_s is not None):
-        raise ValueError("tau_s is required for method 'dc' and only for it")
-    if method == "dc" and cfg.prefetch:
-        raise ValueError("method 'dc' reads W_down rows only after s is known: "
+    if cascade and cfg.prefetch:
+        raise ValueError("the cascade reads W_down rows only after s is known: "
                          "FusedConfig(prefetch=True) does not apply, use prefetch=False")
-    m = w_down.shape[0] if m is None else m
+    m = mlp["down"].shape[0] if m is None else m
     if cfg.score == "xla":      # XLA's GEMV is the fastest dense stream; the kernel reads it
-        if scores is None or scores.shape != (nb, m):
+        if rule.scores is None or rule.scores.shape != (nb, m):
             raise ValueError(f"FusedConfig(score='xla') needs scores [N, m] = {(nb, m)}, got "
-                             f"{None if scores is None else scores.shape}")
-        sin, ws, ds = scores.astype(jnp.float32), jnp.zeros((1, 1), x.dtype), 1
+                             f"{None if rule.scores is None else rule.scores.shape}")
+        sin, ws, ds = rule.scores.astype(jnp.float32), jnp.zeros((1, 1), x.dtype), 1
     else:
-        if scores is not None:
+        if rule.scores is not None:
             raise ValueError("scores are read only with FusedConfig(score='xla')")
-        ws, sin = {"m": (w_up, x), "cats": (w_gate, x), "d": (pred_u, h),
-                   "dc": (pred_u, h)}[method]
+        if method == D_COUNTDOWN:       # U's rows dotted with h = x V [N, r] (h in XLA)
+            ws, sin = rule.pred_u, predictor_hidden(x, rule.pred_vt)
+        else:
+            ws, sin = mlp["up"] if method == M_COUNTDOWN else mlp["gate"], x
         ds = ws.shape[1]
     P = cfg.grid(m)
-    kern = functools.partial(_kernel, method=method, act=act, m=m, d=d, ds=ds, nb=nb, cfg=cfg)
+    kern = functools.partial(_kernel, method=method, cascade=cascade, act=act, m=m, d=d,
+                             ds=ds, nb=nb, cfg=cfg)
     params = plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    tau_s = jnp.zeros((nb,), jnp.float32) if tau_s is None else tau_s   # unused unless dc
-    args = (x, sin, ws, w_gate, w_up, w_down, tau.astype(jnp.float32),
+    tau_s = jnp.zeros((nb,), jnp.float32) if rule.tau_s is None else rule.tau_s  # cascade only
+    args = (x, sin, ws, mlp["gate"], mlp["up"], mlp["down"], rule.tau.astype(jnp.float32),
             jnp.reshape(jnp.asarray(row_offset, jnp.int32), (1,)), tau_s.astype(jnp.float32))
     dp = -(-d // cfg.bd) * cfg.bd
     y_shape = (jax.ShapeDtypeStruct((P, nb, d), jnp.float32) if cfg.reduce == "partial"
@@ -264,9 +268,10 @@ def fused_sparse_ffn_pallas_gpu(x, w_gate, w_up, w_down, tau, *, act, method, h=
     if cfg.poison:
         aliases[len(args) + len(init)] = 1
         init.append(jnp.full(cnt_shape.shape, jnp.iinfo(jnp.int32).min, jnp.int32))
+    rule_name = method.value + ("_cascade" if cascade else "")
     y, cnt = pl.pallas_call(
         kern, grid=(P,), compiler_params=params, interpret=interpret,
         out_shape=(y_shape, cnt_shape), input_output_aliases=aliases,
-        name=f"fused_sparse_ffn_{method}_{cfg.reduce}")(*args, *init)
+        name=f"fused_sparse_ffn_{rule_name}_{cfg.reduce}")(*args, *init)
     y = jnp.sum(y, axis=0) if cfg.reduce == "partial" else jnp.sum(y, axis=0)[:, :d]
     return y.astype(x.dtype), jnp.sum(cnt, axis=0)

@@ -1,43 +1,34 @@
-"""Gathered sparse FFN: one entry point, ``implementation=`` picks the backend.
+"""Gathered sparse FFN: x, the MLP's weights and an index list per token -> y.
 
-implementation (the vocabulary of every kernel op, ``kernels._platform``):
-  "xla"         plain-JAX reference (jnp.take of the listed rows, float32 accumulation)
-  "pallas"      the Pallas kernel for the running platform: pallas_gpu on GPU, pallas_tpu
-                on TPU. On CPU there is no compiled Pallas: it falls back to "xla" and
-                warns once (interpret mode runs the GPU kernel in the interpreter).
-  "pallas_gpu"  the Triton-lowered kernel (compiled on GPU, or interpreted anywhere)
-  "pallas_tpu"  the Mosaic TPU block-gather kernel (compiled on TPU, or interpreted)
-interpret: True / False, or None = the ``_platform.interpret_mode`` setting.
-
-Contract: x [N, d]; w_gate, w_up, w_down [m, d] (row-per-neuron, down transposed), or the
-model's stacked [L, m, d] with ``layer`` (a traced index): the stack is then read in place
-as flat [L*m, d] rows from l*m on (slicing a layer out for a custom call would copy it);
-idx [N, C] int32 (capacity-padded neuron list per token); count [N] int32 (entries of idx
-beyond count are ignored; count is clipped to C); coef [N, m] when dense is "up"
-(u, M-COUNTDOWN) or "gate" (act(g), CATS). Returns y [N, d] in x.dtype.
+``implementation`` (``kernels._platform``): "xla" (jnp.take of the listed rows), "pallas"
+(the platform's kernel), "pallas_gpu", "pallas_tpu". Contract: x [N, d]; mlp {"gate",
+"up", "down"} [m, d] (row-per-neuron, down transposed), or stacked [L, m, d] with
+``layer`` (a traced index: the stack is read in place); idx [N, C] int32 (entries past
+count are ignored; count is clipped to C); coef [N, m] when dense is "up" (u, M-COUNTDOWN)
+or "gate" (act(g), CATS). Returns y [N, d] in x.dtype.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from countdown_jax.kernels._platform import (IMPLEMENTATIONS, flat_stack, index_list,
-                                             interpret_enabled, layer_slice, resolve,
-                                             warn_once)
+from countdown_jax.gated import MLP_KEYS, layer_weights
+from countdown_jax.kernels._platform import (IMPLEMENTATIONS, flat_mlp, index_list,
+                                             interpret_enabled, resolve, warn_once)
 from countdown_jax.kernels.sparse_ffn.reference import sparse_ffn_reference
 
 __all__ = ["IMPLEMENTATIONS", "index_list", "sparse_ffn"]
 
 
-def _check(x, w_gate, w_up, w_down, idx, count, dense, coef):
+def _check(x, mlp, idx, count, dense, coef):
     if x.ndim != 2:
         raise ValueError(f"sparse_ffn: x must be [N, d], got shape {x.shape}")
     n, d = x.shape
-    m = w_down.shape[0]
-    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
-        if w.shape != (m, d):
+    m = mlp["down"].shape[0]
+    for name in MLP_KEYS:
+        if mlp[name].shape != (m, d):
             raise ValueError(f"sparse_ffn: {name} must be [m, d] = {(m, d)} (row-per-neuron, "
-                             f"down transposed), got {w.shape}")
+                             f"down transposed), got {mlp[name].shape}")
     if idx.ndim != 2 or idx.shape[0] != n:
         raise ValueError(f"sparse_ffn: idx must be [N={n}, C], got {idx.shape}")
     if count.shape != (n,):
@@ -49,9 +40,8 @@ def _check(x, w_gate, w_up, w_down, idx, count, dense, coef):
                          f"{None if coef is None else coef.shape}")
 
 
-def sparse_ffn(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=None,
-               implementation: str = "xla", interpret: bool | None = None, config=None,
-               layer=None, s_tau=None):
+def sparse_ffn(x, mlp, idx, count, *, act, dense=None, coef=None, implementation: str = "xla",
+               interpret: bool | None = None, config=None, layer=None, s_tau=None):
     """See module docstring. ``config``: backend tuning (GatherConfig or TPU block size).
 
     s_tau [N] float32 (cascade rule, dense=None only): listed neurons with |s| <= s_tau
@@ -62,29 +52,26 @@ def sparse_ffn(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=Non
         if dense is not None or s_tau.shape != (x.shape[0],):
             raise ValueError(f"sparse_ffn: s_tau must be [N={x.shape[0]}] with dense=None, "
                              f"got {s_tau.shape} with dense={dense!r}")
-    if layer is not None and w_down.ndim == 3:
-        _check(x, w_gate[0], w_up[0], w_down[0], idx, count, dense, coef)
+    if layer is not None and mlp["down"].ndim == 3:
+        _check(x, {k: mlp[k][0] for k in MLP_KEYS}, idx, count, dense, coef)
     else:
-        _check(x, w_gate, w_up, w_down, idx, count, dense, coef)
+        _check(x, mlp, idx, count, dense, coef)
     interpret = interpret_enabled(interpret)
     impl = resolve(implementation, interpret, "sparse_ffn")
     if impl == "pallas_tpu" and s_tau is not None:
         warn_once("the TPU sparse FFN kernel has no cascade (s_tau); it runs on the XLA "
                   "reference")
         impl = "xla"
-    if impl in ("xla", "pallas_gpu"):
-        (w_gate, w_up, w_down), off, m = flat_stack((w_gate, w_up, w_down), layer)
+    if impl == "pallas_tpu":   # TPU block gather: one layer's matrices (a sliced copy)
+        from countdown_jax.kernels.sparse_ffn.pallas_tpu import sparse_ffn_pallas_tpu
+        return sparse_ffn_pallas_tpu(x, layer_weights(mlp, layer), idx, count, act=act,
+                                     dense=dense, coef=coef, block=config or 128,
+                                     interpret=interpret)
+    flat, off, m = flat_mlp(mlp, layer, "sparse_ffn")
     if impl == "xla":
-        return sparse_ffn_reference(x, w_gate, w_up, w_down, idx, count, act=act,
-                                    dense=dense, coef=coef, row_offset=off, m=m, s_tau=s_tau)
-    if impl == "pallas_gpu":
-        from countdown_jax.kernels.sparse_ffn.pallas_gpu import sparse_ffn_pallas_gpu
-        return sparse_ffn_pallas_gpu(x, w_gate, w_up, w_down, idx, count, act=act,
-                                     dense=dense, coef=coef, config=config,
-                                     interpret=interpret, row_offset=off, m=m, s_tau=s_tau)
-    if layer is not None:  # TPU block gather: one layer's matrices (a sliced copy)
-        w_gate, w_up, w_down = layer_slice((w_gate, w_up, w_down), layer)
-    from countdown_jax.kernels.sparse_ffn.pallas_tpu import sparse_ffn_pallas_tpu
-    return sparse_ffn_pallas_tpu(x, w_gate, w_up, w_down, idx, count, act=act,
-                                 dense=dense, coef=coef, block=config or 128,
-                                 interpret=interpret)
+        return sparse_ffn_reference(x, flat, idx, count, act=act, dense=dense, coef=coef,
+                                    row_offset=off, m=m, s_tau=s_tau)
+    from countdown_jax.kernels.sparse_ffn.pallas_gpu import sparse_ffn_pallas_gpu
+    return sparse_ffn_pallas_gpu(x, flat, idx, count, act=act, dense=dense, coef=coef,
+                                 config=config, interpret=interpret, row_offset=off, m=m,
+                                 s_tau=s_tau)

@@ -104,25 +104,25 @@ def _kernel(*refs, act, dense, m, d, cap, cfg: GatherConfig, cascade: bool):
             plt.atomic_add(out_ref, (n, tt.col_index(c0, bd)), a)
 
 
-def sparse_ffn_pallas_gpu(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=None,
+def sparse_ffn_pallas_gpu(x, mlp, idx, count, *, act, dense=None, coef=None,
                           config: GatherConfig | None = None, interpret: bool = False,
                           row_offset=0, m=None, s_tau=None):
-    """Weights [R, d]; neuron i is row ``row_offset + i`` (see the reference).
-    s_tau [N] float32 (the cascade, dense=None): returns (y, kept [N] int32)."""
-    cfg = config or default_config(w_down.dtype)
+    """Weights {"gate", "up", "down"} [R, d]; neuron i is row ``row_offset + i`` (see the
+    reference). s_tau [N] float32 (the cascade, dense=None): returns (y, kept [N] int32)."""
+    cfg = config or default_config(mlp["down"].dtype)
     n, d = x.shape
     cascade = s_tau is not None
     if cascade and (dense is not None or cfg.prefetch):
         raise ValueError("s_tau (the cascade) needs dense=None and GatherConfig(prefetch="
                          "False): W_down rows are read only after s is known")
-    m = w_down.shape[0] if m is None else m
+    m = mlp["down"].shape[0] if m is None else m
     cap = idx.shape[1]
     if coef is None:
         coef = jnp.zeros((n, 1), jnp.float32)      # unused placeholder operand
     kern = functools.partial(_kernel, act=act, dense=dense, m=m, d=d, cap=cap, cfg=cfg,
                              cascade=cascade)
     params = plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    args = (x, w_gate, w_up, w_down, idx.astype(jnp.int32), count.astype(jnp.int32),
+    args = (x, mlp["gate"], mlp["up"], mlp["down"], idx.astype(jnp.int32), count.astype(jnp.int32),
             coef.astype(jnp.float32), jnp.reshape(jnp.asarray(row_offset, jnp.int32), (1,)),
             (jnp.zeros((n,)) if s_tau is None else s_tau).astype(jnp.float32))
     dp = -(-d // cfg.bd) * cfg.bd

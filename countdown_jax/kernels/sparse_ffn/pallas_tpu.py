@@ -66,10 +66,10 @@ def _kernel(blocks_ref, nlive_ref, x_ref, wg_ref, wu_ref, wd_ref, sel_ref, coef_
         out_ref[...] += jnp.dot(s, wd, precision=HIGHEST, preferred_element_type=jnp.float32)
 
 
-def sparse_ffn_pallas_tpu(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=None,
+def sparse_ffn_pallas_tpu(x, mlp, idx, count, *, act, dense=None, coef=None,
                           block: int = 128, interpret: bool = False):
     n, d = x.shape
-    m = w_down.shape[0]
+    m = mlp["down"].shape[0]
     sel, blocks, nlive = block_list(idx, count, m, block)
     nblk, mp = blocks.shape[0], sel.shape[1]
     coef = jnp.zeros((n, mp), jnp.float32) if coef is None else jnp.pad(
@@ -93,5 +93,5 @@ def sparse_ffn_pallas_tpu(x, w_gate, w_up, w_down, idx, count, *, act, dense=Non
         out_shape=jax.ShapeDtypeStruct((n, d), jnp.float32),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
         name="sparse_ffn_blocks_tpu",
-    )(blocks, nlive, x, w_gate, w_up, w_down, sel, coef)
+    )(blocks, nlive, x, mlp["gate"], mlp["up"], mlp["down"], sel, coef)
     return y.astype(x.dtype)

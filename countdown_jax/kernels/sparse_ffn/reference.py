@@ -19,9 +19,10 @@ from countdown_jax.gated import HIGHEST, activation   # HIGHEST: float32 means f
 __all__ = ["sparse_ffn_reference"]
 
 
-def sparse_ffn_reference(x, w_gate, w_up, w_down, idx, count, *, act, dense=None, coef=None,
-                         row_offset=0, m=None, s_tau=None):
-    """x [N, d]; w_* [R, d]; idx [N, C] int32; count [N] int32; coef [N, m] when dense is set.
+def sparse_ffn_reference(x, mlp, idx, count, *, act, dense=None, coef=None, row_offset=0,
+                         m=None, s_tau=None):
+    """x [N, d]; mlp {"gate", "up", "down"} [R, d]; idx [N, C] int32; count [N] int32;
+    coef [N, m] when dense is set.
 
     s_tau [N] float32 (the cascade rule): of the listed neurons only those with
     |s_i| > s_tau contribute; returns (y, kept [N] int32) instead of y.
@@ -30,34 +31,34 @@ def sparse_ffn_reference(x, w_gate, w_up, w_down, idx, count, *, act, dense=None
     layer's matrices; a flattened [L*m, d] stack with offset l*m reads layer l in place).
     """
     n, c = idx.shape
-    m = w_down.shape[0] if m is None else m
+    m = mlp["down"].shape[0] if m is None else m
     # Entries past count (and any outside [0, m)) are padding: read row 0, weight 0, so
     # junk in the padding can neither fault nor poison the sum (NaN * 0).
     valid = (jnp.arange(c)[None, :] < count[:, None]) & (idx >= 0) & (idx < m)   # [N, C]
     idx = jnp.where(valid, idx, 0)
 
-    def rows(w):               # [N, C, d] in the weights' dtype (no float32 copy of W)
-        return jnp.take(w, idx + row_offset, axis=0)
+    def rows(name):            # [N, C, d] in the weights' dtype (no float32 copy of W)
+        return jnp.take(mlp[name], idx + row_offset, axis=0)
 
-    def dots(w):               # [N, C]: row . x with float32 accumulation, no TF32
-        return jnp.einsum("nd,ncd->nc", x, rows(w), preferred_element_type=jnp.float32,
+    def dots(name):            # [N, C]: row . x with float32 accumulation, no TF32
+        return jnp.einsum("nd,ncd->nc", x, rows(name), preferred_element_type=jnp.float32,
                           precision=HIGHEST)
 
     def picked(v):             # [N, m] -> [N, C]
         return jnp.take_along_axis(v.astype(jnp.float32), idx, axis=1)
 
     if dense == "up":
-        s = activation(act)(dots(w_gate)) * picked(coef)
+        s = activation(act)(dots("gate")) * picked(coef)
     elif dense == "gate":
-        s = picked(coef) * dots(w_up)
+        s = picked(coef) * dots("up")
     elif dense is None:
-        s = activation(act)(dots(w_gate)) * dots(w_up)
+        s = activation(act)(dots("gate")) * dots("up")
     else:
         raise ValueError(f"dense must be 'up', 'gate' or None, got {dense!r}")
     if s_tau is not None:
         valid = valid & (jnp.abs(s) > s_tau[:, None])
     s = jnp.where(valid, s, 0.0)
-    y = jnp.einsum("nc,ncd->nd", s, rows(w_down).astype(jnp.float32), precision=HIGHEST)
+    y = jnp.einsum("nc,ncd->nd", s, rows("down").astype(jnp.float32), precision=HIGHEST)
     if s_tau is not None:
         return y.astype(x.dtype), jnp.sum(valid, axis=1, dtype=jnp.int32)
     return y.astype(x.dtype)
