@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXP = ROOT / "experiments"
 RESULTS = EXP / "results"
 # the kernels' shipped defaults and the first index-list variant (what --best names)
-BEST = {**chosen(), "gather": "bj8-bd1024-w4-p132"}
+BEST = {**chosen(), "lists": "bj8-bd1024-w4-p132"}
+M, D = "m_countdown", "d_countdown"
 TINY_RUN = ("--smoke", "--iters", 1, "--reps", 1, "--sets", 1)
 
 
@@ -108,15 +109,15 @@ def test_no_session_or_run_numbers_in_benchmark_code():
 # ----------------------------------------------------------------------------- kernel bench
 
 def test_bench_kernels_prefetch_plan_then_the_matrix_steps_named(tmp_path):
-    best = {"m": "xs-bn64-bd1024-w4-p264-c8", "cats": "xs-bn64-bd1024-w4-p264-c8",
-            "d": "bn32-bds256-bd1024-w4-b2-c8", "gather": "bj8-bd1024-w4-p132"}
+    best = {M: "xs-bn64-bd1024-w4-p264-c8", "cats": "xs-bn64-bd1024-w4-p264-c8",
+            D: "bn32-bds256-bd1024-w4-b2-c8", "lists": "bj8-bd1024-w4-p132"}
     r = _run(EXP / "bench_kernels.py", "--plan", "prefetch", "--out", tmp_path, *TINY_RUN,
              "--batches", 2, "--only", "llama-3.1-8b/float32/1", "--best", json.dumps(best))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = _rows(tmp_path / "bench_kernels.csv")
     timed = [x for x in rows if x["us_per_call"]]
-    assert {x["method"] for x in timed} >= {"dense", "m", "cats", "d", "loop-overhead"}
-    assert {x["dtype"] for x in timed if x["method"] == "m"} == {"bfloat16", "float32"}
+    assert {x["method"] for x in timed} >= {"dense", M, "cats", D, "loop-overhead"}
+    assert {x["dtype"] for x in timed if x["method"] == M} == {"bfloat16", "float32"}
     assert {x["method"] for x in rows} >= {"hbm-copy", "hbm-read"}
     prefetched = {x["variant"] for x in timed if x["variant"].endswith("-pf")}
     assert "xs-bn64-bd1024-w4-p264-c4-pf" in prefetched and "bj4-bd1024-w4-p264-pf" in prefetched
@@ -133,12 +134,24 @@ def test_bench_kernels_probe_plan_and_one_kind_of_matrix_step(tmp_path):
     rows = _rows(tmp_path / "bench_kernels.csv")
     assert not [x for x in rows if "FAILED" in x["note"]]
     probed = {x["variant"] for x in rows if x["shape"] == "llama-3.1-8b" and x["us_per_call"]}
-    assert {BEST["m"], BEST["d"], "xs-bn64-bd1024-w4-p264-c4-pf-s2",
+    assert {BEST[M], BEST[D], "xs-bn64-bd1024-w4-p264-c4-pf-s2",
             "xs-bn32-bd1024-w4-p448-c2-pf"} <= probed
     gemma = {(x["method"], x["implementation"]) for x in rows
              if x["shape"] == "gemma-2-9b" and x["us_per_call"]}
-    assert ("m", "pallas-gather") in gemma and ("d", "xla-gather") in gemma
+    assert (M, "pallas-gather") in gemma and (D, "xla-gather") in gemma
     assert not [x for x in gemma if x[1] == "pallas-fused"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--plan", "all"), "plan 'all' was renamed 'tune'"),
+    (("--best", '{"gather": "bj8-bd1024-w4-p132"}'), "'gather' was renamed 'lists'"),
+    (("--xs-best", '{"m": "xs-bn16-bd1024-w4-p264"}'), "'m' was renamed 'm_countdown'"),
+    (("--methods", "m_countdown", "d"), "'d' was renamed 'd_countdown'")])
+def test_bench_kernels_refuses_old_names_naming_the_new(args, message, capsys):
+    from experiments.bench_kernels import parse_args
+    with pytest.raises(SystemExit) as exit_:
+        parse_args([*args, "--smoke"])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_bench_kernels_stages_plan_defaults_to_the_shipped_kernels(tmp_path):
@@ -146,8 +159,8 @@ def test_bench_kernels_stages_plan_defaults_to_the_shipped_kernels(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = _rows(tmp_path / "bench_kernels.csv")
     assert {(x["method"], x["variant"], x["sparsity"]) for x in rows if x["us_per_call"]} >= {
-        ("m", BEST["m"], "0.9"), ("m", BEST["m"], "1.0"), ("d", BEST["d"], "0.9"),
-        ("d", BEST["d"], "1.0"), ("dense", "einsum", "0.0")}
+        (M, BEST[M], "0.9"), (M, BEST[M], "1.0"), (D, BEST[D], "0.9"),
+        (D, BEST[D], "1.0"), ("dense", "einsum", "0.0")}
     assert not [x for x in rows if "FAILED" in x["note"]]
 
 
@@ -167,10 +180,10 @@ def test_report_matrix_runs_are_the_runs_covering_every_shape_and_dtype():
     rows = _rows(RESULTS / "bench_kernels.csv")
     runs = matrix_runs(rows)
     assert runs and runs == tuple(sorted(runs, key=int, reverse=True))
-    shapes = {(x["shape"], x["dtype"]) for x in rows if x["method"] == "m" and x["us_per_call"]}
+    shapes = {(x["shape"], x["dtype"]) for x in rows if x["method"] == M and x["us_per_call"]}
     for run in runs:
         assert shapes <= {(x["shape"], x["dtype"]) for x in rows
-                          if x["run"] == run and x["method"] in ("m", "cats", "d")}
+                          if x["run"] == run and x["method"] in (M, "cats", D)}
     partial = [dict(x, run="99") for x in rows if x["run"] == runs[0]
                and x["shape"] != "phi-4"]
     assert "99" not in matrix_runs(rows + partial)
@@ -191,7 +204,7 @@ def test_bench_kernels_proxy_plan_times_the_kernel_and_the_proxy_ffn(tmp_path):
         assert (f"proxy-{fmt}", "pallas", "0.0") in timed
         for impl in ("pallas-fused", "pallas-gather"):
             assert {(f"proxy-d-{fmt}", impl, s) for s in ("0.5", "0.9")} <= timed
-    assert {("dense", "xla-dense", "0.0"), ("d", "pallas-fused", "0.9")} <= timed
+    assert {("dense", "xla-dense", "0.0"), (D, "pallas-fused", "0.9")} <= timed
     checks = [x["note"] for x in rows if "[poison check]" in x["variant"]]
     assert len(checks) == 2 and all("passed" in c for c in checks)
     md = (tmp_path / "bench_proxy.md").read_text()
@@ -385,13 +398,13 @@ def test_bench_kernels_union_plan(tmp_path):
     floor is written."""
     labels = ["union", "compact", "compact-d32x128s8st3", "lists", "masked"]
     r = _run(EXP / "bench_kernels.py", "--plan", "union", "--out", tmp_path, *TINY_RUN,
-             "--batches", 2, "--methods", "m", "d", "--budget-s", 400, "--labels", *labels)
+             "--batches", 2, "--methods", M, D, "--budget-s", 400, "--labels", *labels)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = _rows(tmp_path / "bench_kernels.csv")
     batch = [x for x in rows if x["implementation"] == "batch-union" and x["us_per_call"]]
     assert batch and not any("FAILED" in x["note"] for x in rows)
     assert {x["variant"] for x in batch} == set(labels)
-    assert {x["method"] for x in batch} == {"m", "d"}
+    assert {x["method"] for x in batch} == {M, D}
     md = (tmp_path / "bench_kernels_union.md").read_text()
     assert ("| batch | method | r | union share | dense | floor | " + " | ".join(labels)
             + " |") in md

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from countdown_jax.batch_union import DOWN_CONFIG, GATE_CONFIG
 from countdown_jax.kernels.gemv.pallas_gpu import GemvConfig
 
-from .ffn_problem import batch_step
+from .ffn_problem import CATS, D, M, batch_step
 from .ffn_runner import Runner, log
 from .ffn_variants import floor_variants
 
@@ -149,7 +149,7 @@ def union(R: Runner, best=None):
             continue
         p = R.problem(LLAMA, jnp.bfloat16, batch)
         R.baseline(p)
-        for method in [m for m in ("m", "d", "cats") if m in R.args.methods]:
+        for method in [m for m in (M, D, CATS) if m in R.args.methods]:
             for label in labels:
                 if R.left() < 25:
                     break

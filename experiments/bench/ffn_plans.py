@@ -20,7 +20,8 @@ comparisons stay within a run (a device call may land on another card).
               (``batch_union``), its tiles, per-token lists and masked dense,
               r = 0.5 / 0.7 / 0.9 (ffn_floor).
 
-``best``: {method: label, "gather": label} of the kernels to use (--best).
+``best``: {method: label, "lists": label} of the kernels to use (--best): the fused
+kernel's variant per method, and the index-list kernel's (``LISTS``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import json
 import jax.numpy as jnp
 
 from .ffn_floor import floor, union
-from .ffn_problem import METHODS
-from .ffn_runner import Runner, log
+from .ffn_problem import CATS, D, M, METHODS
+from .ffn_runner import LISTS, Runner, log
 from .ffn_variants import TUNE_PREFETCH, TUNE_XLA_SCORE, probe_variants
 from .proxy_plan import proxy
 
@@ -47,11 +48,11 @@ def _start(R: Runner):
     return p
 
 
-def _fastest(R: Runner, p, method, candidates, impl="pallas"):
+def _fastest(R: Runner, p, method, candidates):
     """Times (label, config) candidates at r = 0.9 / 0.5; the fastest checked at 0.9."""
     res = {}
     for label, cfg in candidates:
-        t = R.pallas(p, method, label, cfg, (0.9, 0.5), impl=impl)
+        t = R.pallas(p, method, label, cfg, (0.9, 0.5))
         if 0.9 in t:
             res[label] = t[0.9]
     return res
@@ -62,30 +63,29 @@ def tune(R: Runner, best=None):
     p = _start(R)
     best = {}
 
-    def sweep(method, labels, impl="pallas"):
+    def sweep(method, cfgs):
         res = {}
-        for label in labels:
+        for label in cfgs:
             if R.left() < R.args.budget_s * 0.55:     # keep time for the full matrix
                 break
-            cfgs = fused if impl == "pallas" else gather
-            res.update(_fastest(R, p, method, [(label, cfgs[label])], impl=impl))
+            res.update(_fastest(R, p, method, [(label, cfgs[label])]))
         if res:
             win = min(res, key=res.get)
-            log(f"best {impl} {method}: {win} {res[win]:.2f} us")
+            log(f"best {method}: {win} {res[win]:.2f} us")
             return win, sorted(res, key=res.get)
         return None, []
 
-    best["m"], order_m = sweep("m", list(fused))
-    best["d"], _ = sweep("d", list(fused))
-    best["cats"], _ = sweep("cats", order_m[:3] or list(fused)[:3])
-    best["gather"], _ = sweep("m", list(gather), impl="pallas_gather")
+    best[M], order_m = sweep(M, fused)
+    best[D], _ = sweep(D, fused)
+    best[CATS], _ = sweep(CATS, {k: fused[k] for k in order_m[:3] or list(fused)[:3]})
+    best[LISTS], _ = sweep(M, gather)
     best = {k: v for k, v in best.items() if v}
     log("BEST", json.dumps(best))
     for method in METHODS:
         if method in best:
             R.poison_check(p, method, best[method], fused[best[method]])
-    if "gather" in best:
-        R.poison_check(p, "d", best["gather"], gather[best["gather"]], impl="pallas_gather")
+    if LISTS in best:
+        R.poison_check(p, D, best[LISTS], gather[best[LISTS]])
     matrix(R, best, first=p)
 
 
@@ -97,7 +97,7 @@ def matrix(R: Runner, best, first=None, only=None):
     if first is None:
         R.add_ceilings()
     pick = {m: best.get(m, R.scale.tune_fused[0][0]) for m in METHODS}
-    gpick = best.get("gather", R.scale.tune_gather[0][0])
+    gpick = best.get(LISTS, R.scale.tune_gather[0][0])
     others = [s for s in R.scale.shapes if s != LLAMA]
     cache = {}
 
@@ -118,9 +118,9 @@ def matrix(R: Runner, best, first=None, only=None):
 
     def gathered(p, ratios, xla_ratios):
         for method in METHODS:
-            R.pallas(p, method, gpick, gather[gpick], ratios, impl="pallas_gather")
+            R.pallas(p, method, gpick, gather[gpick], ratios)
         for method in METHODS:
-            R.xla_gather(p, method, xla_ratios)
+            R.xla_index_lists(p, method, xla_ratios)
 
     # in order of importance, each step guarded by the time budget; kind: which kernels
     # (--only "shape/dtype/batch" runs every step of that problem, ":kind" just one)
@@ -153,8 +153,8 @@ def xla_scores(R: Runner, kernel_best):
     --xs-best skips the sweep (and those comparison rows and the poison checks)."""
     xs, fused = dict(TUNE_XLA_SCORE), dict(R.scale.tune_fused)
     p = _start(R)
-    best = dict(R.args.xs_best and json.loads(R.args.xs_best) or {})
-    for method in ("m", "d", "cats"):
+    best = dict(R.args.xs_best)
+    for method in (M, D, CATS):
         if method in best:
             continue
         res = _fastest(R, p, method, TUNE_XLA_SCORE)
@@ -194,15 +194,14 @@ def prefetch(R: Runner, best):
     fused, gather = R.scale.fused, R.scale.gather
     p = _start(R)
     xs_pf = [label for label, _ in TUNE_PREFETCH if label.startswith("xs-")]
-    cand = {"m": [best["m"]] + xs_pf, "cats": [best["cats"]] + xs_pf,
-            "d": [best["d"]] + [label for label, _ in TUNE_PREFETCH],
-            "gather": [best["gather"]] + [label for label, _ in R.scale.tune_gather
+    cand = {M: [best[M]] + xs_pf, CATS: [best[CATS]] + xs_pf,
+            D: [best[D]] + [label for label, _ in TUNE_PREFETCH],
+            LISTS: [best[LISTS]] + [label for label, _ in R.scale.tune_gather
                                           if label.endswith("-pf")]}
     won = {}
     for key, labels in cand.items():
-        method, impl = ("m", "pallas_gather") if key == "gather" else (key, "pallas")
-        cfgs = gather if key == "gather" else fused
-        res = _fastest(R, p, method, [(label, cfgs[label]) for label in labels], impl=impl)
+        method, cfgs = (M, gather) if key == LISTS else (key, fused)
+        res = _fastest(R, p, method, [(label, cfgs[label]) for label in labels])
         if res:
             won[key] = min(res, key=res.get)
             log(f"best {key}: {won[key]} {res[won[key]]:.2f} us (was {best[key]}: "
@@ -210,7 +209,7 @@ def prefetch(R: Runner, best):
     log("BEST", json.dumps(won))
     R.profile_baseline(p)
     for key, label in won.items():
-        method, impl = ("m", "pallas-gather") if key == "gather" else (key, "pallas-fused")
+        method, impl = (M, "pallas-gather") if key == LISTS else (key, "pallas-fused")
         R.stage_profile(p, method, impl, label, 0.9)
     for method in METHODS:
         if method in won and won[method] != best[method]:

@@ -19,11 +19,15 @@ import numpy as np
 
 from countdown_jax.batch_union import union_ffn
 from countdown_jax.gated import activation, down_sum, project as project_xla
-from countdown_jax.kernels.fused_sparse_ffn.api import fused_sparse_ffn
-from countdown_jax.kernels.fused_sparse_ffn.reference import project_f32 as project, selection_scores
+from countdown_jax.kernels.fused_sparse_ffn.api import Rule, fused_sparse_ffn
+from countdown_jax.kernels.fused_sparse_ffn.reference import DENSE_PROJECTION, selection_scores
+from countdown_jax.kernels.fused_sparse_ffn.reference import project_f32 as project
 from countdown_jax.kernels.sparse_ffn.api import index_list, sparse_ffn
+from countdown_jax.policy import Method
 
-METHODS = ("cats", "m", "d")
+# The rules timed, by their policy.Method names (the `method` column of the CSVs).
+CATS, M, D = METHODS = tuple(m.value for m in (Method.CATS, Method.M_COUNTDOWN,
+                                               Method.D_COUNTDOWN))
 # rows of the timing loop that are not a sparse method: no threshold, every neuron "kept"
 UNSELECTED = ("dense", "loop-overhead")
 # Selection rules defined by a plan's own module (proxy_plan.py): method -> an object with
@@ -68,6 +72,11 @@ def make_problem(name, shape, dtype, batch, nsets, rank, interpret=False, seed=0
     return Problem(name, d, m, act, rank, dtype, interpret, sets, x0)
 
 
+def mlp_of(w) -> dict:
+    """A weight set's (wg, wu, wd, ...) as the kernels' {"gate", "up", "down"}."""
+    return {"gate": w[0], "up": w[1], "down": w[2]}
+
+
 _score_fn = {}    # compiled scoring per (problem, method): thresholds reuse it across r
 
 
@@ -76,10 +85,9 @@ def scores(p: Problem, method, s):
         return np.asarray(RULES[method].scores(p, s), np.float64)
     key = (*p.key, method)
     if key not in _score_fn:
-        _score_fn[key] = jax.jit(lambda x, wg, wu, v, u: selection_scores(
-            x, wg, wu, act=p.act, method=method, pred_vt=v, pred_u=u)[0])
-    wg, wu, _, v, u = p.sets[s]
-    return np.asarray(_score_fn[key](p.x0, wg, wu, v, u), np.float64)
+        _score_fn[key] = jax.jit(lambda x, w: selection_scores(
+            x, mlp_of(w), act=p.act, method=method, pred_vt=w[3], pred_u=w[4])[0])
+    return np.asarray(_score_fn[key](p.x0, p.sets[s]), np.float64)
 
 
 def thresholds(p: Problem, method, r):
@@ -108,23 +116,25 @@ def thresholds(p: Problem, method, r):
 
 def dense_step(p: Problem):
     def f(x, w, tau):
-        wg, wu, wd, _, _ = w
+        mlp = mlp_of(w)
         hi = jax.lax.Precision.HIGHEST           # float32 means float32 (no TF32)
-        g = jnp.einsum("nd,md->nm", x, wg, preferred_element_type=jnp.float32, precision=hi)
-        u = jnp.einsum("nd,md->nm", x, wu, preferred_element_type=jnp.float32, precision=hi)
+        g = jnp.einsum("nd,md->nm", x, mlp["gate"], preferred_element_type=jnp.float32,
+                       precision=hi)
+        u = jnp.einsum("nd,md->nm", x, mlp["up"], preferred_element_type=jnp.float32,
+                       precision=hi)
         s = (activation(p.act)(g) * u).astype(x.dtype)
-        y = jnp.einsum("nm,md->nd", s, wd, preferred_element_type=jnp.float32,
+        y = jnp.einsum("nm,md->nd", s, mlp["down"], preferred_element_type=jnp.float32,
                        precision=hi).astype(x.dtype)
         return y, jnp.full(x.shape[:1], p.m, jnp.int32)
     return f
 
 
-def sparse_step(p: Problem, method, impl, config=None, capacity=None):
+def sparse_step(p: Problem, method, impl, config=None):
+    """config: a FusedConfig, or IndexLists for the index-list route."""
     def f(x, w, tau):
-        wg, wu, wd, v, u = w
-        return fused_sparse_ffn(x, wg, wu, wd, tau, act=p.act, method=method, pred_vt=v,
-                                pred_u=u, implementation=impl, capacity=capacity,
-                                config=config, interpret=p.interpret)
+        rule = Rule(method, tau, pred_vt=w[3], pred_u=w[4])
+        return fused_sparse_ffn(x, mlp_of(w), rule, act=p.act,
+                                implementation=impl, config=config, interpret=p.interpret)
     return f
 
 
@@ -138,27 +148,27 @@ def batch_step(p: Problem, method, kind, configs=None):
     index lists, ``sparse_ffn``) or "masked" (the dense FFN with the mask applied to s)."""
     if kind not in BATCH_KERNELS:
         raise ValueError(f"batch kind must be one of {BATCH_KERNELS}, got {kind!r}")
-    dense = {"m": "up", "cats": "gate", "d": None}[method]
+    dense = DENSE_PROJECTION[Method(method)]
 
     def f(x, w, tau):
-        wg, wu, wd, v, u = w
-        q, coef = selection_scores(x, wg, wu, act=p.act, method=method, pred_vt=v, pred_u=u)
+        mlp = mlp_of(w)
+        q, coef = selection_scores(x, mlp, act=p.act, method=method, pred_vt=w[3],
+                                   pred_u=w[4])
         mask = q > tau
         count = jnp.sum(mask, axis=-1, dtype=jnp.int32)
-        stack = {"gate": wg, "up": wu, "down": wd}
         if kind in ("union", "compact"):
-            y = union_ffn(stack, x, mask, act=p.act, dense=dense, coef=coef,
+            y = union_ffn(mlp, x, mask, act=p.act, dense=dense, coef=coef,
                           configs=configs, interpret=p.interpret,
                           form="live" if kind == "union" else "compact")
         elif kind == "lists":
             idx, cnt = index_list(mask, p.m)
-            y = sparse_ffn(x, wg, wu, wd, idx, cnt, act=p.act, dense=dense, coef=coef,
+            y = sparse_ffn(x, mlp, idx, cnt, act=p.act, dense=dense, coef=coef,
                            implementation="pallas", interpret=p.interpret)
         else:
-            g = coef if dense == "gate" else project_xla(x, wg)
-            uu = coef if dense == "up" else project_xla(x, wu)
+            g = coef if dense == "gate" else project_xla(x, mlp["gate"])
+            uu = coef if dense == "up" else project_xla(x, mlp["up"])
             sv = (g if dense == "gate" else activation(p.act)(g)) * uu
-            y = down_sum(jnp.where(mask, sv, jnp.zeros_like(sv)), wd).astype(x.dtype)
+            y = down_sum(jnp.where(mask, sv, jnp.zeros_like(sv)), mlp["down"]).astype(x.dtype)
         return y, count
     return f
 
@@ -178,11 +188,12 @@ def reference(p: Problem, method, tau0):
     """float32 reference output and counts for set 0 at threshold tau0 (cached)."""
     key = (*p.key, method, float(tau0))
     if key not in _ref_cache:
-        wg, wu, wd, v, u = p.sets[0]
+        w = p.sets[0]
+        mlp = mlp_of(w)
         if method == "dense":
-            g, uu = project(p.x0, wg), project(p.x0, wu)
-            y = jnp.einsum("nm,md->nd", activation(p.act)(g) * uu, wd.astype(jnp.float32),
-                           precision=jax.lax.Precision.HIGHEST)
+            g, uu = project(p.x0, mlp["gate"]), project(p.x0, mlp["up"])
+            y = jnp.einsum("nm,md->nd", activation(p.act)(g) * uu,
+                           mlp["down"].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
             c = jnp.full((p.batch,), p.m, jnp.int32)
         elif method in RULES:
             y, c = RULES[method].reference(p, tau0)
@@ -190,10 +201,10 @@ def reference(p: Problem, method, tau0):
             fkey = key[:4]           # one compile per problem and method; tau is an argument
             if fkey not in _ref_fn:
                 _ref_fn.clear()
-                _ref_fn[fkey] = jax.jit(lambda x, wg, wu, wd, v, u, t: fused_sparse_ffn(
-                    x, wg, wu, wd, t, act=p.act, method=method, pred_vt=v, pred_u=u,
+                _ref_fn[fkey] = jax.jit(lambda x, w, t: fused_sparse_ffn(
+                    x, mlp_of(w), Rule(method, t, pred_vt=w[3], pred_u=w[4]), act=p.act,
                     implementation="xla"))
-            y, c = _ref_fn[fkey](p.x0, wg, wu, wd, v, u, tau0)
+            y, c = _ref_fn[fkey](p.x0, w, tau0)
         _ref_cache[key] = (np.asarray(y, np.float64), np.asarray(c))
     return _ref_cache[key]
 
@@ -217,20 +228,19 @@ def compare(y, counts, ref, ref_counts, dtype):
     return rel, None
 
 
-def check(p: Problem, method, impl, config, capacity, rs=(0.5, 0.9)):
+def check(p: Problem, method, impl, config, rs=(0.5, 0.9)):
     """Max relative error vs the float32 reference over rs (set 0); raises AssertionError
     naming the failure (outputs not finite, kept counts differ, error over tolerance)."""
-    wg, wu, wd, v, u = p.sets[0]
+    w = p.sets[0]
+    mlp = mlp_of(w)
     worst = 0.0
     for r in rs:
         taus, _ = thresholds(p, method, r)
-        tau = taus[0]
-        kw = dict(act=p.act, method=method, pred_vt=v, pred_u=u)
-        ref, rc = jax.jit(lambda x: fused_sparse_ffn(x, wg, wu, wd, tau, implementation="xla",
-                                                     **kw))(p.x0)
-        y, c = jax.jit(lambda x: fused_sparse_ffn(x, wg, wu, wd, tau, implementation=impl,
-                                                  config=config, capacity=capacity,
-                                                  interpret=p.interpret, **kw))(p.x0)
+        rule = Rule(method, taus[0], pred_vt=w[3], pred_u=w[4])
+        ref, rc = jax.jit(lambda x: fused_sparse_ffn(x, mlp, rule, act=p.act,
+                                                     implementation="xla"))(p.x0)
+        y, c = jax.jit(lambda x: fused_sparse_ffn(x, mlp, rule, act=p.act, implementation=impl,
+                                                  config=config, interpret=p.interpret))(p.x0)
         rel, failed = compare(y, c, np.asarray(ref, np.float64), rc, p.dtype)
         if failed:
             raise AssertionError(f"{failed} ({method}, {impl}, r={r}, {config})")
@@ -250,8 +260,8 @@ def bytes_needed(p: Problem, method, kept):
     d, m = p.d, p.m
     if method == "dense":
         return 3 * m * d * b
-    if method in ("cats", "m"):
+    if method in (CATS, M):
         return (m * d + 2 * kept * d) * b
-    if method == "d":
+    if method == D:
         return ((d + m) * p.rank + 3 * kept * d) * b
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import os
 
+from .ffn_problem import CATS, D, M, METHODS
 from .ffn_variants import chosen
 from .harness import read_csv
 
@@ -20,7 +21,7 @@ def matrix_runs(rows):
     newest first: the runs whose matrix tables and plot lines the report shows."""
     cover = collections.defaultdict(set)
     for r in rows:
-        if r["us_per_call"] and r["method"] in ("m", "cats", "d") and r["batch"] == "1":
+        if r["us_per_call"] and r["method"] in METHODS and r["batch"] == "1":
             cover[r["run"]].add((r["shape"], r["dtype"]))
     every = set().union(*cover.values()) if cover else set()
     return tuple(sorted((run for run, c in cover.items() if c == every), key=int,
@@ -141,7 +142,7 @@ def report(csv_path, md_path, png_path):
           "(pallas) |", "|---|---|---|---|---|"]
     for run in runs:
         cells = []
-        for method in ("m", "cats", "d"):
+        for method in (M, CATS, D):
             cand = [v["0.9"] for (rn, me, im, va), v in val.items()
                     if rn == run and me == method and im == "pallas-fused" and "0.9" in v
                     and "CHECK FAILED" not in v["0.9"]["note"]]
@@ -221,7 +222,7 @@ def plot(rows, val, dense, mruns, cards, png_path):
     import matplotlib.pyplot as plt
     newest = mruns[0] if mruns else None
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
-    colors = {"m": "tab:blue", "cats": "tab:orange", "d": "tab:green"}
+    colors = {M: "tab:blue", CATS: "tab:orange", D: "tab:green"}
     for (run, method, impl, variant), by in sorted(val.items()):
         if len(by) < 3 or method not in colors or run not in mruns:
             continue

@@ -10,6 +10,9 @@ import time
 
 import jax
 
+from countdown_jax.kernels.fused_sparse_ffn.api import IndexLists
+from countdown_jax.kernels.sparse_ffn.pallas_gpu import GatherConfig
+
 from . import harness
 from .ffn_problem import (Problem, bytes_needed, capacity, check, compare, dense_step,
                           make_problem, overhead_step, reference, sparse_step, thresholds)
@@ -21,6 +24,8 @@ STAGE_FIELDS = ["device", "shape", "dtype", "method", "implementation", "variant
                 "batch", "op", "us_per_call", "launches_per_call"]
 OVERHEAD = ("loop-overhead", "xla", "x<-x0+eps*y only")     # (method, impl, variant) rows
 DENSE = ("dense", "xla-dense", "einsum")
+# --best's key for the index-list kernel's variant (beside one fused variant per method).
+LISTS = "lists"
 
 
 def log(*a):
@@ -119,30 +124,30 @@ class Runner:
         self.time_variant(p, *OVERHEAD, overhead_step(p), (0.0,))
         return self.time_variant(p, *DENSE, dense_step(p), (0.0,))
 
-    def xla_gather(self, p, method, ratios):
+    def xla_index_lists(self, p, method, ratios):
         """Index list + jnp.take; capacity 2% above the kept count (+8)."""
         for r in ratios:
             cap = capacity(p.m, r)
             self.time_variant(p, method, "xla-gather", f"cap={cap}",
-                              sparse_step(p, method, "xla_gather", capacity=cap), (r,))
+                              sparse_step(p, method, "xla", IndexLists(capacity=cap)), (r,))
 
-    def pallas(self, p, method, label, cfg, ratios, impl="pallas"):
-        cfg = for_dtype(cfg, p.dtype)
-        name = "pallas-fused" if impl == "pallas" else "pallas-gather"
-        return self.time_variant(p, method, name, label, sparse_step(p, method, impl, config=cfg),
-                                 ratios)
+    def pallas(self, p, method, label, cfg, ratios):
+        """A Pallas variant: ``cfg`` a FusedConfig (the fused kernel) or a GatherConfig
+        (the index-list kernel)."""
+        name, config = _route(for_dtype(cfg, p.dtype))
+        return self.time_variant(p, method, name, label,
+                                 sparse_step(p, method, "pallas", config), ratios)
 
-    def poison_check(self, p, method, label, cfg, impl="pallas"):
+    def poison_check(self, p, method, label, cfg):
         """Outputs start as NaN / INT_MIN: every element must be written (r = 0.5, 0.9)."""
-        cfg = dataclasses.replace(for_dtype(cfg, p.dtype), poison=True)
+        name, config = _route(dataclasses.replace(for_dtype(cfg, p.dtype), poison=True))
         try:
-            rel = check(p, method, impl, cfg, None)
+            rel = check(p, method, "pallas", config)
             note = f"poison check passed, max rel err {rel:.1e}"
         except Exception as e:   # noqa: BLE001
             note = f"poison check FAILED: {type(e).__name__}: {str(e)[:200]}"
-        log(f"  {method} {impl} {label}: {note}")
-        self.add(shape=p.name, dtype=p.dtype.__name__, method=method,
-                 implementation="pallas-fused" if impl == "pallas" else "pallas-gather",
+        log(f"  {method} {name} {label}: {note}")
+        self.add(shape=p.name, dtype=p.dtype.__name__, method=method, implementation=name,
                  variant=label + " [poison check]", batch=p.batch, note=note)
 
     def stage_profile(self, p: Problem, method, impl, variant, r):
@@ -181,3 +186,8 @@ class Runner:
         self.stage_profile(p, *DENSE, 0.0)
 
 
+def _route(cfg):
+    """(the `implementation` column, the fused op's config) of a kernel variant."""
+    if isinstance(cfg, GatherConfig):
+        return "pallas-gather", IndexLists(kernel=cfg)
+    return "pallas-fused", cfg

@@ -18,6 +18,7 @@ from countdown_jax.kernels.fused_sparse_ffn.pallas_gpu import FusedConfig
 from countdown_jax.kernels.fused_sparse_ffn.pallas_gpu import default_config as fused_default
 from countdown_jax.kernels.sparse_ffn.pallas_gpu import GatherConfig
 
+from .ffn_problem import CATS, D, M
 from .shapes import MLP_SHAPES, MLPShape
 
 F, G = FusedConfig, GatherConfig
@@ -115,7 +116,7 @@ def for_dtype(cfg, dtype):
 def chosen() -> dict:
     """method -> label of the kernels' shipped default config (bf16), found in the tables."""
     labels = {cfg: label for label, cfg in TUNE_FUSED + TUNE_XLA_SCORE + TUNE_PREFETCH}
-    return {method: labels[fused_default(jnp.bfloat16, method)] for method in ("m", "cats", "d")}
+    return {method: labels[fused_default(jnp.bfloat16, method)] for method in (M, CATS, D)}
 
 
 def probe_variants() -> dict:
@@ -124,20 +125,20 @@ def probe_variants() -> dict:
     round trip), several blocks per program (programs out of lock-step), narrower column
     chunks, larger blocks on fewer programs."""
     replace = dataclasses.replace
-    m0 = fused_default(jnp.bfloat16, "m")
-    d0 = fused_default(jnp.bfloat16, "d")
+    m0 = fused_default(jnp.bfloat16, M)
+    d0 = fused_default(jnp.bfloat16, D)
     return {
-        "m": {"xs-bn64-bd1024-w4-p264-c4-pf-s2": replace(m0, num_stages=2),
-              "xs-bn64-bd1024-w4-p264-c4-pf-s3": replace(m0, num_stages=3),
-              "xs-bn64-bd1024-w4-p264-c2-pf": replace(m0, compact=2),
-              "xs-bn64-bd512-w4-p264-c4-pf": replace(m0, bd=512),
-              "xs-bn16-bd1024-w4-p264-c4-pf": replace(m0, bn=16),
-              "xs-bn128-bd1024-w8-p132-c8-pf": replace(m0, bn=128, num_warps=8, programs=132,
-                                                       compact=8)},
-        "d": {"xs-bn32-bd1024-w4-p448-c4-pf-s2": replace(d0, num_stages=2),
-              "xs-bn32-bd1024-w4-p448-c4-pf-s3": replace(d0, num_stages=3),
-              "xs-bn32-bd1024-w4-p448-c2-pf": replace(d0, compact=2),
-              "xs-bn16-bd1024-w4-p448-c4-pf": replace(d0, bn=16)},
+        M: {"xs-bn64-bd1024-w4-p264-c4-pf-s2": replace(m0, num_stages=2),
+            "xs-bn64-bd1024-w4-p264-c4-pf-s3": replace(m0, num_stages=3),
+            "xs-bn64-bd1024-w4-p264-c2-pf": replace(m0, compact=2),
+            "xs-bn64-bd512-w4-p264-c4-pf": replace(m0, bd=512),
+            "xs-bn16-bd1024-w4-p264-c4-pf": replace(m0, bn=16),
+            "xs-bn128-bd1024-w8-p132-c8-pf": replace(m0, bn=128, num_warps=8, programs=132,
+                                                     compact=8)},
+        D: {"xs-bn32-bd1024-w4-p448-c4-pf-s2": replace(d0, num_stages=2),
+            "xs-bn32-bd1024-w4-p448-c4-pf-s3": replace(d0, num_stages=3),
+            "xs-bn32-bd1024-w4-p448-c2-pf": replace(d0, compact=2),
+            "xs-bn16-bd1024-w4-p448-c4-pf": replace(d0, bn=16)},
     }
 
 
@@ -151,13 +152,13 @@ def floor_variants() -> dict:
     registers per thread for D's three prefetched tiles)."""
     replace = dataclasses.replace
     out = {}
-    for method in ("m", "cats", "d"):
+    for method in (M, CATS, D):
         c0 = fused_default(jnp.bfloat16, method)
         base = chosen()[method]
         out[method] = {base: c0,
                        base + "-at": replace(c0, reduce="atomic"),
                        base + "-ag4": replace(c0, reduce="atomic", atomic_groups=4)}
-    d0 = fused_default(jnp.bfloat16, "d")
-    out["d"].update({"bn32-bds256-bd1024-w4-p448-c4-pf": replace(d0, score="kernel", bds=256),
+    d0 = fused_default(jnp.bfloat16, D)
+    out[D].update({"bn32-bds256-bd1024-w4-p448-c4-pf": replace(d0, score="kernel", bds=256),
                      "xs-bn32-bd1024-w8-p448-c4-pf": replace(d0, num_warps=8)})
     return out

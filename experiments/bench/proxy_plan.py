@@ -9,7 +9,7 @@ In one run (the same card, the same ceilings):
   - the proxy D-COUNTDOWN FFN at r = 0.5 / 0.9: proxy kernel, |s_hat| > tau, then the kept
     rows of gate / up / down in full precision, by the index list (kernels.sparse_ffn
     "pallas", ``pallas-gather``) and by the fused kernel reading s_hat as its scores
-    (method "d" with scores=, ``pallas-fused``);
+    (D-COUNTDOWN's rule with scores=, ``pallas-fused``);
   - D-COUNTDOWN with its rank-512 predictor (the shipped fused kernel), for comparison;
   - then, while the budget lasts, other ProxyConfig tiles of the kernel alone.
 Every row is one jitted loop (experiments/bench/harness.py) and its first call is checked
@@ -29,13 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from countdown_jax import proxy as X
-from countdown_jax.kernels.fused_sparse_ffn.api import fused_sparse_ffn
+from countdown_jax.kernels.fused_sparse_ffn.api import Rule, fused_sparse_ffn
 from countdown_jax.kernels.proxy_scores.api import proxy_scores
 from countdown_jax.kernels.proxy_scores.pallas_gpu import ProxyConfig, default_config
 from countdown_jax.kernels.sparse_ffn.api import index_list, sparse_ffn
 
 from . import ffn_problem
-from .ffn_problem import Problem, capacity, compare
+from .ffn_problem import Problem, capacity, compare, mlp_of
 from .ffn_runner import Runner, log
 from .ffn_variants import chosen
 
@@ -60,10 +60,11 @@ def _reference_scores(act):
 
 @functools.lru_cache(maxsize=None)
 def _reference_ffn(act):
-    """The rule in float32: keep |s_hat| > tau (s_hat given as the "d" method's scores),
+    """The rule in float32: keep |s_hat| > tau (s_hat given as D-COUNTDOWN's scores),
     exact s on the kept rows, y = s W_down."""
     return jax.jit(lambda x, wg, wu, wd, sc, tau: fused_sparse_ffn(
-        x, wg, wu, wd, tau, act=act, method="d", scores=sc, implementation="xla"))
+        x, mlp_of((wg, wu, wd)), Rule("d_countdown", tau, scores=sc), act=act,
+        implementation="xla"))
 
 
 def _fit(y, d):
@@ -106,14 +107,14 @@ def scores_step(p: Problem, cfg):
 def ffn_step(p: Problem, cfg, cap=None):
     """cap None: the fused kernel reads s_hat as its scores; else the index list."""
     def f(x, w, tau):
-        wg, wu, wd, packed, scale = w
+        packed, scale = w[3:]
         s = proxy_scores(x, packed, scale, act=p.act, implementation="pallas", config=cfg,
                          interpret=p.interpret)
         if cap is None:
-            return fused_sparse_ffn(x, wg, wu, wd, tau, act=p.act, method="d", scores=s,
-                                    implementation="pallas", interpret=p.interpret)
+            return fused_sparse_ffn(x, mlp_of(w), Rule("d_countdown", tau, scores=s),
+                                    act=p.act, implementation="pallas", interpret=p.interpret)
         idx, cnt = index_list(s > tau, cap)
-        y = sparse_ffn(x, wg, wu, wd, idx, jnp.minimum(cnt, cap), act=p.act,
+        y = sparse_ffn(x, mlp_of(w), idx, jnp.minimum(cnt, cap), act=p.act,
                        implementation="pallas", interpret=p.interpret)
         return y, cnt
     return f
@@ -169,8 +170,8 @@ def proxy(R: Runner, best=None):
             cap = capacity(p.m, r)
             R.time_variant(q, method, "pallas-gather", f"cap={cap}", ffn_step(q, None, cap),
                            (r,))
-    d_label = chosen()["d"]
-    R.pallas(p, "d", d_label, R.scale.fused[d_label], RATIOS)
+    d_label = chosen()["d_countdown"]
+    R.pallas(p, "d_countdown", d_label, R.scale.fused[d_label], RATIOS)
     for cfg in SWEEP[:1] if R.scale.interpret else SWEEP:
         for (bits, group), q in probs.items():
             if R.left() < 30:
