@@ -149,7 +149,7 @@ def _bce(pred, x, labels):
     return jnp.sum(jnp.mean(loss, axis=(2, 3)))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     rank: int = DEFAULT_RANK
     epochs: float = 3.0
@@ -282,35 +282,47 @@ def cost(cfg, rank: int) -> dict:
             "relative": predictor_share(rank, m, d)}
 
 
-def prepare_data(tokenizer, params, cfg, *, method: str, sparsities, seq_len: int = 128,
-                 rows: int = 160, val_share: float = 0.1, batch_size: int = 8,
-                 seed: int = 0, progress: bool = True):
+@dataclasses.dataclass(frozen=True)
+class TrainingText:
+    """What a predictor is trained on: ``rows`` packed rows of ``seq_len`` tokens of the
+    calibration text, ``val_share`` of its documents held out for validation (split with
+    ``seed``), recorded ``batch_size`` rows per forward pass."""
+
+    rows: int = 160
+    seq_len: int = 128
+    val_share: float = 0.1
+    batch_size: int = 8
+    seed: int = 0
+
+
+def prepare_data(tokenizer, params, cfg, *, method: str, sparsities,
+                 text: TrainingText = TrainingText(), progress: bool = True):
     """(train, val) PredictorData from calibration text, split by document."""
     from countdown_jax import data
 
     texts = data.calibration_texts()
-    train_texts, val_texts = data.split_texts(texts, val_share, seed)
-    n_val = max(1, int(round(rows * val_share)))
+    train_texts, val_texts = data.split_texts(texts, text.val_share, text.seed)
+    n_val = max(1, int(round(text.rows * text.val_share)))
     out = []
-    for ts, n in ((train_texts, rows - n_val), (val_texts, n_val)):
-        tokens, lengths = data.pack_tokens(tokenizer, ts, seq_len, max_rows=n)
+    for ts, n in ((train_texts, text.rows - n_val), (val_texts, n_val)):
+        tokens, lengths = data.pack_tokens(tokenizer, ts, text.seq_len, max_rows=n)
         out.append(record(params, cfg, tokens, lengths, method=method, sparsities=sparsities,
-                          batch_size=batch_size, progress=progress))
+                          batch_size=text.batch_size, progress=progress))
     return out[0], out[1]
 
 
 def train_and_save(model_dir, tokenizer, params, cfg, *, method: str, sparsities,
                    tc: TrainConfig = TrainConfig(), theta_rule: str = "zero",
-                   seq_len: int = 128, rows: int = 160, val_share: float = 0.1,
-                   progress: bool = True, data_pair=None) -> list[dict]:
+                   text: TrainingText = TrainingText(), progress: bool = True,
+                   data_pair=None) -> list[dict]:
     """Record, train, evaluate on validation and save one predictor per r. Returns one
-    record per (r, layer) with validation metrics (for CSV)."""
+    record per (r, layer) with validation metrics (for CSV). data_pair: (train, val)
+    PredictorData already recorded (``prepare_data``), read instead of ``text``."""
     if theta_rule not in ("zero", "match"):
         raise ValueError(f"theta_rule must be 'zero' or 'match', got {theta_rule!r}")
     t0 = time.perf_counter()
     tr, va = data_pair or prepare_data(tokenizer, params, cfg, method=method,
-                                       sparsities=sparsities, seq_len=seq_len, rows=rows,
-                                       val_share=val_share, progress=progress)
+                                       sparsities=sparsities, text=text, progress=progress)
     init = svd_init(params["layers"]["mlp"]["gate"], tc.rank)
     pred, hist = train(tr, None, tc, progress=progress, val=va, init=init)
     R = len(tr.sparsities)
@@ -354,7 +366,8 @@ def _run(args):
     t0 = time.perf_counter()
     rows = train_and_save(args.model_dir, model.tokenizer, model.params, model.cfg,
                           method=args.method, sparsities=args.sparsity, tc=tc,
-                          theta_rule=args.theta, seq_len=args.seq_len, rows=args.rows)
+                          theta_rule=args.theta,
+                          text=TrainingText(rows=args.rows, seq_len=args.seq_len))
     for r in sorted(set(x["sparsity_target"] for x in rows)):
         sel = [x for x in rows if x["sparsity_target"] == r]
         summary = {k: float(np.mean([x[k] for x in sel]))

@@ -102,7 +102,8 @@ def paired_rows_se(ll_x, ll_y, mask):
 
 def fit_predictors(model, rows, seq_len, epochs, rank):
     tr, va = P.prepare_data(model.tokenizer, model.params, model.cfg, method="d_countdown",
-                            sparsities=SPARSITIES, seq_len=seq_len, rows=rows)
+                            sparsities=SPARSITIES,
+                            text=P.TrainingText(rows=rows, seq_len=seq_len))
     init = P.svd_init(model.params["layers"]["mlp"]["gate"], rank)
     tc = P.TrainConfig(rank=rank, epochs=epochs)
     pred, hist = P.train(tr, None, tc, val=va, init=init)

@@ -99,6 +99,32 @@ def test_saved_predictor_loads_through_api(tmp_path, recorded):
     assert np.isfinite(np.asarray(logits)).all() and np.asarray(kept).max() < 1.0
 
 
+def test_train_and_save_reads_the_training_text_it_is_given(tmp_path, recorded, monkeypatch):
+    """TrainingText's rows / seq_len / val_share decide the recorded tokens; one predictor
+    per r is saved with them in its metadata."""
+    from conversion.checkpoint import tree_meta
+    from countdown_jax import data
+    from countdown_jax.api import policy_name
+
+    params, cfg, *_ = recorded
+    (tmp_path / "config.json").write_text(json.dumps(tiny_params.HF))
+    monkeypatch.setattr(data, "calibration_texts",
+                        lambda: [f"document {i} " + "word " * (30 + i) for i in range(40)])
+
+    class Tokenizer:             # one token per character, inside the tiny vocabulary
+        def encode(self, text, add_special_tokens=True):
+            return [3 + ord(c) % (cfg.vocab_size - 3) for c in text]
+
+    text = P.TrainingText(rows=10, seq_len=16, val_share=0.2)
+    tc = P.TrainConfig(rank=4, epochs=1, batch_size=64)
+    rows = P.train_and_save(tmp_path, Tokenizer(), params, cfg, method="d_countdown",
+                            sparsities=RS, tc=tc, text=text, progress=False)
+    assert len(rows) == len(RS) * cfg.num_layers
+    for r in RS:
+        meta = tree_meta(tmp_path, policy_name("predictors", "d_countdown", r))
+        assert meta["train_tokens"] == 8 * 16 and meta["val_tokens"] == 2 * 16, meta
+
+
 def test_cost_relative_to_ffn(recorded):
     _, cfg, *_ = recorded
     c = P.cost(cfg, 8)
