@@ -79,9 +79,10 @@ _NO_GEMV_T = ("projections='pallas' reads the einsum layout (wq/wk/wv/wo); the t
               "'auto')")
 
 
-def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq, gemv: bool = False, index=None):
+def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq, kernel_projections: bool = False,
+         index=None):
     def heads(w):                  # h @ w [(L,) d, H, hd] -> [B, T, H, hd]
-        if not gemv:
+        if not kernel_projections:
             return jnp.einsum("btd,dhk->bthk", h, w)
         B, T, d = h.shape          # T = 1 (decode): the Pallas GEMV, stacks read in place
         y = project_heads(h.reshape(B * T, d), w, index, kv_heads=cfg.num_kv_heads)
@@ -90,7 +91,7 @@ def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq, gemv: bool = False, in
     if "wqkv" in layer:            # fuse_qkv: one projection per head group, split by heads
         w = layer["wqkv"]
         groups = w.shape[-3]
-        if gemv:                   # [.., G, j, hd] -> [.., G * j, hd]: a free reshape
+        if kernel_projections:     # [.., G, j, hd] -> [.., G * j, hd]: a free reshape
             qkv = heads(w.reshape(*w.shape[:-3], -1, w.shape[-1]))
             qkv = qkv.reshape(*qkv.shape[:2], groups, -1, w.shape[-1])
         else:
@@ -102,7 +103,7 @@ def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq, gemv: bool = False, in
                    for a in jnp.split(qkv, [hq, hq + hkv], axis=3))
     else:
         if "wq_t" in layer:        # transpose_projections: one row per output
-            if gemv:
+            if kernel_projections:
                 raise ValueError(_NO_GEMV_T)
             q, k, v = (jnp.einsum("btd,hkd->bthk", h, layer[n])
                        for n in ("wq_t", "wk_t", "wv_t"))
@@ -117,12 +118,13 @@ def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq, gemv: bool = False, in
 
 
 def _attn_out_and_mlp(cfg: ModelConfig, spec, layer, x, attn, policy, sparse,
-                      collect: bool = False, gemv: bool = False, index=None):
+                      collect: bool = False, kernel_projections: bool = False,
+                      index=None):
     if "wo_t" in layer:            # transpose_projections: one row per output
-        if gemv:
+        if kernel_projections:
             raise ValueError(_NO_GEMV_T)
         o = jnp.einsum("bthk,dhk->btd", attn, layer["wo_t"])
-    elif gemv:                     # T = 1 (decode): the Pallas GEMV
+    elif kernel_projections:       # T = 1 (decode): the Pallas GEMV
         B, T, H, hd = attn.shape
         o = project_out(attn.reshape(B * T, H, hd), layer["wo"], index,
                         kv_heads=cfg.num_kv_heads).reshape(B, T, -1)
@@ -260,31 +262,32 @@ def _run_layers(params, cfg: ModelConfig, body, carry, policy, in_place=()):
             outs.append(out)
         return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
-    whole = {k: layers[k] for k in ("mlp",) + tuple(in_place) if k in layers}
+    stacks = {k: layers[k] for k in ("mlp",) + tuple(in_place) if k in layers}  # read in place
 
     def scan_body(carry, xs):
         layer, inv_f, window, pol, l = xs
-        return body(carry, ({**layer, **whole}, inv_f, window, pol, l, l))
+        return body(carry, ({**layer, **stacks}, inv_f, window, pol, l, l))
 
     if isinstance(policy, tuple):                 # per-layer policies (unstack_policy)
         policy = jax.tree.map(lambda *a: jnp.stack(a), *policy)
-    scanned = {k: v for k, v in layers.items() if k not in whole}
+    scanned = {k: v for k, v in layers.items() if k not in stacks}
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     return jax.lax.scan(scan_body, carry, (scanned, inv_freq, windows, policy, layer_ids))
 
 
 def _decoder_layer(cfg: ModelConfig, spec, carry, xs, *, positions, kv, sparse,
-                   collect: bool = False, gemv: bool = False):
+                   collect: bool = False, kernel_projections: bool = False):
     """One layer (the body of ``_run_layers``). ``kv(q, k, v, ck, cv, l, window)`` writes
     this layer's cache slots and returns (attention output, ck, cv): the only part that
-    differs between a whole sequence and a chunk against the cache. ``gemv``: the q/k/v/o
-    projections run the Pallas GEMV (decode, ``decode_projections``)."""
+    differs between a whole sequence and a chunk against the cache. kernel_projections:
+    the q/k/v/o projections run the Pallas GEMV (decode, ``decode_projections``)."""
     x, ck, cv = carry
     layer, inv_f, window, pol, l, index = xs
     h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
-    q, k, v = _qkv(cfg, layer, h, positions, inv_f, gemv, index)
+    q, k, v = _qkv(cfg, layer, h, positions, inv_f, kernel_projections, index)
     attn, ck, cv = kv(q, k, v, ck, cv, l, window)
-    x, kept = _attn_out_and_mlp(cfg, spec, layer, x, attn, pol, sparse, collect, gemv, index)
+    x, kept = _attn_out_and_mlp(cfg, spec, layer, x, attn, pol, sparse, collect,
+                                 kernel_projections, index)
     return (x, ck, cv), kept
 
 
@@ -421,7 +424,7 @@ def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec =
         raise ValueError(f"extend / decode_step need a resolved DecodePath, got {path}; "
                          "resolve it with fast_path.resolve (generate does)")
     B, T = tokens.shape
-    gemv = uses_kernel(path.projections, B, T)
+    kernel_projections = uses_kernel(path.projections, B, T)
     S = cache["k"].shape[2]
     start = jnp.asarray(start, jnp.int32)
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
@@ -444,8 +447,8 @@ def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec =
         return out, ck, cv
 
     body = functools.partial(_decoder_layer, cfg, spec, positions=positions, kv=kv,
-                             sparse=sparse, gemv=gemv)
+                             sparse=sparse, kernel_projections=kernel_projections)
 
     (x, ck, cv), kept = _run_layers(params, cfg, body, (x, cache["k"], cache["v"]), policy,
-                                    in_place=STACKED_KEYS if gemv else ())
+                                    in_place=STACKED_KEYS if kernel_projections else ())
     return _head_at(params, cfg, x, logits_at), {"k": ck, "v": cv}, kept

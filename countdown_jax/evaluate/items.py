@@ -28,9 +28,9 @@ def encode_pair(tokenizer, context: str, continuation: str, max_context: int = 1
     after the context's own tokens; the tokenizer's special tokens (BOS) lead the context.
     A context longer than max_context keeps its first token and its last tokens."""
     ctx = tokenizer.encode(context, add_special_tokens=True)
-    whole = tokenizer.encode(context + continuation, add_special_tokens=True)
-    if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
-        cont = whole[len(ctx):]
+    joined = tokenizer.encode(context + continuation, add_special_tokens=True)
+    if joined[:len(ctx)] == ctx and len(joined) > len(ctx):
+        cont = joined[len(ctx):]
     else:  # the boundary merged into one token: encode the continuation alone
         cont = tokenizer.encode(continuation, add_special_tokens=False)
     if not ctx or not cont:

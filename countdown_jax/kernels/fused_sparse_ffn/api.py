@@ -116,8 +116,9 @@ def _index_lists(x2, mlp, rule, lists, *, act, m, implementation, interpret, lay
     q, coef = scores_to_selection(rule.method, rule.scores)
     idx, cnt = index_list(q > rule.tau[:, None], cap)
     y = sparse_ffn(x2, mlp, idx, jnp.minimum(cnt, cap), act=act,
-                   dense=DENSE_PROJECTION[rule.method], coef=coef, implementation=implementation, interpret=interpret,
-                   config=lists.kernel, layer=layer, s_tau=rule.tau_s)
+                   dense=DENSE_PROJECTION[rule.method], coef=coef,
+                   implementation=implementation, interpret=interpret, config=lists.kernel,
+                   layer=layer, s_tau=rule.tau_s)
     return y if rule.cascade else (y, cnt)   # the cascade: the count kept after |s| > tau_s
 
 

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from countdown_jax.gated import HIGHEST, activation, project
 from countdown_jax.policy import Method
 
-__all__ = ["DENSE_PROJECTION", "FUSED_METHODS", "Rule", "check_rule", "dense_scores", "fused_method",
-           "fused_sparse_ffn_reference", "predictor_hidden", "project_f32",
+__all__ = ["DENSE_PROJECTION", "FUSED_METHODS", "Rule", "check_rule", "dense_scores",
+           "fused_method", "fused_sparse_ffn_reference", "predictor_hidden", "project_f32",
            "scores_to_selection", "selection_scores"]
 
 FUSED_METHODS = (Method.M_COUNTDOWN, Method.CATS, Method.D_COUNTDOWN)
