@@ -1,25 +1,8 @@
 """Decode batches (2 to ``MAX_TOKENS`` tokens): the union of the tokens' kept neurons read
-once, by the GEMV kernel with row predicates (``kernels.gemv`` with ``live``).
-
-Each token of a decode batch keeps its own neurons. Per-token index lists
-(``kernels.sparse_ffn``, ``SparseSpec.batch_kernel="lists"``) read a row kept by several
-tokens once per token; here (``batch_kernel="union"``) every row any token keeps is read
-once: the gate / up rows as output columns of W [m, d], each token's s masked to its own
-kept set, then W_down's rows as inputs of W [m, d]. Rows no token keeps move no bytes
-(predicated loads), so the bytes are the union's. The result is the masked reference's
-(``ffn._masked``) up to float rounding: a row a token did not keep gets s = 0.
-
-``form``: "live" (``batch_kernel="union"``) passes the union as a row predicate: a
-random half of m live leaves nearly every 64-row tile with a live row, so every GEMV
-program walks all of d on partly masked loads (dense instruction stream, scattered
-bytes). "compact" (``batch_kernel="compact"``) passes it as an index list
-(``selection.mask_to_indices``): the gate / up GEMV writes only the union's columns
-[N, C] (programs past the union's count run no loop step), s is formed on those columns,
-and W_down's GEMV walks only ceil(count / block_d) blocks of its rows.
-
-Which form wins depends on the union's size (the index list while it is small, the
-predicate from about half of m): ``fast_path.BATCH_KERNEL_TABLE`` says where "auto" takes
-each, from experiments/results/bench_auto_batches.md.
+once by the GEMV kernel (``kernels.gemv``), each token's s masked to its own kept set, so
+y is the masked reference's (``ffn._masked``) up to float rounding. ``form``: the union as
+a row predicate ("live") or an index list ("compact"); what each costs and where "auto"
+takes which: experiments/KERNEL_NOTES.md ("Batches").
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""Selection rules: which of the m neurons each token keeps.
-
-A rule is (ranked quantity, mode). Quantities, per token (method.md):
+"""Selection rules: which of the m neurons each token keeps. A rule is (ranked quantity,
+mode); the quantities per token, computed in the MLP's dtype and ranked in float32:
 
     cats         |act(g_i)|
     m_countdown  |u_i|
@@ -8,29 +7,9 @@ A rule is (ranked quantity, mode). Quantities, per token (method.md):
     dejavu       g_i (signed)
     s_countdown  1/2 s_i^2 ||W_down[i]||^2  (W_down stored [m, d], row i = neuron i)
 
-computed in the MLP's dtype and ranked in float32. Modes (``select``):
-
-    ideal      k = int(m r) (see ``num_dropped``); keep q > (k-th smallest q), strictly, as
-               the release's torch.kthvalue rule. r = 0 (k = 0) keeps all. Ties at the k-th
-               value are all dropped, so ties can keep FEWER than m - k (all-equal q keeps
-               none at r > 0).
-    topk       keep exactly m - k: the largest q, ties broken towards the LOWER neuron
-               index (a stable descending sort). Equals ideal whenever q has no tie at
-               the cut.
-    threshold  keep q > tau (per-layer scalar).
-    predictor  q is the predictor logit z = (x V) U^T; keep z > theta.
-    cascade    (d_countdown) two stages: the predictor picks candidates z > theta (set
-               low, for recall), the FFN computes the exact s of the candidates only,
-               and ``refine`` keeps |s| > tau. Reads the predictor, gate and up rows of
-               the candidates and W_down rows of the final set: D's oracle quantity at
-               a fraction of the cost of computing it densely.
-    proxy      (d_countdown) q = |s_hat|, s from a low-bit copy of W_gate and W_up
-               (``proxy.py``); keep q > tau. The kept rows are then read in full
-               precision, so the output is exact on the kept set.
-
-Every ranking here (topk, and the capacity cut in ``limit_to_capacity``) is the one
-``keep_largest``: larger q first, equal q -> lower index first; -0.0 equals +0.0.
-NaN in q is not handled (it comes only from NaN activations).
+Modes (``select``; ``refine`` is the cascade's second stage) and their tie rules:
+docs/method.md ("Modes"). Every ranking (topk, the capacity cut) is the one
+``keep_largest``: larger q first, equal q -> lower index first; NaN in q is not handled.
 """
 
 from __future__ import annotations
@@ -145,7 +124,9 @@ def kth_smallest(q, k):
 
 
 def ideal_mask(q, r):
-    """Keep q > k-th smallest q (1-indexed, k = int(m r)); k = 0 keeps all. r: scalar or [...]."""
+    """Keep q > k-th smallest q (1-indexed, k = int(m r)); k = 0 keeps all. r: scalar or [...].
+    Strictly greater, as the release's torch.kthvalue rule: ties at the k-th value are all
+    dropped, so ties can keep fewer than m - k (all-equal q keeps none at r > 0)."""
     m = q.shape[-1]
     k = num_dropped(r, m)
     kth = kth_smallest(q, jnp.broadcast_to(jnp.maximum(k, 1), q.shape[:-1]))

@@ -6,32 +6,10 @@
     with jax.set_mesh(mesh):
         out = generate(params, cfg, prompt, lengths, key, policy, spec=spec, ...)
 
-What goes where (``param_specs``):
-  * FFN: gate/up/down are [L, m, d] row-per-neuron, so one spec on the m axis splits all
-    three; each device selects among its own neurons and the partial down projections
-    meet in ONE psum per layer (``ffn_parallel``, an explicit shard_map). The
-    predictor's U [L, m, rank] splits with them; Vt and per-layer scalars are replicated.
-    Rules that rank across neurons (ideal, topk, a capacity cut) stay exact across
-    devices (``parallel_selection``); ``SparseSpec.shard_capacity`` trades that
-    exactness of the capacity cut for no extra communication.
-  * Attention: heads split over "model" when Hkv % model == 0 (q heads wq, bq, wo; kv
-    heads wk, wv, bk, bv and the KV cache). Otherwise attention (weights and cache) is
-    replicated on "model" and only the FFN and lm_head split: replicating just K/V while
-    splitting q heads makes XLA split the kv heads of the cache inside the layer loop and
-    all-gather the whole cache every step (seen in the compiled HLO).
-  * lm_head [d, V] splits on V (when V divides); embeddings, norms: replicated.
-  * "data": the batch axis of tokens, cache and activations; params replicated on it.
-    The model calls ``constrain_batch`` on its embeddings, so callers whose inputs arrive
-    replicated (evaluation, sweeps) still run data parallel.
-
-This module holds the mesh, the placement specs and the placing; it computes nothing.
-The sharded FFN (``ffn_parallel``) is picked by the model's one FFN call (``ffn.ffn``)
-whenever the mesh in context (``jax.set_mesh``) has a "model" axis of size > 1
-(``splits_neurons``), or any axis of size > 1 and the FFN runs Pallas kernels; the
-Pallas decode attention runs per device on its heads and rows (``attention_parallel``,
-same placement as ``cache_specs``). Without a mesh nothing changes
-(the mesh is part of jit's cache key, so no stale trace is reused). Meshes built here use
-AxisType.Auto (``jax.make_mesh`` defaults to Explicit axes in jax 0.10).
+This module holds the mesh, the placement specs (``mesh_axes``: the FFN's m neurons,
+attention heads when Hkv divides, the head's V on "model"; the batch on "data") and the
+placing; it computes nothing. What runs per device and why: docs/multi-device.md.
+Meshes built here use AxisType.Auto (``jax.make_mesh`` defaults to Explicit in jax 0.10).
 """
 from __future__ import annotations
 
@@ -102,6 +80,8 @@ def check_tensor_parallel(cfg: ModelConfig, model: int):
 def mesh_axes(cfg: ModelConfig, mesh) -> dict:
     """Logical axis (``layout.AXIS_SIZES``) -> mesh axis or None: the placement rules."""
     model = axis_size(mesh, MODEL)
+    # Heads split only with the kv heads: replicating K/V while splitting q heads made XLA
+    # all-gather the whole cache every step (seen in the compiled HLO).
     heads = MODEL if splits_heads(cfg, model) else None
     return {"mlp": MODEL, "q_heads": heads, "kv_heads": heads, "qkv_groups": heads,
             "vocab_out": None if cfg.vocab_size % model else MODEL}

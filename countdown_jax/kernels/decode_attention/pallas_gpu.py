@@ -2,19 +2,11 @@
 
 One program per (row b, query head, split of the cache): it walks the visible slots of
 its split, [max(0, pos - window + 1), pos] intersected with [j*split, (j+1)*split), in
-blocks of ``bs`` slots with a running (online) softmax in float32 registers. Slots past
-pos or before the window are never read. With one split (cache length <= split) the
-program normalises and writes the output; otherwise it writes its (max, sum, weighted
-values) and a small XLA combine merges the splits (flash-decoding).
-
-Why a kernel: in XLA this is ~10 small kernels per layer (scores, mask, softmax
-reductions, converts, the value product, and a copy of the layer's cache slice out of the
-stacked [L, ...] cache), ~1-2 us each at decode sizes. The kernel reads the stacked cache
-in place (flat [L*B*S*Hkv, hd] rows, a free reshape), so no slice is materialised.
-Measured (H100, Llama-3.1-8B decode, experiments/results/bench_decode.md and
-bench_attention.csv): version 1 (one program per kv head looping over every block) took
-14.8 us per layer, slower than XLA; spreading heads and splits over programs brought it
-to 4.4 us per layer (cache length 161) against XLA's 8.2, and 12.3 vs 18.2 at 2081.
+blocks of ``bs`` slots with a running (online) softmax in float32 registers, reading the
+stacked cache in place (flat [L*B*S*Hkv, hd] rows); slots past pos or before the window
+are never read. With one split the program normalises and writes the output; otherwise a
+small XLA combine merges the splits (flash-decoding). Why a kernel, and what it measured:
+experiments/KERNEL_NOTES.md ("Decode attention").
 
 Numerics: products of the stored values, float32 sums, float32 softmax weights (the XLA
 reference rounds the weights to the compute dtype before the value product, so bf16

@@ -1,27 +1,9 @@
 """Pallas (Triton lowering) GPU kernel: selection and sparse FFN in ONE kernel.
 
-Per block of ``bn`` consecutive neurons a program
-  1. streams the block's rows of the scoring matrix (W_up for M, W_gate for CATS, the
-     predictor's U for D) and dots them with x (or with h = x V for D),
-  2. thresholds them (keep |u| > tau, |act(g)| > tau, or z > tau),
-  3. reads only the kept rows of the other matrices (gate for M, up for CATS, gate and
-     up for D) and of W_down, and accumulates s * W_down[row] in float32 registers.
-No index list and no host sync: the selection never leaves the kernel. The dense scoring
-stream of co-resident programs hides the latency of the dependent sparse loads.
-The cascade (D with tau_s) selects candidates as D, forms their exact s from the gate/up
-rows, and reads W_down rows only where |s| > tau_s (its kept count): the down loads
-depend on s, so they cannot be issued with the gate/up loads (``prefetch`` must be off).
-
-Two ways to read the kept rows of a block (``compact``):
-  0  predicated loads over all ``bn`` rows (masked-off rows move no bytes),
-  k  in-block compaction: kept rows are packed (cumsum) into tiles of k, so each load
-     instruction carries k useful rows even at 95% sparsity.
-Batch N > 1: the union of the tokens' kept rows is read once; each token's s is zero
-outside its own selection, so every token gets exactly its own sparse FFN.
-
-Weights may be the model's flattened [L*m, d] stack: neuron i is row ``row_offset + i``
-(``row_offset`` = l*m, a traced scalar operand), so a layer is read in place; slicing it
-out for the custom call would copy every row.
+Per block of ``bn`` neurons a program thresholds the block's scores and reads only the kept
+rows of gate / up / down, accumulating s * W_down[row] in float32 registers: no index list,
+no host sync. The block walk, compaction, batches, the cascade and stacked weights:
+experiments/KERNEL_NOTES.md ("Inside the fused kernel").
 """
 
 from __future__ import annotations

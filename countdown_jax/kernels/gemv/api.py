@@ -1,23 +1,7 @@
-"""y = x @ W for a few rows of x (decode projections): ``implementation=`` picks the backend.
-
-implementation (the vocabulary of every kernel op, ``kernels._platform``):
-  "xla"         XLA's dot in the stored dtype, float32 accumulation (``reference.gemv_xla``)
-  "pallas"      the Pallas GPU kernel ("pallas_gpu": tiles over n, a loop over d, the
-                weight streamed once). TPU and CPU: falls back to "xla" with a warning
-                (CPU: unless in interpret mode). There is no "pallas_tpu" backend.
-interpret: True / False, or None = the ``_platform.interpret_mode`` setting.
-
-x [..., d] with at most ``MAX_ROWS`` rows for the kernel (leading axes flattened);
-W [d, n] (the params' layout flattened, e.g. wq [d, Hq, hd] -> [d, Hq*hd]) or, with
-``transposed``, [n, d]; or a stack [L, d, n] / [L, n, d] with ``layer`` (a traced index),
-read in place. x and W share one floating dtype. Returns [..., n] in ``out_dtype``
-(default x.dtype); products and sums in float32. ``live`` (optional bool [rows of W]: [n]
-transposed, [d] plain): rows where it is False count as zero and are not read.
-``rows`` (optional, instead of live: int32 [C], W's rows to read, best ascending; the
-first ``count`` valid, count an int32 scalar, default C): the compact form. Transposed,
-returns [..., C]: column j is x . W[rows[j]] for j < count, 0 past it; plain, x is
-compact [..., C] and y = sum over j < count of x[..., j] W[rows[j]]. rows[j] for
-j < count must be valid rows of W (traced values: not checked).
+"""y = x @ W for a few rows of x (decode projections): ``implementation=`` picks the backend
+("xla", or the Pallas GPU kernel; TPU and CPU fall back to "xla", ``kernels._platform``).
+How the kernel walks W and where it wins: experiments/KERNEL_NOTES.md ("Decode
+projections").
 """
 
 from __future__ import annotations
@@ -86,7 +70,20 @@ def _check_rows(rows, count, live):
 def gemv(x, w, *, layer=None, transposed: bool = False, out_dtype=None,
          implementation: str = "xla", interpret: bool | None = None, config=None,
          live=None, rows=None, count=None):
-    """See module docstring. ``config``: ``pallas_gpu.GemvConfig`` (None: its default)."""
+    """x [..., d] (at most ``MAX_ROWS`` rows for the kernel, leading axes flattened); w
+    [d, n] (the params' layout flattened, e.g. wq [d, Hq, hd] -> [d, Hq*hd]) or, with
+    ``transposed``, [n, d]; or a stack [L, d, n] / [L, n, d] with ``layer`` (a traced
+    index), read in place. x and w share one floating dtype. Returns [..., n] in
+    ``out_dtype`` (default x.dtype); products and sums in float32.
+
+    live (bool [rows of W]: [n] transposed, [d] plain): rows where it is False count as
+    zero and are not read. rows (int32 [C], instead of live; W's rows to read, best
+    ascending) with count (an int32 scalar, default C; the first count valid): the compact
+    form. Transposed, returns [..., C]: column j is x . W[rows[j]] for j < count, 0 past
+    it; plain, x is compact [..., C] and y = sum over j < count of x[..., j] W[rows[j]].
+    rows[j] for j < count must be valid rows of W (traced values: not checked).
+    config: ``pallas_gpu.GemvConfig`` (None: its default).
+    """
     _platform.check_implementation(implementation, "gemv")
     count = _check_rows(rows, count, live)
     compact_x = rows is not None and not transposed

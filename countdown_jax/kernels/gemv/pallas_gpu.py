@@ -1,40 +1,7 @@
-"""Pallas (Triton lowering) GPU kernel: y = x @ W for B <= 16 rows of x (decode).
-
-At decode the attention projections are GEMVs: every weight byte is read once and used B
-times, so the floor is the HBM read time of W. XLA lowers them to Triton GEMM fusions or
-column-reduction fusions that read at ~2.2-2.7 TB/s of H200's ~4.3 (profiles in
-experiments/results/bench_decode_profile.csv, bench_spmd_profile_ops.csv); this kernel is
-a plain streaming read to sweep against them (experiments/bench_gemv.py).
-
-Layouts. W [d, n] (the params' own layout: x @ W reduces over the MAJOR axis): a program
-owns ``block_n`` output columns and walks d in [block_d, block_n] tiles, each tile row a
-contiguous run of block_n elements, each row of x's block_d values broadcast across it.
-W [n, d] (``transposed``, a copy the model does not keep): a program owns block_n rows of
-W, each read contiguously along d. A stacked [L, d, n] weight is read in place as flat
-[L*d, n] rows from ``offset`` = l*d on (no slice copied).
-
-Grid: (column blocks, split_d). With split_d > 1 each program reduces one slice of d and
-writes float32 partials [split_d, B, n] that XLA sums (one small extra kernel), so a narrow
-output (k/v: n = 1024) still spreads over the GPU's ~132 SMs.
-
-Products: float32 FMAs of the stored values (exact for bf16) summed in float32, or, with
-``dot``, a tensor-core dot with x's rows padded to 16 (bf16 / f16 only: Triton's float32
-dot rounds to TF32). For B <= ``defer`` rows the per-tile products are accumulated
-elementwise and reduced across the tile once, after the loop.
-
-``live`` [rows of W] (optional): rows where it is 0 are not read (predicated loads move no
-bytes) and count as zero: a decode batch's union of kept neurons read once, the gate / up
-rows as output columns of W [m, d] (transposed) and the W_down rows as inputs of
-W [m, d] (plain) (``batch_union``).
-
-``rows`` [R] + ``count`` (optional, instead of ``live``): the same union as an index list,
-so that no program walks rows that are not read. A random half of m live leaves almost
-every tile with some live row, and then every program runs the whole loop on partly
-masked loads; compact, the work is the union's. Transposed: the output is compact,
-out[:, j] = x . W[rows[j]] for j < count (0 past it); a program owns block_n positions,
-gathers their rows of W (each contiguous along d) and, past count, runs no loop step.
-Plain: x is compact [B, R], y = sum_{j < count} x[:, j] W[rows[j]]; the loop walks
-blocks of block_d positions, ceil(count / block_d) of them split over split_d programs.
+"""Pallas (Triton lowering) GPU kernel: y = x @ W for B <= 16 rows of x (decode), W streamed
+once in the params' [d, n] layout (or [n, d], ``transposed``; a stack read in place), only
+the rows a predicate (``live``) or an index list (``rows``) names when given. Layouts, grid,
+products and the two union forms: experiments/KERNEL_NOTES.md ("The GEMV kernel").
 """
 
 from __future__ import annotations
