@@ -105,7 +105,7 @@ def test_skipped_rows_unread():
 @pytest.mark.parametrize("n", [1, 3])
 def test_fused_path_equals_masked(monkeypatch, pallas_interpret, n):
     """implementation="pallas" at decode: the proxy-scores kernel, then the fused kernel
-    (method "d" on those scores; interpret mode, as on a GPU), reading the model's stack
+    (D_COUNTDOWN on those scores; interpret mode, as on a GPU), reading the model's stack
     in place."""
     import countdown_jax.ffn as ffn_mod
     from countdown_jax.kernels import _platform
