@@ -207,7 +207,7 @@ def proxy(R: Runner, best=None):
                        ffn_step(q, fastest[bits, group][1]), RATIOS)
     for cfg in SWEEP[:2] if R.scale.interpret else SWEEP:
         for (bits, group), q in probs.items():
-            if R.left() < 90:
+            if R.left() < 110:
                 break
             t = R.time_variant(q, f"proxy-b{bits}g{group}", "pallas", label(cfg),
                                scores_step(q, cfg), (0.0,))
