@@ -180,9 +180,10 @@ def full_check(R: Runner, q: Problem, method, cfg):
           variant=label(cfg) + " [poison check]", batch=q.batch, note=note)
 
 
-def _formats(d):
-    for bits, group in FORMATS:
-        yield bits, (group if (d * bits // 8) % group == 0 else math.gcd(group, d // 4))
+def formats(d):
+    """FORMATS with each group cut to fit inside one plane of d / (8 / bits) inputs (the
+    smoke shapes are narrow)."""
+    return [(bits, math.gcd(group, d * bits // 8)) for bits, group in FORMATS]
 
 
 def proxy(R: Runner, best=None):
@@ -190,7 +191,7 @@ def proxy(R: Runner, best=None):
     p = R.problem(LLAMA, jnp.bfloat16, 1)
     R.baseline(p)
     probs, fastest = {}, {}
-    for bits, group in _formats(p.d):
+    for bits, group in formats(p.d):
         q = probs[bits, group] = with_proxy(p, bits, group)
         name = f"proxy-b{bits}g{group}"
         ffn_problem.RULES[name] = ProxyRule(ffn=False)
