@@ -17,9 +17,12 @@ Storage (one layer; a policy stacks a leading layer axis):
     {"packed": uint8 [2, m, d * bits / 8],   [0] = gate, [1] = up
      "scale":  bfloat16 [2, m, d / group]}
 
-A byte holds 8 / bits codes, the lowest bits first: code j of byte b is input
-b * (8 / bits) + j. A code c stands for (c - 2^(bits-1)) * scale, c in [1, 2^bits - 1]
-(symmetric: the code 0 is unused). bits and group are read back from the shapes, so the
+A byte holds P = 8 / bits codes from P planes of the row: bits [j*bits, (j+1)*bits) of
+byte b are the code of input j * d / P + b (at 4 bits the low nibbles are the first half
+of the row, the high nibbles the second). So a tile of bytes unpacks with one shift and
+one mask per plane into P operand tiles, each against a contiguous slice of x. A code c
+stands for (c - 2^(bits-1)) * scale, c in [1, 2^bits - 1] (symmetric: the code 0 is
+unused). bits and group are read back from the shapes, so the
 pytree carries no static metadata and sweeps ``vmap`` over it like any policy entry.
 """
 
@@ -63,9 +66,11 @@ def quantize(w, bits: int = 4, group: int = 128):
     q = jnp.clip(jnp.round(grouped / jnp.where(s32 > 0, s32, 1.0)), -qmax, qmax)
     codes = (q + 2 ** (bits - 1)).astype(jnp.uint8).reshape(w.shape)
     per = 8 // bits
-    codes = codes.reshape(w.shape[:-1] + (d // per, per))
-    shifts = (jnp.arange(per, dtype=jnp.uint8) * bits)
-    packed = jnp.sum(codes << shifts, axis=-1, dtype=jnp.uint8)     # disjoint bits: sum = or
+    if d % per:
+        raise ValueError(f"proxy width d={d} must be a multiple of {per} at {bits} bits")
+    planes = codes.reshape(w.shape[:-1] + (per, d // per))         # plane j: inputs j*d/per...
+    shifts = (jnp.arange(per, dtype=jnp.uint8) * bits)[:, None]
+    packed = jnp.sum(planes << shifts, axis=-2, dtype=jnp.uint8)    # disjoint bits: sum = or
     return packed, scale
 
 
@@ -109,8 +114,8 @@ def dequantize(proxy, d: int):
     packed, scale = proxy["packed"], proxy["scale"]
     bits, group = proxy_format(proxy, d)
     per = 8 // bits
-    shifts = jnp.arange(per, dtype=jnp.uint8) * bits
-    codes = (packed[..., None] >> shifts) & jnp.uint8(2 ** bits - 1)
+    shifts = (jnp.arange(per, dtype=jnp.uint8) * bits)[:, None]
+    codes = (packed[..., None, :] >> shifts) & jnp.uint8(2 ** bits - 1)   # [..., per, d/per]
     full = codes.reshape(packed.shape[:-1] + (packed.shape[-1] * per,))
     q = full.astype(jnp.float32) - 2 ** (bits - 1)
     dd = full.shape[-1]

@@ -35,20 +35,26 @@ from countdown_jax.config import ModelConfig
 from countdown_jax.generate import decode_params
 from countdown_jax.policy import SparseSpec, make_policy
 from countdown_jax.sharding import random_params
-from experiments.bench.decode import calibrate, random_predictor, time_decode
+from experiments.bench.decode import (PROXY, calibrate, proxy_policy, random_predictor,
+                                      time_decode)
 from experiments.bench.harness import write_csv
 from experiments.bench.shapes import LLAMA_3_1_8B, TINY_DECODER
 
 TARGET = 0.9        # the user path's decode rate over the best path's, at least
 
 
-def _setups(params, cfg, predictor, r):
-    """method -> (mode, policy) at sparsity r (dense: no policy)."""
+def _setups(params, cfg, predictor, r, methods):
+    """method -> (sparsity method, mode, policy) at sparsity r (dense: no policy; "proxy":
+    D-COUNTDOWN in proxy mode, its proxy quantized from the random weights)."""
     tau, theta = calibrate(params, cfg, predictor, r, jax.random.PRNGKey(2))
-    return {"dense": ("ideal", None),
-            "m_countdown": ("threshold", make_policy(cfg.num_layers, threshold=tau)),
-            "d_countdown": ("predictor", make_policy(cfg.num_layers, theta=theta,
-                                                     predictor=predictor))}
+    out = {"dense": ("dense", "ideal", None),
+           "m_countdown": ("m_countdown", "threshold", make_policy(cfg.num_layers, threshold=tau)),
+           "d_countdown": ("d_countdown", "predictor", make_policy(cfg.num_layers, theta=theta,
+                                                                   predictor=predictor))}
+    if PROXY in methods:
+        out[PROXY] = ("d_countdown", "proxy",
+                      proxy_policy(params, cfg, r, jax.random.PRNGKey(2)))
+    return out
 
 
 def user_path(model, spec, policy, batch, steps, prompt_len, repeats):
@@ -101,12 +107,12 @@ def write(out: Path, name: str, rows):
              f"{rows[0]['device']}, bf16; target: user / best >= {TARGET}.", "",
              "x dense: the user path's rate over the dense user path's at the same batch, "
              "same run.", "",
-             "| method | r | batch | user path (layers / FFN / attention) | user tokens/s | "
+             "| method | mode | r | batch | user path (layers / FFN / attention) | user tokens/s | "
              "x dense | best tokens/s (its FFN) | user / best | r realised user / best | "
              "within 10% | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['sparsity']} | {r['batch']} | {r['user_path']} | "
+        lines.append(f"| {r['method']} | {r.get('mode', '')} | {r['sparsity']} | {r['batch']} | {r['user_path']} | "
                      f"{r['user_tokens_per_s']} | {r['x_dense']} | {r['best_tokens_per_s']} "
                      f"({r.get('best_ffn', '')}) | {r['ratio']} | "
                      f"{r['realised_user']} / {r['realised_best']} | {r['within_10pct']} | "
@@ -120,7 +126,9 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--name", default=None,
                     help="output file stem (default bench_auto_path, tiny: bench_auto_path_tiny)")
-    ap.add_argument("--methods", default="m_countdown,d_countdown,dense")
+    ap.add_argument("--methods", default="m_countdown,d_countdown,dense",
+                    help=f"comma list of dense, m_countdown, d_countdown, {PROXY} "
+                    "(D-COUNTDOWN, proxy mode); put dense first for x dense")
     ap.add_argument("--sparsity", default="0.9", help="target r, comma-separated")
     ap.add_argument("--best", default="lists,masked",
                     help=f"the best path's FFN candidates at batches, from {CANDIDATES}; "
@@ -143,7 +151,8 @@ def main(argv=None):
     if set(best) - set(CANDIDATES):
         raise SystemExit(f"--best: unknown candidates {sorted(set(best) - set(CANDIDATES))}")
     sparsities = [float(r) for r in args.sparsity.split(",")]
-    setups = {r: _setups(params, cfg, predictor, r) for r in sparsities}
+    methods = args.methods.split(",")
+    setups = {r: _setups(params, cfg, predictor, r, methods) for r in sparsities}
     # one unstacked copy, shared: the user path's (cached by decode_params) is the best's
     fast_params = decode_params(params, "unstacked")
     device = jax.devices()[0].device_kind
@@ -154,17 +163,17 @@ def main(argv=None):
     rows = []
     print(f"setup {time.perf_counter() - t_start:.1f} s", flush=True)
     settings = [(b, m, r) for b in (int(b) for b in args.batches.split(","))
-                for m in args.methods.split(",")
+                for m in methods
                 for r in ((0.0,) if m == "dense" else sparsities)]
     dense_rate = {}
     for batch, method, r in settings:
         if time.perf_counter() - t_start > args.budget_s:
             print("budget spent: stop", flush=True)
             break
-        mode, policy = setups[sparsities[0] if method == "dense" else r][method]
-        spec = SparseSpec(method=method, mode=mode,
+        rule, mode, policy = setups[sparsities[0] if method == "dense" else r][method]
+        spec = SparseSpec(method=rule, mode=mode,
                           target_sparsity=None if method == "dense" else r)
-        row = dict(device=device, shape=shape, method=method, sparsity=r, batch=batch,
+        row = dict(device=device, shape=shape, method=rule, mode=mode, sparsity=r, batch=batch,
                    user_path="", batch_kernel="", user_tokens_per_s=float("nan"),
                    x_dense=float("nan"), best_tokens_per_s=float("nan"), best_ffn="",
                    ratio=float("nan"), realised_user=float("nan"),

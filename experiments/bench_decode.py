@@ -35,8 +35,9 @@ from countdown_jax.decode_path import AUTO, DecodePath
 from countdown_jax.generate import decode_params
 from countdown_jax.policy import SparseSpec, make_policy
 from countdown_jax.sharding import random_params
-from experiments.bench.decode import (bandwidth, calibrate, plot, random_predictor,
-                                      read_ceiling, step_bytes, time_decode, write)
+from experiments.bench.decode import (PROXY, PROXY_FORMAT, bandwidth, calibrate, plot,
+                                      proxy_policy, random_predictor, read_ceiling,
+                                      step_bytes, time_decode, write)
 from experiments.bench.shapes import LLAMA_3_1_8B, TINY_DECODER
 
 
@@ -52,7 +53,9 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--sparsities", default="0.7,0.9")
-    ap.add_argument("--methods", default="m_countdown,d_countdown")
+    ap.add_argument("--methods", default="m_countdown,d_countdown",
+                    help=f"comma list of m_countdown, d_countdown, {PROXY} (D-COUNTDOWN, "
+                    "proxy mode: the proxy quantized from the random weights)")
     ap.add_argument("--implementations", default="xla,pallas",
                     help="comma list: masked, xla (XLA index lists), pallas (batches: per-token index "
                          "lists), pallas-union / pallas-compact / pallas-dense (batches: "
@@ -124,8 +127,11 @@ def main(argv=None):
                    layers=layers, capacity=cap, attention=attention, projections=projections,
                    tokens_per_s=round(tps, 2),
                    ms_per_step=round(step_s * 1e3, 4), note=note)
-        nbytes = step_bytes(cfg, method, 1.0 - realised, batch=batch, rank=rank,
-                            context=args.prompt_len + args.steps // 2)
+        proxy = method == PROXY         # D-COUNTDOWN in proxy mode
+        nbytes = step_bytes(cfg, "d_countdown" if proxy else method, 1.0 - realised,
+                            batch=batch, rank=rank, context=args.prompt_len + args.steps // 2,
+                            mode="proxy" if proxy else None,
+                            proxy=PROXY_FORMAT if proxy else None)
         if nbytes:                            # batch 1 or dense
             row.update(floor_ms_per_step=round(nbytes / read_bw / 1e6, 4),
                        **bandwidth(nbytes, step_s, read_bw))
@@ -166,6 +172,8 @@ def main(argv=None):
                 "d_countdown": ("predictor", make_policy(cfg.num_layers, theta=theta,
                                                          predictor=predictor)),
             }
+            if PROXY in args.methods.split(","):   # D-COUNTDOWN, proxy mode
+                setups[PROXY] = ("proxy", proxy_policy(params, cfg, r, jax.random.PRNGKey(2)))
             for method, impl, cf, (attn, proj), lf in itertools.product(
                     args.methods.split(","), args.implementations.split(","), caps,
                     paths, layer_forms):
@@ -175,7 +183,8 @@ def main(argv=None):
                 # realised sparsity). None: the exact rule, no index list (pallas then
                 # runs the fused kernel on GPU).
                 cap = None if cf is None else int(np.ceil(cf * (1 - r) * m))
-                spec = SparseSpec(method=method, mode=mode, capacity=cap, target_sparsity=r)
+                spec = SparseSpec(method="d_countdown" if method == PROXY else method,
+                                  mode=mode, capacity=cap, target_sparsity=r)
                 ffn, _, kernel = impl.partition("-")
                 path = fast_path.resolve(DecodePath(ffn=ffn, batch_kernel=kernel or AUTO),
                                          spec, batch)        # "auto": fast_path's choice

@@ -37,13 +37,20 @@ def test_dequantize_matches_float64_reference(bits, group):
     assert np.all(got[0, 0, :group] == 0.0)
 
 
-def test_codes_pack_lowest_bits_first():
+def test_codes_pack_in_planes():
+    """Bits [j*bits, (j+1)*bits) of byte b hold input j * d / (8 / bits) + b."""
     w = np.zeros((1, 8), np.float32)
-    w[0, 0], w[0, 1] = 7.0, -7.0                           # codes 15 and 1 at 4 bits
+    w[0, 0], w[0, 4], w[0, 1] = 7.0, -7.0, 7.0             # codes 15, 1, 15 at 4 bits
     packed, scale = X.quantize(w, 4, 8)
     assert float(scale[0, 0]) == 1.0
-    assert int(packed[0, 0]) == 15 | (1 << 4)
-    assert np.all(np.asarray(packed[0, 1:]) == 8 | (8 << 4))   # zeros: code 8
+    assert int(packed[0, 0]) == 15 | (1 << 4)              # inputs 0 (low) and 4 (high)
+    assert int(packed[0, 1]) == 15 | (8 << 4)              # inputs 1 and 5 (zero: code 8)
+    assert np.all(np.asarray(packed[0, 2:]) == 8 | (8 << 4))
+    w2 = np.zeros((1, 8), np.float32)
+    w2[0, 2], w2[0, 7] = 1.0, -1.0                         # 2 bits: codes 3 and 1
+    p2, _ = X.quantize(w2, 2, 8)
+    assert int(p2[0, 0]) == 2 | (3 << 2) | (2 << 4) | (2 << 6)   # inputs 0, 2, 4, 6
+    assert int(p2[0, 1]) == 2 | (2 << 2) | (2 << 4) | (1 << 6)   # inputs 1, 3, 5, 7
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import statistics
 import time
 from pathlib import Path
@@ -16,17 +17,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from countdown_jax import model as model_lib
+from countdown_jax import proxy as proxy_lib
 from countdown_jax.cost import bytes_share
 from countdown_jax.decode_path import PORTABLE
 from countdown_jax.generate import decode_policy
+from countdown_jax.policy import make_policy
 
 from .harness import ceilings, gb_per_s, read_csv, write_csv
 
 _MODE = {"dense": "ideal", "m_countdown": "threshold", "d_countdown": "predictor"}
+PROXY = "proxy"                 # the benches' name for D-COUNTDOWN in proxy mode
+PROXY_FORMAT = (4, 128)         # (bits, group) of the benches' proxy
 
 
 def step_bytes(cfg, method: str, kept: float, *, batch: int, context: int, rank: int = 0,
-               model_shards: int = 1, itemsize: int = 2):
+               model_shards: int = 1, itemsize: int = 2, mode: str | None = None,
+               proxy: tuple[int, int] | None = None):
     """Bytes one decode step must read per device: the q/k/v/o and LM-head weights, the FFN
     weights the rule reads (``cost.bytes_share``: batch 1 only, where the kept set is one
     token's; a batch reads the union of its tokens' sets, not measured here -> None) and
@@ -36,7 +42,7 @@ def step_bytes(cfg, method: str, kept: float, *, batch: int, context: int, rank:
         return None
     d, m, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
     attn = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-    share = bytes_share(method, _MODE[method], kept, m=m, d=d, rank=rank)
+    share = bytes_share(method, mode or _MODE[method], kept, m=m, d=d, rank=rank, proxy=proxy)
     weights = cfg.num_layers * (attn + 3 * m * d * share) + cfg.vocab_size * d
     kv = cfg.num_layers * 2 * cfg.num_kv_heads * hd * context * batch
     return (weights + kv) * itemsize / model_shards
@@ -64,14 +70,34 @@ def random_predictor(key, cfg, rank, dtype=jnp.bfloat16):
             "U": (jax.random.normal(ku, (L, m, rank)) / np.sqrt(rank)).astype(dtype)}
 
 
-def calibrate(params, cfg, predictor, r, key):
-    """Per-layer tau (quantile of |u|) and theta (quantile of z) at sparsity r, from the
-    MLP inputs of a random 64-token prompt."""
+def _mlp_inputs(params, cfg, key):
+    """[L, 64, d] float32: each layer's MLP inputs on a random 64-token prompt."""
     tokens = jax.random.randint(key, (1, 64), 0, cfg.vocab_size)
     _, _, xs = jax.jit(functools.partial(model_lib.forward, cfg=cfg, collect=True,
                                          logits_at=jnp.zeros((1, 0), jnp.int32)))(params,
                                                                                    tokens=tokens)
-    xs = xs.reshape(cfg.num_layers, -1, cfg.d_model).astype(jnp.float32)
+    return xs.reshape(cfg.num_layers, -1, cfg.d_model).astype(jnp.float32)
+
+
+def proxy_policy(params, cfg, r, key, fmt=PROXY_FORMAT):
+    """D-COUNTDOWN's proxy rule at sparsity r: the proxy quantized from the model's own
+    gate / up weights (``proxy.quantize_mlp``, a layer at a time) and per-layer tau = the
+    r-quantile of |s_hat| on the calibration prompt's MLP inputs."""
+    fmt = (fmt[0], math.gcd(fmt[1], cfg.d_model))       # tiny shapes: a group that fits
+    mlp = params["layers"]["mlp"]
+    quant = jax.jit(lambda g, u: proxy_lib.quantize_mlp({"gate": g, "up": u}, *fmt))
+    pr = jax.lax.map(lambda gu: quant(*gu), (mlp["gate"], mlp["up"]))
+    xs = _mlp_inputs(params, cfg, key)
+    s = jax.jit(lambda pr, xs: jax.lax.map(
+        lambda a: proxy_lib.proxy_scores(a[0], a[1], cfg.act), (pr, xs)))(pr, xs)
+    tau = jnp.quantile(s.reshape(cfg.num_layers, -1), r, axis=1)
+    return make_policy(cfg.num_layers, threshold=np.asarray(tau), proxy=pr)
+
+
+def calibrate(params, cfg, predictor, r, key):
+    """Per-layer tau (quantile of |u|) and theta (quantile of z) at sparsity r, from the
+    MLP inputs of a random 64-token prompt."""
+    xs = _mlp_inputs(params, cfg, key)
     up = params["layers"]["mlp"]["up"].astype(jnp.float32)
     u = jnp.abs(jnp.einsum("ltd,lmd->ltm", xs, up))
     z = jnp.einsum("ltr,lmr->ltm", jnp.einsum("ltd,ldr->ltr", xs, predictor["V"].astype(jnp.float32)),

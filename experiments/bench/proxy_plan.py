@@ -1,55 +1,65 @@
-"""Plan "proxy": the low-bit proxy rule (issue #12) at Llama-3.1-8B bf16, batch 1.
+"""Plan "proxy": the low-bit proxy rule at Llama-3.1-8B bf16, batch 1 (and 8).
 
 In one run (the same card, the same ceilings):
   - HBM copy / read ceilings, the loop's own cost and XLA's dense FFN;
-  - the proxy-scores kernel alone (kernels/proxy_scores, "pallas"), 4 bits / group 128 and
-    2 bits / group 64: its bytes are the packed codes + bf16 scales of gate and up, so
-    its floor is those bytes at the read ceiling; a poisoned full check against the
-    reference per format;
-  - the proxy D-COUNTDOWN FFN at r = 0.5 / 0.9: proxy kernel, |s_hat| > tau, then the kept
-    rows of gate / up / down in full precision, by the index list (kernels.sparse_ffn
-    "pallas", ``pallas-gather``) and by the fused kernel reading s_hat as its scores
-    (D-COUNTDOWN's rule with scores=, ``pallas-fused``);
+  - the proxy-scores kernel alone (kernels/proxy_scores), 4 bits / group 128 and 2 bits /
+    group 64, its default config ("dot": tensor cores) with a poisoned full check against
+    the reference, then a sweep of tiles and of both modes ("dot", "fma"); its floor is
+    the packed codes + bf16 scales of gate and up at the read ceiling;
+  - the same scores as plain XLA on the planar codes ("xla-planes": unpack, bf16 dot per
+    scale group, scale, sum), the best alternative a kernel must beat;
+  - the proxy D-COUNTDOWN FFN at r = 0.5 / 0.7 / 0.9: the scores kernel (its fastest
+    config), |s_hat| > tau, then the kept rows of gate / up / down in full precision by
+    the fused kernel reading s_hat as its scores (D-COUNTDOWN's Rule with scores=);
   - D-COUNTDOWN with its rank-512 predictor (the shipped fused kernel), for comparison;
-  - then, while the budget lasts, other ProxyConfig tiles of the kernel alone.
+  - the fastest scores config at batch 8 beside dense at batch 8 (one read of the proxy).
 Every row is one jitted loop (experiments/bench/harness.py) and its first call is checked
-against the float32 reference (ffn_problem.RULES: the proxy rules' scores, reference and
-bytes). Rows go to bench_kernels.csv, a summary to bench_proxy.md (both in --out).
+against the float32 reference (ffn_problem.RULES). Rows go to bench_kernels.csv; a
+summary to bench_proxy.md and bench_proxy.csv (both in --out).
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from countdown_jax import proxy as X
+from countdown_jax.gated import activation
 from countdown_jax.kernels.fused_sparse_ffn.api import Rule, fused_sparse_ffn
 from countdown_jax.kernels.proxy_scores.api import proxy_scores
 from countdown_jax.kernels.proxy_scores.pallas_gpu import ProxyConfig, default_config
-from countdown_jax.kernels.sparse_ffn.api import index_list, sparse_ffn
 
 from . import ffn_problem
-from .ffn_problem import Problem, capacity, compare, mlp_of
+from .ffn_problem import D, Problem, compare, mlp_of
 from .ffn_runner import Runner, log
 from .ffn_variants import chosen
 
 LLAMA = "llama-3.1-8b"
 FORMATS = ((4, 128), (2, 64))           # (bits, group)
-RATIOS = (0.5, 0.9)
-SWEEP = (ProxyConfig(bm=32, bc=256, num_warps=8), ProxyConfig(bm=16, bc=128),
-         ProxyConfig(bm=32, bc=128, prefetch=2), ProxyConfig(bm=64, bc=128, num_warps=8),
-         ProxyConfig(bm=32, bc=64, prefetch=2), ProxyConfig(bm=32, bc=128, num_stages=2),
-         ProxyConfig(bm=32, bc=128, prefetch=0))
+RATIOS = (0.5, 0.7, 0.9)
+P = ProxyConfig
+SWEEP = (P(bm=64, bc=128, asm=False), P(bm=64, bc=128, num_stages=3),
+         P(bm=64, bc=128, prefetch=1),
+         P(bm=128, bc=128, num_warps=8), P(bm=32, bc=128), P(bm=64, bc=64),
+         P(bm=128, bc=64), P(bm=64, bc=128, num_warps=8), P(bm=16, bc=128, num_warps=2),
+         P(bm=32, bc=128, mode="fma"), P(bm=64, bc=256, mode="fma", num_warps=8),
+         P(bm=16, bc=128, mode="fma"))
+CSV_FIELDS = ["card", "kernel", "bits", "group", "r", "batch", "implementation", "variant",
+              "us_per_call", "floor_us", "dense_us", "x_dense", "gb_per_s", "pct_of_ceiling",
+              "rel_err", "note"]
 
 
 def label(cfg: ProxyConfig) -> str:
-    s = f"bm{cfg.bm}-bc{cfg.bc}-p{cfg.prefetch}-w{cfg.num_warps}"
+    mode = cfg.mode + ("" if cfg.mode == "fma" or cfg.asm else "-ops")
+    s = f"{mode}-bm{cfg.bm}-bc{cfg.bc}-t{cfg.tokens}-p{cfg.prefetch}-w{cfg.num_warps}"
     return s + (f"-s{cfg.num_stages}" if cfg.num_stages > 1 else "")
 
 
@@ -63,13 +73,31 @@ def _reference_ffn(act):
     """The rule in float32: keep |s_hat| > tau (s_hat given as D-COUNTDOWN's scores),
     exact s on the kept rows, y = s W_down."""
     return jax.jit(lambda x, wg, wu, wd, sc, tau: fused_sparse_ffn(
-        x, mlp_of((wg, wu, wd)), Rule("d_countdown", tau, scores=sc), act=act,
+        x, mlp_of((wg, wu, wd)), Rule(D, tau, scores=sc), act=act,
         implementation="xla"))
 
 
 def _fit(y, d):
     """[B, m] scores -> [B, d] (what the loop feeds back into x): the first d, zero-padded."""
     return jnp.pad(y, ((0, 0), (0, max(0, d - y.shape[1]))))[:, :d]
+
+
+def xla_planes(x, packed, scale, *, act, bits, group):
+    """The scores in plain XLA from the planar codes: per plane, unpack to bfloat16 (exact
+    small integers), one dot per scale group, scaled and summed in float32."""
+    per, (n, d), m2 = 8 // bits, x.shape, packed.shape[0]
+    dp = d // per
+    ng = dp // group
+    acc = jnp.zeros((n, m2), jnp.float32)
+    for j in range(per):
+        c = ((packed >> (j * bits)) & (2 ** bits - 1)).astype(jnp.bfloat16) - 2 ** (bits - 1)
+        xj = x[:, j * dp:(j + 1) * dp].reshape(n, ng, group).astype(jnp.bfloat16)
+        part = jnp.einsum("tgk,mgk->tmg", xj, c.reshape(m2, ng, group),
+                          preferred_element_type=jnp.float32)
+        acc = acc + jnp.sum(part * scale[None, :, j * ng:(j + 1) * ng].astype(jnp.float32),
+                            axis=-1)
+    m = m2 // 2
+    return jnp.abs(activation(act)(acc[:, :m]) * acc[:, m:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,19 +132,23 @@ def scores_step(p: Problem, cfg):
     return f
 
 
-def ffn_step(p: Problem, cfg, cap=None):
-    """cap None: the fused kernel reads s_hat as its scores; else the index list."""
+def xla_step(p: Problem, bits, group):
+    def f(x, w, tau):
+        pk, sc = w[3], w[4]
+        s = xla_planes(x, pk.reshape(-1, pk.shape[-1]), sc.reshape(-1, sc.shape[-1]),
+                       act=p.act, bits=bits, group=group)
+        return _fit(s, p.d), jnp.full(x.shape[:1], p.m, jnp.int32)
+    return f
+
+
+def ffn_step(p: Problem, cfg):
+    """The proxy's scores, then the fused kernel reading them as its scores."""
     def f(x, w, tau):
         packed, scale = w[3:]
         s = proxy_scores(x, packed, scale, act=p.act, implementation="pallas", config=cfg,
                          interpret=p.interpret)
-        if cap is None:
-            return fused_sparse_ffn(x, mlp_of(w), Rule("d_countdown", tau, scores=s),
-                                    act=p.act, implementation="pallas", interpret=p.interpret)
-        idx, cnt = index_list(s > tau, cap)
-        y = sparse_ffn(x, mlp_of(w), idx, jnp.minimum(cnt, cap), act=p.act,
-                       implementation="pallas", interpret=p.interpret)
-        return y, cnt
+        return fused_sparse_ffn(x, mlp_of(w), Rule(D, tau, scores=s), act=p.act,
+                                implementation="pallas", interpret=p.interpret)
     return f
 
 
@@ -124,7 +156,7 @@ def with_proxy(p: Problem, bits: int, group: int) -> Problem:
     """The problem with each weight set's proxy appended (wg, wu, wd, packed, scale)."""
     q = jax.jit(X.quantize_mlp, static_argnums=(1, 2))
     sets = []
-    for wg, wu, wd, _, _ in p.sets:
+    for wg, wu, wd, *_ in p.sets:
         pr = q({"gate": wg, "up": wu}, bits, group)
         sets.append((wg, wu, wd, pr["packed"], pr["scale"]))
     jax.block_until_ready(sets)
@@ -149,63 +181,112 @@ def full_check(R: Runner, q: Problem, method, cfg):
           variant=label(cfg) + " [poison check]", batch=q.batch, note=note)
 
 
+def formats(d):
+    """FORMATS with each group cut to fit inside one plane of d / (8 / bits) inputs (the
+    smoke shapes are narrow)."""
+    return [(bits, math.gcd(group, d * bits // 8)) for bits, group in FORMATS]
+
+
 def proxy(R: Runner, best=None):
     R.add_ceilings()
     p = R.problem(LLAMA, jnp.bfloat16, 1)
     R.baseline(p)
-    probs = {}
-    for bits, group in FORMATS:
-        group = group if p.d % group == 0 else math.gcd(group, p.d)   # smoke shapes
+    probs, fastest = {}, {}
+    for bits, group in formats(p.d):
         q = probs[bits, group] = with_proxy(p, bits, group)
-        ffn_problem.RULES[f"proxy-b{bits}g{group}"] = ProxyRule(ffn=False)
+        name = f"proxy-b{bits}g{group}"
+        ffn_problem.RULES[name] = ProxyRule(ffn=False)
         ffn_problem.RULES[f"proxy-d-b{bits}g{group}"] = ProxyRule(ffn=True)
         cfg = default_config(p.m)
-        R.time_variant(q, f"proxy-b{bits}g{group}", "pallas", label(cfg),
-                       scores_step(q, cfg), (0.0,))
-        full_check(R, q, f"proxy-b{bits}g{group}", cfg)
+        t = R.time_variant(q, name, "pallas", label(cfg), scores_step(q, cfg), (0.0,))
+        fastest[bits, group] = (t.get(0.0, math.inf), cfg)
+        full_check(R, q, name, cfg)
+        R.time_variant(q, name, "xla-planes", "einsum per group", xla_step(q, bits, group),
+                       (0.0,))
     for (bits, group), q in probs.items():
-        method = f"proxy-d-b{bits}g{group}"
-        R.time_variant(q, method, "pallas-fused", "scores=proxy", ffn_step(q, None), RATIOS)
-        for r in RATIOS:
-            cap = capacity(p.m, r)
-            R.time_variant(q, method, "pallas-gather", f"cap={cap}", ffn_step(q, None, cap),
-                           (r,))
-    d_label = chosen()["d_countdown"]
-    R.pallas(p, "d_countdown", d_label, R.scale.fused[d_label], RATIOS)
-    for cfg in SWEEP[:1] if R.scale.interpret else SWEEP:
+        R.time_variant(q, f"proxy-d-b{bits}g{group}", "pallas-fused",
+                       "scores=" + label(fastest[bits, group][1]),
+                       ffn_step(q, fastest[bits, group][1]), RATIOS)
+    for cfg in SWEEP[:2] if R.scale.interpret else SWEEP:
         for (bits, group), q in probs.items():
-            if R.left() < 30:
+            if R.left() < 110:
                 break
-            R.time_variant(q, f"proxy-b{bits}g{group}", "pallas", label(cfg),
-                           scores_step(q, cfg), (0.0,))
-    write_markdown(R, os.path.join(R.args.out, "bench_proxy.md"))
+            t = R.time_variant(q, f"proxy-b{bits}g{group}", "pallas", label(cfg),
+                               scores_step(q, cfg), (0.0,))
+            if t.get(0.0, math.inf) < fastest[bits, group][0]:
+                fastest[bits, group] = (t[0.0], cfg)
+    for (bits, group), q in probs.items():
+        cfg = fastest[bits, group][1]
+        log(f"fastest proxy-b{bits}g{group}: {label(cfg)} {fastest[bits, group][0]:.2f} us")
+        if cfg != default_config(p.m) and R.left() > 60:
+            full_check(R, q, f"proxy-b{bits}g{group}", cfg)
+            R.time_variant(q, f"proxy-d-b{bits}g{group}", "pallas-fused",
+                           "scores=" + label(cfg), ffn_step(q, cfg), RATIOS)
+    d_label = chosen()[D]
+    if R.left() > 60:
+        R.pallas(p, D, d_label, R.scale.fused[d_label], RATIOS)
+    if R.left() > 90:
+        p8 = R.problem(LLAMA, jnp.bfloat16, 8)
+        R.baseline(p8)
+        for bits, group in probs:
+            cfg = fastest[bits, group][1]
+            R.time_variant(with_proxy(p8, bits, group), f"proxy-b{bits}g{group}", "pallas",
+                           label(cfg), scores_step(p8, cfg), (0.0,))
+    write_summary(R, os.path.join(R.args.out, "bench_proxy.md"),
+                  os.path.join(R.args.out, "bench_proxy.csv"))
 
 
-def write_markdown(R: Runner, path):
-    """This run's timed rows: time, GB/s, share of the read ceiling, byte floor, x dense."""
+def summary_rows(R: Runner):
+    """bench_proxy.csv rows: each timed proxy / dense row with its byte floor at the
+    measured read ceiling and dense (same batch, same run)."""
     rows = R.rows
     read = next((float(x["gb_per_s"]) for x in rows if x["method"] == "hbm-read"), None)
-    dense = next((float(x["us_per_call"]) for x in rows
-                  if x["method"] == "dense" and x["us_per_call"]), None)
-    lines = [f"# Proxy rule, {LLAMA} bf16 batch 1 ({R.device})", "",
-             f"HBM read ceiling {read:.0f} GB/s; floor = bytes needed at that ceiling." if read
-             else "HBM read ceiling not measured.", "",
-             "| method | implementation | variant | r | kept | us/call | GB/s | % of ceiling "
-             "| floor us | x dense | check |", "|" + "---|" * 11]
+    dense = {int(x["batch"]): float(x["us_per_call"]) for x in rows
+             if x["method"] == "dense" and x["us_per_call"]}
+    out = []
     for x in rows:
-        if not x["us_per_call"] or x["method"].startswith("hbm"):
+        if not x["us_per_call"] or x["method"] in ("loop-overhead", "hbm-read", "hbm-copy"):
             continue
-        us = float(x["us_per_call"])
+        us, b = float(x["us_per_call"]), int(x["batch"])
+        fmt = re.search(r"b(\d+)g(\d+)", x["method"])
+        kernel = ("ffn" if x["method"].startswith("proxy-d") or x["method"] == D else
+                  "scores" if fmt else x["method"])
         nb = float(x["bytes_needed"]) if x["bytes_needed"] not in ("", None) else 0.0
-        pct = f"{100 * float(x['gb_per_s']) / read:.0f}" if read and x["gb_per_s"] else ""
-        floor = f"{nb / read / 1e3:.1f}" if read and nb else ""
-        xd = f"{dense / us:.2f}" if dense and x["method"] != "loop-overhead" else ""
-        check = "FAILED" if "FAILED" in x["note"] else (x["rel_err"] or "")
-        lines.append(f"| {x['method']} | {x['implementation']} | {x['variant']} | "
-                     f"{x['sparsity']} | {x['kept_frac']} | {us:.2f} | {x['gb_per_s']} | "
-                     f"{pct} | {floor} | {xd} | {check} |")
-    notes = [x for x in rows if "poison check" in x["variant"]]
+        out.append(dict(
+            card=x["device"], kernel=kernel, bits=fmt.group(1) if fmt else "",
+            group=fmt.group(2) if fmt else "", r=x["sparsity"], batch=b,
+            implementation=x["implementation"], variant=x["variant"], us_per_call=f"{us:.2f}",
+            floor_us=f"{nb / read / 1e3:.2f}" if read and nb else "",
+            dense_us=f"{dense[b]:.2f}" if b in dense else "",
+            x_dense=f"{dense[b] / us:.2f}" if b in dense else "", gb_per_s=x["gb_per_s"],
+            pct_of_ceiling=(f"{100 * float(x['gb_per_s']) / read:.0f}"
+                            if read and x["gb_per_s"] else ""),
+            rel_err=x["rel_err"], note="FAILED" if "FAILED" in x["note"] else ""))
+    return read, out
+
+
+def write_summary(R: Runner, md_path, csv_path):
+    read, rows = summary_rows(R)
+    with open(csv_path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, CSV_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"# Proxy rule, {LLAMA} bf16 ({R.device})", "",
+             f"HBM read ceiling {read:.0f} GB/s; floor = bytes needed at that ceiling; "
+             "x dense = dense XLA at the same batch in the same run." if read
+             else "HBM read ceiling not measured.", "",
+             "| kernel | bits | group | r | batch | implementation | variant | us/call | floor us "
+             "| us / floor | % of ceiling | x dense | check |", "|" + "---|" * 13]
+    for x in rows:
+        ratio = (f"{float(x['us_per_call']) / float(x['floor_us']):.2f}"
+                 if x["floor_us"] else "")
+        lines.append(f"| {x['kernel']} | {x['bits']} | {x['group']} | {x['r']} | {x['batch']} "
+                     f"| {x['implementation']} | {x['variant']} | {x['us_per_call']} | "
+                     f"{x['floor_us']} | {ratio} | {x['pct_of_ceiling']} | {x['x_dense']} | "
+                     f"{x['note'] or x['rel_err']} |")
+    notes = [x for x in R.rows if "poison check" in x["variant"]]
     lines += [""] + [f"- {x['method']} {x['variant']}: {x['note']}" for x in notes]
-    with open(path, "w") as fh:
+    with open(md_path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
-    log(f"wrote {path}")
+    log("\n".join(lines))
+    log(f"wrote {md_path} and {csv_path}")
