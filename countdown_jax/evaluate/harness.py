@@ -14,6 +14,7 @@ decode sparse) and cuts each text at the request's first stop string.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -132,6 +133,16 @@ class CountdownLM(TemplateLM):
         self.rows = _rows(batch_size)
         self.max_gen_toks, self.seed, self.progress = int(max_gen_toks), int(seed), progress
         self.tokenizer = self.model.tokenizer
+
+    def with_rule(self, method: str, mode: str = "ideal", sparsity=None) -> "CountdownLM":
+        """A sibling model on the same loaded weights with another FFN rule (one load
+        serves a sweep of rules)."""
+        api.check_setup(self.model.path, method, generation_mode(method, mode), sparsity)
+        other = copy.copy(self)
+        other.method, other.mode, other.sparsity = method, mode, sparsity
+        other.setting = scoring_setting(self.model, method, mode, sparsity)
+        other.__dict__.pop("_gen_rule", None)
+        return other
 
     # ------------------------------------------------------------------ tokens
 

@@ -51,9 +51,11 @@ def _check(args):
 
 
 def run(model, tasks, *, num_fewshot=None, limit=None, include_path=(), log_samples=False,
-        seed: int = 0):
-    """lm-eval's ``simple_evaluate`` on MODEL (a ``CountdownLM``) with the shipped offline
-    tasks (plus ``include_path`` folders, which override them): lm-eval's results dict."""
+        seed: int = 0, **kwargs):
+    """lm-eval's ``simple_evaluate`` on MODEL (a ``CountdownLM``, or an lm-eval model name)
+    with the shipped offline tasks (plus ``include_path`` folders, which override them);
+    kwargs go to ``simple_evaluate`` (e.g. samples, bootstrap_iters). lm-eval's results
+    dict."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -64,7 +66,7 @@ def run(model, tasks, *, num_fewshot=None, limit=None, include_path=(), log_samp
     return lm_eval.simple_evaluate(model=model, tasks=list(tasks), num_fewshot=num_fewshot,
                                    limit=limit, task_manager=manager, log_samples=log_samples,
                                    random_seed=seed, numpy_random_seed=seed,
-                                   torch_random_seed=seed, fewshot_random_seed=seed)
+                                   torch_random_seed=seed, fewshot_random_seed=seed, **kwargs)
 
 
 def _run(args):
