@@ -23,10 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from countdown_jax import fast_path
 from countdown_jax.config import ModelConfig
-from countdown_jax.fast_path import resolve_attention, resolve_projections, resolve_spec
-from countdown_jax.generate import (Sampling, decode_jit, decode_params, decode_policy,
-                                    finish, generate, is_finished, layer_form, start_jit)
+from countdown_jax.decode_path import PORTABLE, DecodePath
+from countdown_jax.generate import (Sampling, compiled, decode_jit, decode_params,
+                                    decode_policy, finish, generate, is_finished, layer_form,
+                                    start_jit)
 from countdown_jax.policy import SparseSpec, make_policy, stack_policies
 
 
@@ -93,20 +95,19 @@ def _practical(mode: str):
 
 
 def check_setup(model_dir, method: str = "dense", mode: str = "ideal",
-                sparsity: float | None = None, implementation: str = "masked",
-                capacity: int | None = None) -> SparseSpec:
+                sparsity: float | None = None, capacity: int | None = None) -> SparseSpec:
     """Every check ``sparsity_setup`` makes that needs no weights (method / mode / sparsity,
-    the saved thresholds or predictor present): the CLI runs it before loading a model."""
+    the saved thresholds or predictor present): the CLI runs it before loading a model.
+    The spec's implementation is the reference ("masked"); decode runs its ``DecodePath``."""
     from conversion.checkpoint import list_trees
 
-    spec = SparseSpec(method=method, mode=mode, implementation=implementation,
-                      capacity=capacity)
+    spec = SparseSpec(method=method, mode=mode, capacity=capacity)
     if spec.is_dense:
         return spec
     if sparsity is None:
         raise ValueError(f"method {method!r} needs a sparsity r in [0, 1) (e.g. 0.7); "
                          "without one it would run dense")
-    if 0.0 <= sparsity < 1.0:       # "auto" picks a decode batch's path by the target r
+    if 0.0 <= sparsity < 1.0:       # fast_path picks a decode batch's kernel by the target r
         spec = dataclasses.replace(spec, target_sparsity=float(sparsity))
     practical = _practical(mode)
     if practical is None:
@@ -128,12 +129,12 @@ def check_setup(model_dir, method: str = "dense", mode: str = "ideal",
 
 
 def sparsity_setup(model: Model, method: str = "dense", mode: str = "ideal",
-                   sparsity: float | None = 0.0, implementation: str = "masked",
-                   capacity: int | None = None, theta_offset: float = 0.0):
+                   sparsity: float | None = 0.0, capacity: int | None = None,
+                   theta_offset: float = 0.0):
     """(spec, policy) for a method/mode. Practical modes read what calibration saved."""
     from conversion.checkpoint import load_tree
 
-    spec = check_setup(model.path, method, mode, sparsity, implementation, capacity)
+    spec = check_setup(model.path, method, mode, sparsity, capacity)
     n = model.cfg.num_layers
     if spec.is_dense:
         return spec, None
@@ -172,7 +173,7 @@ class TextOutput:
     method: str = "dense"
     mode: str = "ideal"
     sparsity: float = 0.0                 # the target r
-    path: dict = dataclasses.field(default_factory=dict)  # decode's layers / FFN / attention
+    path: DecodePath | None = None        # what decode ran (resolved)
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -225,22 +226,6 @@ def _check_context(cfg: ModelConfig, longest: int, max_new_tokens: int):
                       stacklevel=3)
 
 
-_COMPILED: dict = {}   # (phase, static args, argument avals) -> compiled executable
-
-
-def _compiled(fn, static: dict, *args):
-    """fn AOT-compiled for these static args and argument shapes (cached): compile time is
-    measured apart and the program runs once."""
-    leaves, tree = jax.tree.flatten(args)
-    key = (fn, tuple(sorted(static.items())), tree,
-           tuple((np.shape(x), str(getattr(x, "dtype", type(x).__name__))) for x in leaves))
-    if key not in _COMPILED:
-        if len(_COMPILED) > 64:
-            _COMPILED.clear()
-        _COMPILED[key] = fn.lower(*args, **static).compile()
-    return _COMPILED[key]
-
-
 def _ids(tokens, num) -> list[list[int]]:
     tokens, num = np.asarray(tokens), np.asarray(num)
     return [tokens[i, :num[i]].tolist() for i in range(len(num))]
@@ -253,36 +238,31 @@ def _texts(model: Model, ids) -> list[str]:
 
 def generate_tokens(model: Model, tokens, lengths, spec: SparseSpec, policy=None, *,
                     max_new_tokens: int = 32, sampling: Sampling = Sampling(), seed: int = 0,
-                    attention: str = "auto", layers: str = "auto", projections: str = "auto",
+                    path: DecodePath = DecodePath(),
                     on_chunk: Callable[[dict], None] | None = None,
                     stream_every: int = 8) -> TextOutput:
     """What ``generate_text`` runs once the prompts are token ids (right-padded [B, T],
     lengths [B]) and the rule is a (spec, policy): prefill and decode compiled ahead and
-    timed apart, decode on the path ``fast_path`` resolves ("auto"). on_chunk(state) is
-    called before the first and after every ``stream_every`` decode steps (streaming).
-    The result has token ids and rates, no texts."""
+    timed apart, decode on ``path`` resolved by ``fast_path``. on_chunk(state) is called
+    before the first and after every ``stream_every`` decode steps (streaming). The result
+    has token ids, rates and the resolved path, no texts."""
     if stream_every < 1:
         raise ValueError(f"stream_every must be >= 1, got {stream_every}")
     batch = len(lengths)
-    params = decode_params(model.params, layers)
+    path = fast_path.resolve(path, spec, batch, held_layers=layer_form(model.params))
+    params = decode_params(model.params, path.layers)
     policy = decode_policy(params, policy)
-    ffn_spec = resolve_spec(spec, batch)
-    path = dict(layers=layer_form(params), implementation=ffn_spec.implementation,
-                attention=resolve_attention(attention),
-                projections=resolve_projections(projections))
-    if ffn_spec.implementation == "pallas" and batch > 1 and not spec.is_dense:
-        path["batch_kernel"] = ffn_spec.batch_kernel      # lists, union, compact or dense
     common = dict(cfg=model.cfg, spec=spec, sampling=sampling, stop_tokens=stop_tokens(model))
     start_args = (params, jnp.asarray(tokens), jnp.asarray(lengths),
                   jax.random.PRNGKey(seed), policy)
     t0 = time.perf_counter()
-    start_c = _compiled(start_jit, dict(common, max_new_tokens=max_new_tokens, cache_dtype=None),
-                        *start_args)
+    start_c = compiled(start_jit, dict(common, max_new_tokens=max_new_tokens, cache_dtype=None),
+                       *start_args)
     t1 = time.perf_counter()
     state = jax.block_until_ready(start_c(*start_args))
     t2 = time.perf_counter()
-    decode_c = _compiled(decode_jit, dict(common, attention=attention, projections=projections),
-                         params, state, policy, jnp.int32(0))
+    decode_c = compiled(decode_jit, dict(common, path=path), params, state, policy,
+                        jnp.int32(0))
     t3 = time.perf_counter()
     if on_chunk is None:
         state = jax.block_until_ready(decode_c(params, state, policy,
@@ -309,40 +289,33 @@ def generate_tokens(model: Model, tokens, lengths, spec: SparseSpec, policy=None
 
 def generate_text(model: Model, prompts: str | Sequence[str], *, method: str = "dense",
                   mode: str = "ideal", sparsity: float | None = None,
-                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0, seed: int = 0, implementation: str = "auto",
-                  attention: str = "auto", layers: str = "auto", projections: str = "auto",
-                  chat: bool = False, stream: Callable[[list[str]], None] | None = None,
+                  max_new_tokens: int = 32, sampling: Sampling = Sampling(), seed: int = 0,
+                  path: DecodePath = DecodePath(), chat: bool = False,
+                  stream: Callable[[list[str]], None] | None = None,
                   stream_every: int = 8) -> TextOutput:
     """Generate from one prompt or a batch, dense or with a sparse FFN rule.
 
-    method: dense | cats | m_countdown | d_countdown | dejavu | s_countdown.
-    mode: ideal | topk (oracle, per token), threshold (calibrated thresholds, see
-        ``countdown-jax calibrate``) | predictor (trained predictor, ``train-predictor``).
+    method: one of ``policy.METHODS`` (``Method``). mode: ideal | topk (oracle, per
+        token), threshold (calibrated thresholds), predictor (a trained predictor), proxy
+        (D's low-bit proxy, ``calibrate_proxy``), cascade.
     sparsity: target fraction r of FFN neurons skipped per decode token (required for a
         sparse method; practical modes need a fit saved at that r, on a 0.01 grid).
-    temperature 0 is greedy; top_k 0 and top_p 1 are off; seed drives sampling.
-    implementation: masked (float reference) | xla (earlier name: gather) | pallas;
-    attention: xla | pallas; layers: stacked | unstacked | fused_qkv | transposed;
-    projections (decode q/k/v/o): xla | pallas (the GEMV kernel). Each defaults to "auto":
-    the fastest exact path for the backend (``fast_path``: on a GPU unstacked layers, the
-    Pallas kernels where the rule skips work, Pallas attention, XLA projections (the GEMV
-    measured slower); on CPU the portable path).
-    The result's ``path`` says what decode ran.
+    sampling: ``Sampling(temperature, top_k, top_p)`` (greedy by default); seed drives it.
+    path: how decode runs (``DecodePath``; every field "auto" by default: the fastest
+        exact path for the backend, ``fast_path``). The result's ``path`` says what ran.
     chat: wrap each prompt as a user turn with the tokenizer's chat template.
     stream: called with the new text of every row after each ``stream_every`` decode steps.
 
     Prompts are padded to a power-of-two length bucket, so nearby lengths reuse one
     compile. Prefill and decode run as two compiled programs (compiled ahead, timed
     apart); the result carries both rates and the realised sparsity measured from the
-    masks applied (``generate_tokens``).
+    masks applied.
     """
     if model.tokenizer is None:
         raise ValueError("model was loaded without a tokenizer")
     if isinstance(prompts, str):
         prompts = [prompts]
-    sampling = Sampling(temperature, top_k, top_p)
-    spec, policy = sparsity_setup(model, method, mode, sparsity, implementation)
+    spec, policy = sparsity_setup(model, method, mode, sparsity)
     tokens, lengths = encode(model.tokenizer, prompts, chat)
     _check_context(model.cfg, int(lengths.max()), max_new_tokens)
     on_chunk = None
@@ -355,19 +328,20 @@ def generate_text(model: Model, prompts: str | Sequence[str], *, method: str = "
             stream([t[len(s):] for t, s in zip(texts, shown)])
             shown = texts
     out = generate_tokens(model, tokens, lengths, spec, policy, max_new_tokens=max_new_tokens,
-                          sampling=sampling, seed=seed, attention=attention, layers=layers,
-                          projections=projections, on_chunk=on_chunk, stream_every=stream_every)
+                          sampling=sampling, seed=seed, path=path, on_chunk=on_chunk,
+                          stream_every=stream_every)
     return dataclasses.replace(out, texts=_texts(model, out.token_ids),
                                sparsity=0.0 if spec.is_dense else float(sparsity))
 
 
 def sweep(model: Model, prompts: str | Sequence[str], *, method: str,
           sparsities: Sequence[float], mode: str = "ideal", max_new_tokens: int = 32,
-          temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-          implementation: str = "masked", chat: bool = False) -> list[TextOutput]:
+          sampling: Sampling = Sampling(), seed: int = 0,
+          chat: bool = False) -> list[TextOutput]:
     """Generate at every sparsity in one call: the policies are stacked and generation is
-    ``jax.vmap``-ed over them (one compile, all settings in one program). Returns one
-    ``TextOutput`` per sparsity, in order, each with its realised sparsity."""
+    ``jax.vmap``-ed over them (one compile, all settings in one program, on the portable
+    decode path). Returns one ``TextOutput`` per sparsity, in order, each with its
+    realised sparsity."""
     if model.tokenizer is None:
         raise ValueError("model was loaded without a tokenizer")
     if isinstance(prompts, str):
@@ -375,19 +349,19 @@ def sweep(model: Model, prompts: str | Sequence[str], *, method: str,
     sparsities = [float(r) for r in sparsities]
     if not sparsities:
         raise ValueError("sweep needs at least one sparsity")
-    setups = [sparsity_setup(model, method, mode, r, implementation) for r in sparsities]
+    setups = [sparsity_setup(model, method, mode, r) for r in sparsities]
     spec = setups[0][0]
     if spec.is_dense:
         raise ValueError("sweep needs a sparse method (dense has nothing to sweep)")
     policies = stack_policies([pol for _, pol in setups])
     tokens, lengths = encode(model.tokenizer, prompts, chat)
     _check_context(model.cfg, int(lengths.max()), max_new_tokens)
-    kw = dict(max_new_tokens=max_new_tokens, spec=spec,
-              sampling=Sampling(temperature, top_k, top_p), stop_tokens=stop_tokens(model))
+    kw = dict(max_new_tokens=max_new_tokens, spec=spec, sampling=sampling,
+              stop_tokens=stop_tokens(model))
     tokens, lengths, key = jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed)
     # one program vmapped over the settings (quality sweeps): the portable decode path
     run = jax.vmap(lambda pol: generate(model.params, model.cfg, tokens, lengths, key, pol,
-                                        attention="xla", layers="stacked", **kw))
+                                        path=PORTABLE, **kw))
     t0 = time.perf_counter()
     gen = jax.block_until_ready(run(policies))
     seconds = time.perf_counter() - t0
@@ -400,5 +374,5 @@ def sweep(model: Model, prompts: str | Sequence[str], *, method: str,
                                realised_sparsity=float(per_layer[i].mean()),
                                realised_sparsity_per_layer=per_layer[i],
                                seconds=dict(total_with_compile=seconds),
-                               method=method, mode=mode, sparsity=r))
+                               method=method, mode=mode, sparsity=r, path=PORTABLE))
     return outs

@@ -17,12 +17,9 @@ bytes). "compact" (``batch_kernel="compact"``) passes it as an index list
 [N, C] (programs past the union's count run no loop step), s is formed on those columns,
 and W_down's GEMV walks only ceil(count / block_d) blocks of its rows.
 
-Measured on an H200 (Llama-3.1-8B bf16, decode x dense of the same job,
-results/bench_auto_batches.md S10-F): at r = 0.9 the compact form wins where the union
-is small (batch 2-4: M 1.07-1.14x, D batch 4 1.15x against the predicate's 1.08x), the
-predicate from ~55% of m (M batch 8: 1.01x, compact 0.95x); at r <= 0.7 from batch 4
-both lose to dense (0.86-0.97x: the GEMV runs below XLA's GEMM speed), and "auto" runs
-dense there. ``fast_path.PALLAS_WHERE`` says where "auto" takes each form.
+Which form wins depends on the union's size (the index list while it is small, the
+predicate from about half of m): ``fast_path.BATCH_KERNEL_TABLE`` says where "auto" takes
+each, from experiments/results/bench_auto_batches.md.
 """
 
 from __future__ import annotations
@@ -38,20 +35,19 @@ __all__ = ["FORMS", "GATE_CONFIG", "DOWN_CONFIG", "MAX_TOKENS", "union_ffn"]
 
 # Decode batches only: a prefill's hundreds of tokens keep the per-token lists.
 MAX_TOKENS = 16
-# The fastest GEMV tiles of bench_kernels.py --plan union (H200, Llama-3.1-8B bf16,
-# batches 2-8, r = 0.5-0.9; bench_kernels_union.md): the tensor-core dot (the FMA path
-# unrolls the tokens: 0.24-0.80x dense) with 3 pipeline stages; W_down split 8 ways along
-# its m input rows (its 4096 output columns alone give too few programs). float32
-# weights: the FMA default (Triton's float32 dot rounds to TF32).
+# The fastest GEMV tiles of bench_kernels.py --plan union (results/bench_kernels_union.md):
+# the tensor-core dot (the FMA path unrolls the tokens) with 3 pipeline stages; W_down
+# split 8 ways along its m input rows (its d output columns alone give too few programs).
+# float32 weights: the FMA default (Triton's float32 dot rounds to TF32).
 GATE_CONFIG = GemvConfig(block_n=64, block_d=128, split_d=4, num_stages=3, dot=True)
 DOWN_CONFIG = GemvConfig(block_n=64, block_d=128, split_d=8, num_stages=3, dot=True)
 FORMS = ("live", "compact")      # how the GEMV is told the union (module docstring)
 
 
-def union_ffn(stack, xs, mask, *, act, dense=None, coef=None, configs=None, interpret=None,
-              form: str = "live"):
-    """stack: {"gate", "up", "down"} [m, d], or stacked [L, m, d] with "layer" (read in
-    place); xs [N, d]; mask [N, m] bool, each token's kept neurons; dense / coef: the
+def union_ffn(stack, xs, mask, *, act, dense=None, coef=None, layer=None, configs=None,
+              interpret=None, form: str = "live"):
+    """stack: {"gate", "up", "down"} [m, d], or stacked [L, m, d] with ``layer`` the
+    traced index (read in place); xs [N, d]; mask [N, m] bool, each token's kept neurons; dense / coef: the
     projection the rule's score already computed densely ("up" with u for M, "gate" with
     act(g) for CATS, None for D). configs: (gate / up, down) ``GemvConfig`` (None: the
     measured defaults above). form: one of ``FORMS``. Returns y [N, d] in xs.dtype."""
@@ -67,7 +63,7 @@ def union_ffn(stack, xs, mask, *, act, dense=None, coef=None, configs=None, inte
                    else (None, None))
     gate_cfg, down_cfg = configs
     live = jnp.any(mask, axis=0)
-    kw = dict(layer=stack.get("layer"), implementation="pallas", interpret=interpret)
+    kw = dict(layer=layer, implementation="pallas", interpret=interpret)
     if form == "live":
         kw["live"] = live
     else:           # the union's C = m slots, the first count its rows (ascending)

@@ -14,8 +14,9 @@ Which forward supplies the MLP inputs: ``forward="ideal"`` runs the model with t
 rule at r in every layer (the release; inputs of layer l see the sparsity of layers < l,
 one pass per r), ``"dense"`` runs it dense (one pass serves every r; CATS's choice).
 Everything per batch is one jitted function returning per-layer sums; the host only adds
-batches. Thresholds are saved beside the model (``save_tree``) where
-``api.sparsity_setup`` reads them.
+batches. ``calibrate_thresholds`` / ``calibrate_proxy`` fit a loaded model and save the
+thresholds in its directory (``save_tree``), where ``api.sparsity_setup`` reads them; the
+proxy's group defaults to the largest of 128, 64, 32, ... that divides the model width.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import dataclasses
 import functools
 import json
 import time
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -32,6 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from countdown_jax import model as model_lib
+from countdown_jax.argtypes import positive_int
 from countdown_jax.policy import DENSE, SparseSpec, make_policy
 from countdown_jax.proxy import BITS, proxy_scores, quantize_mlp
 from countdown_jax.selection import kth_smallest, num_dropped, rank_quantity
@@ -272,48 +275,161 @@ def calibration_rows(tokenizer, seq_len: int, rows: int, *, held_out: bool = Fal
     return data.pack_tokens(tokenizer, texts, seq_len, max_rows=rows)
 
 
-# -- command line ---------------------------------------------------------------------------
-def _run(args):
-    from countdown_jax import api
+# -- calibrate a model directory --------------------------------------------------------------
+PROXY_GROUPS = (128, 64, 32, 16, 8, 4, 2, 1)
 
+
+def default_proxy_group(d: int) -> int:
+    """The proxy's inputs per scale for model width d: the largest of 128, 64, 32, ... that
+    divides d (2048 -> 128; SmolLM2's 576 -> 64)."""
+    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
+        raise ValueError(f"model width must be a positive int, got {d!r}")
+    return next(g for g in PROXY_GROUPS if d % g == 0)
+
+
+def _positive(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationText:
+    """What a calibration reads: ``rows`` packed rows of ``seq_len`` tokens of the
+    calibration text (``data.calibration_texts``, disjoint from every evaluation text),
+    and ``held_out_rows`` rows of evaluation-side text where the realised sparsity of the
+    fitted thresholds is measured."""
+
+    rows: int = 16
+    seq_len: int = 128
+    held_out_rows: int = 16
+    batch_size: int = 8
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _positive(f.name, getattr(self, f.name))
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibrated:
+    """One fit saved in a model directory: the per-layer threshold [L] at sparsity r,
+    where it was saved, and the metadata saved beside it (statistic, text size, realised
+    sparsity on the calibration and the held-out text; the proxy's bits and group)."""
+
+    method: str
+    mode: str                      # threshold | proxy
+    sparsity: float
+    threshold: np.ndarray          # [L]
+    path: Path
+    meta: dict
+
+    @property
+    def realised_held_out(self) -> float:
+        return self.meta["realised_held_out"]
+
+
+def calibrate_thresholds(model, method: str, sparsities: Sequence[float], *,
+                         stat: str = "mean_kth", agg: str = "mean", offset: float = 0.0,
+                         forward: str | None = None, proxy_bits: int | None = None,
+                         proxy_group: int | None = None,
+                         text: CalibrationText = CalibrationText(),
+                         progress: bool = True) -> list[Calibrated]:
+    """Fit per-layer thresholds for a loaded model (``api.load``) at every r and save them
+    in its directory, where ``generate`` / ``eval`` read them (threshold mode; with
+    ``proxy_bits``, D-COUNTDOWN's proxy mode: thresholds on the |s_hat| of a low-bit copy of
+    W_gate / W_up, group default ``default_proxy_group(d)``). ``forward`` None: dense for
+    the quantile statistic and the proxy, else ideal (the release's)."""
+    from countdown_jax.api import policy_name
+
+    is_proxy = proxy_bits is not None
+    if is_proxy and method != "d_countdown":
+        raise ValueError(f"--proxy-bits calibrates D-COUNTDOWN's proxy mode: use --method "
+                         f"d_countdown, not {method!r}")
+    if not is_proxy and proxy_group is not None:
+        raise ValueError("a proxy group without proxy bits: give proxy_bits (2, 4 or 8)")
+    kind = "proxy" if is_proxy else "thresholds"
+    for r in sparsities:
+        policy_name(kind, method, float(r))            # on the 0.01 grid, before any work
+    params, cfg = model.params, model.cfg
+    proxy = group = None
+    if is_proxy:
+        group = default_proxy_group(cfg.d_model) if proxy_group is None else proxy_group
+        proxy = quantize_mlp(params["layers"]["mlp"], proxy_bits, group)
+    forward = forward or ("dense" if stat == "quantile" or is_proxy else "ideal")
+    tokens, lengths = calibration_rows(model.tokenizer, text.seq_len, text.rows)
+    stats = collect_stats(params, cfg, tokens, lengths, method=method, sparsities=sparsities,
+                          forward=forward, batch_size=text.batch_size, progress=progress,
+                          proxy=proxy)
+    held_tokens, held_lengths = calibration_rows(model.tokenizer, text.seq_len,
+                                                 text.held_out_rows, held_out=True)
+    spec = SparseSpec(method=method, mode="proxy" if is_proxy else "threshold")
+    out = []
+    for r in stats.sparsities:
+        tau = stats.thresholds(r, stat, agg, offset)
+        pol = make_policy(cfg.num_layers, threshold=np.asarray(tau), proxy=proxy)
+        on_calib = realised_sparsity(params, cfg, tokens, lengths, spec, pol, text.batch_size)
+        held = realised_sparsity(params, cfg, held_tokens, held_lengths, spec, pol,
+                                 text.batch_size)
+        meta = dict(method=method, sparsity=r, stat=stat, agg=agg, offset=offset,
+                    forward=forward, calib_tokens=int(lengths.sum()),
+                    realised_calibration=float(on_calib.mean()),
+                    realised_held_out=float(held.mean()))
+        if is_proxy:
+            meta.update(proxy_bits=proxy_bits, proxy_group=group)
+            path = save_proxy_thresholds(model.path, r, tau, proxy_bits, group, meta=meta)
+        else:
+            path = save_thresholds(model.path, method, r, tau, meta=meta)
+        out.append(Calibrated(method, spec.mode, r, np.asarray(tau), Path(path), meta))
+    return out
+
+
+def calibrate_proxy(model, sparsity: float = 0.7, bits: int = 4, group: int | None = None, *,
+                    rows: int = CalibrationText.rows, seq_len: int = CalibrationText.seq_len,
+                    held_out_rows: int = CalibrationText.held_out_rows,
+                    progress: bool = True) -> Calibrated:
+    """Calibrate D-COUNTDOWN's proxy mode at one sparsity and save it in the model's
+    directory (what `countdown-jax calibrate --method d_countdown --proxy-bits` saves);
+    afterwards ``generate_text(model, ..., method="d_countdown", mode="proxy",
+    sparsity=r)`` needs no other step. group None: ``default_proxy_group(d)``."""
+    text = CalibrationText(rows=rows, seq_len=seq_len, held_out_rows=held_out_rows)
+    return calibrate_thresholds(model, "d_countdown", [sparsity], proxy_bits=bits,
+                                proxy_group=group, text=text, progress=progress)[0]
+
+
+# -- command line ---------------------------------------------------------------------------
+def _check(args):
+    """Before the model loads: the proxy applies to d_countdown only, and an explicit
+    group must divide the model width."""
     if args.proxy_bits is not None and args.method != "d_countdown":
         raise ValueError(f"--proxy-bits calibrates D-COUNTDOWN's proxy mode: use --method "
                          f"d_countdown, not {args.method!r}")
-    model = api.load(args.model_dir)
-    params, cfg = model.params, model.cfg
+    if args.proxy_group is not None:
+        if args.proxy_bits is None:
+            raise ValueError("--proxy-group sets the proxy's format: give --proxy-bits too")
+        from conversion.checkpoint import read_config
+        from countdown_jax.config import ModelConfig
+
+        d = ModelConfig.from_hf(read_config(args.model_dir)).d_model
+        if d % args.proxy_group:
+            raise ValueError(f"proxy group {args.proxy_group} must divide the model width "
+                             f"d={d} (default: {default_proxy_group(d)}, the largest of "
+                             f"{', '.join(map(str, PROXY_GROUPS[:4]))}, ... dividing d)")
+
+
+def _run(args):
+    from countdown_jax import api
+
     t0 = time.perf_counter()
-    tokens, lengths = calibration_rows(model.tokenizer, args.seq_len, args.rows)
-    proxy = None
-    if args.proxy_bits is not None:
-        proxy = quantize_mlp(params["layers"]["mlp"], args.proxy_bits, args.proxy_group)
-    forward = args.forward or ("dense" if args.stat == "quantile" or proxy is not None
-                               else "ideal")
-    stats = collect_stats(params, cfg, tokens, lengths, method=args.method,
-                          sparsities=args.sparsity, forward=forward,
-                          batch_size=args.batch_size, proxy=proxy)
-    held_tokens, held_lengths = calibration_rows(model.tokenizer, args.seq_len,
-                                                 args.held_out_rows, held_out=True)
-    spec = SparseSpec(method=args.method, mode="threshold" if proxy is None else "proxy")
-    report = []
-    for r in stats.sparsities:
-        tau = stats.thresholds(r, args.stat, args.agg, args.offset)
-        pol = (threshold_policy(cfg, tau) if proxy is None
-               else make_policy(cfg.num_layers, threshold=tau, proxy=proxy))
-        on_calib = realised_sparsity(params, cfg, tokens, lengths, spec, pol)
-        held = realised_sparsity(params, cfg, held_tokens, held_lengths, spec, pol)
-        meta = dict(method=args.method, sparsity=r, stat=args.stat, agg=args.agg,
-                    offset=args.offset, forward=forward, calib_tokens=int(lengths.sum()),
-                    realised_calibration=float(on_calib.mean()),
-                    realised_held_out=float(held.mean()))
-        if proxy is None:
-            path = save_thresholds(args.model_dir, args.method, r, tau, meta=meta)
-        else:
-            meta.update(proxy_bits=args.proxy_bits, proxy_group=args.proxy_group)
-            path = save_proxy_thresholds(args.model_dir, r, tau, args.proxy_bits,
-                                         args.proxy_group, meta=meta)
-        report.append({**meta, "saved": str(path)})
-    for row in report:
-        print(json.dumps(row))
+    model = api.load(args.model_dir)
+    text = CalibrationText(rows=args.rows, seq_len=args.seq_len,
+                           held_out_rows=args.held_out_rows, batch_size=args.batch_size)
+    fits = calibrate_thresholds(model, args.method, args.sparsity, stat=args.stat,
+                                agg=args.agg, offset=args.offset, forward=args.forward,
+                                proxy_bits=args.proxy_bits, proxy_group=args.proxy_group,
+                                text=text)
+    for fit in fits:
+        print(json.dumps({**fit.meta, "saved": str(fit.path)}))
     print(f"calibrated in {time.perf_counter() - t0:.1f} s")
 
 
@@ -330,14 +446,16 @@ def register(subparsers):
     p.add_argument("--offset", type=float, default=0.0)
     p.add_argument("--forward", choices=FORWARDS, default=None,
                    help="MLP inputs from an ideal-sparse (release) or dense forward; default "
-                        "ideal for mean_kth, dense for quantile")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--rows", type=int, default=32, help="calibration rows of seq-len tokens")
-    p.add_argument("--held-out-rows", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=8)
+                        "ideal for mean_kth, dense for quantile and the proxy")
+    p.add_argument("--seq-len", type=positive_int, default=CalibrationText.seq_len)
+    p.add_argument("--rows", type=positive_int, default=CalibrationText.rows,
+                   help="calibration rows of seq-len tokens")
+    p.add_argument("--held-out-rows", type=positive_int, default=CalibrationText.held_out_rows)
+    p.add_argument("--batch-size", type=positive_int, default=CalibrationText.batch_size)
     p.add_argument("--proxy-bits", type=int, choices=BITS, default=None,
                    help="calibrate D-COUNTDOWN's proxy mode: thresholds on |s_hat| from a "
                         "copy of W_gate / W_up at this many bits (--method d_countdown)")
-    p.add_argument("--proxy-group", type=int, default=128,
-                   help="inputs per scale of the proxy (must divide the model width)")
-    p.set_defaults(func=_run)
+    p.add_argument("--proxy-group", type=int, default=None,
+                   help="inputs per scale of the proxy (must divide the model width); "
+                        "default: the largest of 128, 64, 32, ... that divides it")
+    p.set_defaults(func=_run, check=_check)

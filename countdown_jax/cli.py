@@ -19,8 +19,9 @@ import warnings
 from pathlib import Path
 
 from countdown_jax.argtypes import positive_int
-from countdown_jax.fast_path import LAYER_FORMS
-from countdown_jax.policy import AUTO, METHODS, MODES, ACCEPTED_IMPLEMENTATIONS as IMPLEMENTATIONS
+from countdown_jax.decode_path import (ATTENTIONS, AUTO, IMPLEMENTATIONS, LAYER_FORMS,
+                                       PROJECTIONS)
+from countdown_jax.policy import METHODS, MODES
 
 # module that defines register(subparsers) for each subcommand group
 COMMAND_MODULES = ("conversion.convert", "countdown_jax.calibrate", "countdown_jax.predictor",
@@ -83,11 +84,13 @@ def _check_generate(args):
     if args.method == "dense" and args.sparsity not in (None, 0.0):
         raise ValueError(f"--sparsity {args.sparsity} has no effect with --method dense; "
                          "pick a sparse --method")
-    api.check_setup(args.model_dir, args.method, args.mode, args.sparsity, args.implementation)
+    api.check_setup(args.model_dir, args.method, args.mode, args.sparsity)
 
 
 def _generate(args):
     from countdown_jax import api
+    from countdown_jax.decode_path import DecodePath
+    from countdown_jax.generate import Sampling
 
     model = api.load(args.model_dir)
 
@@ -98,10 +101,11 @@ def _generate(args):
         print(args.prompts[0], end="", flush=True)
     out = api.generate_text(model, args.prompts, method=args.method, mode=args.mode,
                             sparsity=args.sparsity, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            seed=args.seed, implementation=args.implementation,
-                            attention=args.attention, layers=args.layers,
-                            projections=args.projections, chat=args.chat,
+                            sampling=Sampling(args.temperature, args.top_k, args.top_p),
+                            seed=args.seed,
+                            path=DecodePath(layers=args.layers, ffn=args.implementation,
+                                            attention=args.attention,
+                                            projections=args.projections), chat=args.chat,
                             stream=show if args.stream else None,
                             stream_every=args.stream_every)
     if args.json:  # one JSON object per prompt (JSON Lines)
@@ -111,7 +115,7 @@ def _generate(args):
                 "method": args.method, "mode": args.mode, "sparsity_target": out.sparsity,
                 "tokens_per_s": out.tokens_per_s,
                 "prefill_tokens_per_s": out.prefill_tokens_per_s, "seconds": out.seconds,
-                "path": out.path,
+                "path": out.path.as_dict(),
                 "realised_sparsity": out.realised_sparsity,
                 "realised_sparsity_per_layer": out.realised_sparsity_per_layer.tolist(),
             }))
@@ -124,14 +128,14 @@ def _generate(args):
                 print(f"--- prompt {i + 1}")
             print(out.texts[i] if args.chat else prompt + out.texts[i])
     n = sum(len(ids) for ids in out.token_ids)
+    path = out.path
+    kernel = f" ({path.batch_kernel})" if path.ffn == "pallas" and len(args.prompts) > 1 else ""
     print(f"[{args.method}/{args.mode} r={out.sparsity}] {n} tokens; prefill "
           f"{out.prefill_tokens_per_s:.1f} tokens/s, decode {out.tokens_per_s:.1f} tokens/s "
           f"(compile {out.seconds['compile']:.1f} s, not counted); realised sparsity "
-          f"{out.realised_sparsity:.3f}; decode path: layers {out.path['layers']}, FFN "
-          f"{out.path['implementation']}"
-          f"{' (' + out.path['batch_kernel'] + ')' if 'batch_kernel' in out.path else ''}, "
-          f"attention {out.path['attention']}, projections "
-          f"{out.path['projections']}", file=sys.stderr if args.stream else sys.stdout)
+          f"{out.realised_sparsity:.3f}; decode path: layers {path.layers}, FFN "
+          f"{path.ffn}{kernel}, attention {path.attention}, projections "
+          f"{path.projections}", file=sys.stderr if args.stream else sys.stdout)
 
 
 def _add_generate(sub):
@@ -158,14 +162,15 @@ def _add_generate(sub):
     p.add_argument("--sparsity", type=float, default=None, metavar="R",
                    help="fraction of FFN neurons skipped per decode token, in [0, 1); "
                         "required with a sparse --method")
-    p.add_argument("--implementation", choices=IMPLEMENTATIONS, default=AUTO,
-                   help="auto: the fastest exact one for the backend (GPU: pallas where the "
-                        "rule skips work, else masked); masked: float reference; xla "
-                        "(gather): XLA index list; pallas: kernels")
-    p.add_argument("--attention", choices=(AUTO, "xla", "pallas"), default=AUTO,
+    p.add_argument("--implementation", choices=(AUTO,) + IMPLEMENTATIONS, default=AUTO,
+                   help="the decode FFN's implementation: auto (the fastest exact one for "
+                        "the backend: on a GPU pallas where the rule skips work, else "
+                        "masked); masked: float reference; xla: XLA index lists; pallas: "
+                        "kernels")
+    p.add_argument("--attention", choices=(AUTO,) + ATTENTIONS, default=AUTO,
                    help="decode attention: auto (pallas on a GPU), XLA, or the Pallas "
                         "kernel (GPU)")
-    p.add_argument("--projections", choices=(AUTO, "xla", "pallas"), default=AUTO,
+    p.add_argument("--projections", choices=(AUTO,) + PROJECTIONS, default=AUTO,
                    help="decode q/k/v/o projections: auto (XLA until the GEMV is measured), "
                         "XLA, or the Pallas GEMV kernel (GPU)")
     p.add_argument("--layers", choices=(AUTO,) + LAYER_FORMS, default=AUTO,
@@ -192,18 +197,32 @@ def _add_generate(sub):
 def _demo(args):
     from countdown_jax import demo
 
-    demo.main(out_dir=args.out, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+    demo.main(out_dir=args.out, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+              sparsity=args.sparsity)
+
+
+def _check_demo(args):
+    from countdown_jax.api import policy_name
+
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise NotADirectoryError(f"--out {args.out} exists and is not a directory")
+    if not 0.0 < args.sparsity < 1.0:
+        raise ValueError(f"--sparsity must lie in (0, 1), got {args.sparsity}")
+    policy_name("proxy", "d_countdown", args.sparsity)     # fits are saved on a 0.01 grid
 
 
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="convert the embedded SmolLM2-135M and generate "
-                                    "dense and sparse")
+    p = sub.add_parser("demo", help="convert the embedded SmolLM2-135M, calibrate the proxy "
+                                    "rule (once) and compare it with dense, the D-COUNTDOWN "
+                                    "oracle and M-COUNTDOWN's thresholds")
     p.add_argument("--out", default=None,
                    help="where the converted model goes (default: the per-user cache)")
     p.add_argument("--prompt", default="The capital of France is", help="the prompt text")
     p.add_argument("--max-new-tokens", type=positive_int, default=24,
                    help="tokens generated per run")
-    p.set_defaults(func=_demo)
+    p.add_argument("--sparsity", type=float, default=0.7, metavar="R",
+                   help="fraction of FFN neurons skipped per token by every sparse rule")
+    p.set_defaults(func=_demo, check=_check_demo)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -278,7 +297,11 @@ def _persistent_compile_cache():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    try:       # building the parser imports every subcommand's module (jax, transformers)
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("\ncountdown-jax: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if argv is None:
         _exit_on_interrupt(args.command)
         _persistent_compile_cache()

@@ -25,9 +25,9 @@ __all__ = ["tensor_parallel_ffn"]
 def tensor_parallel_ffn(one_device_ffn, mlp, x, *, act, spec, policy=None, sparse=None):
     """``one_device_ffn`` with the m neurons split over the "model" axis; (y, kept, dropped).
 
-    one_device_ffn(mlp, x, *, act, spec, policy, sparse) -> (y, kept, dropped): the FFN on
-    the neurons it is given (``ffn``'s body). Each device runs it on its [m/S, d] rows;
-    selection that ranks across neurons goes through ``parallel_selection``. One float32
+    one_device_ffn(mlp, x, *, act, spec, policy, sparse, shard) -> (y, kept, dropped): the
+    FFN on the neurons it is given (``ffn``'s body). Each device runs it on its [m/S, d]
+    rows; selection that ranks across neurons goes through ``parallel_selection``. One float32
     psum sums the partial down projections together with the kept / dropped counts
     (none when model = 1: a data-parallel mesh, where the body's Pallas kernels run per
     device on its tokens). Tokens are split over "data" when the batch (x's leading
@@ -53,9 +53,8 @@ def tensor_parallel_ffn(one_device_ffn, mlp, x, *, act, spec, policy=None, spars
     pol_specs = P() if policy is None else policy_specs(policy)
 
     def body(mlp_l, x_l, pol_l, sparse_l):
-        with parallel_selection.sharded_neurons(shard):
-            y, kept, dropped = one_device_ffn(mlp_l, x_l, act=act, spec=spec, policy=pol_l,
-                                              sparse=sparse_l)
+        y, kept, dropped = one_device_ffn(mlp_l, x_l, act=act, spec=spec, policy=pol_l,
+                                          sparse=sparse_l, shard=shard)
         parts = [y.astype(jnp.float32)]
         if not spec.is_dense:
             # kept is count / m_local in float32: rounding recovers the count exactly.

@@ -30,17 +30,17 @@ def activation(name: str):
     raise ValueError(f"unsupported MLP activation {name!r}; expected one of {ACTIVATIONS}")
 
 
-def layer_weights(mlp):
-    """This layer's {"gate", "up", "down"} as [m, d] matrices.
+def layer_weights(mlp, layer=None):
+    """This layer's {"gate", "up", "down"} as [m, d] matrices: ``mlp`` itself, or layer
+    ``layer`` (a traced index) of the stacked [L, m, d] weights.
 
-    The model hands the FFN the stacked [L, m, d] weights plus "layer" (a traced index):
-    gather kernels then read the kept rows of the stack in place, whereas slicing a layer
-    out of the stack for a custom call materialises a copy of every row (the whole dense
-    read the sparse path exists to avoid). Paths that use whole matrices slice here.
+    The model hands the FFN the whole stack and the index: gather kernels then read the
+    kept rows in place, whereas slicing a layer out for a custom call copies every row
+    (the dense read the sparse path exists to avoid). Whole-matrix paths slice here.
     """
-    if "layer" not in mlp:
+    if layer is None:
         return mlp
-    return {k: jax.lax.dynamic_index_in_dim(mlp[k], mlp["layer"], 0, keepdims=False)
+    return {k: jax.lax.dynamic_index_in_dim(mlp[k], layer, 0, keepdims=False)
             for k in ("gate", "up", "down")}
 
 

@@ -2,9 +2,10 @@
 
 One call of ``generate`` is one compiled program: prompt in, tokens out, no host round
 trip per token. Sparsity values live in ``policy`` (traced), so changing r or thresholds
-does not recompile; ``spec`` (static) picks the rule. Its two phases are also exposed
-(``start``: prefill + first token; ``decode``: the loop, optionally up to a traced step)
-for timing prefill and decode apart and for streaming in chunks of steps.
+does not recompile; ``spec`` (static) picks the rule, ``path`` (a ``DecodePath``) how the
+decode step runs. Its two phases are also exposed (``start``: prefill + first token;
+``decode``: the loop, optionally up to a traced step) for timing prefill and decode apart
+and for streaming in chunks of steps; ``CACHES`` holds what decode keeps between calls.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from countdown_jax import fast_path
 from countdown_jax import model as model_lib
-from countdown_jax.fast_path import resolve_layers
+from countdown_jax.decode_path import PORTABLE, DecodePath
 from countdown_jax.policy import DENSE, SparseSpec, unstack_policy
 from countdown_jax.sharding import MODEL, axis_size, context_mesh, head_axis
 
-__all__ = ["GREEDY", "Generation", "Sampling", "decode_params", "decode_policy", "generate",
-           "layer_form", "sample"]
+__all__ = ["CACHES", "GREEDY", "Caches", "Generation", "Sampling", "compiled", "decode_params",
+           "decode_policy", "generate", "layer_form", "sample"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +86,7 @@ class Generation(NamedTuple):
 # Static arguments of the two phases below (keyword-only there, so an AOT-compiled phase
 # is called with its array arguments alone).
 _START_STATIC = ("cfg", "max_new_tokens", "spec", "sampling", "stop_tokens", "cache_dtype")
-_DECODE_STATIC = ("cfg", "spec", "sampling", "stop_tokens", "attention", "projections")
+_DECODE_STATIC = ("cfg", "spec", "sampling", "stop_tokens", "path")
 
 
 def _pad_id(cfg):
@@ -97,9 +100,9 @@ def _stops(stop_tokens):
 def start(params, prompt, lengths, key, policy=None, *, cfg, max_new_tokens: int,
           spec: SparseSpec = DENSE, sampling: Sampling = GREEDY,
           stop_tokens: tuple[int, ...] = (), cache_dtype=None) -> dict:
-    """Phase 1: dense prefill of the prompt and the first sampled token. Returns the decode
-    state (a dict of arrays) that ``decode`` advances; ``finish`` turns it into a
-    ``Generation``."""
+    """Phase 1: the prompt's prefill (dense unless ``spec.sparse_prefill``) and the first
+    sampled token. Returns the decode state (a dict of arrays) that ``decode`` advances;
+    ``finish`` turns it into a ``Generation``."""
     b, t = prompt.shape
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -108,6 +111,8 @@ def start(params, prompt, lengths, key, policy=None, *, cfg, max_new_tokens: int
     prefill_sparse = None
     if spec.sparse_prefill and not spec.is_dense:
         prefill_sparse = jnp.arange(t)[None, :] < lengths[:, None]
+    else:                   # a dense prompt: the dense FFN, no selection to compute
+        spec, policy = DENSE, None
     logits, cache, _ = model_lib.prefill(params, cfg, prompt, lengths, cache, spec=spec,
                                          policy=policy, sparse=prefill_sparse)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
@@ -122,11 +127,16 @@ def start(params, prompt, lengths, key, policy=None, *, cfg, max_new_tokens: int
 
 def decode(params, state, policy=None, until=None, *, cfg, spec: SparseSpec = DENSE,
            sampling: Sampling = GREEDY, stop_tokens: tuple[int, ...] = (),
-           attention: str = "auto", projections: str = "auto") -> dict:
+           path: DecodePath | None = None) -> dict:
     """Phase 2: (sparse) decode steps in one ``lax.while_loop`` until every row stopped,
     the output is full, or ``step == until`` (a traced int: decoding in chunks, e.g. to
-    stream, reuses one compile)."""
+    stream, reuses one compile). path: resolved (``fast_path.resolve``); its FFN runs the
+    spec's rule. None: the spec as given on the portable path."""
     stops, pad = _stops(stop_tokens), _pad_id(cfg)
+    if path is None:
+        path = PORTABLE
+    else:
+        spec = spec.with_path(path)        # the FFN as the path runs it
     limit = state["out"].shape[1]
     if until is not None:
         limit = jnp.minimum(jnp.asarray(until, jnp.int32), limit)
@@ -137,8 +147,7 @@ def decode(params, state, policy=None, until=None, *, cfg, spec: SparseSpec = DE
     def body(s):
         logits, cache, kept = model_lib.decode_step(params, cfg, s["token"], s["pos"],
                                                     s["cache"], spec=spec, policy=policy,
-                                                    attention=attention,
-                                                    projections=projections)
+                                                    path=path)
         key, sub = jax.random.split(s["key"])
         nxt = sample(sub, logits, sampling)
         live = ~s["done"]
@@ -167,10 +176,39 @@ start_jit = jax.jit(start, static_argnames=_START_STATIC)
 decode_jit = jax.jit(decode, static_argnames=_DECODE_STATIC)
 
 
-# The layer form last made for decode: (form, weak reference to the given params' first
-# leaf, the converted params). One entry: the copy lives while its source does, and a new
-# model replaces it (an unstacked copy of an 8B model is 16 GB).
-_CONVERTED: list = []
+@dataclasses.dataclass
+class Caches:
+    """What decode keeps between calls, in one visible place (``CACHES``; ``clear()``).
+
+    layer_copy: the layer form last made for decode, [(form key, weak reference to the
+        given params' first leaf, the converted params)]: one entry, kept while its source
+        lives (an unstacked copy of an 8B model is 16 GB).
+    programs: (phase, static args, argument avals) -> an ahead-of-time compiled phase
+        (``compiled``), so a call's compile time is measured apart and runs once.
+    """
+
+    layer_copy: list = dataclasses.field(default_factory=list)
+    programs: dict = dataclasses.field(default_factory=dict)
+
+    def clear(self):
+        self.layer_copy.clear()
+        self.programs.clear()
+
+
+CACHES = Caches()
+
+
+def compiled(fn, static: dict, *args):
+    """``fn`` (a jitted phase) compiled ahead for these static args and argument shapes,
+    from ``CACHES.programs``."""
+    leaves, tree = jax.tree.flatten(args)
+    key = (fn, tuple(sorted(static.items())), tree,
+           tuple((np.shape(x), str(getattr(x, "dtype", type(x).__name__))) for x in leaves))
+    if key not in CACHES.programs:
+        if len(CACHES.programs) > 64:
+            CACHES.programs.clear()
+        CACHES.programs[key] = fn.lower(*args, **static).compile()
+    return CACHES.programs[key]
 
 
 def layer_form(params) -> str:
@@ -198,27 +236,25 @@ _CONVERT = {"stacked": model_lib.stack_layers, "unstacked": model_lib.unstack_la
                 model_lib.unstack_layers(p))}
 
 
-def decode_params(params, layers: str = "auto"):
-    """params in the layer form decode should run on: "stacked" | "unstacked" |
-    "fused_qkv" (unstacked, ``model.fuse_qkv``: one head group per "model" device of the
-    mesh in context) | "transposed" (unstacked, ``model.transpose_projections``: q/k/v/o
-    one row per output) | "auto" (``fast_path``: unstacked on one
-    GPU, the params as given elsewhere). A conversion is a copy, made once per params and
-    kept while they live; traced params (inside a jit) are returned as given, and so are
-    fused_qkv or transposed params asked for "unstacked" (they are)."""
+def decode_params(params, layers: str):
+    """params in the layer form decode runs on (a resolved ``DecodePath.layers``):
+    "stacked" | "unstacked" | "fused_qkv" (unstacked, ``model.fuse_qkv``: one head group
+    per "model" device of the mesh in context) | "transposed" (unstacked,
+    ``model.transpose_projections``: q/k/v/o one row per output). A conversion is a copy,
+    made once per params and kept while they live (``CACHES.layer_copy``); traced params
+    (inside a jit) are returned as given, and so are fused_qkv or transposed params asked
+    for "unstacked" (they are)."""
     given = layer_form(params)
-    form = resolve_layers(layers)
-    if layers == "auto" and form == "stacked":
-        form = given                       # portable path: whatever the caller holds
     first = jax.tree_util.tree_leaves(params["layers"])[0]
-    if form == given or (form == "unstacked" and given in ("fused_qkv", "transposed")) \
+    if layers == given or (layers == "unstacked" and given in ("fused_qkv", "transposed")) \
             or isinstance(first, jax.core.Tracer):
         return params
-    key = (form, _head_groups(params) if form == "fused_qkv" else 1)
-    if _CONVERTED and _CONVERTED[0][0] == key and _CONVERTED[0][1]() is first:
-        return _CONVERTED[0][2]
-    out = jax.block_until_ready(_CONVERT[form](params))
-    _CONVERTED[:] = [(key, weakref.ref(first, _forget), out)]
+    key = (layers, _head_groups(params) if layers == "fused_qkv" else 1)
+    copy = CACHES.layer_copy
+    if copy and copy[0][0] == key and copy[0][1]() is first:
+        return copy[0][2]
+    out = jax.block_until_ready(_CONVERT[layers](params))
+    copy[:] = [(key, weakref.ref(first, _forget), out)]
     return out
 
 
@@ -236,39 +272,35 @@ def decode_policy(params, policy):
 
 def _forget(ref):
     """The source params are gone: drop their copy."""
-    if _CONVERTED and _CONVERTED[0][1] is ref:
-        _CONVERTED.clear()
+    if CACHES.layer_copy and CACHES.layer_copy[0][1] is ref:
+        CACHES.layer_copy.clear()
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "max_new_tokens", "sampling",
-                                             "stop_tokens", "cache_dtype", "attention",
-                                             "projections"))
+                                             "stop_tokens", "cache_dtype", "path"))
 def _generate(params, cfg, prompt, lengths, key, policy=None, *, max_new_tokens: int,
               spec: SparseSpec = DENSE, sampling: Sampling = GREEDY,
-              stop_tokens: tuple[int, ...] = (), cache_dtype=None, attention: str = "auto",
-              projections: str = "auto"):
+              stop_tokens: tuple[int, ...] = (), cache_dtype=None, path: DecodePath = PORTABLE):
     state = start(params, prompt, lengths, key, policy, cfg=cfg,
                   max_new_tokens=max_new_tokens, spec=spec, sampling=sampling,
                   stop_tokens=stop_tokens, cache_dtype=cache_dtype)
     state = decode(params, state, policy, cfg=cfg, spec=spec, sampling=sampling,
-                   stop_tokens=stop_tokens, attention=attention, projections=projections)
+                   stop_tokens=stop_tokens, path=path)
     return finish(state)
 
 
 def generate(params, cfg, prompt, lengths, key, policy=None, *, max_new_tokens: int,
              spec: SparseSpec = DENSE, sampling: Sampling = GREEDY,
-             stop_tokens: tuple[int, ...] = (), cache_dtype=None, attention: str = "auto",
-             layers: str = "auto", projections: str = "auto") -> Generation:
+             stop_tokens: tuple[int, ...] = (), cache_dtype=None,
+             path: DecodePath = DecodePath()) -> Generation:
     """prompt [B, T] int32 right-padded, lengths [B] int32 (>= 1). One compiled program
     (``start`` then ``decode``); ``jax.vmap`` over a stacked policy sweeps settings.
 
-    The decode path: ``layers`` (``decode_params``), ``attention`` and ``projections``
-    (the decode steps' attention and q/k/v/o projections, ``model.decode_step``) and
-    ``spec.implementation`` each take "auto", the fastest exact choice for the backend
-    (``fast_path``; on CPU the portable path), or an explicit value that is used as
-    given. Unstacked layers take the policy per layer too (``decode_policy``)."""
-    params = decode_params(params, layers)
+    path: how decode runs; each "auto" field is resolved for the backend and the batch
+    (``fast_path.resolve``; on CPU the portable path), an explicit one is used as given.
+    Unstacked layers take the policy per layer too (``decode_policy``)."""
+    path = fast_path.resolve(path, spec, prompt.shape[0], held_layers=layer_form(params))
+    params = decode_params(params, path.layers)
     return _generate(params, cfg, prompt, lengths, key, decode_policy(params, policy),
                      max_new_tokens=max_new_tokens, spec=spec, sampling=sampling,
-                     stop_tokens=stop_tokens, cache_dtype=cache_dtype, attention=attention,
-                     projections=projections)
+                     stop_tokens=stop_tokens, cache_dtype=cache_dtype, path=path)

@@ -23,9 +23,9 @@ import numpy as np
 from countdown_jax.attention import NO_WINDOW, attend, visibility
 from countdown_jax.attention_parallel import pallas_decode_attention
 from countdown_jax.config import ModelConfig
+from countdown_jax.decode_path import PORTABLE, DecodePath
 from countdown_jax.decode_projections import (STACKED_KEYS, project_heads, project_out,
                                               uses_kernel)
-from countdown_jax.fast_path import resolve_attention, resolve_projections, resolve_spec
 from countdown_jax.ffn import ffn
 from countdown_jax.norms import rms_norm
 from countdown_jax.policy import DENSE, SparseSpec, check_layer_axis
@@ -75,22 +75,22 @@ def _logits(params, cfg: ModelConfig, x):
 
 
 _NO_GEMV_T = ("projections='pallas' reads the einsum layout (wq/wk/wv/wo); the transposed "
-              "layer form runs XLA's projections: use projections='xla' or 'auto'")
+              "layer form runs XLA's projections: use DecodePath(projections='xla' or "
+              "'auto')")
 
 
-def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq, proj: bool = False):
+def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq, gemv: bool = False, index=None):
     def heads(w):                  # h @ w [(L,) d, H, hd] -> [B, T, H, hd]
-        if not proj:
+        if not gemv:
             return jnp.einsum("btd,dhk->bthk", h, w)
         B, T, d = h.shape          # T = 1 (decode): the Pallas GEMV, stacks read in place
-        y = project_heads(h.reshape(B * T, d), w, layer.get("layer"),
-                          kv_heads=cfg.num_kv_heads)
+        y = project_heads(h.reshape(B * T, d), w, index, kv_heads=cfg.num_kv_heads)
         return y.reshape((B, T) + y.shape[1:])
 
     if "wqkv" in layer:            # fuse_qkv: one projection per head group, split by heads
         w = layer["wqkv"]
         groups = w.shape[-3]
-        if proj:                   # [.., G, j, hd] -> [.., G * j, hd]: a free reshape
+        if gemv:                   # [.., G, j, hd] -> [.., G * j, hd]: a free reshape
             qkv = heads(w.reshape(*w.shape[:-3], -1, w.shape[-1]))
             qkv = qkv.reshape(*qkv.shape[:2], groups, -1, w.shape[-1])
         else:
@@ -102,7 +102,7 @@ def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq, proj: bool = False):
                    for a in jnp.split(qkv, [hq, hq + hkv], axis=3))
     else:
         if "wq_t" in layer:        # transpose_projections: one row per output
-            if proj:
+            if gemv:
                 raise ValueError(_NO_GEMV_T)
             q, k, v = (jnp.einsum("btd,hkd->bthk", h, layer[n])
                        for n in ("wq_t", "wk_t", "wv_t"))
@@ -117,14 +117,14 @@ def _qkv(cfg: ModelConfig, layer, h, positions, inv_freq, proj: bool = False):
 
 
 def _attn_out_and_mlp(cfg: ModelConfig, spec, layer, x, attn, policy, sparse,
-                      collect: bool = False, proj: bool = False):
+                      collect: bool = False, gemv: bool = False, index=None):
     if "wo_t" in layer:            # transpose_projections: one row per output
-        if proj:
+        if gemv:
             raise ValueError(_NO_GEMV_T)
         o = jnp.einsum("bthk,dhk->btd", attn, layer["wo_t"])
-    elif proj:                     # T = 1 (decode): the Pallas GEMV
+    elif gemv:                     # T = 1 (decode): the Pallas GEMV
         B, T, H, hd = attn.shape
-        o = project_out(attn.reshape(B * T, H, hd), layer["wo"], layer.get("layer"),
+        o = project_out(attn.reshape(B * T, H, hd), layer["wo"], index,
                         kv_heads=cfg.num_kv_heads).reshape(B, T, -1)
     else:
         o = jnp.einsum("bthk,hkd->btd", attn, layer["wo"])
@@ -132,7 +132,8 @@ def _attn_out_and_mlp(cfg: ModelConfig, spec, layer, x, attn, policy, sparse,
         o = rms_norm(o, layer["post_attn_norm"], cfg.norm_eps)
     x = x + o
     h = rms_norm(x, layer["mlp_norm"], cfg.norm_eps)
-    y, kept = ffn(layer["mlp"], h, act=cfg.act, spec=spec, policy=policy, sparse=sparse)
+    y, kept = ffn(layer["mlp"], h, act=cfg.act, spec=spec, policy=policy, sparse=sparse,
+                  layer=index)
     if cfg.sandwich_norm:
         y = rms_norm(y, layer["post_mlp_norm"], cfg.norm_eps)
     return x + y, ((kept, h) if collect else kept)
@@ -144,10 +145,9 @@ def unstack_layers(params):
     Every model function accepts both forms. Stacked layers run as one ``lax.scan`` (one
     compiled layer body: fast compiles, what training and evaluation want). A tuple runs
     as an unrolled Python loop over separate buffers: on GPU, XLA copies a layer's slice
-    out of a stack whenever a matmul it lowers to a GEMM kernel reads it (measured for
-    the Llama-8B q/o projections: two weight copies per layer, ~1 ms of a ~6 ms decode
-    step on an H200), so decode runs faster unstacked. Makes a copy; drop the stacked
-    params afterwards if memory is tight.
+    out of a stack whenever a matmul it lowers to a GEMM kernel reads it (the q/o
+    projections: results/bench_decode.md), so decode runs faster unstacked. Makes a copy;
+    drop the stacked params afterwards if memory is tight.
     """
     layers = params["layers"]
     if isinstance(layers, (list, tuple)):
@@ -171,8 +171,8 @@ _QKV = (("wq", "wk", "wv"), ("bq", "bk", "bv"))
 def fuse_qkv(params, groups: int = 1):
     """params with each layer's q/k/v projections as one weight "wqkv" [(L,) d, G,
     (Hq + 2 Hkv) / G, hd] (and "bqkv" [(L,) G, .., hd]), stacked or unstacked: a decode
-    step then runs one GEMV for them instead of three (the k/v GEMVs alone read at 2.2
-    TB/s, 7.5 us per layer at 8B shapes; bench_decode.md). Group g holds its Hq / G query
+    step then runs one GEMV for them instead of three (the small k/v GEMVs read well
+    under the HBM ceiling: results/bench_decode.md). Group g holds its Hq / G query
     heads, then its Hkv / G kv heads of k, then of v, so with G = the tensor-parallel size
     (``sharding.param_specs`` splits the group axis over "model") each device holds one
     matrix for exactly its own heads: one GEMV per device, where three smaller ones fall
@@ -213,11 +213,9 @@ def transpose_projections(params):
 
     Why: at decode a projection is a GEMV, and XLA on GPU reads x @ W [d, n] with a small
     n as a column reduction (strided reads, well under the HBM ceiling) while W^T [n, d]
-    is a row reduction over contiguous rows. Measured on an H200, bf16, batch 1
-    (experiments/results/bench_gemv.md): k/v [4096 -> 1024] 18.1 -> 6.2 us; the
-    tensor-parallel halves q [4096 -> 2048] 30.2 -> 8.2 us and o [2048 -> 4096] 21.4 ->
-    9.8 us; a full q/o about the same (19.4 -> 18.0 us). The same dot products: every
-    output equals the einsum layout's. Not combined with ``fuse_qkv``.
+    is a row reduction over contiguous rows (up to 3x faster for k/v and the
+    tensor-parallel halves: experiments/results/bench_gemv.md). The same dot products:
+    every output equals the einsum layout's. Not combined with ``fuse_qkv``.
     """
     def one(layer):
         if "wqkv" in layer:
@@ -242,13 +240,12 @@ def stack_layers(params):
     return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *layers)}
 
 
-def _run_layers(params, cfg: ModelConfig, body, carry, policy, whole=()):
-    """Run ``body(carry, (layer, inv_freq, window, policy_l, l)) -> (carry, out)`` over the
-    layers: a scan over stacked layers, or a Python loop over a tuple of layers. ``layer``
-    always holds the MLP: per layer, or the whole stack plus "layer" (a traced index) so
-    sparse kernels read the kept rows of the stack in place (``gated.layer_weights``).
-    Stacked, the weights named in ``whole`` are handed over whole too, with ``layer``'s
-    "layer" the index (the decode projections' kernel reads them in place)."""
+def _run_layers(params, cfg: ModelConfig, body, carry, policy, in_place=()):
+    """Run ``body(carry, (layer, inv_freq, window, policy_l, l, index)) -> (carry, out)``
+    over the layers: a scan over stacked layers, or a Python loop over a tuple of layers.
+    Stacked, ``layer["mlp"]`` (and the weights named in ``in_place``) stay whole stacks and
+    ``index`` is the traced layer index, so sparse kernels read the kept rows in place
+    (``gated.layer_weights``); unstacked, ``index`` is None."""
     inv_freq, windows = _layer_consts(cfg)
     layers = params["layers"]
     if isinstance(layers, (list, tuple)):
@@ -259,38 +256,35 @@ def _run_layers(params, cfg: ModelConfig, body, carry, policy, whole=()):
         for l, layer in enumerate(layers):
             pol = policy[l] if isinstance(policy, tuple) else jax.tree.map(
                 lambda a, l=l: a[l], policy)
-            carry, out = body(carry, (layer, inv_freq[l], windows[l], pol, l))
+            carry, out = body(carry, (layer, inv_freq[l], windows[l], pol, l, None))
             outs.append(out)
         return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
-    mlp = layers["mlp"]
-    stacks = {k: layers[k] for k in whole if k in layers}
+    whole = {k: layers[k] for k in ("mlp",) + tuple(in_place) if k in layers}
 
     def scan_body(carry, xs):
         layer, inv_f, window, pol, l = xs
-        extra = {**stacks, "layer": l} if stacks else {}
-        return body(carry, ({**layer, **extra, "mlp": {**mlp, "layer": l}}, inv_f, window,
-                            pol, l))
+        return body(carry, ({**layer, **whole}, inv_f, window, pol, l, l))
 
     if isinstance(policy, tuple):                 # per-layer policies (unstack_policy)
         policy = jax.tree.map(lambda *a: jnp.stack(a), *policy)
-    scanned = {k: v for k, v in layers.items() if k != "mlp" and k not in stacks}
+    scanned = {k: v for k, v in layers.items() if k not in whole}
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     return jax.lax.scan(scan_body, carry, (scanned, inv_freq, windows, policy, layer_ids))
 
 
 def _decoder_layer(cfg: ModelConfig, spec, carry, xs, *, positions, kv, sparse,
-                   collect: bool = False, proj: bool = False):
+                   collect: bool = False, gemv: bool = False):
     """One layer (the body of ``_run_layers``). ``kv(q, k, v, ck, cv, l, window)`` writes
     this layer's cache slots and returns (attention output, ck, cv): the only part that
-    differs between a whole sequence and a chunk against the cache. ``proj``: the q/k/v/o
+    differs between a whole sequence and a chunk against the cache. ``gemv``: the q/k/v/o
     projections run the Pallas GEMV (decode, ``decode_projections``)."""
     x, ck, cv = carry
-    layer, inv_f, window, pol, l = xs
+    layer, inv_f, window, pol, l, index = xs
     h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
-    q, k, v = _qkv(cfg, layer, h, positions, inv_f, proj)
+    q, k, v = _qkv(cfg, layer, h, positions, inv_f, gemv, index)
     attn, ck, cv = kv(q, k, v, ck, cv, l, window)
-    x, kept = _attn_out_and_mlp(cfg, spec, layer, x, attn, pol, sparse, collect, proj)
+    x, kept = _attn_out_and_mlp(cfg, spec, layer, x, attn, pol, sparse, collect, gemv, index)
     return (x, ck, cv), kept
 
 
@@ -305,7 +299,6 @@ def _head_at(params, cfg: ModelConfig, x, logits_at):
 def _sequence(params, cfg: ModelConfig, tokens, lengths, cache, spec, policy, sparse,
               collect: bool = False, logits_at=None):
     B, T = tokens.shape
-    spec = resolve_spec(spec, B * T)              # "auto": fast_path's choice for B*T tokens
     if lengths is None:
         lengths = jnp.full((B,), T, jnp.int32)
     check_layer_axis(policy, cfg.num_layers)      # contents: the FFN, per layer
@@ -395,31 +388,22 @@ def _write_slots(cache, l, positions, new):
 
 
 def decode_step(params, cfg: ModelConfig, token, pos, cache, *, spec: SparseSpec = DENSE,
-                policy=None, sparse=None, attention: str = "auto", projections: str = "auto"):
+                policy=None, sparse=None, path: DecodePath = PORTABLE):
     """token[B] at position pos[B]: writes k/v at slot pos[b], attends to slots <= pos[b]
     (and inside the layer's sliding window). Returns (logits [B, V] float32, cache,
-    kept [L, B]). sparse: bool [B], default all True for a sparse spec.
-    attention: "xla" or "pallas" (``kernels.decode_attention``: one kernel per layer
-    reading the stacked cache in place; GPU, else the XLA path with a warning; under a
-    mesh, per device on its heads and rows, ``attention_parallel``); "auto": pallas on one
-    GPU, else xla (``fast_path``). spec.implementation "auto" likewise.
-    projections: "xla" (einsums) or "pallas" (``decode_projections``: q/k/v/o through the
-    Pallas GEMV, per device on a mesh; up to ``decode_projections.MAX_ROWS`` rows);
-    "auto": xla (``fast_path``: the GEMV measured slower end to end). Params in the
-    transposed layer form (``transpose_projections``) run XLA's projections only.
+    kept [L, B]). sparse: bool [B], default all True for a sparse spec. path: a resolved
+    ``DecodePath`` (``fast_path.resolve``), see ``extend``.
     """
     B = token.shape[0]
     if sparse is not None:
         sparse = jnp.asarray(sparse).reshape(B, 1)
     logits, cache, kept = extend(params, cfg, jnp.asarray(token)[:, None], pos, cache,
-                                 spec=spec, policy=policy, sparse=sparse, attention=attention,
-                                 projections=projections)
+                                 spec=spec, policy=policy, sparse=sparse, path=path)
     return logits[:, 0], cache, kept[:, :, 0]
 
 
 def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec = DENSE,
-           policy=None, sparse=None, logits_at=None, attention: str = "auto",
-           projections: str = "auto"):
+           policy=None, sparse=None, logits_at=None, path: DecodePath = PORTABLE):
     """A chunk tokens[B, T] continuing each row at positions start[b] + t (decode_step for
     T tokens at once, e.g. scoring continuations against a prefilled context).
 
@@ -427,14 +411,17 @@ def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec =
     start[b] must hold the row's earlier tokens). Returns (logits [B, T, V] float32 or at
     logits_at [B, P], cache, kept [L, B, T]). sparse: bool [B, T], default all True for a
     sparse spec. Padding at the end of a row only produces junk after the row's tokens.
-    attention: "xla" | "pallas" | "auto" (``fast_path``); the Pallas decode-attention
-    kernel serves one token per row (T = 1), longer chunks use the XLA path.
-    projections: "xla" | "pallas" | "auto" (``decode_step``); the kernel serves T = 1.
+    path: a resolved ``DecodePath``; read here: attention "pallas" (the decode-attention
+    kernel, per device on a mesh) and projections "pallas" (the GEMV,
+    ``decode_projections``), which serve one token per row (T = 1; longer chunks take
+    XLA's). The FFN runs ``spec`` as given (``generate`` hands it ``spec.with_path``) and
+    the layer form is the params' own.
     """
-    attention = resolve_attention(attention)
+    if not path.resolved:
+        raise ValueError(f"extend / decode_step need a resolved DecodePath, got {path}; "
+                         "resolve it with fast_path.resolve (generate does)")
     B, T = tokens.shape
-    proj = uses_kernel(resolve_projections(projections), B, T)
-    spec = resolve_spec(spec, B * T)
+    gemv = uses_kernel(path.projections, B, T)
     S = cache["k"].shape[2]
     start = jnp.asarray(start, jnp.int32)
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
@@ -447,7 +434,7 @@ def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec =
 
     def kv(q, k, v, ck, cv, l, window):
         ck, cv = _write_slots(ck, l, positions, k), _write_slots(cv, l, positions, v)
-        if attention == "pallas" and T == 1:     # reads layer l of the stack in place
+        if path.attention == "pallas" and T == 1:   # reads layer l of the stack in place
             out = pallas_decode_attention(q[:, 0], ck, cv, positions[:, 0], layer=l,
                                           window=window, scale=cfg.attn_scale,
                                           softcap=cfg.attn_softcap)   # per device on a mesh
@@ -457,8 +444,8 @@ def extend(params, cfg: ModelConfig, tokens, start, cache, *, spec: SparseSpec =
         return out, ck, cv
 
     body = functools.partial(_decoder_layer, cfg, spec, positions=positions, kv=kv,
-                             sparse=sparse, proj=proj)
+                             sparse=sparse, gemv=gemv)
 
     (x, ck, cv), kept = _run_layers(params, cfg, body, (x, cache["k"], cache["v"]), policy,
-                                    whole=STACKED_KEYS if proj else ())
+                                    in_place=STACKED_KEYS if gemv else ())
     return _head_at(params, cfg, x, logits_at), {"k": ck, "v": cv}, kept

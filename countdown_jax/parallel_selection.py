@@ -9,28 +9,23 @@ traced and has no static bound), run the single-device rule from ``selection`` o
 keep this device's slice. Every device runs the same deterministic rule on the same
 gathered values, so the sharded masks equal the single-device masks bit for bit.
 
-The context below is set only while ``ffn_parallel`` traces its shard_map body, so it is part
-of that trace and never of a jit cache key.
+``ffn_parallel`` hands its shard_map body the ``Shard`` (how the neurons are split).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 
 from countdown_jax import selection
 
-__all__ = ["Shard", "choose", "current", "gather_neurons", "local_slice",
-           "needs_global_order", "sharded_neurons"]
+__all__ = ["Shard", "choose", "gather_neurons", "local_slice", "needs_global_order"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Shard:
-    """How the neuron axis is split while a sharded FFN body is traced.
+    """How the neuron axis is split over a mesh axis (what a sharded FFN body is told).
 
     axis: mesh axis name over which m is split; size: number of shards S.
     capacity_scope: "global" = ``spec.capacity`` caps the kept neurons of a token over
@@ -43,25 +38,10 @@ class Shard:
     size: int
     capacity_scope: str = "global"
 
-
-_CURRENT: contextvars.ContextVar[Shard | None] = contextvars.ContextVar(
-    "countdown_jax_shard", default=None)
-
-
-def current() -> Shard | None:
-    return _CURRENT.get()
-
-
-@contextlib.contextmanager
-def sharded_neurons(shard: Shard):
-    if shard.capacity_scope not in ("global", "shard"):
-        raise ValueError(f"capacity_scope must be 'global' or 'shard', got "
-                         f"{shard.capacity_scope!r}")
-    token = _CURRENT.set(shard)
-    try:
-        yield shard
-    finally:
-        _CURRENT.reset(token)
+    def __post_init__(self):
+        if self.capacity_scope not in ("global", "shard"):
+            raise ValueError(f"capacity_scope must be 'global' or 'shard', got "
+                             f"{self.capacity_scope!r}")
 
 
 def gather_neurons(v, axis: str):

@@ -16,9 +16,8 @@ leading layer axis, so one compile serves every value and ``jax.vmap`` sweeps th
 
 The predictor is given as {"V": [L, d, rank], "U": [L, m, rank]} (z = (x V) U^T, the
 paper's form, what training saves) and stored with V transposed, so both of its GEMVs read
-one contiguous row per output like every weight here: h = x V as a column reduction ran at
-0.65 TB/s (6.4 us per layer at rank 512 on an H200), as rows at 5 TB/s (0.8 us)
-(experiments/results/bench_projections.csv).
+one contiguous row per output like every weight here (a column reduction is several
+times slower on GPU: experiments/results/bench_projections.csv).
 
 Only the keys a spec needs must be present (``make_policy`` builds and checks them).
 Inside the scan over layers the FFN sees one layer's slice (leading axis dropped); a sweep
@@ -28,28 +27,37 @@ stacks policies on a new leading axis (``stack_policies``) and vmaps over it.
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from countdown_jax.decode_path import BATCH_KERNELS, IMPLEMENTATIONS, DecodePath
 from countdown_jax.proxy import check_proxy
 
-__all__ = ["ACCEPTED_IMPLEMENTATIONS", "AUTO", "BATCH_KERNELS", "DENSE", "IMPLEMENTATIONS",
-           "LEGACY_IMPLEMENTATIONS", "METHODS", "METHOD_MODES", "MODES", "MODE_KEYS",
-           "SCALAR_KEYS", "SparseSpec", "check_layer", "check_layer_axis", "check_policy",
-           "make_policy", "stack_policies", "unstack_policy"]
+__all__ = ["BATCH_KERNELS", "DENSE", "IMPLEMENTATIONS", "METHODS", "METHOD_MODES", "MODES",
+           "MODE_KEYS", "Method", "SCALAR_KEYS", "SKIPS_WORK", "SparseSpec", "check_layer",
+           "check_layer_axis", "check_policy", "make_policy", "stack_policies",
+           "unstack_policy"]
 
-METHODS = ("dense", "cats", "m_countdown", "d_countdown", "dejavu", "s_countdown")
+
+class Method(str, enum.Enum):
+    """The selection rules: the one vocabulary of the CLI, policies, kernels and results."""
+
+    DENSE = "dense"
+    CATS = "cats"                    # |act(g)|
+    M_COUNTDOWN = "m_countdown"      # |u|
+    D_COUNTDOWN = "d_countdown"      # |s|
+    DEJAVU = "dejavu"                # signed g (predicted)
+    S_COUNTDOWN = "s_countdown"      # s^2 |W_down[:, i]|^2 / 2 (oracle only)
+
+    def __str__(self):
+        return self.value
+
+
+METHODS = tuple(m.value for m in Method)
 MODES = ("ideal", "topk", "threshold", "predictor", "cascade", "proxy")
-# "xla" / "pallas" are the kernels' vocabulary (``kernels._platform``), the same words as the
-# model's ``attention=``; "masked" is the FFN's dense oracle (no kernel).
-IMPLEMENTATIONS = ("masked", "xla", "pallas")
-LEGACY_IMPLEMENTATIONS = {"gather": "xla"}      # earlier names, still accepted
-# "auto": the model's entry points resolve it per call (``fast_path``: the fastest exact
-# implementation for the backend and the tokens per call); the FFN never sees it.
-AUTO = "auto"
-ACCEPTED_IMPLEMENTATIONS = IMPLEMENTATIONS + tuple(LEGACY_IMPLEMENTATIONS) + (AUTO,)
 
 # Which modes each method supports. CATS and M rank a quantity the FFN computes densely
 # anyway, so a predictor would add work, not save it; S-COUNTDOWN needs the dense s and
@@ -74,8 +82,11 @@ MODE_KEYS = {
 }
 SCALAR_KEYS = ("sparsity", "threshold", "theta")
 
-
-BATCH_KERNELS = ("lists", "union", "compact", "dense")
+# (method, mode) whose Pallas path reads only the kept rows (no dense s needed to select);
+# the oracle modes of d_countdown / dejavu / s_countdown need the dense s.
+SKIPS_WORK = frozenset({("m_countdown", "threshold"), ("cats", "threshold"),
+                        ("d_countdown", "predictor"), ("d_countdown", "cascade"),
+                        ("d_countdown", "proxy"), ("dejavu", "predictor")})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +100,8 @@ class SparseSpec:
         |s| > tau keeps the final set; see selection.py), proxy (d_countdown only:
         |s_hat| > tau, s_hat from a low-bit copy of W_gate and W_up, ``proxy.py``).
     implementation: masked = float reference (dense cost, exact maths, used for quality
-        sweeps); xla = XLA gather of a capacity-padded index list (skips the work; the
-        earlier name "gather" is accepted and stored as "xla"); pallas = the Pallas kernels;
-        auto = resolved by the model per call (``fast_path``: pallas on a GPU where it
-        skips work, else masked).
+        sweeps); xla = XLA gather of a capacity-padded index list (skips the work);
+        pallas = the Pallas kernels. Decode takes it from its ``DecodePath`` (``with_path``).
     capacity: static upper bound on kept neurons per token (None = m). When more pass,
         the ``capacity`` highest-ranked are kept (every implementation applies the same
         cut, so masked stays the reference of gather).
@@ -107,12 +116,10 @@ class SparseSpec:
         ``kernels.sparse_ffn``) or "union" / "compact" (the rows any token keeps read
         once, ``batch_union``, as a row predicate / an index list), all the rule's exact
         masks; or "dense": the batch runs the dense FFN (every neuron kept, reported as
-        kept 1.0). "auto" picks by measurement (``fast_path``): dense where no sparse
-        path beats dense.
+        kept 1.0). Decode takes it from its ``DecodePath``.
     target_sparsity: the r the rule was set for (its thresholds / predictor were fit at
-        r; ``api.sparsity_setup`` fills it). A static hint read only by
-        implementation="auto" to pick a decode batch's path (``fast_path``); it changes
-        no mask. None = unknown (batches then take the path that never loses much).
+        r; ``api.sparsity_setup`` fills it). A static hint read only by ``fast_path`` to
+        pick a decode batch's kernel; it changes no mask. None = unknown.
     """
 
     method: str = "dense"
@@ -125,17 +132,16 @@ class SparseSpec:
     target_sparsity: float | None = None
 
     def __post_init__(self):
-        if self.implementation in LEGACY_IMPLEMENTATIONS:
-            object.__setattr__(self, "implementation",
-                               LEGACY_IMPLEMENTATIONS[self.implementation])
         if self.method not in METHODS:
             raise ValueError(f"unknown sparsity method {self.method!r}; expected one of {METHODS}")
+        object.__setattr__(self, "method", Method(self.method).value)   # a plain str
         if self.mode not in MODES:
             raise ValueError(f"unknown sparsity mode {self.mode!r}; expected one of {MODES}")
-        if self.implementation not in IMPLEMENTATIONS + (AUTO,):
-            raise ValueError(
-                f"unknown implementation {self.implementation!r}; expected one of "
-                f"{IMPLEMENTATIONS + (AUTO,)} (or an earlier name: {LEGACY_IMPLEMENTATIONS})")
+        if self.implementation not in IMPLEMENTATIONS:
+            hint = {"auto": " (decode takes it from a DecodePath: DecodePath(ffn='auto'))"
+                    }.get(self.implementation, "")
+            raise ValueError(f"unknown implementation {self.implementation!r}; expected one "
+                             f"of {IMPLEMENTATIONS}{hint}")
         if self.mode not in METHOD_MODES[self.method]:
             raise ValueError(
                 f"sparsity method {self.method!r} does not support mode {self.mode!r}; "
@@ -165,6 +171,13 @@ class SparseSpec:
     @property
     def policy_keys(self) -> tuple[str, ...]:
         return () if self.is_dense else MODE_KEYS[self.mode]
+
+    def with_path(self, path: DecodePath) -> "SparseSpec":
+        """This rule as a resolved decode path's FFN runs it."""
+        if self.is_dense:
+            return self
+        return dataclasses.replace(self, implementation=path.ffn,
+                                   batch_kernel=path.batch_kernel)
 
 
 DENSE = SparseSpec()
@@ -251,10 +264,9 @@ def _check_predictor(predictor, num_layers):
 def unstack_policy(policy):
     """A whole-model policy (leaves [L, ...]) as a tuple of L per-layer policies, one
     buffer per leaf (a copy), for unstacked layers (``model.unstack_layers``); None and a
-    tuple pass through. Why: a decode batch's predictor GEMMs on GPU read their operand
-    as a buffer of its own, so XLA copies each layer's slice out of a stacked policy every
-    step (measured, H200, D-COUNTDOWN rank 512, batch 4: 0.46 of 5.8 ms per step copying
-    the predictor stack). ``model`` takes either form."""
+    tuple pass through. Why: on GPU, XLA copies a layer's slice out of a stacked operand
+    of a GEMM every step (the predictor of a decode batch; KERNEL_NOTES.md). ``model``
+    takes either form."""
     if policy is None or isinstance(policy, tuple):
         return policy
     n = np.shape(jax.tree_util.tree_leaves(policy)[0])[0]

@@ -83,10 +83,10 @@ def predictor_logits(predictor, x, h_dtype=None):
 
     h = x V is accumulated in float32, then rounded to ``h_dtype`` (None: U's dtype) for
     z = h U^T, accumulated in float32. Float32 U: h stays float32 (unchanged maths). bf16 U
-    (a bf16 model's predictor): a bf16 x bf16 GEMM in place of a float32 one, 18 -> ~4 us
-    per layer at batch 4 on an H200 (D batch-4 decode 1.01x -> 1.11x dense, "S8-K" in
-    experiments/results/bench_decode.md); z keeps ~3 significant digits, which left the
-    masks and perplexity unchanged within noise (experiments/results/predictor_precision.md).
+    (a bf16 model's predictor): a bf16 x bf16 GEMM in place of a float32 one, several
+    times faster at decode batches (results/bench_decode.md); z keeps ~3 significant
+    digits, which left the masks and perplexity unchanged within noise
+    (experiments/results/predictor_precision.md).
     h_dtype=float32 gives the all-float32 logits (the experiment's reference arm).
     """
     h = jnp.einsum("...d,rd->...r", x, predictor["Vt"], preferred_element_type=jnp.float32,
@@ -216,8 +216,7 @@ def count_kept(mask):
 
     The barrier keeps XLA from fusing this row sum with the mask's other consumers (the
     select of s, the union's any): fused, the select ran inside a reduce fusion on one
-    block per token, 6.9-7.5 us per layer on an H200; apart, the decode step at batch 4
-    took 4.71 -> 4.51 ms (masked M) and 4.38 -> 4.24 ms (union M) (bench_decode.md S10-E).
+    block per token, several microseconds per layer on GPU (results/bench_decode.md).
     """
     return jnp.sum(jax.lax.optimization_barrier(mask), axis=-1, dtype=jnp.int32)
 

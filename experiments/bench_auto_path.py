@@ -162,7 +162,7 @@ def main(argv=None):
             print("budget spent: stop", flush=True)
             break
         mode, policy = setups[sparsities[0] if method == "dense" else r][method]
-        spec = SparseSpec(method=method, mode=mode, implementation="auto",
+        spec = SparseSpec(method=method, mode=mode,
                           target_sparsity=None if method == "dense" else r)
         row = dict(device=device, shape=shape, method=method, sparsity=r, batch=batch,
                    user_path="", batch_kernel="", user_tokens_per_s=float("nan"),
@@ -173,9 +173,8 @@ def main(argv=None):
         try:
             u_tps, u_real, path = user_path(model, spec, policy, batch, args.steps,
                                             args.prompt_len, args.repeats)
-            row.update(user_path="/".join(path[k] for k in ("layers", "implementation",
-                                                             "attention")),
-                       batch_kernel=path.get("batch_kernel", ""),
+            row.update(user_path="/".join((path.layers, path.ffn, path.attention)),
+                       batch_kernel=path.batch_kernel if path.ffn == "pallas" else "",
                        user_tokens_per_s=round(u_tps, 2), realised_user=round(u_real, 4))
             if method == "dense":
                 dense_rate[batch] = u_tps

@@ -29,7 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from countdown_jax import fast_path
 from countdown_jax.config import ModelConfig
+from countdown_jax.decode_path import AUTO, DecodePath
 from countdown_jax.generate import decode_params
 from countdown_jax.policy import SparseSpec, make_policy
 from countdown_jax.sharding import random_params
@@ -51,8 +53,8 @@ def main(argv=None):
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--sparsities", default="0.7,0.9")
     ap.add_argument("--methods", default="m_countdown,d_countdown")
-    ap.add_argument("--implementations", default="gather,pallas",
-                    help="comma list: masked, gather, pallas (batches: per-token index "
+    ap.add_argument("--implementations", default="xla,pallas",
+                    help="comma list: masked, xla (XLA index lists), pallas (batches: per-token index "
                          "lists), pallas-union / pallas-compact / pallas-dense (batches: "
                          "SparseSpec.batch_kernel 'union' / 'compact' / 'dense'), auto "
                          "(fast_path's choice, given the target r)")
@@ -173,9 +175,11 @@ def main(argv=None):
                 # realised sparsity). None: the exact rule, no index list (pallas then
                 # runs the fused kernel on GPU).
                 cap = None if cf is None else int(np.ceil(cf * (1 - r) * m))
-                spec = SparseSpec(method=method, mode=mode, capacity=cap,
-                                  implementation=impl.split("-")[0], target_sparsity=r,
-                                  batch_kernel=impl.split("-")[1] if "-" in impl else "lists")
+                spec = SparseSpec(method=method, mode=mode, capacity=cap, target_sparsity=r)
+                ffn, _, kernel = impl.partition("-")
+                path = fast_path.resolve(DecodePath(ffn=ffn, batch_kernel=kernel or AUTO),
+                                         spec, batch)        # "auto": fast_path's choice
+                spec = spec.with_path(path)
                 if time.perf_counter() - t_start > args.budget_s:
                     print("budget spent: stop", flush=True)
                     return rows

@@ -58,9 +58,8 @@ def test_compact_union_equals_the_masked_ffn(n, dense, dtype, configs, pallas_in
     stack, xs = _problem(n + 10, n, dtype)
     rng = np.random.default_rng(n)
     run = jax.jit(lambda st, x, mk, cf, form: union_ffn(
-        st, x, mk, act="silu", dense=dense, coef=cf, configs=configs, form=form),
-        static_argnums=4)
-    layered = {**stack, "layer": jnp.int32(1)}
+        st, x, mk, act="silu", dense=dense, coef=cf, layer=jnp.int32(1), configs=configs,
+        form=form), static_argnums=4)
     tol = 1e-4 if dtype == jnp.float32 else 2e-2
     for case, mask in (("some", rng.random((n, M)) < 0.15), ("all", np.ones((n, M), bool)),
                        ("none", np.zeros((n, M), bool))):
@@ -68,7 +67,7 @@ def test_compact_union_equals_the_masked_ffn(n, dense, dtype, configs, pallas_in
         g, u, ref = _masked_reference(stack, xs, mask)
         coef = {"up": u, "gate": activation("silu")(g), None: None}[dense]
         coef = None if coef is None else coef.astype(jnp.float32)
-        y = run(layered, xs, mask, coef, "compact")
+        y = run(stack, xs, mask, coef, "compact")
         assert y.shape == (n, D) and y.dtype == dtype
         assert np.isfinite(np.asarray(y, np.float32)).all(), case
         scale = float(jnp.abs(ref).max()) + 1e-6
@@ -76,7 +75,7 @@ def test_compact_union_equals_the_masked_ffn(n, dense, dtype, configs, pallas_in
                                    atol=tol * scale, err_msg=case)
         if case == "none":
             np.testing.assert_array_equal(np.asarray(y, np.float32), 0.0)
-        live = run(layered, xs, mask, coef, "live")
+        live = run(stack, xs, mask, coef, "live")
         np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(live, np.float32),
                                    rtol=0, atol=tol * scale, err_msg=case)
 

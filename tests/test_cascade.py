@@ -95,7 +95,7 @@ def test_selection_vs_numpy(m, d):
 
 # --------------------------------------------------------------------------- FFN
 
-@pytest.mark.parametrize("impl", ["masked", "gather"])
+@pytest.mark.parametrize("impl", ["masked", "xla"])
 @pytest.mark.parametrize("m,d", [(37, 19), (130, 33), (5, 3)])
 def test_ffn_vs_numpy(impl, m, d):
     act = "gelu_tanh" if m == 130 else "silu"
@@ -121,7 +121,7 @@ def test_ffn_vs_numpy(impl, m, d):
     assert refined                    # some case where the second stage dropped candidates
 
 
-@pytest.mark.parametrize("impl", ["masked", "gather"])
+@pytest.mark.parametrize("impl", ["masked", "xla"])
 def test_one_stage_open_equals_the_other_rule(impl):
     """theta = -inf: d_countdown's oracle threshold rule |s| > tau; tau = -inf: the
     predictor rule z > theta."""
@@ -156,7 +156,7 @@ def test_capacity_caps_candidates(monkeypatch, pallas_interpret, m, d):
     cand, keep = ref.cascade(mlp64, x64, pred64, theta, tau, "silu", capacity=cap)
     assert (rule.sum(-1) > cap).any() and (keep.sum(-1) < cand.sum(-1)).any()
     outs = []
-    for impl in ("masked", "gather", "pallas"):
+    for impl in ("masked", "xla", "pallas"):
         run = jax.jit(functools.partial(ffn, act="silu", spec=_spec(impl, capacity=cap),
                                         return_dropped=True))
         y, kept, dropped = run(_jnp(mlp), jnp.asarray(x), policy=_layer(theta, tau, pred))
@@ -190,7 +190,7 @@ def _set_rows(mlp, rows, which, value):
     return {k: (mlp[k].at[rows].set(value) if k in which else mlp[k]) for k in mlp}
 
 
-@pytest.mark.parametrize("impl", ["masked", "gather"])
+@pytest.mark.parametrize("impl", ["masked", "xla"])
 def test_skipped_neurons_have_no_influence(impl):
     mlp, x, layer, never, refined_out = _influence_problem()
     run = functools.partial(ffn, act="silu", spec=_spec(impl), policy=layer)
@@ -204,7 +204,7 @@ def test_skipped_neurons_have_no_influence(impl):
     # weight 0). The index list never reads them; the masked reference reads every row.
     poison = never & (np.arange(len(never)) != 0)
     y, _ = run(_set_rows(mlp, poison, ("gate", "up", "down"), jnp.nan), x)
-    if impl == "gather":
+    if impl == "xla":
         np.testing.assert_array_equal(y, base, err_msg="gather read a non-candidate row")
     else:
         assert np.isnan(np.asarray(y)).any()
@@ -212,7 +212,7 @@ def test_skipped_neurons_have_no_influence(impl):
     # ones by 0; the fused kernel does not read them: test_fused_path_* poisons them.)
 
 
-@pytest.mark.parametrize("impl", ["masked", "gather"])
+@pytest.mark.parametrize("impl", ["masked", "xla"])
 def test_vmap_sweep_compiles_once(impl):
     """theta and tau are traced: one compile sweeps them (vmap over stacked policies)."""
     mlp, x, pred = _problem(5)
@@ -269,10 +269,11 @@ def test_fused_path_equals_masked(monkeypatch, pallas_interpret, n):
     own = {"gate": mlp["gate"].at[never].set(jnp.nan), "up": mlp["up"].at[never].set(jnp.nan),
            "down": mlp["down"].at[never | refined].set(jnp.nan)}
     stack = {k: jnp.stack([jnp.full_like(v, jnp.nan), v]) for k, v in own.items()}
-    run = jax.jit(lambda w, pol, spec: ffn(w, x, act="silu", spec=spec, policy=pol,
-                                           return_dropped=True), static_argnums=2)
-    y, kept, dropped = run({**stack, "layer": jnp.int32(1)}, layer, _spec("pallas"))
-    ym, km, _ = run(mlp, layer, _spec("masked"))
+    run = jax.jit(lambda w, l, pol, spec: ffn(w, x, act="silu", spec=spec, policy=pol,
+                                              layer=l, return_dropped=True),
+                  static_argnums=3)
+    y, kept, dropped = run(stack, jnp.int32(1), layer, _spec("pallas"))
+    ym, km, _ = run(mlp, None, layer, _spec("masked"))
     assert calls == ["dc"]
     assert np.isfinite(np.asarray(y)).all()
     np.testing.assert_array_equal(_counts(kept, 37), keep.sum(-1))
@@ -298,7 +299,7 @@ def test_model_forward_kept_is_the_cascade_on_mlp_inputs():
     input (collected by the same forward)."""
     params, cfg, policy, pred = _model_and_policy([-0.5, 0.0, 0.5], [0.02, 0.05, 0.1])
     tokens = jnp.asarray(np.random.default_rng(6).integers(3, cfg.vocab_size, (2, 6)))
-    for impl in ("masked", "gather"):
+    for impl in ("masked", "xla"):
         _, kept, h = M.forward(params, cfg, tokens, spec=_spec(impl), policy=policy,
                                collect=True)
         fracs = []
@@ -323,7 +324,7 @@ def test_model_decode_and_extend_masked_equals_gather():
     steps = jnp.asarray(rng.integers(3, cfg.vocab_size, (3, 2)), jnp.int32)  # fixed tokens
     lengths = jnp.array([5, 3], jnp.int32)
     results = {}
-    for impl in ("masked", "gather"):
+    for impl in ("masked", "xla"):
         spec = _spec(impl)
         cache = M.init_cache(cfg, 2, 12)
         _, cache, _ = M.prefill(params, cfg, prompt, lengths, cache)
@@ -339,7 +340,7 @@ def test_model_decode_and_extend_masked_equals_gather():
             if impl == "masked" else results["masked"][2]
         lx, _, kx = M.extend(params, cfg, chunk, pos, cache, spec=spec, policy=policy)
         results[impl] = (jnp.stack(logits), jnp.stack(kepts), chunk, lx, kx)
-    (la, ka, _, xa, kxa), (lb, kb, _, xb, kxb) = results["masked"], results["gather"]
+    (la, ka, _, xa, kxa), (lb, kb, _, xb, kxb) = results["masked"], results["xla"]
     np.testing.assert_allclose(lb, la, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(xb, xa, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(_counts(kb, cfg.d_ff), _counts(ka, cfg.d_ff))

@@ -207,21 +207,70 @@ def test_eval_json_fewshot_alias(smollm2_dir, tmp_path, capsys):
     assert 0.0 <= rep["results"]["dense"]["arc_easy"]["acc,none"] <= 1.0
 
 
+def _console_script(args, prelude: str = ""):
+    """The `countdown-jax` console script in a child process (argv from sys.argv); SIGINT
+    handled even when this test runs in a background job, where it starts ignored."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    code = ("import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            f"{prelude}from countdown_jax.__main__ import main\nsys.exit(main())\n")
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def _wait_for(proc, stream, text: bytes, timeout: float = 600.0) -> bytes:
+    """Read the child's pipe until ``text`` appears (the event to act on); fails if the
+    child exits first or nothing comes within ``timeout``."""
+    import select
+
+    seen, deadline = b"", time.monotonic() + timeout
+    while text not in seen:
+        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            proc.kill()
+            pytest.fail(f"no {text!r} within {timeout} s; got {seen[-500:]!r}")
+        chunk = os.read(stream.fileno(), 4096)
+        if not chunk:
+            pytest.fail(f"exited ({proc.wait()}) before {text!r}; got {seen[-2000:]!r}")
+        seen += chunk
+    return seen
+
+
+def _interrupt(proc) -> str:
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    return err.decode()
+
+
 @pytest.mark.slow
 def test_ctrl_c_exits_130_without_traceback(smollm2_dir):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    # as the console script runs it (argv from sys.argv); SIGINT handled even when this
-    # test runs in a background job, where it starts ignored
-    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-            "from countdown_jax.cli import main; sys.exit(main())")
-    p = subprocess.Popen([sys.executable, "-c", code, "generate", str(smollm2_dir),
-                          "--prompt", "Once upon a time", "--max-new-tokens", "400"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    time.sleep(8)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
+    """Ctrl-C while the model compiles / decodes: the streamed prompt on stdout is printed
+    after the handler is installed, so the signal is sent on that event."""
+    p = _console_script(["generate", smollm2_dir, "--prompt", "Once upon a time", "--stream",
+                         "--max-new-tokens", "400"])
+    _wait_for(p, p.stdout, b"Once upon a time")
+    err = _interrupt(p)
     assert p.returncode == 130
     assert "Traceback" not in err and re.search(r"interrupted", err)
+    assert len(err.strip().splitlines()) <= 3
+
+
+@pytest.mark.parametrize("module", ["jax", "countdown_jax.calibrate"])
+def test_ctrl_c_during_start_up_exits_130(tmp_path, module):
+    """Ctrl-C while the command line's imports run (jax: importing the CLI itself; the
+    calibrate module: building the parser). An import hook announces the import on stderr
+    and waits there, so the signal lands inside it."""
+    prelude = ("import importlib.abc, time\n"
+               "class Hold(importlib.abc.MetaPathFinder):\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               f"        if name == {module!r}:\n"
+               "            sys.stderr.write('importing ' + name + '\\n'); sys.stderr.flush()\n"
+               "            time.sleep(300)\n"
+               "sys.meta_path.insert(0, Hold())\n")
+    p = _console_script(["generate", tmp_path, "--prompt", "x"], prelude)
+    _wait_for(p, p.stderr, f"importing {module}".encode(), timeout=300)
+    err = _interrupt(p)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
     assert len(err.strip().splitlines()) <= 3
 
 
@@ -237,11 +286,12 @@ def test_proxy_mode_calibrate_then_generate(smollm2_dir, tmp_path, capsys):
         (d / part).symlink_to(smollm2_dir / part)
     (d / "config.json").write_text((smollm2_dir / "config.json").read_text())
     assert cli.main(["calibrate", str(d), "--method", "d_countdown", "--proxy-bits", "4",
-                     "--proxy-group", "64", "--sparsity", "0.7", "--rows", "4",
+                     "--sparsity", "0.7", "--rows", "4",
                      "--held-out-rows", "2", "--seq-len", "64"]) == 0
     saved = [json.loads(line) for line in capsys.readouterr().out.splitlines()
              if line.startswith("{")]
-    assert saved[0]["proxy_bits"] == 4 and abs(saved[0]["realised_held_out"] - 0.7) < 0.15
+    assert saved[0]["proxy_bits"] == 4 and saved[0]["proxy_group"] == 64   # from d = 576
+    assert abs(saved[0]["realised_held_out"] - 0.7) < 0.15
     assert cli.main(["generate", str(d), "--prompt", "The capital of France is",
                      "--method", "d_countdown", "--mode", "proxy", "--sparsity", "0.7",
                      "--max-new-tokens", "6", "--json"]) == 0

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from countdown_jax import model as M
+from countdown_jax.decode_path import PORTABLE, DecodePath
 from countdown_jax.kernels.decode_attention.api import decode_attention
 from countdown_jax.kernels.decode_attention.pallas_gpu import AttentionConfig
 from tests.support import tiny_params
@@ -98,7 +99,7 @@ def test_api_errors():
     with pytest.raises(ValueError, match="attention must be"):
         tiny_p, cfg = tiny_params.tiny_model()
         M.decode_step(tiny_p, cfg, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32),
-                      M.init_cache(cfg, 1, 4), attention="flash")
+                      M.init_cache(cfg, 1, 4), path=DecodePath(attention="flash"))
 
 
 def _decode(params, cfg, attention, steps=3):
@@ -109,7 +110,8 @@ def _decode(params, cfg, attention, steps=3):
     logits, cache, _ = M.prefill(params, cfg, tokens, lengths, cache)
     tok = jnp.argmax(logits[jnp.arange(3), lengths - 1], -1)
     pos, outs = lengths, []
-    step = jax.jit(lambda p, t, ps, c: M.decode_step(p, cfg, t, ps, c, attention=attention))
+    path = dataclasses.replace(PORTABLE, attention=attention)
+    step = jax.jit(lambda p, t, ps, c: M.decode_step(p, cfg, t, ps, c, path=path))
     for _ in range(steps):
         lg, cache, _ = step(params, tok, pos, cache)
         outs.append(lg)

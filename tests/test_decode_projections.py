@@ -21,10 +21,16 @@ import pytest
 
 from countdown_jax import layout
 from countdown_jax import model as M
+from countdown_jax.decode_path import PORTABLE, DecodePath
 from countdown_jax.decode_projections import MAX_ROWS
 from tests.support import fake_devices, tiny_params
 
 STEPS = 2
+
+
+def _path(**kw):
+    """The portable decode path with some fields replaced."""
+    return dataclasses.replace(PORTABLE, **kw)
 
 
 def _decode(params, cfg, projections, batch=3, steps=STEPS):
@@ -35,8 +41,8 @@ def _decode(params, cfg, projections, batch=3, steps=STEPS):
     logits, cache, _ = M.prefill(params, cfg, tokens, lengths, cache)
     tok = jnp.argmax(logits[jnp.arange(batch), lengths - 1], -1)
     pos, outs = lengths, []
-    step = jax.jit(lambda p, t, ps, c: M.decode_step(p, cfg, t, ps, c, attention="xla",
-                                                     projections=projections))
+    step = jax.jit(lambda p, t, ps, c: M.decode_step(p, cfg, t, ps, c,
+                                                     path=_path(projections=projections)))
     for _ in range(steps):
         lg, cache, _ = step(params, tok, pos, cache)
         outs.append(lg)
@@ -95,22 +101,27 @@ def test_kernel_only_for_one_token_per_row_and_small_batches(kernel_calls, palla
     np.testing.assert_array_equal(yb, ya)
     cache = M.init_cache(cfg, 2, 8)
     toks = jnp.asarray([[5, 6], [7, 8]], jnp.int32)
-    la, _, _ = M.extend(params, cfg, toks, jnp.array([0, 3]), cache, projections="xla")
-    lb, _, _ = M.extend(params, cfg, toks, jnp.array([0, 3]), cache, projections="pallas")
+    la, _, _ = M.extend(params, cfg, toks, jnp.array([0, 3]), cache,
+                        path=_path(projections="xla"))
+    lb, _, _ = M.extend(params, cfg, toks, jnp.array([0, 3]), cache,
+                        path=_path(projections="pallas"))
     assert not kernel_calls                          # a 2-token chunk: XLA
     np.testing.assert_array_equal(np.asarray(lb), np.asarray(la))
     with pytest.raises(ValueError, match="projections must be"):
-        M.decode_step(params, cfg, toks[:, 0], jnp.array([1, 1]), cache, projections="gemv")
+        M.decode_step(params, cfg, toks[:, 0], jnp.array([1, 1]), cache,
+                      path=_path(projections="gemv"))
 
 
 def test_auto_stays_xla_until_measured(monkeypatch):
     from countdown_jax import fast_path
+    from countdown_jax.policy import DENSE
     for platform in ("cpu", "gpu"):
         monkeypatch.setattr(fast_path, "backend", lambda p=platform: p)
-        assert fast_path.resolve_projections("auto") == "xla"
-        assert fast_path.resolve_projections("pallas") == "pallas"
+        assert fast_path.resolve(DecodePath(), DENSE, 1).projections == "xla"
+        assert fast_path.resolve(DecodePath(projections="pallas"), DENSE, 1).projections \
+            == "pallas"
     with pytest.raises(ValueError, match="projections must be"):
-        fast_path.resolve_projections("gemv")
+        DecodePath(projections="gemv")
 
 
 def test_generate_threads_projections(kernel_calls, pallas_interpret):
@@ -118,10 +129,13 @@ def test_generate_threads_projections(kernel_calls, pallas_interpret):
     params, cfg = _params("stacked")
     prompt = jnp.asarray([[5, 9, 14, 3], [7, 2, 0, 0]], jnp.int32)
     lengths = jnp.asarray([4, 2], jnp.int32)
-    kw = dict(max_new_tokens=4, layers="unstacked", attention="xla")
-    a = generate(params, cfg, prompt, lengths, jax.random.key(0), projections="xla", **kw)
+    kw = dict(max_new_tokens=4)
+    a = generate(params, cfg, prompt, lengths, jax.random.key(0),
+                 path=DecodePath(layers="unstacked", attention="xla", projections="xla"), **kw)
     assert not kernel_calls
-    b = generate(params, cfg, prompt, lengths, jax.random.key(0), projections="pallas", **kw)
+    b = generate(params, cfg, prompt, lengths, jax.random.key(0),
+                 path=DecodePath(layers="unstacked", attention="xla", projections="pallas"),
+                 **kw)
     assert len(kernel_calls) == 4 * cfg.num_layers
     np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(a.tokens))
 
@@ -169,7 +183,7 @@ def _worker():
                     reduces = {}
                     for proj in ("xla", "pallas"):
                         step = jax.jit(lambda p, t, ps, c, proj=proj: M.decode_step(
-                            p, cfg, t, ps, c, attention="xla", projections=proj))
+                            p, cfg, t, ps, c, path=_path(projections=proj)))
                         text = step.lower(sp, tok, pos, cache).compile().as_text()
                         reduces[proj] = len(re.findall(r"= \S+ all-reduce(-start)?\(", text))
                         reduces[proj + "_gathers"] = len(re.findall(

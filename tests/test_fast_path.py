@@ -1,7 +1,8 @@
-"""Fast by default (issue #13 item 4): "auto" resolves to the portable path on CPU and to
-unstacked layers + Pallas FFN (where the rule skips work) + Pallas attention on a GPU
-(faked here by patching ``fast_path.backend``); generation with "auto" equals the
-explicit path it resolves to; explicit values win; bad values are refused by name."""
+"""Fast by default: a ``DecodePath`` of "auto" resolves (``fast_path.resolve``, the one
+place) to the portable path on CPU and to unstacked layers + Pallas FFN (where the rule
+skips work) + Pallas attention on a GPU (faked here by patching ``fast_path.backend``);
+generation with "auto" equals the explicit path it resolves to; explicit values win; bad
+values are refused by name."""
 
 from __future__ import annotations
 
@@ -16,21 +17,35 @@ import pytest
 import countdown_jax as cj
 from countdown_jax import api, fast_path
 from countdown_jax import model as model_lib
-from countdown_jax.generate import _CONVERTED, decode_params, generate, layer_form
+from countdown_jax.decode_path import PORTABLE, DecodePath
+from countdown_jax.generate import CACHES, decode_params, generate, layer_form
 from countdown_jax.policy import SparseSpec, make_policy
 from tests.support import tiny_params
 from tests.test_user_path import CharTokenizer
 
-M_THR = SparseSpec(method="m_countdown", mode="threshold", implementation="auto")
+M_THR = SparseSpec(method="m_countdown", mode="threshold")
+AUTO_PATH = DecodePath()
+FAST = DecodePath(layers="unstacked", ffn="pallas", batch_kernel="lists", attention="pallas",
+                  projections="xla")
+
+
+def impl(spec, n):
+    return fast_path.resolve(AUTO_PATH, spec, n).ffn
+
+
+def kernel(spec, n):
+    got = fast_path.resolve(AUTO_PATH, spec, n)
+    return got.batch_kernel if got.ffn == "pallas" else "masked"
 
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
     monkeypatch.setattr(fast_path, "backend", lambda: "gpu")
     jax.clear_caches()            # "auto" is a static argument: forget CPU-traced programs
-    monkeypatch.setattr(api, "_COMPILED", {})
+    CACHES.clear()
     yield
     jax.clear_caches()
+    CACHES.clear()
 
 
 @pytest.fixture(scope="module")
@@ -41,24 +56,19 @@ def tiny():
 
 def test_cpu_resolves_to_the_portable_path():
     assert jax.default_backend() == "cpu"
-    assert fast_path.resolve_implementation(M_THR, 1) == "masked"
-    assert fast_path.resolve_attention("auto") == "xla"
-    assert fast_path.resolve_layers("auto") == "stacked"
+    assert fast_path.resolve(AUTO_PATH, M_THR, 1) == PORTABLE
+    held = fast_path.resolve(AUTO_PATH, M_THR, 1, held_layers="unstacked")
+    assert held.layers == "unstacked"               # the portable path keeps the form held
 
 
 def test_gpu_choices(fake_gpu):
-    impl = fast_path.resolve_implementation
     assert impl(M_THR, 1) == "pallas"                       # fused kernel at one token
     # batches: the index lists or the union read once where measured faster than
     # dense, by batch and the rule's target sparsity (H200, bench_decode.md); dense where
     # none is; an unknown r: masked (exact)
-    d_pred = SparseSpec("d_countdown", "predictor", "auto")
-    cats = SparseSpec("cats", "threshold", "auto")
+    d_pred = SparseSpec("d_countdown", "predictor")
+    cats = SparseSpec("cats", "threshold")
     at = lambda spec, r: dataclasses.replace(spec, target_sparsity=r)
-
-    def kernel(spec, n):
-        got = fast_path.resolve_spec(spec, n)
-        return got.batch_kernel if got.implementation == "pallas" else "masked"
     for spec in (M_THR, d_pred, cats):
         assert [impl(spec, n) for n in (1, 2, 4)] == ["pallas", "masked", "masked"]
         small = (["lists", "compact", "compact", "dense", "dense"] if spec is d_pred
@@ -76,36 +86,38 @@ def test_gpu_choices(fake_gpu):
     assert [kernel(at(d_pred, r), 2) for r in (0.4, 0.5, 0.7)] == ["dense", "dense", "union"]
     assert [kernel(at(d_pred, r), 4) for r in (0.5, 0.7)] == ["dense", "dense"]
     assert [kernel(at(d_pred, r), 8) for r in (0.7, 0.9)] == ["dense", "dense"]
-    dejavu = SparseSpec("dejavu", "predictor", "auto")                # lists only
+    dejavu = SparseSpec("dejavu", "predictor")                        # lists only
     assert [kernel(at(dejavu, 0.9), n) for n in (2, 4, 8)] == ["lists", "lists", "dense"]
-    explicit = SparseSpec("m_countdown", "threshold", "pallas", target_sparsity=0.9)
-    assert fast_path.resolve_spec(explicit, 4).batch_kernel == "lists"  # explicit stays
-    cascade = SparseSpec("d_countdown", "cascade", "auto")
+    explicit = fast_path.resolve(DecodePath(ffn="pallas"), at(M_THR, 0.9), 4)
+    assert (explicit.ffn, explicit.batch_kernel) == ("pallas", "lists")  # explicit stays
+    cascade = SparseSpec("d_countdown", "cascade")
     assert (impl(cascade, 1), impl(cascade, 2)) == ("pallas", "masked")   # not measured
     assert kernel(at(cascade, 0.9), 2) == "dense"
-    assert impl(SparseSpec("d_countdown", "predictor", "auto"), 1) == "pallas"
-    assert impl(SparseSpec("dejavu", "predictor", "auto"), 1) == "pallas"
-    assert impl(SparseSpec("d_countdown", "ideal", "auto"), 1) == "masked"  # needs dense s
-    assert kernel(SparseSpec("d_countdown", "ideal", "auto", target_sparsity=0.5), 4) == \
+    assert impl(SparseSpec("d_countdown", "predictor"), 1) == "pallas"
+    assert impl(SparseSpec("d_countdown", "proxy"), 1) == "pallas"
+    assert impl(SparseSpec("dejavu", "predictor"), 1) == "pallas"
+    assert impl(SparseSpec("d_countdown", "ideal"), 1) == "masked"          # needs dense s
+    assert kernel(SparseSpec("d_countdown", "ideal", target_sparsity=0.5), 4) == \
         "masked"                                    # an oracle stays exact at any batch
-    assert impl(SparseSpec(implementation="auto"), 1) == "masked"           # dense
-    assert fast_path.resolve_attention("auto") == "pallas"
-    assert fast_path.resolve_layers("auto") == "unstacked"
+    assert impl(SparseSpec(), 1) == "masked"                                # dense
+    assert fast_path.resolve(AUTO_PATH, M_THR, 1) == FAST
 
 
 def test_explicit_values_win(fake_gpu):
-    assert fast_path.resolve_implementation(dataclasses.replace(M_THR, implementation="xla"),
-                                            1) == "xla"
-    assert fast_path.resolve_attention("xla") == "xla"
-    assert fast_path.resolve_layers("stacked") == "stacked"
-    spec = SparseSpec(method="cats", mode="threshold", implementation="masked")
-    assert fast_path.resolve_spec(spec, 1) is spec
+    got = fast_path.resolve(DecodePath(ffn="xla", attention="xla", layers="stacked"),
+                            M_THR, 1)
+    assert (got.ffn, got.attention, got.layers, got.projections) == \
+        ("xla", "xla", "stacked", "xla")
+    assert fast_path.resolve(PORTABLE, M_THR, 1) is PORTABLE
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: fast_path.resolve_attention("cuda"), "attention must be 'auto' or one of"),
-    (lambda: fast_path.resolve_layers("flat"), "layers must be 'auto' or one of"),
+    (lambda: DecodePath(attention="cuda"), "attention must be 'auto' or one of"),
+    (lambda: DecodePath(layers="flat"), "layers must be 'auto' or one of"),
+    (lambda: DecodePath(ffn="gather"), "ffn must be 'auto' or one of"),
+    (lambda: DecodePath(batch_kernel="rows"), "batch_kernel must be 'auto' or one of"),
     (lambda: SparseSpec(method="cats", implementation="fast"), "unknown implementation 'fast'"),
+    (lambda: SparseSpec(method="cats", implementation="auto"), "DecodePath"),
 ])
 def test_bad_values_are_refused(call, match):
     with pytest.raises(ValueError, match=match):
@@ -115,11 +127,11 @@ def test_bad_values_are_refused(call, match):
 def test_decode_params_converts_once(tiny, fake_gpu):
     params, _ = tiny
     assert decode_params(params, "stacked") is params
-    un = decode_params(params, "auto")
+    un = decode_params(params, fast_path.resolve(AUTO_PATH, M_THR, 1).layers)
     assert isinstance(un["layers"], tuple)
     assert decode_params(params, "unstacked") is un          # kept while params live
-    assert decode_params(un, "auto") is un                   # already unstacked
-    _CONVERTED.clear()
+    assert decode_params(un, "unstacked") is un              # already unstacked
+    CACHES.clear()
 
 
 def _gen(params, cfg, spec, policy, **kw):
@@ -137,8 +149,7 @@ def test_auto_equals_the_portable_path_on_cpu(tiny):
     params, cfg = tiny
     pol = _threshold_policy(cfg)
     auto = _gen(params, cfg, M_THR, pol)
-    explicit = _gen(params, cfg, dataclasses.replace(M_THR, implementation="masked"), pol,
-                    attention="xla", layers="stacked")
+    explicit = _gen(params, cfg, M_THR, pol, path=PORTABLE)
     np.testing.assert_array_equal(auto[0], explicit[0])
     np.testing.assert_array_equal(auto[1], explicit[1])
     assert 0.0 < float(auto[1].mean()) < 1.0                 # the rule really ran sparse
@@ -150,15 +161,13 @@ def test_auto_equals_the_gpu_path_when_faked(tiny, fake_gpu, pallas_interpret):
     params, cfg = tiny
     pol = _threshold_policy(cfg)
     auto = _gen(params, cfg, M_THR, pol)
-    fast = _gen(params, cfg, dataclasses.replace(M_THR, implementation="pallas"), pol,
-                attention="pallas", layers="unstacked")
-    ref = _gen(params, cfg, dataclasses.replace(M_THR, implementation="masked"), pol,
-               attention="xla", layers="stacked")
+    fast = _gen(params, cfg, M_THR, pol, path=FAST)
+    ref = _gen(params, cfg, M_THR, pol, path=PORTABLE)
     np.testing.assert_array_equal(auto[0], fast[0])
     np.testing.assert_array_equal(auto[1], fast[1])
     np.testing.assert_array_equal(auto[0], ref[0])
     np.testing.assert_allclose(auto[1], ref[1], atol=1e-6)
-    _CONVERTED.clear()
+    CACHES.clear()
 
 
 def test_generate_text_reports_the_path(tiny, fake_gpu, pallas_interpret):
@@ -167,42 +176,37 @@ def test_generate_text_reports_the_path(tiny, fake_gpu, pallas_interpret):
     tok.eos_token_id = None
     model = api.Model(params=params, cfg=cfg, path=Path("/nonexistent"), tokenizer=tok)
     out = cj.generate_text(model, "hello", max_new_tokens=4)
-    assert out.path == dict(layers="unstacked", implementation="masked", attention="pallas",
-                            projections="xla")
-    ref = cj.generate_text(model, "hello", max_new_tokens=4, implementation="masked",
-                           attention="xla", layers="stacked")
-    assert ref.path == dict(layers="stacked", implementation="masked", attention="xla",
-                            projections="xla")
+    assert out.path == DecodePath(layers="unstacked", ffn="masked", batch_kernel="lists",
+                                  attention="pallas", projections="xla")
+    ref = cj.generate_text(model, "hello", max_new_tokens=4, path=PORTABLE)
+    assert ref.path == PORTABLE
     assert out.token_ids == ref.token_ids
-    gemv = cj.generate_text(model, "hello", max_new_tokens=4, projections="pallas")
-    assert gemv.path["projections"] == "pallas" and gemv.token_ids == ref.token_ids
-    with pytest.raises(ValueError, match="projections must be"):
-        cj.generate_text(model, "hello", max_new_tokens=2, projections="triton")
+    gemv = cj.generate_text(model, "hello", max_new_tokens=4,
+                            path=DecodePath(projections="pallas"))
+    assert gemv.path.projections == "pallas" and gemv.token_ids == ref.token_ids
     assert out.tokens_per_s > 0 and out.prefill_tokens_per_s > 0
-    with pytest.raises(ValueError, match="attention must be"):
-        cj.generate_text(model, "hello", max_new_tokens=2, attention="triton")
     # a sparse batch says which batch kernel ran (3 rows at r = 0.9: the compact union)
     spec = dataclasses.replace(M_THR, target_sparsity=0.9)
     tokens = np.full((3, 4), 7, np.int32)
     sparse = api.generate_tokens(model, tokens, np.full((3,), 4, np.int32), spec,
                                  _threshold_policy(cfg), max_new_tokens=3)
-    assert sparse.path == dict(layers="unstacked", implementation="pallas",
-                               attention="pallas", projections="xla", batch_kernel="compact")
-    _CONVERTED.clear()
+    assert sparse.path == DecodePath(layers="unstacked", ffn="pallas", batch_kernel="compact",
+                                     attention="pallas", projections="xla")
+    CACHES.clear()
 
 
 @pytest.mark.parametrize("rows,kernel", [([6, 3, 5, 2, 4], "union"), ([2, 4], "compact"),
                                          ([3], "lists")])
 def test_auto_batches_equal_the_masked_reference(tiny, fake_gpu, pallas_interpret, rows,
                                                  kernel):
-    """A decode batch the table admits at a target r of 0.9 (``fast_path.PALLAS_WHERE``)
+    """A decode batch the table admits at a target r of 0.9 (``BATCH_KERNEL_TABLE``)
     runs the Pallas path under "auto" (M: 5 rows the union as a row predicate, 2 as an
     index list; 1: the fused kernel) and keeps the masked reference's tokens and kept sets."""
     params, cfg = tiny
     pol = _threshold_policy(cfg)
     spec = dataclasses.replace(M_THR, target_sparsity=0.9)
-    resolved = fast_path.resolve_spec(spec, len(rows))
-    assert (resolved.implementation, resolved.batch_kernel) == ("pallas", kernel)
+    resolved = fast_path.resolve(AUTO_PATH, spec, len(rows))
+    assert (resolved.ffn, resolved.batch_kernel) == ("pallas", kernel)
     prompt = np.zeros((len(rows), max(rows)), np.int32)
     for i, n in enumerate(rows):
         prompt[i, :n] = np.arange(5, 5 + n) * (i + 3) % cfg.vocab_size
@@ -210,13 +214,12 @@ def test_auto_batches_equal_the_masked_reference(tiny, fake_gpu, pallas_interpre
                                       jax.random.PRNGKey(0), pol, max_new_tokens=4,
                                       spec=spec, **kw)
     auto = run(spec)
-    ref = run(dataclasses.replace(spec, implementation="masked"), attention="xla",
-              layers="stacked")
+    ref = run(spec, path=PORTABLE)
     np.testing.assert_array_equal(np.asarray(auto.tokens), np.asarray(ref.tokens))
     np.testing.assert_allclose(np.asarray(auto.realised_sparsity),
                                np.asarray(ref.realised_sparsity), atol=1e-6)
     assert 0.0 < float(np.mean(auto.realised_sparsity)) < 1.0
-    _CONVERTED.clear()
+    CACHES.clear()
 
 
 def test_auto_runs_a_batch_dense_where_no_sparse_path_wins(tiny, fake_gpu,
@@ -233,12 +236,11 @@ def test_auto_runs_a_batch_dense_where_no_sparse_path_wins(tiny, fake_gpu,
                                       spec=spec, **kw)
     with pytest.warns(fast_path.DenseBatchWarning, match="batch of 4 tokens dense"):
         auto = run(dataclasses.replace(M_THR, target_sparsity=0.5))
-    dense = run(SparseSpec(), attention="xla", layers="stacked")
+    dense = run(SparseSpec(), path=PORTABLE)
     np.testing.assert_array_equal(np.asarray(auto.tokens), np.asarray(dense.tokens))
     np.testing.assert_array_equal(np.asarray(auto.realised_sparsity), 0.0)
     exact = run(M_THR)                                       # r unknown: masked
-    ref = run(dataclasses.replace(M_THR, implementation="masked"), attention="xla",
-              layers="stacked")
+    ref = run(M_THR, path=PORTABLE)
     np.testing.assert_array_equal(np.asarray(exact.tokens), np.asarray(ref.tokens))
     assert 0.0 < float(np.mean(exact.realised_sparsity)) < 1.0
     tok = CharTokenizer()
@@ -249,8 +251,8 @@ def test_auto_runs_a_batch_dense_where_no_sparse_path_wins(tiny, fake_gpu,
                                   np.full((4,), 4, np.int32),
                                   dataclasses.replace(M_THR, target_sparsity=0.5), pol,
                                   max_new_tokens=3)
-    assert out.path["batch_kernel"] == "dense" and out.realised_sparsity == 0.0
-    _CONVERTED.clear()
+    assert out.path.batch_kernel == "dense" and out.realised_sparsity == 0.0
+    CACHES.clear()
 
 
 def _with_qkv_bias(params, cfg):
@@ -271,8 +273,8 @@ def _assert_same_model(params, other, cfg, form):
     got, _ = model_lib.forward(other, cfg, tokens)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
     pol = _threshold_policy(cfg)
-    a = _gen(params, cfg, M_THR, pol, layers="stacked")
-    b = _gen(params, cfg, M_THR, pol, layers=form)
+    a = _gen(params, cfg, M_THR, pol, path=DecodePath(layers="stacked"))
+    b = _gen(params, cfg, M_THR, pol, path=DecodePath(layers=form))
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_allclose(a[1], b[1], atol=1e-6)
 
@@ -290,7 +292,7 @@ def test_fused_qkv_equals_separate_projections(tiny, bias, groups):
     assert fused["layers"]["wqkv"].shape[-3] == groups
     assert ("bqkv" in fused["layers"]) == bias
     _assert_same_model(params, fused, cfg, "fused_qkv")
-    _CONVERTED.clear()
+    CACHES.clear()
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -319,8 +321,11 @@ def test_transposed_projections_equal_the_einsum_layout(tiny, bias):
     cache = model_lib.init_cache(cfg, 1, 8)
     with pytest.raises(ValueError, match="projections='xla'"):
         model_lib.decode_step(tr, cfg, jnp.asarray([3]), jnp.asarray([0]), cache,
-                              projections="pallas")
-    _CONVERTED.clear()
+                              path=dataclasses.replace(PORTABLE, projections="pallas"))
+    with pytest.raises(ValueError, match="resolved DecodePath"):
+        model_lib.decode_step(tr, cfg, jnp.asarray([3]), jnp.asarray([0]), cache,
+                              path=DecodePath())
+    CACHES.clear()
 
 
 def test_the_copy_goes_with_its_source(fake_gpu):
@@ -328,15 +333,15 @@ def test_the_copy_goes_with_its_source(fake_gpu):
 
     params, _ = tiny_params.tiny_model(seed=11)
     params = jax.tree.map(jnp.asarray, params)
-    decode_params(params, "auto")
-    assert len(_CONVERTED) == 1
+    decode_params(params, "unstacked")
+    assert len(CACHES.layer_copy) == 1
     del params
     gc.collect()
-    assert not _CONVERTED
+    assert not CACHES.layer_copy
 
 
 def test_setup_carries_the_target_sparsity(tmp_path):
-    """api.check_setup hands "auto" the r the rule was set for; dense carries none; a
+    """api.check_setup hands fast_path the r the rule was set for; dense carries none; a
     target outside [0, 1) is refused by name."""
     assert api.check_setup(tmp_path, "m_countdown", "ideal", 0.7).target_sparsity == 0.7
     assert api.check_setup(tmp_path).target_sparsity is None
@@ -344,3 +349,17 @@ def test_setup_carries_the_target_sparsity(tmp_path):
         SparseSpec("m_countdown", "threshold", target_sparsity=1.0)
     with pytest.raises(ValueError, match="batch_kernel must be one of"):
         SparseSpec("m_countdown", "threshold", batch_kernel="rows")
+
+
+def test_auto_is_resolved_in_one_module():
+    """Only fast_path decides what "auto" means: no other module of the package compares a
+    value with "auto" (decode_path only validates it)."""
+    import re
+
+    pkg = Path(fast_path.__file__).parent
+    pattern = re.compile(r"""(==|!=)\s*(AUTO|["']auto["'])|(AUTO|["']auto["'])\s*(==|!=)""")
+    found = [f"{p.relative_to(pkg)}:{i}" for p in sorted(pkg.rglob("*.py"))
+             if p.name not in ("fast_path.py", "decode_path.py")
+             for i, line in enumerate(p.read_text().splitlines(), 1)
+             if pattern.search(line)]
+    assert not found, found

@@ -79,7 +79,7 @@ def _to64(tree):
     return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
 
 
-@pytest.mark.parametrize("impl", ["masked", "gather"])
+@pytest.mark.parametrize("impl", ["masked", "xla"])
 @pytest.mark.parametrize("method,mode", RULES)
 def test_rule_vs_numpy(method, mode, impl):
     act = "silu" if (RULES.index((method, mode)) % 2 == 0) else "gelu_tanh"
@@ -116,7 +116,7 @@ def test_dense_spec_and_all_kept_equal_dense_ffn():
         y, kept = _run(spec, mlp, x, layer)
         np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-7)   # masked reference
         assert (np.asarray(kept) == 1.0).all()
-        g = dataclass_replace(spec, implementation="gather")
+        g = dataclass_replace(spec, implementation="xla")
         y, kept = _run(g, mlp, x, layer)
         np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
         assert (np.asarray(kept) == 1.0).all()
@@ -141,7 +141,7 @@ def test_masked_equals_gather(m, d):
     for spec, layer, with_cap in cases:
         for cap in (None, max(1, m // 4)) if with_cap else (None,):
             sm = dataclass_replace(spec, capacity=cap)
-            sg = dataclass_replace(sm, implementation="gather")
+            sg = dataclass_replace(sm, implementation="xla")
             y1, k1, d1 = _jitted(sm, "silu")(mlp, x, policy=layer)
             y2, k2, d2 = _jitted(sg, "silu")(mlp, x, policy=layer)
             np.testing.assert_array_equal(_counts(k1, m), _counts(k2, m))
@@ -156,7 +156,7 @@ def test_capacity_overflow_keeps_highest_ranked_and_reports():
     mlp, x, _ = _problem(3)
     mlp64, x64 = _to64(mlp), _to64(x)
     cap = 6
-    spec = SparseSpec("m_countdown", "threshold", "gather", capacity=cap)
+    spec = SparseSpec("m_countdown", "threshold", "xla", capacity=cap)
     y, kept, dropped = jax.jit(_jitted(spec, "silu"))(
         jax.tree.map(jnp.asarray, mlp), jnp.asarray(x), policy=_layer("threshold", 0.05))
     q = ref.quantity("m_countdown", mlp64, x64, "silu")
@@ -190,7 +190,7 @@ def test_skipped_neuron_has_no_influence(spec, pv, rows):
     skipped = ~np.asarray(sel.select(spec, q, layer)).any(0)  # skipped by every token
     assert 3 <= skipped.sum() < M
     assert np.asarray(sel.select(spec, q, layer)).any(-1).all()
-    for impl in ("masked", "gather"):
+    for impl in ("masked", "xla"):
         s = dataclass_replace(spec, implementation=impl)
         base, _ = _run(s, mlp, x, layer)
         noise = {k: (mlp[k].at[skipped].set(1e3 * jnp.ones_like(mlp[k][skipped])) if k in rows
@@ -202,15 +202,15 @@ def test_skipped_neuron_has_no_influence(spec, pv, rows):
         poison = skipped & (np.arange(M) != 0)
         nan = {k: (mlp[k].at[poison].set(jnp.nan) if k in rows else mlp[k]) for k in mlp}
         y, _ = _run(s, nan, x, layer)
-        if impl == "gather":                 # structurally skipped: NaN rows are never read
+        if impl == "xla":                 # structurally skipped: NaN rows are never read
             np.testing.assert_array_equal(y, base, err_msg=f"gather read a skipped {rows} row")
         elif "down" in rows:                 # the masked reference reads every row (0 * NaN)
             assert np.isnan(np.asarray(y)).any()
 
 
 @pytest.mark.parametrize("spec", [SparseSpec("d_countdown", "ideal"),
-                                  SparseSpec("m_countdown", "topk", "gather")],
-                         ids=["masked", "gather"])
+                                  SparseSpec("m_countdown", "topk", "xla")],
+                         ids=["masked", "xla"])
 def test_vmap_sweep_compiles_once(spec):
     mlp, x, _ = _problem(5)
     mlp, x = jax.tree.map(jnp.asarray, mlp), jnp.asarray(x)
@@ -237,7 +237,7 @@ def test_vmap_sweep_compiles_once(spec):
     assert len(traces) == 2                                 # one more for the unbatched jit
 
 
-@pytest.mark.parametrize("impl", ["masked", "gather"])
+@pytest.mark.parametrize("impl", ["masked", "xla"])
 def test_sparse_token_flags(impl):
     mlp, x, _ = _problem(6)
     mlp, x = jax.tree.map(jnp.asarray, mlp), jnp.asarray(x)
@@ -265,7 +265,7 @@ def test_scan_over_layers_with_policy_slices():
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *mlps)
     x = jnp.asarray(rng.standard_normal((4, D)), jnp.float32)
     pol = make_policy(L, sparsity=[0.2, 0.5, 0.9])
-    spec = SparseSpec("d_countdown", "ideal", "gather")
+    spec = SparseSpec("d_countdown", "ideal", "xla")
 
     def body(h, layer):
         y, kept = ffn(layer["mlp"], h, act="silu", spec=spec, policy=layer["policy"])
@@ -300,7 +300,7 @@ def test_pallas_implementation_routes_to_kernel_api(monkeypatch):
             (SparseSpec("d_countdown", "predictor"), _layer("predictor", 0.0, pred), None)]:
         y_g, y_p = (jax.jit(functools.partial(
             ffn, act="silu", spec=dataclass_replace(spec, implementation=impl)))(
-                mlp, x, policy=layer)[0] for impl in ("gather", "pallas"))
+                mlp, x, policy=layer)[0] for impl in ("xla", "pallas"))
         assert seen[-2:] == [("xla", dense), ("pallas", dense)]
         np.testing.assert_array_equal(y_g, y_p)
 
@@ -311,7 +311,7 @@ def test_bfloat16_inputs():
     x = jnp.asarray(x, jnp.bfloat16)
     layer = _layer("topk", 0.5)
     outs = []
-    for impl in ("masked", "gather"):
+    for impl in ("masked", "xla"):
         y, kept = _run(SparseSpec("m_countdown", "topk", impl), mlp, x, layer, act="gelu_tanh")
         assert y.dtype == jnp.bfloat16 and kept.dtype == jnp.float32
         outs.append(np.asarray(y, np.float32))
@@ -345,13 +345,14 @@ def test_pallas_fused_path_equals_masked(monkeypatch, pallas_interpret, method, 
     cut = (q[len(q) // 2] + q[len(q) // 2 + 1]) / 2
     layer = _layer(mode, float(cut), pred if mode == "predictor" else None)
     spec_p = SparseSpec(method, mode, "pallas")
-    run = jax.jit(lambda s, xx, pol, sp, spec: ffn(s, xx, act="silu", spec=spec, policy=pol,
-                                                   sparse=sp, return_dropped=True),
-                  static_argnums=4)
+    run = jax.jit(lambda s, l, xx, pol, sp, spec: ffn(s, xx, act="silu", spec=spec,
+                                                      policy=pol, sparse=sp, layer=l,
+                                                      return_dropped=True),
+                  static_argnums=5)
     for n, flags in ((1, [True]), (3, [True, False, True])):
         sp = jnp.asarray(flags)
-        y, kept, dropped = run({**stack, "layer": jnp.int32(l)}, x[:n], layer, sp, spec_p)
-        ym, km, _ = run(mlp, x[:n], layer, sp, spec_m)
+        y, kept, dropped = run(stack, jnp.int32(l), x[:n], layer, sp, spec_p)
+        ym, km, _ = run(mlp, None, x[:n], layer, sp, spec_m)
         assert np.isfinite(np.asarray(y)).all()
         np.testing.assert_array_equal(_counts(kept), _counts(km))
         assert (0 < _counts(kept)).all() and (_counts(kept)[np.asarray(flags)] < M).all()
@@ -364,10 +365,10 @@ def test_pallas_routes_only_single_tokens_to_fused(pallas_interpret):
     """Batches of several tokens take the index list (the fused kernel is slower there)."""
     import countdown_jax.ffn as ffn_mod
     spec = SparseSpec("m_countdown", "threshold", "pallas")
-    assert ffn_mod._fused_method(spec, 1) == "m"
-    assert ffn_mod._fused_method(spec, 2) is None
-    assert ffn_mod._fused_method(SparseSpec("m_countdown", "threshold", "pallas",
-                                            capacity=8), 1) is None
+    assert ffn_mod._fused_rule(spec, 1) == "m"
+    assert ffn_mod._fused_rule(spec, 2) is None
+    assert ffn_mod._fused_rule(SparseSpec("m_countdown", "threshold", "pallas",
+                                          capacity=8), 1) is None
 
 
 @pytest.mark.parametrize("method,mode", [("m_countdown", "threshold"), ("cats", "threshold"),
@@ -389,13 +390,14 @@ def test_pallas_union_batches_equal_masked(pallas_interpret, method, mode):
     q = sel.spec_quantity(spec_m, mlp, x, "silu", {"predictor": stored})
     qs = np.sort(np.asarray(q).ravel())
     cuts = ((qs[len(qs) // 2] + qs[len(qs) // 2 + 1]) / 2, qs[0] - 1.0, qs[-1] + 1.0)
-    run = jax.jit(lambda s, pol, spec: ffn(s, x, act="silu", spec=spec, policy=pol,
-                                           return_dropped=True), static_argnums=2)
+    run = jax.jit(lambda s, l, pol, spec: ffn(s, x, act="silu", spec=spec, policy=pol,
+                                              layer=l, return_dropped=True),
+                  static_argnums=3)
     for cut in cuts:
         layer = _layer(mode, float(cut), pred if mode == "predictor" else None)
-        ym, km, _ = run(mlp, layer, spec_m)
+        ym, km, _ = run(mlp, None, layer, spec_m)
         for spec_p in specs_p:
-            y, kept, dropped = run({**stack, "layer": jnp.int32(1)}, layer, spec_p)
+            y, kept, dropped = run(stack, jnp.int32(1), layer, spec_p)
             assert np.isfinite(np.asarray(y)).all(), cut
             np.testing.assert_array_equal(_counts(kept), _counts(km))
             np.testing.assert_array_equal(np.asarray(dropped), 0)
@@ -407,8 +409,8 @@ def test_pallas_union_batches_equal_masked(pallas_interpret, method, mode):
     mask = q > cuts[0]
     dense, coef = {"m_countdown": ("up", u), "cats": ("gate", activation("silu")(g)),
                    "d_countdown": (None, None)}[method]
-    y = bu.union_ffn({**stack, "layer": jnp.int32(1)}, x, mask, act="silu", dense=dense,
-                     coef=coef, configs=(GemvConfig(block_n=16, block_d=32),
+    y = bu.union_ffn(stack, x, mask, act="silu", dense=dense, coef=coef,
+                     layer=jnp.int32(1), configs=(GemvConfig(block_n=16, block_d=32),
                                          GemvConfig(block_n=32, block_d=16, split_d=3)))
     ref_y = jnp.einsum("nm,md->nd", jnp.where(mask, activation("silu")(g) * u, 0.0),
                        mlp["down"], precision=hi)
@@ -426,8 +428,7 @@ def test_dense_batch_kernel_runs_the_dense_ffn(pallas_interpret):
     x = jnp.asarray(x)
     spec = SparseSpec("m_countdown", "threshold", "pallas", batch_kernel="dense")
     layer = _layer("threshold", 0.05)
-    run = lambda xs: ffn({**stack, "layer": jnp.int32(1)}, xs, act="silu", spec=spec,
-                         policy=layer)
+    run = lambda xs: ffn(stack, xs, act="silu", spec=spec, policy=layer, layer=jnp.int32(1))
     y, kept = run(x[:4])
     np.testing.assert_allclose(np.asarray(y), np.asarray(dense_ffn(mlp, x[:4], "silu")),
                                rtol=1e-6, atol=1e-6)
@@ -451,15 +452,14 @@ def test_union_batches_route_by_size_and_kernel(pallas_interpret):
     import countdown_jax.ffn as ffn_mod
     from countdown_jax.batch_union import MAX_TOKENS, union_ffn
     spec = SparseSpec("m_countdown", "threshold", "pallas", batch_kernel="union")
-    assert not ffn_mod._batched(SparseSpec("m_countdown", "threshold", "pallas"), 4)
-    assert not ffn_mod._batched(spec, 1) and ffn_mod._batched(spec, 2)
-    assert ffn_mod._batched(SparseSpec("m_countdown", "threshold", "pallas",
-                                       batch_kernel="compact"), 2)
-    assert ffn_mod._batched(spec, MAX_TOKENS) and not ffn_mod._batched(spec, MAX_TOKENS + 1)
-    assert not ffn_mod._batched(SparseSpec("d_countdown", "cascade", "pallas",
-                                           batch_kernel="union"), 4)
-    assert not ffn_mod._batched(SparseSpec("m_countdown", "threshold", "pallas",
-                                           capacity=8, batch_kernel="union"), 4)
+    union = lambda sp, n: ffn_mod._union_batch(sp, n, None)      # one device
+    assert not union(SparseSpec("m_countdown", "threshold", "pallas"), 4)
+    assert not union(spec, 1) and union(spec, 2)
+    assert union(SparseSpec("m_countdown", "threshold", "pallas", batch_kernel="compact"), 2)
+    assert union(spec, MAX_TOKENS) and not union(spec, MAX_TOKENS + 1)
+    assert not union(SparseSpec("d_countdown", "cascade", "pallas", batch_kernel="union"), 4)
+    assert not union(SparseSpec("m_countdown", "threshold", "pallas", capacity=8,
+                                batch_kernel="union"), 4)
     w = {k: jnp.zeros((8, 4)) for k in ("gate", "up", "down")}
     with pytest.raises(ValueError, match="MAX_TOKENS"):
         union_ffn(w, jnp.zeros((MAX_TOKENS + 1, 4)), jnp.ones((MAX_TOKENS + 1, 8), bool),

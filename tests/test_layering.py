@@ -14,7 +14,8 @@ PKG = Path(__file__).resolve().parents[1] / "countdown_jax"
 # Lowest first. A module's layer is the first entry matching its dotted name (an entry
 # ending in "." matches a package's every module).
 LAYERS = (
-    ("gated", "attention", "rope", "norms", "config", "layout", "cost", "argtypes", "proxy"),
+    ("gated", "attention", "rope", "norms", "config", "layout", "cost", "argtypes", "proxy",
+     "decode_path"),
     ("selection", "policy", "parallel_selection", "sharding"),
     ("kernels._platform", "kernels._triton_tiles"),
     ("kernels.",),
@@ -22,7 +23,7 @@ LAYERS = (
     ("model",),
     ("generate",),
     ("api", "evaluate.", "calibrate", "predictor", "predictor_online", "data", "modules"),
-    ("cli", "demo"),
+    ("cli", "demo", "__main__"),
 )
 
 

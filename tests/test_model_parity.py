@@ -158,13 +158,13 @@ def test_policy_sliced_per_layer_and_sparse_defaults(converted, monkeypatch):
     from countdown_jax.gated import layer_weights
     from countdown_jax.policy import SparseSpec
 
-    def fake_ffn(mlp, x, *, act, spec, policy, sparse):
+    def fake_ffn(mlp, x, *, act, spec, policy, sparse, layer):
         if sparse is None:
             sparse = jnp.ones(x.shape[:-1], bool)
         assert sparse.dtype == jnp.bool_ and sparse.shape == x.shape[:-1]
         assert mlp["gate"].shape[0] == cfg.num_layers     # the stack, read in place
         kept = jnp.broadcast_to(policy["r"], x.shape[:-1]) + sparse.astype(jnp.float32)
-        return dense_ffn(layer_weights(mlp), x, act), kept
+        return dense_ffn(layer_weights(mlp, layer), x, act), kept
 
     monkeypatch.setattr(M, "ffn", fake_ffn)
     spec = SparseSpec(method="cats", mode="ideal")

@@ -213,7 +213,7 @@ def test_sparse_swap_equals_functional_and_numpy(method, mode):
 
 def test_swapped_model_under_nnx_jit():
     model = _model()
-    swapped = _swap(model, SparseSpec("m_countdown", "topk", "gather"), _policies("topk"))
+    swapped = _swap(model, SparseSpec("m_countdown", "topk", "xla"), _policies("topk"))
     eager = swapped(TOKENS)
     jitted = nnx.jit(lambda m, t: m(t))(swapped, TOKENS)
     np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
@@ -304,7 +304,7 @@ def test_jit_compiles_once_and_vmap_sweeps_policies():
 @pytest.mark.parametrize("spec,pol", [
     (SparseSpec("m_countdown", "topk"), {"sparsity": 0.5}),
     (SparseSpec("d_countdown", "ideal"), {"sparsity": 0.7}),
-    (SparseSpec("cats", "threshold", "gather"), {"threshold": 0.3}),
+    (SparseSpec("cats", "threshold", "xla"), {"threshold": 0.3}),
 ], ids=["m_topk", "d_ideal", "cats_threshold_gather"])
 def test_gradient_reaches_only_kept_rows(spec, pol):
     mlp = _one_mlp(spec, pol)
@@ -430,9 +430,9 @@ def _worker():
     for name, spec, pol in [
         ("dense", DENSE, None),
         ("m_topk", SparseSpec("m_countdown", "topk"), make_policy(cfg.num_layers, sparsity=0.7)),
-        ("cats_threshold_gather", SparseSpec("cats", "threshold", "gather"),
+        ("cats_threshold_gather", SparseSpec("cats", "threshold", "xla"),
          make_policy(cfg.num_layers, threshold=0.3)),
-        ("d_predictor_gather", SparseSpec("d_countdown", "predictor", "gather"),
+        ("d_predictor_gather", SparseSpec("d_countdown", "predictor", "xla"),
          make_policy(cfg.num_layers, theta=0.5, predictor={
              "V": jax.random.normal(jax.random.key(3), (cfg.num_layers, cfg.d_model, 8)),
              "U": jax.random.normal(jax.random.key(4), (cfg.num_layers, cfg.d_ff, 8))})),

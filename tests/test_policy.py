@@ -121,7 +121,7 @@ def test_ffn_policy_errors():
     with pytest.raises(ValueError, match="needs a trained predictor"):
         ffn(mlp, x, act="silu", spec=pred_spec, policy=_slice(make_policy(L, theta=0.0)))
     with pytest.raises(ValueError, match="needs a trained predictor"):
-        ffn(mlp, x, act="silu", spec=SparseSpec("dejavu", "predictor", "gather"),
+        ffn(mlp, x, act="silu", spec=SparseSpec("dejavu", "predictor", "xla"),
             policy=_slice(make_policy(L, sparsity=0.5)))
     with pytest.raises(ValueError, match="got None"):
         ffn(mlp, x, act="silu", spec=SparseSpec("cats", "ideal"), policy=None)

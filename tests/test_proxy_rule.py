@@ -133,10 +133,10 @@ def test_fused_path_equals_masked(monkeypatch, pallas_interpret, n):
     never = ~keep.any(0)
     own = {k: jnp.asarray(v).at[never].set(jnp.nan) for k, v in mlp.items()}
     stack = {k: jnp.stack([jnp.full_like(v, jnp.nan), v]) for k, v in own.items()}
-    run = jax.jit(lambda w, pol, spec: ffn(w, x, act="silu", spec=spec, policy=pol),
-                  static_argnums=2)
-    y, kept = run({**stack, "layer": jnp.int32(1)}, layer, _spec("pallas"))
-    ym, km = run({k: jnp.asarray(v) for k, v in mlp.items()}, layer, _spec("masked"))
+    run = jax.jit(lambda w, l, pol, spec: ffn(w, x, act="silu", spec=spec, policy=pol,
+                                              layer=l), static_argnums=3)
+    y, kept = run(stack, jnp.int32(1), layer, _spec("pallas"))
+    ym, km = run({k: jnp.asarray(v) for k, v in mlp.items()}, None, layer, _spec("masked"))
     assert calls == ["d"] and scored == ["pallas"]     # the proxy kernel, then the fused FFN
     np.testing.assert_array_equal(np.rint(np.asarray(kept) * m), keep.sum(-1))
     np.testing.assert_array_equal(np.rint(np.asarray(km) * m), keep.sum(-1))

@@ -22,18 +22,18 @@ MESHES = {"model2": (1, 2), "model4": (1, 4), "data2_model2": (2, 2)}
 SPECS = {
     "dense": (dict(), None),
     "cats_ideal": (dict(method="cats", mode="ideal"), dict(sparsity=0.7)),
-    "cats_threshold": (dict(method="cats", mode="threshold", implementation="gather",
+    "cats_threshold": (dict(method="cats", mode="threshold", implementation="xla",
                             capacity=40), dict(threshold=0.3)),
     "m_ideal": (dict(method="m_countdown", mode="ideal"),
                 dict(sparsity=0.8)),
-    "m_threshold": (dict(method="m_countdown", mode="threshold", implementation="gather",
+    "m_threshold": (dict(method="m_countdown", mode="threshold", implementation="xla",
                          capacity=24), dict(threshold=0.8)),
     "d_ideal": (dict(method="d_countdown", mode="ideal"), dict(sparsity=0.7)),
     # r = 0.5 keeps 48 > capacity 40: the global capacity cut runs.
-    "d_topk": (dict(method="d_countdown", mode="topk", implementation="gather",
+    "d_topk": (dict(method="d_countdown", mode="topk", implementation="xla",
                     capacity=40, sparse_prefill=True), dict(sparsity=0.5)),
     "d_threshold": (dict(method="d_countdown", mode="threshold"), dict(threshold=0.2)),
-    "d_predictor": (dict(method="d_countdown", mode="predictor", implementation="gather",
+    "d_predictor": (dict(method="d_countdown", mode="predictor", implementation="xla",
                          capacity=48), dict(theta=0.5)),
 }
 MODES_SEL = ("ideal", "topk", "threshold_cap")
@@ -170,9 +170,8 @@ def _worker():
         shard = parallel_selection.Shard(sharding.MODEL, n_model)
 
         def body(q_local):
-            with parallel_selection.sharded_neurons(shard):
-                return {k: parallel_selection.choose(s, q_local, layer, shard)
-                        for k, s in sel_specs.items()}
+            return {k: parallel_selection.choose(s, q_local, layer, shard)
+                    for k, s in sel_specs.items()}
 
         spec_q = P(sharding.DATA, None, sharding.MODEL)
         sharded = jax.device_get(jax.jit(jax.shard_map(
@@ -194,11 +193,11 @@ def _worker():
     cache = sharding.shard_cache(M.init_cache(cfg, B, 16), cfg, mesh)
     tok = sharding.shard_batch(jnp.arange(B, dtype=jnp.int32) + 3, mesh)
     pos = sharding.shard_batch(jnp.full((B,), 5, jnp.int32), mesh)
-    step = jax.jit(M.decode_step, static_argnames=("cfg", "spec", "attention"))
+    step = jax.jit(M.decode_step, static_argnames=("cfg", "spec"))
     for name, spec, pol in (
             ("dense", SparseSpec(), None),
             ("m_threshold_gather", SparseSpec("m_countdown", "threshold",
-                                              implementation="gather", capacity=24,
+                                              implementation="xla", capacity=24,
                                               shard_capacity=16),
              make_policy(L, threshold=0.8)),
             ("d_ideal", SparseSpec("d_countdown", "ideal"), make_policy(L, sparsity=0.7))):
@@ -237,13 +236,13 @@ def _worker():
     pol = {"threshold": jnp.float32(0.5)}
     from countdown_jax.ffn import ffn
     fn = jax.jit(ffn, static_argnames=("act", "spec", "return_dropped"))
-    base = SparseSpec("m_countdown", "threshold", implementation="gather")
+    base = SparseSpec("m_countdown", "threshold", implementation="xla")
     y0, k0, _ = fn(jax.tree.map(lambda a: a[0], params["layers"]["mlp"]), x, act="silu",
                    spec=base, policy=pol, return_dropped=True)
     for name, cap in (("roomy", m // 2), ("tight", 6)):
         with jax.set_mesh(mesh):
             y, k, dr = fn(mlp, x, act="silu", spec=SparseSpec(
-                "m_countdown", "threshold", implementation="gather", shard_capacity=cap),
+                "m_countdown", "threshold", implementation="xla", shard_capacity=cap),
                 policy=pol, return_dropped=True)
         report["shard_capacity"][name] = {
             "y_max_abs": float(jnp.max(jnp.abs(y - y0))),

@@ -43,6 +43,7 @@ DECODE_STEPS = 3
 
 
 def _worker():
+    import dataclasses
     import re
 
     import jax
@@ -55,6 +56,10 @@ def _worker():
     from tests.support import tiny_params
     from countdown_jax.kernels._platform import interpret_mode
     from countdown_jax.policy import SparseSpec, make_policy
+    from countdown_jax.decode_path import PORTABLE
+
+    def _path(attention):             # the portable decode path with this attention
+        return dataclasses.replace(PORTABLE, attention=attention)
 
     assert len(jax.devices()) == 4, jax.devices()
     cfg = ModelConfig.from_hf(tiny_params.MESH_HF)
@@ -85,7 +90,7 @@ def _worker():
             def step(carry, _, spec=spec, pol=policies[name]):
                 tok, pos, cache = carry
                 lg, cache, kept = M.decode_step(params, cfg, tok, pos, cache, spec=spec,
-                                                policy=pol, attention=attention)
+                                                policy=pol, path=_path(attention))
                 return (jnp.argmax(lg, -1).astype(jnp.int32), pos + 1, cache), (lg, kept)
 
             carry = (jnp.argmax(last, -1).astype(jnp.int32), lengths, cache)
@@ -129,14 +134,14 @@ def _worker():
                 for n in specs}}
             print(f"mesh {mesh_name}", file=sys.stderr, flush=True)
 
-        step = jax.jit(M.decode_step, static_argnames=("cfg", "spec", "attention"))
+        step = jax.jit(M.decode_step, static_argnames=("cfg", "spec", "path"))
         for mesh_name, name in HLO_CASES:
             mesh, sp, spol, B = meshes[mesh_name]
             cache = sharding.shard_cache(M.init_cache(cfg, B, 16), cfg, mesh)
             tok, pos = sharding.shard_batch((jnp.arange(B, dtype=jnp.int32) + 3,
                                              jnp.full((B,), 5, jnp.int32)), mesh)
             args = (sp, cfg, tok, pos, cache)
-            kw = dict(spec=specs[name], policy=spol[name], attention="pallas")
+            kw = dict(spec=specs[name], policy=spol[name], path=_path("pallas"))
             with jax.set_mesh(mesh):
                 jaxpr = str(jax.make_jaxpr(lambda p, *a: M.decode_step(p, cfg, *a, **kw))(
                     sp, tok, pos, cache))

@@ -26,6 +26,7 @@ SPECS = {"dense": None, "d_predictor": dict(theta=0.5)}
 
 
 def _worker():
+    import dataclasses
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -34,6 +35,10 @@ def _worker():
     from countdown_jax import sharding
     from countdown_jax.config import ModelConfig
     from countdown_jax.policy import SparseSpec, make_policy
+    from countdown_jax.decode_path import PORTABLE
+
+    def _path(attention):             # the portable decode path with this attention
+        return dataclasses.replace(PORTABLE, attention=attention)
     from tests.support import tiny_params
 
     assert len(jax.devices()) == 2, jax.devices()
@@ -52,9 +57,9 @@ def _worker():
     ck = jax.random.normal(jax.random.key(3), cache["k"].shape)
     cache = {"k": ck, "v": ck[::-1]}
     tok, pos = jnp.array([5, 9], jnp.int32), jnp.array([6, 4], jnp.int32)
-    step = jax.jit(M.decode_step, static_argnames=("cfg", "spec", "attention"))
+    step = jax.jit(M.decode_step, static_argnames=("cfg", "spec", "path"))
     refs = {n: jax.device_get(step(params, cfg, tok, pos, cache, spec=s, policy=p,
-                                   attention="pallas"))
+                                   path=_path("pallas")))
             for n, (s, p) in specs.items()}
 
     mesh = sharding.make_mesh(model=2)
@@ -69,7 +74,7 @@ def _worker():
             spol = sharding.shard_policy(pol, mesh)
             with jax.set_mesh(mesh):
                 exe = step.lower(sp, cfg, stok, spos, sc, spec=spec, policy=spol,
-                                 attention="pallas").compile()
+                                 path=_path("pallas")).compile()
                 logits, new, kept = jax.device_get(exe(sp, stok, spos, sc, policy=spol))
             r_logits, r_new, r_kept = refs[name]
             text = exe.as_text()

@@ -42,7 +42,7 @@ def _prefill_then_decode(params, cfg, tokens, lengths, policy, *, spec):
 
 @pytest.mark.parametrize("spec", [SparseSpec(),
                                   SparseSpec(method="m_countdown", mode="threshold",
-                                             implementation="gather"),
+                                             implementation="xla"),
                                   SparseSpec(method="cats", mode="threshold",
                                              implementation="masked")])
 def test_unstacked_equals_stacked(tiny, spec):
@@ -146,11 +146,11 @@ def test_pallas_decode_on_gpu_matches_xla_gather(tiny, layers):
             ("d_countdown", "cascade", make_policy(L, theta=0.0, threshold=0.05,
                                                    predictor=pred))):
         out = {}
-        for impl in ("gather", "pallas"):
+        for impl in ("xla", "pallas"):
             spec = SparseSpec(method=method, mode=mode, implementation=impl)
             out[impl] = _prefill_then_decode(params, cfg, tokens, lengths, pol, spec=spec)
         kept = np.asarray(out["pallas"][2])
-        np.testing.assert_array_equal(kept, np.asarray(out["gather"][2]))
+        np.testing.assert_array_equal(kept, np.asarray(out["xla"][2]))
         assert 0.0 < kept.mean() < 0.95, (method, kept.mean())
-        np.testing.assert_allclose(np.asarray(out["pallas"][1]), np.asarray(out["gather"][1]),
+        np.testing.assert_allclose(np.asarray(out["pallas"][1]), np.asarray(out["xla"][1]),
                                    rtol=1e-4, atol=1e-4)

@@ -15,7 +15,7 @@ import pytest
 
 import countdown_jax as cj
 from countdown_jax import api
-from countdown_jax.generate import Sampling, decode, finish, generate, start
+from countdown_jax.generate import CACHES, Sampling, decode, finish, generate, start
 from countdown_jax.policy import SparseSpec, make_policy, stack_policies
 from tests.support import tiny_params
 
@@ -112,26 +112,26 @@ def test_bucket_length():
 
 
 def _counting(monkeypatch):
-    """Wrap api._compiled: count compiles and executions per phase."""
+    """Wrap the compile cache's look-up: count compiles and executions per phase."""
     compiles, runs = [], []
-    real = api._compiled
+    real = api.compiled
 
     def wrapped(fn, static, *args):
-        before = len(api._COMPILED)
+        before = len(CACHES.programs)
         exe = real(fn, static, *args)
-        if len(api._COMPILED) != before:
+        if len(CACHES.programs) != before:
             compiles.append(fn)
 
         def call(*a):
             runs.append(fn)
             return exe(*a)
         return call
-    monkeypatch.setattr(api, "_compiled", wrapped)
+    monkeypatch.setattr(api, "compiled", wrapped)
     return compiles, runs
 
 
 def test_nearby_prompt_lengths_reuse_compiles_and_run_once(model, monkeypatch):
-    monkeypatch.setattr(api, "_COMPILED", {})
+    CACHES.clear()
     compiles, runs = _counting(monkeypatch)
     out = cj.generate_text(model, "abcde", max_new_tokens=6)
     assert len(compiles) == 2                  # prefill and decode, once each

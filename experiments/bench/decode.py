@@ -5,6 +5,7 @@ result table and the figure."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import statistics
 import time
@@ -16,6 +17,7 @@ import numpy as np
 
 from countdown_jax import model as model_lib
 from countdown_jax.cost import bytes_share
+from countdown_jax.decode_path import PORTABLE
 from countdown_jax.generate import decode_policy
 
 from .harness import ceilings, gb_per_s, read_csv, write_csv
@@ -85,9 +87,9 @@ def decode_loop(params, cfg, cache, token, pos, policy, *, spec, steps, attentio
                 projections="xla"):
     def body(_, c):
         tok, p, cache, kept = c
+        path = dataclasses.replace(PORTABLE, attention=attention, projections=projections)
         logits, cache, k = model_lib.decode_step(params, cfg, tok, p, cache, spec=spec,
-                                                 policy=policy, attention=attention,
-                                                 projections=projections)
+                                                 policy=policy, path=path)
         return jnp.argmax(logits, -1).astype(jnp.int32), p + 1, cache, kept + jnp.mean(k)
 
     tok, p, cache, kept = jax.lax.fori_loop(0, steps, body, (token, pos, cache, jnp.float32(0)))

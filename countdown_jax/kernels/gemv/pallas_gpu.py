@@ -56,10 +56,8 @@ _DOT_ROWS = 16         # Triton's smallest dot tile
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
     """Defaults: the fastest of bench_gemv.py's sweep on an H200 at every Llama-3.1-8B
-    projection shape, batch 1 (bn64-bd128-s4; experiments/results/bench_gemv.md): 1.2x
-    XLA's x @ W for q/o, 1.7x for k/v, 2.0-2.4x for the tensor-parallel halves; split_d=1
-    was 1.7x slower than XLA. Still slower than XLA on the transposed layout for k/v and
-    the halves of q, and 0.65x dense end to end (bench_decode.md, S8-A)."""
+    projection shape, batch 1 (experiments/results/bench_gemv.md); end to end it still
+    loses to XLA's projections (results/bench_decode.md), so decode keeps XLA's."""
     block_n: int = 64      # output columns per program (power of two)
     block_d: int = 128     # reduction rows per loop step (power of two)
     split_d: int = 4       # programs along d per column block (> 1: partials summed by XLA)
