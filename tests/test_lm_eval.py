@@ -79,9 +79,9 @@ def test_every_shipped_task_loads_offline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def lms(smollm2_dir):
-    from countdown_jax.evaluate.harness import CountdownLM
+    from countdown_jax.evaluate.harness import HarnessLM
 
-    dense = CountdownLM(pretrained=str(smollm2_dir), progress=False)
+    dense = HarnessLM(pretrained=str(smollm2_dir), progress=False)
     return dense, dense.with_rule(SPARSE[0], SPARSE[1], SPARSE[2])
 
 

@@ -102,7 +102,7 @@ def _rows(batch_size) -> int:
 
 
 @register_model("countdown-jax")
-class CountdownLM(TemplateLM):
+class HarnessLM(TemplateLM):
     """lm-eval model on a converted countdown-jax model.
 
     model_args: pretrained (or model_dir): a converted directory, a source ``convert``
@@ -134,7 +134,7 @@ class CountdownLM(TemplateLM):
         self.max_gen_toks, self.seed, self.progress = int(max_gen_toks), int(seed), progress
         self.tokenizer = self.model.tokenizer
 
-    def with_rule(self, method: str, mode: str = "ideal", sparsity=None) -> "CountdownLM":
+    def with_rule(self, method: str, mode: str = "ideal", sparsity=None) -> "HarnessLM":
         """A sibling model on the same loaded weights with another FFN rule (one load
         serves a sweep of rules)."""
         api.check_setup(self.model.path, method, generation_mode(method, mode), sparsity)

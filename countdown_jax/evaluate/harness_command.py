@@ -52,7 +52,7 @@ def _check(args):
 
 def run(model, tasks, *, num_fewshot=None, limit=None, include_path=(), log_samples=False,
         seed: int = 0, **kwargs):
-    """lm-eval's ``simple_evaluate`` on MODEL (a ``CountdownLM``, or an lm-eval model name)
+    """lm-eval's ``simple_evaluate`` on MODEL (a ``HarnessLM``, or an lm-eval model name)
     with the shipped offline tasks (plus ``include_path`` folders, which override them);
     kwargs go to ``simple_evaluate`` (e.g. samples, bootstrap_iters). lm-eval's results
     dict."""
@@ -75,11 +75,11 @@ def _run(args):
 
     from lm_eval.utils import handle_non_serializable, make_table
 
-    from countdown_jax.evaluate.harness import CountdownLM
+    from countdown_jax.evaluate.harness import HarnessLM
 
-    lm = CountdownLM(pretrained=args.model, method=args.method, mode=args.mode,
-                     sparsity=args.sparsity, dtype=args.dtype, batch_size=args.batch_size,
-                     seed=args.seed)
+    lm = HarnessLM(pretrained=args.model, method=args.method, mode=args.mode,
+                   sparsity=args.sparsity, dtype=args.dtype, batch_size=args.batch_size,
+                   seed=args.seed)
     results = run(lm, args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                   include_path=args.include_path, log_samples=args.log_samples, seed=args.seed)
     results["config"]["model_args"] = dict(model=str(lm.model.path), method=args.method,
