@@ -240,7 +240,7 @@ class HarnessLM(TemplateLM):
         if not hasattr(self, "_gen_rule"):
             self._gen_rule = api.sparsity_setup(
                 self.model, self.method, generation_mode(self.method, self.mode),
-                self.sparsity, "auto")
+                self.sparsity)
         return self._gen_rule
 
     def _generate_group(self, prompts: list[str], kwargs: dict) -> list[str]:
