@@ -7,9 +7,11 @@ rule (its first token is predicted from the dense context), requests are buckete
 so a run compiles a handful of programs. Tokenization is the evaluator's ``encode_pair`` and a
 context is cut to its first token plus its last ``MAX_SCORED_CONTEXT - 1`` tokens when the
 continuation has several tokens (as ``mc_items`` does). Rolling log-likelihood (perplexity)
-scores lm-eval's disjoint windows of ``ROLLING_WINDOW`` tokens, each window a continuation
-after a one-token context. ``generate_until`` runs ``api.generate_tokens`` (prefill dense,
-decode sparse) and cuts each text at the request's first stop string.
+scores lm-eval's disjoint windows of ``ROLLING_WINDOW`` tokens: a full window is a sparse
+continuation after one dense token (the prefix token first), a document's last, shorter
+window keeps the last ``MAX_SCORED_CONTEXT`` tokens before it as dense context.
+``generate_until`` runs ``api.generate_tokens`` (prefill dense, decode sparse) and cuts each
+text at the request's first stop string.
 """
 
 from __future__ import annotations
@@ -215,11 +217,14 @@ class HarnessLM(TemplateLM):
         return self._loglikelihood_tokens(reqs, disable_tqdm=disable_tqdm)
 
     def rolling_windows(self, text: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-        """lm-eval's disjoint rolling windows of TEXT (prefix token first)."""
+        """lm-eval's disjoint rolling windows of TEXT (prefix token first) as (context,
+        continuation); a context keeps its last ``MAX_SCORED_CONTEXT`` tokens (contiguous:
+        the scorer's cache holds no more)."""
         tokens = self.tok_encode(text)
-        return [tuple(map(tuple, lm_utils.make_disjoint_window(w)))
-                for w in lm_utils.get_rolling_token_windows(tokens, self.prefix_token_id,
-                                                            ROLLING_WINDOW, 1)]
+        windows = (lm_utils.make_disjoint_window(w) for w in
+                   lm_utils.get_rolling_token_windows(tokens, self.prefix_token_id,
+                                                      ROLLING_WINDOW, 1))
+        return [(tuple(c[-MAX_SCORED_CONTEXT:]), tuple(y)) for c, y in windows]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         owner, pairs = [], []
