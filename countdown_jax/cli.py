@@ -1,4 +1,5 @@
-"""`countdown-jax` command line: convert | generate | demo | calibrate | train-predictor | eval.
+"""`countdown-jax` command line: convert | generate | demo | calibrate | train-predictor | eval |
+lm-eval.
 
 Each subcommand lives beside the code it drives and exposes ``register(subparsers)``;
 this file lists them, checks what can be checked before any model is loaded, and turns
@@ -24,7 +25,7 @@ from countdown_jax.policy import METHODS, MODES
 
 # module that defines register(subparsers) for each subcommand group
 COMMAND_MODULES = ("conversion.convert", "countdown_jax.calibrate", "countdown_jax.predictor",
-                   "countdown_jax.evaluate")
+                   "countdown_jax.evaluate", "countdown_jax.evaluate.harness_command")
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 

