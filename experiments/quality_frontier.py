@@ -89,6 +89,7 @@ class Scale:
     proxies: tuple[tuple[int, int], ...] = PROXIES
     budgets: tuple[float, ...] = BUDGETS
     alloc_rows: int = 32             # fitting rows the allocation measures on (one batch)
+    alloc_batch: int = 8             # rows per KL batch (float32 log-probs of the vocab)
     alloc_deltas: tuple[float, ...] = B.DELTAS
     token_kept: tuple[float, ...] = (0.2, 0.3, 0.45)    # the per-token comparison's k
     token_bands: tuple[float, ...] = (1.5, 2.0)         # its floor / ceiling factors
@@ -99,7 +100,7 @@ QUICK = Scale(seq_len=64, sample_rows=0, max_train_rows=24, calib_rows=8, val_ro
               tasks=("arc_easy", "winogrande", "lambada", "boolq_ppl"), max_rows=8,
               logit_budget=1 << 27, compile_threads=1, calib_batch=4,
               r_sweep=(0.5, 0.9), train_r=(0.5, 0.8), cascade_k=(0.1, 0.3),
-              proxies=((4, 8), (2, 8)), budgets=(0.5,), alloc_rows=1,
+              proxies=((4, 8), (2, 8)), budgets=(0.5,), alloc_rows=1, alloc_batch=1,
               alloc_deltas=(0.6, 0.0, -0.6), token_kept=(0.3,), token_bands=(2.0,))
 
 
@@ -243,7 +244,7 @@ def fit_allocations(model, sc: Scale, train, fits):
         if not budgets:
             continue
         got = B.allocate_budgets(params, cfg, rows, lens, rule, budgets,
-                                 deltas=sc.alloc_deltas, batch_size=sc.calib_batch)
+                                 deltas=sc.alloc_deltas, batch_size=sc.alloc_batch)
         fits.update({f"alloc_{name}_budgets": got.budgets, f"alloc_{name}_kept": got.kept,
                      f"alloc_{name}_values": got.values, f"alloc_{name}_path_kl": got.path_kl,
                      **{f"alloc_{name}_{k}": v for k, v in got.curves.tree().items()}})
