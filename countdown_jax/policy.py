@@ -40,9 +40,9 @@ from countdown_jax.decode_path import BATCH_KERNELS, IMPLEMENTATIONS, DecodePath
 from countdown_jax.proxy import check_proxy
 
 __all__ = ["BATCH_KERNELS", "BUDGET_MODES", "Budget", "CLAMP_KEYS", "CLAMP_MODES", "DENSE",
-           "IMPLEMENTATIONS", "METHODS", "METHOD_MODES", "MODES", "MODE_KEYS", "Method", "SCALAR_KEYS", "SKIPS_WORK", "SparseSpec", "check_layer",
-           "check_layer_axis", "check_policy", "make_policy", "stack_policies",
-           "unstack_policy"]
+           "IMPLEMENTATIONS", "METHODS", "METHOD_MODES", "MODES", "MODE_KEYS", "Method",
+           "SCALAR_KEYS", "SKIPS_WORK", "SparseSpec", "check_layer", "check_layer_axis",
+           "check_policy", "make_policy", "stack_policies", "unstack_policy"]
 
 
 class Method(str, enum.Enum):

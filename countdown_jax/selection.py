@@ -46,9 +46,10 @@ from countdown_jax.gated import HIGHEST, activation, project
 from countdown_jax.policy import SparseSpec
 from countdown_jax.proxy import proxy_scores
 
-__all__ = ["clamp_kept", "count_kept", "ideal_mask", "keep_largest", "kept_fraction", "kth_smallest",
-           "limit_to_capacity", "mask_to_indices", "num_dropped", "predictor_logits",
-           "rank_quantity", "select", "spec_quantity", "threshold_for_kept", "topk_mask"]
+__all__ = ["clamp_kept", "count_kept", "ideal_mask", "keep_largest", "kept_fraction",
+           "kth_smallest", "limit_to_capacity", "mask_to_indices", "num_dropped",
+           "predictor_logits", "rank_quantity", "select", "spec_quantity",
+           "threshold_for_kept", "topk_mask"]
 
 # int(m r) for the r the user wrote, although the policy holds float32(r): m*r in float32
 # is off by at most ~m*2^-23, so a tolerance of m*2^-21 lands exact products (m=10,

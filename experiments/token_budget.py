@@ -142,7 +142,8 @@ def table(model: str, rows) -> str:
             return f"{float(r['score']):.{digits}g} ± {float(r['stderr']):.2g}"
 
         lines.append(f"| {key[0]} | {key[1]:.2f} | {key[2]} | "
-                     f"{float(any_row['bytes_share']):.3f} | {fmt(ppl)} | {fmt(lam, 2)} | {fmt(mc)} | "
+                     f"{float(any_row['bytes_share']):.3f} | {fmt(ppl)} | {fmt(lam, 2)} | "
+                     f"{fmt(mc)} | "
                      f"{float(any_row['kept_mean']):.3f} ± {float(any_row['kept_std']):.3f} "
                      f"({float(any_row['kept_p05']):.3f} / {float(any_row['kept_p50']):.3f}"
                      f" / {float(any_row['kept_p95']):.3f}) |")
