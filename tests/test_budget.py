@@ -6,6 +6,7 @@ layer matters more, `calibrate --budget` round-tripping through a model director
 
 from __future__ import annotations
 
+import csv
 import json
 
 import jax
@@ -207,7 +208,8 @@ def test_threshold_sweeps_compile_once(tiny):
 def test_calibrate_budget_round_trip_through_the_cli(tmp_path, capsys):
     """`calibrate --budget` saves what `api.load` + ``sparsity_setup(Budget)`` read back:
     the thresholds (threshold mode) or per-layer r (ideal mode) the library allocates on
-    the same calibration rows, meeting the budget there; `generate --budget` runs them."""
+    the same calibration rows, meeting the budget there; `generate` / `eval --budget`
+    run them."""
     d = tiny_params.model_dir(tmp_path / "model", seed=3)
     rows, seq, deltas = 2, 16, (0.4, 0.0, -0.4)
     opts = ["--rows", str(rows), "--seq-len", str(seq), "--held-out-rows", "1",
@@ -235,6 +237,12 @@ def test_calibrate_budget_round_trip_through_the_cli(tmp_path, capsys):
                      "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["budget"] == 0.6 and 0.0 < out["sparsity_target"] < 1.0
+    assert cli.main(["eval", str(d), "--tasks", "boolq_ppl", "--n", "2", "--method",
+                     "m_countdown", "--mode", "practical", "--budget", "0.6", "--out",
+                     str(tmp_path / "eval.csv")]) == 0
+    (row,) = [r for r in csv.DictReader(open(tmp_path / "eval.csv"))
+              if r["setting"] == "m_countdown/threshold/budget"]
+    assert float(row["sparsity_target"]) == pytest.approx(out["sparsity_target"], abs=1e-6)
     with pytest.raises(FileNotFoundError, match="calibrate .* --budget 0.50"):
         api.check_setup(d, "cats", "threshold", Budget(0.5))
     with pytest.raises(ValueError, match="modes"):
