@@ -1,17 +1,9 @@
-"""Per-layer budgets: where a total FFN bytes budget goes, layer by layer.
-
-A rule's bytes are affine in the kept share k (``cost.bytes_share``: a + b k, the same line
-in every layer), so a budget B fixes the mean kept share K = (B - a) / b; an allocation is
-per-layer shares k_l with mean K. Objective: the mean per-token KL(dense || sparse) of the
-next-token distributions on the fitting text. Search: with every layer at K, each layer's
-KL curve as it alone moves to logit(K) + delta (``measure``); TEAL's greedy on the sum of
-those convexified curves (``allocate``: steps of kept share in order of least KL per share
-saved; a pure function of the curves, jitted with K traced, vmapped over budgets); then a
-line search from uniform towards the greedy's answer on whole policies, keeping the best
-(``allocate_budgets``: never worse than uniform on the fitting text). Counts are whole
-neurons with the exact total. Ideal / topk modes take the per-layer r; threshold / proxy
-modes a per-layer tau keeping the layer's share on the fitting text, fit layer by layer on
-the inputs the earlier layers' taus produce (``fit_thresholds``). Design: docs/budgets.md.
+"""Per-layer budgets: a total FFN bytes budget shared out over the layers. Per-layer KL
+curves around the budget's uniform kept share (``measure``), a greedy on their convexified
+sum (``allocate``, jitted with the budget traced), a line search from uniform on whole
+policies (``allocate_budgets``), per-layer thresholds fit layer by layer
+(``fit_thresholds``), and saving into a model directory (``calibrate_budgets``).
+Design: docs/budgets.md.
 """
 
 from __future__ import annotations
