@@ -89,8 +89,10 @@ class Scale:
     proxies: tuple[tuple[int, int], ...] = PROXIES
     budgets: tuple[float, ...] = BUDGETS
     alloc_rows: int = 32             # fitting rows the allocation measures on (one batch)
+    alloc_seq_len: int | None = None    # their first tokens (None: seq_len)
     alloc_batch: int = 8             # rows per KL batch (float32 log-probs of the vocab)
     alloc_deltas: tuple[float, ...] = B.DELTAS
+    alloc_steps: tuple[float, ...] = B.STEPS             # the line search from uniform
     token_kept: tuple[float, ...] = (0.2, 0.3, 0.45)    # the per-token comparison's k
     token_bands: tuple[float, ...] = (1.5, 2.0)         # its floor / ceiling factors
 
@@ -100,8 +102,9 @@ QUICK = Scale(seq_len=64, sample_rows=0, max_train_rows=24, calib_rows=8, val_ro
               tasks=("arc_easy", "winogrande", "lambada", "boolq_ppl"), max_rows=8,
               logit_budget=1 << 27, compile_threads=1, calib_batch=4,
               r_sweep=(0.5, 0.9), train_r=(0.5, 0.8), cascade_k=(0.1, 0.3),
-              proxies=((4, 8), (2, 8)), budgets=(0.5,), alloc_rows=1, alloc_batch=1,
-              alloc_deltas=(0.6, 0.0, -0.6), token_kept=(0.3,), token_bands=(2.0,))
+              proxies=((4, 8), (2, 8)), budgets=(0.5,), alloc_rows=1, alloc_seq_len=16,
+              alloc_batch=1, alloc_deltas=(0.6, 0.0, -0.6), alloc_steps=(1.0,),
+              token_kept=(0.3,), token_bands=(2.0,))
 
 
 def log(msg):
@@ -235,8 +238,9 @@ def fit_allocations(model, sc: Scale, train, fits):
     layer a fit row (kind "allocation")."""
     params, cfg = model.params, model.cfg
     m, d, L = cfg.d_ff, cfg.d_model, cfg.num_layers
-    rows = train[np.random.default_rng(3).permutation(len(train))[:sc.alloc_rows]]
-    lens = np.full((len(rows),), sc.seq_len, np.int32)
+    seq = sc.alloc_seq_len or sc.seq_len
+    rows = train[np.random.default_rng(3).permutation(len(train))[:sc.alloc_rows], :seq]
+    lens = np.full((len(rows),), seq, np.int32)
     out = []
     for name, rule in alloc_rules(sc):
         a, b = rule.line(m, d)
@@ -244,7 +248,8 @@ def fit_allocations(model, sc: Scale, train, fits):
         if not budgets:
             continue
         got = B.allocate_budgets(params, cfg, rows, lens, rule, budgets,
-                                 deltas=sc.alloc_deltas, batch_size=sc.alloc_batch)
+                                 deltas=sc.alloc_deltas, steps=sc.alloc_steps,
+                                 batch_size=sc.alloc_batch)
         fits.update({f"alloc_{name}_budgets": got.budgets, f"alloc_{name}_kept": got.kept,
                      f"alloc_{name}_values": got.values, f"alloc_{name}_path_kl": got.path_kl,
                      **{f"alloc_{name}_{k}": v for k, v in got.curves.tree().items()}})
@@ -447,7 +452,8 @@ def run_tokens(model, name: str, sc: Scale, out: Path):
     """The per-token comparison (experiments/token_budget.py) on fitting rows."""
     t0 = time.perf_counter()
     train, _ = fitting_rows(model, dataclasses.replace(sc, sample_rows=0))
-    rows = train[np.random.default_rng(4).permutation(len(train))[:sc.alloc_rows]]
+    rows = train[np.random.default_rng(4).permutation(len(train))[:sc.alloc_rows],
+                 :sc.alloc_seq_len or sc.seq_len]
     tasks = tuple(t for t in sc.tasks if t != "hellaswag")
     res = token_budget.run(model, name, rows, kept=sc.token_kept, bands=sc.token_bands,
                            proxy=sc.proxies[0],
