@@ -397,7 +397,8 @@ def merge_timing(out: Path, timing: dict):
 
 def merge(src: Path, out: Path):
     """Results written elsewhere (e.g. a GPU run's --out per model) into ``out``: each
-    model's rows replace that model's rows of the same tasks; fits replace the model's."""
+    model's rows replace that model's rows of the same tasks; fits and per-token budgets
+    (token_budget.csv) replace the model's."""
     rows = read_csv(src / "frontier.csv") if (src / "frontier.csv").is_file() else []
     for model in sorted({r["model"] for r in rows}):
         write_task_rows(out, model, [r for r in rows if r["model"] == model])
@@ -411,6 +412,12 @@ def merge(src: Path, out: Path):
             write_csv(out / "frontier_fit.csv", mine, fields, model=model)
     if (src / "frontier_timing.json").is_file():
         merge_timing(out, json.loads((src / "frontier_timing.json").read_text()))
+    tokens = read_csv(src / "token_budget.csv")
+    if tokens:
+        from experiments import token_budget      # it imports this module
+
+        for model in sorted({r["model"] for r in tokens}):
+            token_budget.write(out, model, [r for r in tokens if r["model"] == model])
     return report(out)
 
 

@@ -106,6 +106,18 @@ def test_task_groups_written_apart_and_merged(tmp_path, monkeypatch):
     got = {r["task"]: float(r["score"]) for r in rows}
     assert got == pytest.approx({"arc_easy": 0.6, "piqa": 0.9, "hellaswag": 0.4,
                                  "mc_mean": (0.6 + 0.9 + 0.4) / 3})
+    # the per-token budgets (quality_frontier --stage tokens) come along, per model
+    from experiments import token_budget as T
+
+    tok = dict(quantity="s", variant="topk", kept_target=0.3, bytes_share=0.3,
+               task="boolq_ppl", metric="ppl", score=20.0, stderr=1.0,
+               **T.spread(np.full((2, 3), 0.3)))
+    T.write(tmp_path, "y", [dict(tok, model="y")])
+    T.write(src, "x", [dict(tok, model="x", score=21.0)])
+    R.merge(src, tmp_path)
+    got = {r["model"]: float(r["score"]) for r in R.read_csv(tmp_path / "token_budget.csv")}
+    assert got == {"x": 21.0, "y": 20.0}
+    assert "| s | 0.30 | topk | 0.300 | 21 ± 1 |" in (tmp_path / "token_budget_x.md").read_text()
 
 
 def test_mc_mean_only_for_settings_scored_on_every_task():
