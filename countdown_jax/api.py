@@ -29,7 +29,8 @@ from countdown_jax.decode_path import PORTABLE, DecodePath
 from countdown_jax.generate import (Sampling, compiled, decode_jit, decode_params,
                                     decode_policy, finish, generate, is_finished, layer_form,
                                     start_jit)
-from countdown_jax.policy import SparseSpec, make_policy, stack_policies
+from countdown_jax.policy import (BUDGET_MODES, Budget, SparseSpec, make_policy,
+                                  stack_policies)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +68,12 @@ def load_tokenizer(model_dir):
     return AutoTokenizer.from_pretrained(str(tok_dir))
 
 
-def policy_name(kind: str, method: str, sparsity: float) -> str:
+def policy_name(kind: str, method: str, sparsity: float | Budget) -> str:
     """Where calibrated thresholds / predictors live inside a model directory (one per
-    sparsity on a 0.01 grid; any other value would silently share its neighbour's fit)."""
+    sparsity on a 0.01 grid; any other value would silently share its neighbour's fit);
+    a ``Budget``'s per-layer allocation: ``budget-<mode>/<method>/b<share>``."""
+    if isinstance(sparsity, Budget):
+        return f"{kind}/{method}/b{sparsity.share:.2f}"
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if abs(round(sparsity, 2) - sparsity) > 1e-9:
@@ -95,10 +99,12 @@ def _practical(mode: str):
 
 
 def check_setup(model_dir, method: str = "dense", mode: str = "ideal",
-                sparsity: float | None = None, capacity: int | None = None) -> SparseSpec:
+                sparsity: float | Budget | None = None,
+                capacity: int | None = None) -> SparseSpec:
     """Every check ``sparsity_setup`` makes that needs no weights (method / mode / sparsity,
     the saved thresholds or predictor present): the CLI runs it before loading a model.
-    The spec's implementation is the reference ("masked"); decode runs its ``DecodePath``."""
+    The spec's implementation is the reference ("masked"); decode runs its ``DecodePath``.
+    A ``Budget`` names the per-layer allocation `calibrate --budget` saved."""
     from conversion.checkpoint import list_trees
 
     spec = SparseSpec(method=method, mode=mode, capacity=capacity)
@@ -107,6 +113,21 @@ def check_setup(model_dir, method: str = "dense", mode: str = "ideal",
     if sparsity is None:
         raise ValueError(f"method {method!r} needs a sparsity r in [0, 1) (e.g. 0.7); "
                          "without one it would run dense")
+    if isinstance(sparsity, Budget):
+        if mode not in BUDGET_MODES:
+            raise ValueError(f"bytes budgets are allocated for modes {BUDGET_MODES}, not "
+                             f"{mode!r}")
+        name = policy_name(f"budget-{mode}", method, sparsity)
+        if name not in list_trees(model_dir):
+            saved = [n.rsplit("/b", 1)[1] for n in list_trees(model_dir)
+                     if n.startswith(f"budget-{mode}/{method}/")]
+            bits = " --proxy-bits 4" if mode == "proxy" else ""
+            raise FileNotFoundError(
+                f"no {method}/{mode} allocation for {sparsity} at {name!r} in {model_dir} "
+                f"(saved for bytes {', '.join(saved) or 'none'}): run `countdown-jax "
+                f"calibrate {model_dir} --method {method} --mode {mode}{bits} --budget "
+                f"{sparsity.share:.2f}`")
+        return spec
     if 0.0 <= sparsity < 1.0:       # fast_path picks a decode batch's kernel by the target r
         spec = dataclasses.replace(spec, target_sparsity=float(sparsity))
     practical = _practical(mode)
@@ -138,6 +159,8 @@ def sparsity_setup(model: Model, method: str = "dense", mode: str = "ideal",
     n = model.cfg.num_layers
     if spec.is_dense:
         return spec, None
+    if isinstance(sparsity, Budget):
+        return _budget_setup(model, spec, sparsity)
     if mode in ("ideal", "topk"):
         return spec, make_policy(n, sparsity=sparsity)
     kind = _practical(mode)[0]
@@ -155,6 +178,25 @@ def sparsity_setup(model: Model, method: str = "dense", mode: str = "ideal",
     return spec, make_policy(n, sparsity=sparsity, theta=theta,
                              threshold=tree["threshold"] if mode == "cascade" else None,
                              predictor={"V": tree["V"], "U": tree["U"]})
+
+
+def _budget_setup(model: Model, spec: SparseSpec, budget: Budget):
+    """(spec, policy) of a saved per-layer allocation: per-layer r or tau (the proxy
+    rebuilt from the weights); the spec's target is the mean r."""
+    from conversion.checkpoint import load_tree
+
+    tree = load_tree(model.path, policy_name(f"budget-{spec.mode}", spec.method, budget))
+    n = model.cfg.num_layers
+    spec = dataclasses.replace(spec, target_sparsity=float(1.0 - np.mean(tree["kept"])))
+    if spec.mode in ("ideal", "topk"):
+        return spec, make_policy(n, sparsity=tree["sparsity"])
+    proxy = None
+    if spec.mode == "proxy":
+        from countdown_jax.proxy import quantize_mlp
+
+        proxy = quantize_mlp(model.params["layers"]["mlp"], int(tree["bits"]),
+                             int(tree["group"]))
+    return spec, make_policy(n, threshold=tree["threshold"], proxy=proxy)
 
 
 @dataclasses.dataclass
@@ -299,7 +341,8 @@ def generate_text(model: Model, prompts: str | Sequence[str], *, method: str = "
         token), threshold (calibrated thresholds), predictor (a trained predictor), proxy
         (D's low-bit proxy, ``calibrate_proxy``), cascade.
     sparsity: target fraction r of FFN neurons skipped per decode token (required for a
-        sparse method; practical modes need a fit saved at that r, on a 0.01 grid).
+        sparse method; practical modes need a fit saved at that r, on a 0.01 grid), or a
+        ``Budget``: the per-layer allocation saved for that bytes share.
     sampling: ``Sampling(temperature, top_k, top_p)`` (greedy by default); seed drives it.
     path: how decode runs (``DecodePath``; every field "auto" by default: the fastest
         exact path for the backend, ``fast_path``). The result's ``path`` says what ran.
@@ -331,7 +374,7 @@ def generate_text(model: Model, prompts: str | Sequence[str], *, method: str = "
                           sampling=sampling, seed=seed, path=path, on_chunk=on_chunk,
                           stream_every=stream_every)
     return dataclasses.replace(out, texts=_texts(model, out.token_ids),
-                               sparsity=0.0 if spec.is_dense else float(sparsity))
+                               sparsity=0.0 if spec.is_dense else spec.target_sparsity)
 
 
 def sweep(model: Model, prompts: str | Sequence[str], *, method: str,

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -34,9 +32,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from countdown_jax import model as model_lib
-from countdown_jax.argtypes import positive_int
 from countdown_jax.policy import DENSE, SparseSpec, make_policy
-from countdown_jax.proxy import BITS, proxy_scores, quantize_mlp
+from countdown_jax.proxy import proxy_scores, quantize_mlp
 from countdown_jax.selection import kth_smallest, num_dropped, rank_quantity
 
 STATS = ("mean_kth", "quantile")
@@ -219,27 +216,34 @@ def _pad_batch(tokens, lengths, batch_size):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec"))
-def _kept_sums(params, cfg, tokens, lengths, policy, *, spec):
+def _kept(params, cfg, tokens, lengths, policy, *, spec):
     B, T = tokens.shape
     _, kept = model_lib.forward(params, cfg, tokens, lengths, spec=spec, policy=policy,
                                 logits_at=jnp.zeros((B, 0), jnp.int32))
-    valid = (jnp.arange(T)[None, :] < lengths[:, None]).astype(jnp.float32)
-    return jnp.sum(kept * valid[None], axis=(1, 2)), jnp.sum(valid)
+    return kept                                                          # [L, B, T]
+
+
+def kept_per_token(params, cfg, tokens, lengths, spec: SparseSpec, policy,
+                   batch_size: int = 8) -> np.ndarray:
+    """Kept share of each valid token in each layer [L, N_tokens] (every token sparse),
+    from the masks the forward applies."""
+    tokens = np.asarray(tokens, np.int32)
+    lengths = np.asarray(lengths, np.int32)
+    out = []
+    for s in range(0, tokens.shape[0], batch_size):
+        tb, lb = _pad_batch(tokens[s:s + batch_size], lengths[s:s + batch_size], batch_size)
+        k = np.asarray(_kept(params, cfg, jnp.asarray(tb), jnp.asarray(lb), policy,
+                             spec=spec))
+        valid = np.arange(tb.shape[1])[None, :] < lb[:, None]
+        out.append(k[:, valid])
+    return np.concatenate(out, axis=1)
 
 
 def realised_sparsity(params, cfg, tokens, lengths, spec: SparseSpec, policy,
                       batch_size: int = 8) -> np.ndarray:
     """Per-layer fraction of neurons skipped [L] over all valid tokens (every token sparse)."""
-    tokens = np.asarray(tokens, np.int32)
-    lengths = np.asarray(lengths, np.int32)
-    kept = np.zeros((cfg.num_layers,))
-    count = 0.0
-    for s in range(0, tokens.shape[0], batch_size):
-        tb, lb = _pad_batch(tokens[s:s + batch_size], lengths[s:s + batch_size], batch_size)
-        k, c = _kept_sums(params, cfg, jnp.asarray(tb), jnp.asarray(lb), policy, spec=spec)
-        kept += np.asarray(k, np.float64)
-        count += float(c)
-    return 1.0 - kept / max(count, 1.0)
+    kept = kept_per_token(params, cfg, tokens, lengths, spec, policy, batch_size)
+    return 1.0 - kept.astype(np.float64).mean(axis=1)
 
 
 def threshold_policy(cfg, threshold):
@@ -395,67 +399,3 @@ def calibrate_proxy(model, sparsity: float = 0.7, bits: int = 4, group: int | No
     text = CalibrationText(rows=rows, seq_len=seq_len, held_out_rows=held_out_rows)
     return calibrate_thresholds(model, "d_countdown", [sparsity], proxy_bits=bits,
                                 proxy_group=group, text=text, progress=progress)[0]
-
-
-# -- command line ---------------------------------------------------------------------------
-def _check(args):
-    """Before the model loads: the proxy applies to d_countdown only, and an explicit
-    group must divide the model width."""
-    if args.proxy_bits is not None and args.method != "d_countdown":
-        raise ValueError(f"--proxy-bits calibrates D-COUNTDOWN's proxy mode: use --method "
-                         f"d_countdown, not {args.method!r}")
-    if args.proxy_group is not None:
-        if args.proxy_bits is None:
-            raise ValueError("--proxy-group sets the proxy's format: give --proxy-bits too")
-        from conversion.checkpoint import read_config
-        from countdown_jax.config import ModelConfig
-
-        d = ModelConfig.from_hf(read_config(args.model_dir)).d_model
-        if d % args.proxy_group:
-            raise ValueError(f"proxy group {args.proxy_group} must divide the model width "
-                             f"d={d} (default: {default_proxy_group(d)}, the largest of "
-                             f"{', '.join(map(str, PROXY_GROUPS[:4]))}, ... dividing d)")
-
-
-def _run(args):
-    from countdown_jax import api
-
-    t0 = time.perf_counter()
-    model = api.load(args.model_dir)
-    text = CalibrationText(rows=args.rows, seq_len=args.seq_len,
-                           held_out_rows=args.held_out_rows, batch_size=args.batch_size)
-    fits = calibrate_thresholds(model, args.method, args.sparsity, stat=args.stat,
-                                agg=args.agg, offset=args.offset, forward=args.forward,
-                                proxy_bits=args.proxy_bits, proxy_group=args.proxy_group,
-                                text=text)
-    for fit in fits:
-        print(json.dumps({**fit.meta, "saved": str(fit.path)}))
-    print(f"calibrated in {time.perf_counter() - t0:.1f} s")
-
-
-def register(subparsers):
-    p = subparsers.add_parser("calibrate", help="per-layer thresholds for CATS / M-COUNTDOWN "
-                                                "(threshold mode), or for D-COUNTDOWN's "
-                                                "low-bit proxy (--proxy-bits: proxy mode)")
-    p.add_argument("model_dir")
-    p.add_argument("--method", choices=("cats", "m_countdown", "d_countdown", "s_countdown"),
-                   required=True)
-    p.add_argument("--sparsity", type=float, nargs="+", required=True)
-    p.add_argument("--stat", choices=STATS, default="mean_kth")
-    p.add_argument("--agg", choices=AGGREGATES, default="mean")
-    p.add_argument("--offset", type=float, default=0.0)
-    p.add_argument("--forward", choices=FORWARDS, default=None,
-                   help="MLP inputs from an ideal-sparse (release) or dense forward; default "
-                        "ideal for mean_kth, dense for quantile and the proxy")
-    p.add_argument("--seq-len", type=positive_int, default=CalibrationText.seq_len)
-    p.add_argument("--rows", type=positive_int, default=CalibrationText.rows,
-                   help="calibration rows of seq-len tokens")
-    p.add_argument("--held-out-rows", type=positive_int, default=CalibrationText.held_out_rows)
-    p.add_argument("--batch-size", type=positive_int, default=CalibrationText.batch_size)
-    p.add_argument("--proxy-bits", type=int, choices=BITS, default=None,
-                   help="calibrate D-COUNTDOWN's proxy mode: thresholds on |s_hat| from a "
-                        "copy of W_gate / W_up at this many bits (--method d_countdown)")
-    p.add_argument("--proxy-group", type=int, default=None,
-                   help="inputs per scale of the proxy (must divide the model width); "
-                        "default: the largest of 128, 64, 32, ... that divides it")
-    p.set_defaults(func=_run, check=_check)

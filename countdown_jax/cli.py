@@ -24,8 +24,9 @@ from countdown_jax.decode_path import (ATTENTIONS, AUTO, IMPLEMENTATIONS, LAYER_
 from countdown_jax.policy import METHODS, MODES
 
 # module that defines register(subparsers) for each subcommand group
-COMMAND_MODULES = ("conversion.convert", "countdown_jax.calibrate", "countdown_jax.predictor",
-                   "countdown_jax.evaluate", "countdown_jax.evaluate.harness_command")
+COMMAND_MODULES = ("conversion.convert", "countdown_jax.calibrate_command",
+                   "countdown_jax.predictor", "countdown_jax.evaluate",
+                   "countdown_jax.evaluate.harness_command")
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
@@ -81,6 +82,10 @@ def _check_generate(args):
     if args.stream and (args.json or len(args.prompts) > 1):
         raise ValueError("--stream prints one prompt's text as it is produced; it does not "
                          "combine with --json or several prompts")
+    if args.budget is not None:
+        from countdown_jax.policy import Budget
+
+        args.sparsity = Budget(args.budget)        # the per-layer allocation saved for it
     if args.method == "dense" and args.sparsity not in (None, 0.0):
         raise ValueError(f"--sparsity {args.sparsity} has no effect with --method dense; "
                          "pick a sparse --method")
@@ -113,6 +118,7 @@ def _generate(args):
             print(json.dumps({
                 "prompt": prompt, "text": out.texts[i], "token_ids": out.token_ids[i],
                 "method": args.method, "mode": args.mode, "sparsity_target": out.sparsity,
+                "budget": args.budget,
                 "tokens_per_s": out.tokens_per_s,
                 "prefill_tokens_per_s": out.prefill_tokens_per_s, "seconds": out.seconds,
                 "path": out.path.as_dict(),
@@ -130,7 +136,9 @@ def _generate(args):
     n = sum(len(ids) for ids in out.token_ids)
     path = out.path
     kernel = f" ({path.batch_kernel})" if path.ffn == "pallas" and len(args.prompts) > 1 else ""
-    print(f"[{args.method}/{args.mode} r={out.sparsity}] {n} tokens; prefill "
+    amount = f"bytes {args.budget}, mean r={out.sparsity:.3f}" if args.budget else \
+        f"r={out.sparsity}"
+    print(f"[{args.method}/{args.mode} {amount}] {n} tokens; prefill "
           f"{out.prefill_tokens_per_s:.1f} tokens/s, decode {out.tokens_per_s:.1f} tokens/s "
           f"(compile {out.seconds['compile']:.1f} s, not counted); realised sparsity "
           f"{out.realised_sparsity:.3f}; decode path: layers {path.layers}, FFN "
@@ -159,9 +167,13 @@ def _add_generate(sub):
                    help="ideal/topk: per-token oracle; threshold: calibrated thresholds "
                         "(cats, m_countdown); predictor: trained predictor (d_countdown, "
                         "dejavu)")
-    p.add_argument("--sparsity", type=float, default=None, metavar="R",
-                   help="fraction of FFN neurons skipped per decode token, in [0, 1); "
-                        "required with a sparse --method")
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--sparsity", type=float, default=None, metavar="R",
+                        help="fraction of FFN neurons skipped per decode token, in [0, 1); "
+                             "a sparse --method needs it or --budget")
+    amount.add_argument("--budget", type=float, default=None, metavar="B",
+                        help="FFN weight bytes per decode token as a share of dense: the "
+                             "per-layer allocation `calibrate --budget` saved")
     p.add_argument("--implementation", choices=(AUTO,) + IMPLEMENTATIONS, default=AUTO,
                    help="the decode FFN's implementation: auto (the fastest exact one for "
                         "the backend: on a GPU pallas where the rule skips work, else "
@@ -236,7 +248,7 @@ def _precheck(args):
     if getattr(args, "model_dir", None) is not None:
         read_config(args.model_dir)
     if args.command in ("calibrate", "train-predictor"):
-        for r in args.sparsity:
+        for r in args.sparsity or ():          # calibrate --budget: none
             policy_name("thresholds", "check", r)
     check = getattr(args, "check", None)
     if check is not None:

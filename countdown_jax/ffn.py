@@ -28,7 +28,7 @@ from countdown_jax.kernels._platform import pallas_backend
 from countdown_jax.kernels.fused_sparse_ffn import api as fused_sparse_ffn_api
 from countdown_jax.kernels.proxy_scores import api as proxy_scores_api
 from countdown_jax.kernels.sparse_ffn import api as sparse_ffn_api
-from countdown_jax.policy import DENSE, Method, SparseSpec, check_layer
+from countdown_jax.policy import CLAMP_KEYS, DENSE, Method, SparseSpec, check_layer
 from countdown_jax.selection import (count_kept, kept_fraction, limit_to_capacity,
                                      mask_to_indices, refine, select, spec_quantity)
 from countdown_jax.sharding import multi_device_mesh, splits_neurons
@@ -79,6 +79,12 @@ def _one_device_ffn(mlp, x, *, act, spec, policy, sparse, layer=None, shard=None
         raise ValueError(f"MLP input has width {x.shape[-1]}, weights expect d={d}")
     activation(act)                                  # unknown activation: fail early
     check_layer(spec, policy, d=d, m=m)
+    if (spec.implementation != "masked" or shard is not None) and any(
+            k in policy for k in CLAMP_KEYS):
+        # the kernels apply the bare threshold; a per-token bound is a measurement rule
+        raise ValueError("a per-token floor / ceiling runs on one device in the masked "
+                         f"implementation only, not {spec.implementation!r}"
+                         + (" across shards" if shard is not None else ""))
     if sparse is not None:
         sparse = jnp.asarray(sparse)
         if sparse.dtype != jnp.bool_ or sparse.shape != x.shape[:-1]:

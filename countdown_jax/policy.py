@@ -12,6 +12,9 @@ leading layer axis, so one compile serves every value and ``jax.vmap`` sweeps th
       "predictor": {"Vt": [L, rank, d], "U": [L, m, rank]}   z = (x Vt^T) U^T
       "proxy":     {"packed": uint8 [L, 2, m, d bits/8], "scale": [L, 2, m, d/group]}
                                  proxy mode keeps |s_hat| > tau (``proxy.py``)
+      "floor":     float32 [L]   optional (threshold, proxy): each token keeps at least
+      "ceiling":   float32 [L]   / at most this share of m (its highest-ranked); a
+                                 measurement rule, masked implementation only
     }
 
 The predictor is given as {"V": [L, d, rank], "U": [L, m, rank]} (z = (x V) U^T, the
@@ -36,10 +39,10 @@ import numpy as np
 from countdown_jax.decode_path import BATCH_KERNELS, IMPLEMENTATIONS, DecodePath
 from countdown_jax.proxy import check_proxy
 
-__all__ = ["BATCH_KERNELS", "DENSE", "IMPLEMENTATIONS", "METHODS", "METHOD_MODES", "MODES",
-           "MODE_KEYS", "Method", "SCALAR_KEYS", "SKIPS_WORK", "SparseSpec", "check_layer",
-           "check_layer_axis", "check_policy", "make_policy", "stack_policies",
-           "unstack_policy"]
+__all__ = ["BATCH_KERNELS", "BUDGET_MODES", "Budget", "CLAMP_KEYS", "CLAMP_MODES", "DENSE",
+           "IMPLEMENTATIONS", "METHODS", "METHOD_MODES", "MODES", "MODE_KEYS", "Method",
+           "SCALAR_KEYS", "SKIPS_WORK", "SparseSpec", "check_layer", "check_layer_axis",
+           "check_policy", "make_policy", "stack_policies", "unstack_policy"]
 
 
 class Method(str, enum.Enum):
@@ -80,7 +83,10 @@ MODE_KEYS = {
     "cascade": ("theta", "predictor", "threshold"),
     "proxy": ("threshold", "proxy"),
 }
-SCALAR_KEYS = ("sparsity", "threshold", "theta")
+# Per-token bounds on the kept count a threshold rule may carry (``selection.clamp_kept``).
+CLAMP_KEYS = ("floor", "ceiling")
+CLAMP_MODES = ("threshold", "proxy")
+SCALAR_KEYS = ("sparsity", "threshold", "theta") + CLAMP_KEYS
 
 # (method, mode) whose Pallas path reads only the kept rows (no dense s needed to select);
 # the oracle modes of d_countdown / dejavu / s_countdown need the dense s.
@@ -183,6 +189,33 @@ class SparseSpec:
 DENSE = SparseSpec()
 
 
+# The modes a per-layer allocation is made for (``budget.py``): r or tau per layer.
+BUDGET_MODES = ("ideal", "topk", "threshold", "proxy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How much a rule reads, given as a bytes budget instead of a uniform sparsity: the
+    per-layer allocation calibrated for FFN weight bytes = ``share`` of the dense FFN's
+    (``cost.bytes_share`` of the rule, mean over layers; `calibrate --budget`, ``budget.py``).
+    Saved allocations exist on a 0.01 grid of shares."""
+
+    share: float
+
+    def __post_init__(self):
+        if isinstance(self.share, bool) or not isinstance(self.share, (int, float, np.floating)) \
+                or not 0.0 < self.share <= 1.0:
+            raise ValueError(f"a bytes budget must be a share of the dense FFN's bytes in "
+                             f"(0, 1], got {self.share!r}")
+        if abs(round(self.share, 2) - self.share) > 1e-9:
+            raise ValueError(f"budget {self.share} is not on the 0.01 grid that allocations "
+                             f"are saved on; use e.g. {round(self.share, 2)}")
+        object.__setattr__(self, "share", float(self.share))
+
+    def __str__(self):
+        return f"bytes {self.share:.2f}"
+
+
 def _per_layer(name, value, num_layers):
     a = np.asarray(value, dtype=np.float64)
     if a.ndim == 0:
@@ -196,10 +229,12 @@ def _per_layer(name, value, num_layers):
 
 
 def make_policy(num_layers: int, *, sparsity=None, threshold=None, theta=None,
-                predictor=None, proxy=None) -> dict:
+                predictor=None, proxy=None, floor=None, ceiling=None) -> dict:
     """Build a validated policy pytree (float32 arrays with leading axis L).
 
-    Scalars broadcast to every layer. ``sparsity`` must lie in [0, 1); ``predictor`` is
+    Scalars broadcast to every layer. ``sparsity`` must lie in [0, 1); ``floor`` /
+    ``ceiling`` (kept shares in [0, 1], floor <= ceiling) bound a threshold rule's kept
+    count per token (``selection.clamp_kept``); ``predictor`` is
     {"V": [L, d, rank], "U": [L, m, rank]} (its floating dtype is kept; stored as
     {"Vt": [L, rank, d], "U"}, see the module docstring; a policy's own {"Vt", "U"} is
     accepted as is). ``theta`` defaults to 0 when a predictor is given. ``proxy`` is
@@ -232,6 +267,15 @@ def make_policy(num_layers: int, *, sparsity=None, threshold=None, theta=None,
                              f"(proxy.quantize_mlp), got {got}")
         policy["proxy"] = {k: jnp.asarray(v) for k, v in proxy.items()}
         _check_proxy_dims(policy["proxy"], None, None, lead=1)
+    bounds = {k: _per_layer(k, v, num_layers) for k, v in (("floor", floor),
+                                                           ("ceiling", ceiling)) if v is not None}
+    for key, a in bounds.items():
+        if not ((a >= 0.0) & (a <= 1.0)).all():
+            raise ValueError(f"{key} must be a kept share in [0, 1], got {a.tolist()}")
+        policy[key] = jnp.asarray(a, jnp.float32)
+    if len(bounds) == 2 and (bounds["floor"] > bounds["ceiling"]).any():
+        raise ValueError(f"floor {bounds['floor'].tolist()} exceeds ceiling "
+                         f"{bounds['ceiling'].tolist()}")
     return policy
 
 
@@ -302,7 +346,7 @@ def check_policy(spec: SparseSpec, policy, *, num_layers: int, d: int | None = N
     if spec.is_dense:
         return
     _require_keys(spec, policy)
-    for key in spec.policy_keys:
+    for key in spec.policy_keys + _clamps(spec, policy):
         if key in SCALAR_KEYS and tuple(np.shape(policy[key])) != (num_layers,):
             raise ValueError(f"policy {key!r} must have shape [L]=[{num_layers}], "
                              f"got {list(np.shape(policy[key]))}")
@@ -320,7 +364,7 @@ def check_layer(spec: SparseSpec, layer, *, d: int, m: int):
     they are traced, so ranges are enforced where the policy is built: ``make_policy``).
     """
     _require_keys(spec, layer)
-    for key in spec.policy_keys:
+    for key in spec.policy_keys + _clamps(spec, layer):
         if key not in SCALAR_KEYS:
             continue
         shape = tuple(np.shape(layer[key]))
@@ -336,6 +380,15 @@ def check_layer(spec: SparseSpec, layer, *, d: int, m: int):
         _check_predictor_dims(layer["predictor"], d, m, lead=0)
     if "proxy" in spec.policy_keys:
         _check_proxy_dims(layer["proxy"], d, m, lead=0)
+
+
+def _clamps(spec, policy) -> tuple[str, ...]:
+    """The per-token bounds ``policy`` carries; only threshold rules take them."""
+    keys = tuple(k for k in CLAMP_KEYS if k in policy)
+    if keys and spec.mode not in CLAMP_MODES:
+        raise ValueError(f"a per-token {' / '.join(keys)} bounds a threshold rule "
+                         f"(modes {CLAMP_MODES}); {spec.method}/{spec.mode} has none")
+    return keys
 
 
 def _require_keys(spec, policy):

@@ -8,7 +8,9 @@ mode); the quantities per token, computed in the MLP's dtype and ranked in float
     s_countdown  1/2 s_i^2 ||W_down[i]||^2  (W_down stored [m, d], row i = neuron i)
 
 Modes (``select``; ``refine`` is the cascade's second stage) and their tie rules:
-docs/method.md ("Modes"). Every ranking (topk, the capacity cut) is the one
+docs/method.md ("Modes"). threshold and proxy take an optional per-token floor / ceiling
+on the kept count (``clamp_kept``); ``threshold_for_kept`` sets tau for a total kept count
+(calibration, budgets). Every ranking (topk, the capacity cut) is the one
 ``keep_largest``: larger q first, equal q -> lower index first; NaN in q is not handled.
 """
 
@@ -21,9 +23,10 @@ from countdown_jax.gated import HIGHEST, activation, project
 from countdown_jax.policy import SparseSpec
 from countdown_jax.proxy import proxy_scores
 
-__all__ = ["count_kept", "ideal_mask", "keep_largest", "kept_fraction", "kth_smallest",
-           "limit_to_capacity", "mask_to_indices", "num_dropped", "predictor_logits",
-           "rank_quantity", "select", "spec_quantity", "topk_mask"]
+__all__ = ["clamp_kept", "count_kept", "ideal_mask", "keep_largest", "kept_fraction",
+           "kth_smallest", "limit_to_capacity", "mask_to_indices", "num_dropped",
+           "predictor_logits", "rank_quantity", "select", "spec_quantity",
+           "threshold_for_kept", "topk_mask"]
 
 # int(m r) for the r the user wrote, although the policy holds float32(r): m*r in float32
 # is off by at most ~m*2^-23, so a tolerance of m*2^-21 lands exact products (m=10,
@@ -101,6 +104,12 @@ def _order_key(q):
     return jnp.where(b < 0, b ^ jnp.int32(0x7FFFFFFF), b)
 
 
+def _from_key(key):
+    """The float32 of an order key (``_order_key``'s inverse)."""
+    bits = jnp.where(key < 0, key ^ jnp.int32(0x7FFFFFFF), key)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def kth_smallest(q, k):
     """Exact k-th smallest (1-indexed) of q [..., m] along the last axis -> [...] float32.
 
@@ -119,8 +128,53 @@ def kth_smallest(q, k):
         return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
     lo, _ = jax.lax.fori_loop(0, 32, step, (lo, hi))
-    bits = jnp.where(lo < 0, lo ^ jnp.int32(0x7FFFFFFF), lo)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+    return _from_key(lo)
+
+
+def _share_count(share, m: int):
+    """A kept share of m as a neuron count (nearest), int32."""
+    return jnp.clip(jnp.round(jnp.float32(m) * share), 0, m).astype(jnp.int32)
+
+
+def clamp_kept(q, mask, layer):
+    """A threshold rule's mask with each token's kept count held within the layer's
+    optional "floor" / "ceiling" (kept shares of m): too few -> its floor highest q, too
+    many -> its ceiling highest (``keep_largest``). No bounds: ``mask`` unchanged."""
+    m = q.shape[-1]
+    if "floor" in layer:
+        mask = mask | keep_largest(q, _share_count(layer["floor"], m))
+    if "ceiling" in layer:
+        mask = keep_largest(q, _share_count(layer["ceiling"], m), valid=mask)
+    return mask
+
+
+def threshold_for_kept(q, n_kept, valid=None, floor=None, ceiling=None):
+    """tau for which ``q > tau`` (per token clamped to [floor, ceiling] x m when given, as
+    ``clamp_kept``) keeps ``n_kept`` neurons in total over the tokens of q [..., m] that
+    are ``valid`` [...]: the smallest tau keeping at most n_kept (exact but for ties at
+    the cut). A 32-step bisection over the order keys of q's range; n_kept may be traced.
+    """
+    m = q.shape[-1]
+    q = q.reshape(-1, m).astype(jnp.float32)
+    ok = (jnp.ones(q.shape[:1], bool) if valid is None else jnp.asarray(valid).reshape(-1))
+    lo_c = 0 if floor is None else _share_count(floor, m)
+    hi_c = m if ceiling is None else _share_count(ceiling, m)
+    span = jnp.where(ok[:, None], q, jnp.nan)
+    lo = _order_key(jnp.nanmin(span)) - 1                 # q > tau(lo) keeps every neuron
+    hi = _order_key(jnp.nanmax(span))                     # keeps none (floor aside)
+
+    def total(key):
+        per_token = jnp.clip(jnp.sum(q > _from_key(key), axis=-1, dtype=jnp.int32), lo_c, hi_c)
+        return jnp.sum(jnp.where(ok, per_token, 0))
+
+    def step(_, bounds):  # invariant: total(hi) <= n_kept, or hi is the top of the range
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)
+        fits = total(mid) <= n_kept
+        return jnp.where(fits, lo, mid + 1), jnp.where(fits, mid, hi)
+
+    _, hi = jax.lax.fori_loop(0, 32, step, (lo, hi))
+    return _from_key(hi)
 
 
 def ideal_mask(q, r):
@@ -165,7 +219,7 @@ def select(spec: SparseSpec, q, layer):
     if spec.mode == "topk":
         return topk_mask(q, layer["sparsity"])
     if spec.mode in ("threshold", "proxy"):
-        return q > layer["threshold"]
+        return clamp_kept(q, q > layer["threshold"], layer)
     if spec.mode in ("predictor", "cascade"):     # cascade: the candidates
         return q > layer["theta"]
     raise ValueError(f"unknown sparsity mode {spec.mode!r}")

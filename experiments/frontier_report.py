@@ -8,6 +8,10 @@ rule (practical) and D-ideal at 40% and 55% of dense FFN bytes, with mean MC acc
 worse within error"): every curve is interpolated linearly in (bytes_share, log ppl) and
 (bytes_share, accuracy); D-ideal sits at its oracle bytes (kept share: a free, perfect
 predictor); a point outside a curve's span is not extrapolated (reported as n/a).
+Budget goal (frontier_budget_goal.csv): at the same bytes, a practical rule (the allocated
+proxy, or any practical rule) with perplexity at most uniform D-ideal's and mean MC
+accuracy no worse than D-ideal's within one standard error; the allocated D-ideal beside
+it as the new bound. budget_<model>.png: each allocation's kept share by layer.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ PAPER_PRACTICAL = ("cats-practical", "m_countdown-practical", "d_countdown-pract
 # rules beyond the paper (issue 12, item 4): the cascade and the low-bit proxy
 NEW_RULES = ("d_countdown-cascade", "d_countdown-proxy")
 GOAL_BYTES = (0.40, 0.55)
+# drawn at oracle bytes (the kept share): uniform and allocated D-ideal
+ORACLE_RULES = ("d_countdown-ideal", "d_countdown-alloc-ideal")
+# practical rules the budget goal tries, allocated first (quality_frontier.alloc_rules)
+BUDGET_RULES = ("d_countdown-alloc-proxy", "d_countdown-proxy", "cats-alloc",
+                "m_countdown-alloc")
 
 
 def _f(x):
@@ -187,6 +196,72 @@ def goal_check(rows, model):
     return out
 
 
+def budget_goal_check(rows, model):
+    """Rows of the budget goal (issue 26, item 4) for one model: per goal byte share and
+    practical rule of BUDGET_RULES (where measured), its perplexity and MC accuracy
+    against uniform D-ideal's (oracle bytes), with allocated D-ideal's beside them."""
+    def ppl(rule, oracle=False):
+        return pareto(rows, model, rule, "boolq_ppl", "ppl", lower_is_better=True,
+                      oracle=oracle)
+
+    def acc(rule, oracle=False):
+        return pareto(rows, model, rule, "mc_mean", "acc_norm", oracle=oracle)
+
+    ideal_p, ideal_a = ppl("d_countdown-ideal", True), acc("d_countdown-ideal", True)
+    alloc_p = ppl("d_countdown-alloc-ideal", True)
+    out = []
+    for b in GOAL_BYTES:
+        ip, ia, ap = at(ideal_p, b, log=True), at(ideal_a, b), at(alloc_p, b, log=True)
+        for rule in BUDGET_RULES:
+            if not any(r["model"] == model and r["rule"].startswith(rule) for r in rows):
+                continue
+            got_p, got_a = at(ppl(rule), b, log=True), at(acc(rule), b)
+            err = max(ia[1], got_a[1]) if ia and got_a else None
+            out.append(dict(model=model, bytes_share=b, rule=rule,
+                            ppl=got_p[0] if got_p else None,
+                            ppl_d_ideal=ip[0] if ip else None,
+                            ppl_d_ideal_alloc=ap[0] if ap else None,
+                            acc=got_a[0] if got_a else None,
+                            acc_d_ideal=ia[0] if ia else None, acc_stderr=err,
+                            goal_met=bool(got_p and ip and err is not None
+                                          and got_p[0] <= ip[0]
+                                          and got_a[0] >= ia[0] - err)))
+    return out
+
+
+def plot_allocation(fit_rows, model, path: Path):
+    """Kept share by layer of each allocated rule (frontier_fit.csv, kind allocation),
+    one line per budget, the budget's uniform share dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = [r for r in fit_rows if r.get("model") == model and r.get("kind") == "allocation"]
+    rules = sorted({r["rule"] for r in sel})
+    if not rules:
+        return
+    fig, axes = plt.subplots(1, len(rules), figsize=(4.2 * len(rules), 3.6), squeeze=False)
+    for ax, rule in zip(axes[0], rules):
+        mine = [r for r in sel if r["rule"] == rule]
+        budgets = sorted({_f(r["budget"]) for r in mine})
+        cmap = plt.get_cmap("viridis")
+        for i, b in enumerate(budgets):
+            pts = sorted((int(r["layer"]), _f(r["kept"])) for r in mine if _f(r["budget"]) == b)
+            color = cmap(i / max(len(budgets) - 1, 1))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=2, lw=1,
+                    color=color, label=f"{b:.2f}")
+            ax.axhline(np.mean([p[1] for p in pts]), color=color, ls=":", lw=0.7)
+        ax.set_title(f"{model}: {rule}", fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("kept share (dotted: uniform at the same bytes)")
+    axes[0][-1].legend(title="bytes", fontsize=6, title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot(rows, model, path: Path):
     import matplotlib
 
@@ -195,6 +270,7 @@ def plot(rows, model, path: Path):
 
     rules = sorted({r["rule"] for r in rows if r["model"] == model and r["rule"] != "dense"})
     colors = {"cats": "tab:blue", "m_countdown": "tab:orange", "d_countdown-ideal": "k",
+              "d_countdown-alloc-ideal": "k", "d_countdown-alloc-proxy": "tab:purple",
               "d_countdown-practical": "tab:green", "d_countdown-cascade": "tab:red",
               "d_countdown-proxy": "tab:purple"}
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
@@ -205,12 +281,12 @@ def plot(rows, model, path: Path):
         dense = [_f(r["score"]) for r in rows if r["model"] == model and r["rule"] == "dense"
                  and r["task"] == task and r["metric"] == metric]
         for rule in rules:
-            oracle = rule == "d_countdown-ideal"
+            oracle = rule in ORACLE_RULES
             pts = curve(rows, model, rule, task, metric, oracle=oracle)
             if not pts:
                 continue
             base = next((c for k, c in colors.items() if rule.startswith(k)), "tab:gray")
-            ls = "--" if ("ideal" in rule and not oracle) else "-"
+            ls = "-." if "alloc" in rule else "--" if ("ideal" in rule and not oracle) else "-"
             scale = dense[0] if metric == "ppl" and dense else 1.0
             front = pareto(rows, model, rule, task, metric, lower_is_better=metric == "ppl",
                            oracle=oracle)
@@ -271,12 +347,17 @@ def tables(rows, model) -> str:
 
 def report(out: Path):
     rows = read_csv(out / "frontier.csv")
+    fit_rows = read_csv(out / "frontier_fit.csv")
     models = sorted({r["model"] for r in rows})
     goal = [g for m in models for g in goal_check(rows, m)]
     if goal:
         write_csv(out / "frontier_goal.csv", goal, list(goal[0]))
+    budget_goal = [g for m in models for g in budget_goal_check(rows, m)]
+    if budget_goal:
+        write_csv(out / "frontier_budget_goal.csv", budget_goal, list(budget_goal[0]))
     for m in models:
         plot(rows, m, out / f"frontier_{m}.png")
+        plot_allocation(fit_rows, m, out / f"budget_{m}.png")
         (out / f"frontier_{m}.md").write_text(tables(rows, m))
     return goal
 
@@ -316,7 +397,8 @@ def merge_timing(out: Path, timing: dict):
 
 def merge(src: Path, out: Path):
     """Results written elsewhere (e.g. a GPU run's --out per model) into ``out``: each
-    model's rows replace that model's rows of the same tasks; fits replace the model's."""
+    model's rows replace that model's rows of the same tasks; fits and per-token budgets
+    (token_budget.csv) replace the model's."""
     rows = read_csv(src / "frontier.csv") if (src / "frontier.csv").is_file() else []
     for model in sorted({r["model"] for r in rows}):
         write_task_rows(out, model, [r for r in rows if r["model"] == model])
@@ -330,6 +412,12 @@ def merge(src: Path, out: Path):
             write_csv(out / "frontier_fit.csv", mine, fields, model=model)
     if (src / "frontier_timing.json").is_file():
         merge_timing(out, json.loads((src / "frontier_timing.json").read_text()))
+    tokens = read_csv(src / "token_budget.csv")
+    if tokens:
+        from experiments import token_budget      # it imports this module
+
+        for model in sorted({r["model"] for r in tokens}):
+            token_budget.write(out, model, [r for r in tokens if r["model"] == model])
     return report(out)
 
 

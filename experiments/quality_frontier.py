@@ -4,18 +4,24 @@ the full task sets, and place each setting by the FFN bytes it reads (the fronti
     python -m experiments.quality_frontier --model smollm2 --stage all      # GPU
     python -m experiments.quality_frontier --model smollm2 --quick          # CPU smoke run
 
-Stages (``--stage``; fits are kept in ``--work`` between them):
+Stages (``--stage``; fits are kept in ``--work`` between them; ``all`` = fit, eval):
   fit   fitting text (data.fitting_texts, plus text sampled from the model itself on a
         GPU) -> CATS / M thresholds at every r (the release's mean-k-th rule), D |s|
         thresholds (quantile) for the cascade, |s_hat| thresholds (quantile) of each
         low-bit proxy, D predictors at several ranks trained
-        online to the best validation BCE (predictor_online), cascade candidate cut-offs.
+        online to the best validation BCE (predictor_online), cascade candidate cut-offs;
+        per-layer allocations (budget.py) at every bytes budget of D-ideal (oracle
+        bytes), the first proxy and CATS / M thresholds.
   eval  dense + {CATS, M, D} ideal + {CATS, M} threshold + D predictor (per rank) +
-        D cascade (per rank) + D proxy (per bit width; proxy.py) on every rc_0shot document, all of LAMBADA and every BoolQ
-        passage not used for fitting; summarised with each setting's bytes_share.
+        D cascade (per rank) + D proxy (per bit width; proxy.py) + the allocated rules
+        on every rc_0shot document, all of LAMBADA and every BoolQ passage not used for
+        fitting; summarised with each setting's bytes_share.
+  tokens  per-token budgets at equal mean bytes (experiments/token_budget.py): top-k vs
+        a per-layer threshold vs a threshold with a per-token floor / ceiling.
 Results: experiments/results/frontier.csv, frontier_fit.csv, frontier_<model>.png,
-frontier_timing.json (RESULTS.md reads them; experiments/frontier_report.py makes the
-tables and the goal check).
+budget_<model>.png (kept share by layer), frontier_timing.json, token_budget.csv
+(RESULTS.md reads them; experiments/frontier_report.py makes the tables, the plots and
+the goal checks).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from countdown_jax import api
+from countdown_jax import budget as B
 from countdown_jax import calibrate as C
 from countdown_jax import data as D
 from countdown_jax import evaluate as E
@@ -40,6 +47,7 @@ from countdown_jax.cost import bytes_share
 from countdown_jax.generate import Sampling, generate
 from countdown_jax.policy import SparseSpec, make_policy
 from countdown_jax.proxy import quantize_mlp
+from experiments import token_budget
 from experiments.frontier_report import write_outputs
 
 R_SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
@@ -51,6 +59,8 @@ CASCADE_RATIO = (1.5, 2.5)
 PROXIES = ((4, 64), (2, 64))
 TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "openbookqa",
          "boolq", "lambada", "boolq_ppl")
+# bytes budgets of the allocated rules (those a rule can reach: CATS / M from 1/3 up)
+BUDGETS = (0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +87,14 @@ class Scale:
     train_r: tuple[float, ...] = TRAIN_R
     cascade_k: tuple[float, ...] = CASCADE_K
     proxies: tuple[tuple[int, int], ...] = PROXIES
+    budgets: tuple[float, ...] = BUDGETS
+    alloc_rows: int = 32             # fitting rows the allocation measures on (one batch)
+    alloc_seq_len: int | None = None    # their first tokens (None: seq_len)
+    alloc_batch: int = 8             # rows per KL batch (float32 log-probs of the vocab)
+    alloc_deltas: tuple[float, ...] = B.DELTAS
+    alloc_steps: tuple[float, ...] = B.STEPS             # the line search from uniform
+    token_kept: tuple[float, ...] = (0.2, 0.3, 0.45)    # the per-token comparison's k
+    token_bands: tuple[float, ...] = (1.5, 2.0)         # its floor / ceiling factors
 
 
 QUICK = Scale(seq_len=64, sample_rows=0, max_train_rows=24, calib_rows=8, val_rows=4, ranks=(8,),
@@ -84,7 +102,9 @@ QUICK = Scale(seq_len=64, sample_rows=0, max_train_rows=24, calib_rows=8, val_ro
               tasks=("arc_easy", "winogrande", "lambada", "boolq_ppl"), max_rows=8,
               logit_budget=1 << 27, compile_threads=1, calib_batch=4,
               r_sweep=(0.5, 0.9), train_r=(0.5, 0.8), cascade_k=(0.1, 0.3),
-              proxies=((4, 8), (2, 8)))
+              proxies=((4, 8), (2, 8)), budgets=(0.5,), alloc_rows=1, alloc_seq_len=16,
+              alloc_batch=1, alloc_deltas=(0.6, 0.0, -0.6), alloc_steps=(1.0,),
+              token_kept=(0.3,), token_bands=(2.0,))
 
 
 def log(msg):
@@ -169,6 +189,8 @@ def fit(model, sc: Scale, work: Path):
                              precision=float(mc["precision"][i].mean()),
                              realised_sparsity=float(mc["realised_sparsity"][i].mean())))
     save_cascades(model, sc, fits)
+    rows += fit_allocations(model, sc, train, fits)
+    log(f"allocations: {time.perf_counter() - t0:.0f} s")
     for k, curve in hist["val_bce"].items():
         rows += [dict(kind="val_bce", rank=int(k), step=s, bce=b) for s, b in curve]
     work.mkdir(parents=True, exist_ok=True)
@@ -198,6 +220,47 @@ def save_cascades(model, sc: Scale, fits, ratio: float = 2.5):
                                   predictor_r=sc.train_r[i]))
 
 
+def alloc_rules(sc: Scale):
+    """(rule name in the CSVs, budget.Rule) of the allocated variants: D-ideal at oracle
+    bytes (the bound), the first proxy, CATS and M thresholds."""
+    bits, group = sc.proxies[0]
+    return (("d_countdown-alloc-ideal", B.Rule("d_countdown", "ideal", oracle=True)),
+            (f"d_countdown-alloc-proxy-{bits}bit",
+             B.Rule("d_countdown", "proxy", proxy=(bits, group))),
+            ("cats-alloc", B.Rule("cats", "threshold")),
+            ("m_countdown-alloc", B.Rule("m_countdown", "threshold")))
+
+
+def fit_allocations(model, sc: Scale, train, fits):
+    """Per rule of ``alloc_rules``: its allocation at every reachable budget on
+    ``alloc_rows`` fitting rows (``budget.allocate_budgets``) into ``fits``
+    (alloc_<rule>_{budgets,kept,values,levels,loss,base,path_kl}), and per budget and
+    layer a fit row (kind "allocation")."""
+    params, cfg = model.params, model.cfg
+    m, d, L = cfg.d_ff, cfg.d_model, cfg.num_layers
+    seq = sc.alloc_seq_len or sc.seq_len
+    rows = train[np.random.default_rng(3).permutation(len(train))[:sc.alloc_rows], :seq]
+    lens = np.full((len(rows),), seq, np.int32)
+    out = []
+    for name, rule in alloc_rules(sc):
+        a, b = rule.line(m, d)
+        budgets = [x for x in sc.budgets if a + b / m <= x < a + b]
+        if not budgets:
+            continue
+        got = B.allocate_budgets(params, cfg, rows, lens, rule, budgets,
+                                 deltas=sc.alloc_deltas, steps=sc.alloc_steps,
+                                 batch_size=sc.alloc_batch)
+        fits.update({f"alloc_{name}_budgets": got.budgets, f"alloc_{name}_kept": got.kept,
+                     f"alloc_{name}_values": got.values, f"alloc_{name}_path_kl": got.path_kl,
+                     **{f"alloc_{name}_{k}": v for k, v in got.curves.tree().items()}})
+        out += [dict(kind="allocation", rule=name, budget=float(x), layer=l,
+                     kept=float(got.kept[i, l]), kl_uniform=float(got.path_kl[i, 0]),
+                     kl=float(got.path_kl[i, got.chosen[i]]),
+                     step=got.steps[got.chosen[i]])
+                for i, x in enumerate(got.budgets) for l in range(L)]
+    return out
+
+
 def _nearest(values, x):
     return int(np.argmin([abs(v - x) for v in values]))
 
@@ -219,6 +282,17 @@ def settings(model, sc: Scale, fits):
         out.append((E.stacked_setting(f"d_countdown/proxy-{bits}bit",
                                       SparseSpec("d_countdown", "proxy"), sc.r_sweep, pols),
                     [dict(proxy_bits=bits, proxy_group=group)] * len(pols)))
+    for name, rule in alloc_rules(sc):
+        if f"alloc_{name}_budgets" not in fits:
+            continue
+        proxy = rule.make_proxy(model.params)
+        pols = [make_policy(L, **{rule.key: v}, proxy=proxy)
+                for v in fits[f"alloc_{name}_values"]]
+        info = {} if rule.proxy is None else dict(proxy_bits=rule.proxy[0],
+                                                  proxy_group=rule.proxy[1])
+        out.append((E.stacked_setting(name.replace("-", "/", 1), rule.spec,
+                                      1.0 - fits[f"alloc_{name}_kept"].mean(axis=1), pols),
+                    [info] * len(pols)))
     shares = list(fits["cascade_shares"])
     for k in sc.ranks:
         V, U = fits[f"V_{k}"], fits[f"U_{k}"]
@@ -301,6 +375,8 @@ def evaluate(model, name, sc: Scale, fits):
 def _rule(st):
     if st.spec.is_dense:
         return "dense"
+    if "/alloc" in st.name:                       # the allocated rules: alloc_rules' names
+        return st.name.replace("/", "-", 1)
     mode = {"ideal": "ideal", "threshold": "practical", "predictor": "practical",
             "cascade": "cascade", "proxy": "proxy"}[st.spec.mode]
     tail = st.name.split("-")[-1]
@@ -328,7 +404,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2", help="smollm2 | gemma3 | a converted dir")
     ap.add_argument("--name", default=None, help="model name in the CSVs (default --model)")
-    ap.add_argument("--stage", choices=("fit", "eval", "all"), default="all")
+    ap.add_argument("--stage", choices=("fit", "eval", "tokens", "all"), default="all",
+                    help="all = fit, then eval (tokens runs alone)")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run (tiny sizes)")
     ap.add_argument("--dtype", default="float32", help="dtype of a registry conversion")
     ap.add_argument("--work", default=None, help="where fits are kept (default out/<name>)")
@@ -365,7 +442,25 @@ def main(argv=None):
     if args.stage in ("eval", "all"):
         fits = dict(np.load(work / "fits.npz", allow_pickle=False))
         rows, timing = evaluate(model, name, sc, fits)
+    if args.stage == "tokens":
+        run_tokens(model, name, sc, out)
+        return
     write_outputs(out, name, fit_rows=fit_rows, rows=rows, timing=timing)
+
+
+def run_tokens(model, name: str, sc: Scale, out: Path):
+    """The per-token comparison (experiments/token_budget.py) on fitting rows."""
+    t0 = time.perf_counter()
+    train, _ = fitting_rows(model, dataclasses.replace(sc, sample_rows=0))
+    rows = train[np.random.default_rng(4).permutation(len(train))[:sc.alloc_rows],
+                 :sc.alloc_seq_len or sc.seq_len]
+    tasks = tuple(t for t in sc.tasks if t != "hellaswag")
+    res = token_budget.run(model, name, rows, kept=sc.token_kept, bands=sc.token_bands,
+                           proxy=sc.proxies[0],
+                           text=dict(tasks=tasks, n_docs=sc.n_docs, max_rows=sc.max_rows,
+                                     held_rows=sc.val_rows, seq_len=sc.seq_len))
+    token_budget.write(out, name, res)
+    log(f"{name}: per-token budgets in {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import math
 
+import numpy as np
 import pytest
 
 from experiments import frontier_report as R
@@ -57,6 +58,32 @@ def test_goal_check_gap_closed():
     assert p["gap_closed"] > g["gap_closed"] and p["goal_met"]
 
 
+def test_budget_goal_check():
+    """An allocated practical rule meets the budget goal where its perplexity is at most
+    uniform D-ideal's (oracle bytes) and its MC accuracy within one stderr of D-ideal's."""
+    rows = []
+    for rule, method, mode, pts in (
+            ("d_countdown-ideal", "d_countdown", "ideal", [(0.2, 30.0, 0.40), (0.8, 10.0, 0.46)]),
+            ("d_countdown-alloc-ideal", "d_countdown", "ideal",
+             [(0.2, 25.0, 0.41), (0.8, 9.0, 0.46)]),
+            ("d_countdown-alloc-proxy-4bit", "d_countdown", "proxy",
+             [(0.3, 25.0, 0.415), (0.5, 15.0, 0.41), (0.7, 14.0, 0.415)])):
+        for b, ppl, acc in pts:
+            rows += [_row(rule, b, ppl, mode=mode, method=method),
+                     _row(rule, b, acc, task="mc_mean", metric="acc_norm", mode=mode,
+                          method=method)]
+    goal = {g["bytes_share"]: g for g in R.budget_goal_check(rows, "x")}
+    g40, g55 = goal[0.40], goal[0.55]
+    assert g40["rule"] == "d_countdown-alloc-proxy"
+    assert g40["ppl_d_ideal"] == pytest.approx(30 * (10 / 30) ** (1 / 3))
+    assert g40["ppl_d_ideal_alloc"] < g40["ppl_d_ideal"]
+    assert g40["ppl"] == pytest.approx(math.sqrt(25 * 15))
+    assert g40["goal_met"] == (g40["ppl"] <= g40["ppl_d_ideal"]) and g40["goal_met"]
+    # at 0.55 its perplexity is below D-ideal's, but its accuracy more than a stderr under
+    assert g55["ppl"] < g55["ppl_d_ideal"] and not g55["goal_met"]
+    assert g55["acc"] < g55["acc_d_ideal"] - g55["acc_stderr"]
+
+
 def test_task_groups_written_apart_and_merged(tmp_path, monkeypatch):
     """Task groups run apart (HellaSwag alone): the MC mean is recomputed over every MC
     task in the file, not over the last group; merging a GPU run's folder replaces that
@@ -79,6 +106,18 @@ def test_task_groups_written_apart_and_merged(tmp_path, monkeypatch):
     got = {r["task"]: float(r["score"]) for r in rows}
     assert got == pytest.approx({"arc_easy": 0.6, "piqa": 0.9, "hellaswag": 0.4,
                                  "mc_mean": (0.6 + 0.9 + 0.4) / 3})
+    # the per-token budgets (quality_frontier --stage tokens) come along, per model
+    from experiments import token_budget as T
+
+    tok = dict(quantity="s", variant="topk", kept_target=0.3, bytes_share=0.3,
+               task="boolq_ppl", metric="ppl", score=20.0, stderr=1.0,
+               **T.spread(np.full((2, 3), 0.3)))
+    T.write(tmp_path, "y", [dict(tok, model="y")])
+    T.write(src, "x", [dict(tok, model="x", score=21.0)])
+    R.merge(src, tmp_path)
+    got = {r["model"]: float(r["score"]) for r in R.read_csv(tmp_path / "token_budget.csv")}
+    assert got == {"x": 21.0, "y": 20.0}
+    assert "| s | 0.30 | topk | 0.300 | 21 ± 1 |" in (tmp_path / "token_budget_x.md").read_text()
 
 
 def test_mc_mean_only_for_settings_scored_on_every_task():
@@ -112,7 +151,8 @@ def test_frontier_pipeline_quick(tmp_path):
     rules = {r["rule"] for r in rows}
     assert {"dense", "cats-ideal", "cats-practical", "m_countdown-practical",
             "d_countdown-ideal", "d_countdown-practical-rank8",
-            "d_countdown-cascade-rank8"} <= rules
+            "d_countdown-cascade-rank8", "d_countdown-alloc-ideal",
+            "d_countdown-alloc-proxy-4bit", "cats-alloc", "m_countdown-alloc"} <= rules
     tasks = {r["task"] for r in rows}
     assert {"boolq_ppl", "lambada", "arc_easy", "mc_mean"} <= tasks
     for r in rows:
@@ -122,13 +162,22 @@ def test_frontier_pipeline_quick(tmp_path):
             assert b == pytest.approx((1 + 2 * kept) / 3, abs=1e-5)
         if "cascade" in r["rule"]:
             assert float(r["candidates"]) >= 0 and kept <= float(r["candidates"]) + 0.05
-        if r["rule"] == "d_countdown-ideal" and r["task"] == "boolq_ppl":
-            # the oracle rule drops exactly int(m r) neurons per sparse token
+        if r["rule"] in ("d_countdown-ideal", "d_countdown-alloc-ideal") \
+                and r["task"] == "boolq_ppl":
+            # the oracle rule drops exactly its (per-layer) count per sparse token
             assert abs(float(r["sparsity_realised"]) - float(r["sparsity_target"])) < 2e-3
+        if r["rule"] == "d_countdown-alloc-ideal":     # drawn at oracle bytes: the budget
+            assert float(r["bytes_share_oracle"]) == pytest.approx(0.5, abs=2e-3)
     fit = list(csv.DictReader(open(tmp_path / "out" / "frontier_fit.csv")))
-    assert {"predictor", "val_bce", "cascade_candidates"} <= {r["kind"] for r in fit}
+    assert {"predictor", "val_bce", "cascade_candidates", "allocation"} <= \
+        {r["kind"] for r in fit}
+    for r in fit:
+        if r["kind"] == "allocation":
+            assert float(r["kl"]) <= float(r["kl_uniform"])      # the line search's pick
     assert (tmp_path / "out" / "frontier_smollm2.png").is_file()
+    assert (tmp_path / "out" / "budget_smollm2.png").is_file()
     assert (tmp_path / "out" / "frontier_goal.csv").is_file()
+    assert (tmp_path / "out" / "frontier_budget_goal.csv").is_file()
     # the fitted cascades are saved with the (private) model directory and load by name
     from countdown_jax import api
     model = api.load(tmp_path / "work" / "model")
@@ -139,3 +188,20 @@ def test_frontier_pipeline_quick(tmp_path):
     assert 0.0 < out.realised_sparsity < 1.0
     with pytest.raises(FileNotFoundError, match="quality_frontier"):
         api.sparsity_setup(model, "d_countdown", "cascade", 0.55)
+
+
+def test_token_budget_variants_and_spread():
+    """The per-token comparison's three rules as bounds on one threshold rule, and the
+    spread of kept shares it reports."""
+    from experiments import token_budget as T
+
+    v = T.variants((2.0,))
+    assert v["topk"](0.3) == {"floor": 0.3, "ceiling": 0.3} and v["threshold"](0.3) == {}
+    assert v["band-x2"](0.6) == {"floor": 0.3, "ceiling": 1.0}
+    kept = np.array([[0.1, 0.3, 0.5], [0.3, 0.3, 0.3]])
+    sp = T.spread(kept)
+    assert sp["kept_mean"] == pytest.approx(0.3) and sp["kept_min"] == 0.1
+    assert sp["kept_layer_std"] == pytest.approx(np.std([0.1, 0.3, 0.5]) / 2)
+    row = dict(model="x", quantity="s", variant="topk", kept_target=0.3, bytes_share=0.3,
+               task="boolq_ppl", metric="ppl", score=20.0, stderr=1.0, **sp)
+    assert "| s | 0.30 | topk | 0.300 | 20 ± 1 |" in T.table("x", [row])

@@ -87,6 +87,26 @@ def test_queue_runs_a_task_group_on_the_first_gpu_freed(tmp_path):
     assert (res / "gemma3" / "hellaswag.done").exists()
 
 
+def test_the_tokens_group_runs_the_per_token_stage(tmp_path):
+    """The task group "tokens" (in EVALS by default) runs quality_frontier --stage tokens."""
+    script = Path(__file__).resolve().parents[1] / "experiments" / "gpu_quality.sh"
+    env = dict(os.environ, HOME=str(tmp_path),
+               PATH=f"{_stub_python(tmp_path)}:{os.environ['PATH']}")
+    res = tmp_path / "stage" / "res" / "smollm2"
+    res.mkdir(parents=True)
+    (res / "fit.done").touch()
+    (res / "eval.done").touch()
+    subprocess.run(["bash", str(script), "queue", "smollm2", "tokens", "0:smollm2/eval.done"],
+                   env=env, check=True, capture_output=True, timeout=30)
+    for _ in range(60):
+        if (res / "tokens.done").exists():
+            break
+        time.sleep(0.5)
+    call = (tmp_path / "calls.log").read_text()
+    assert "--stage tokens" in call and "--tasks" not in call
+    assert (res / "tokens.done").exists()
+
+
 def test_speed_jobs_run_in_order_from_a_frozen_tree(tmp_path):
     """gpu_speed.sh: a launched job runs in the background from its own copy of the work
     tree on the GPUs it names, a job --after another starts when that one ended, a name

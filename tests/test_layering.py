@@ -22,7 +22,8 @@ LAYERS = (
     ("ffn", "ffn_parallel", "attention_parallel", "decode_projections", "batch_union", "fast_path"),
     ("model",),
     ("generate",),
-    ("api", "evaluate.", "calibrate", "predictor", "predictor_online", "data", "modules"),
+    ("api", "evaluate.", "calibrate", "budget", "calibrate_command", "predictor",
+     "predictor_online", "data", "modules"),
     ("cli", "demo", "__main__"),
 )
 

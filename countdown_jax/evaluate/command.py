@@ -9,6 +9,7 @@ from countdown_jax.evaluate.items import FEWSHOT_VARIANTS, build_items, canonica
 from countdown_jax.evaluate.metrics import summarize
 from countdown_jax.evaluate.scoring import score
 from countdown_jax.evaluate.settings import EVAL_MODES, settings_for, spec_mode
+from countdown_jax.policy import Budget
 
 METHODS = ("cats", "m_countdown", "d_countdown", "dejavu", "s_countdown")
 
@@ -19,6 +20,8 @@ def _check(args):
     from countdown_jax import api
 
     args.tasks = canonical_tasks(args.tasks, args.num_fewshot)
+    if args.budget is not None:           # the per-layer allocations saved for them
+        args.sparsity = [Budget(b) for b in args.budget]
     for method in args.method:
         for mode in args.mode:
             for r in args.sparsity:
@@ -69,7 +72,9 @@ def _run(args):
         if args.format == "json":
             config = dict(model=str(args.model_dir), tasks=args.tasks, n=args.n,
                           num_fewshot=args.num_fewshot, seed=args.seed, methods=args.method,
-                          modes=args.mode, sparsities=args.sparsity)
+                          modes=args.mode, sparsities=[float(getattr(r, "share", r))
+                                                       for r in args.sparsity],
+                          budgets=args.budget is not None)
             clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v)
                       for k, v in row.items()} for row in rows]
             json.dump(json_report(clean, config), out, indent=1)
@@ -108,8 +113,12 @@ def register(subparsers):
                    help="ideal: per-token oracle; practical: saved thresholds (cats, "
                         "m_countdown) or predictor (d_countdown, dejavu); proxy: "
                         "d_countdown's low-bit proxy (calibrate --proxy-bits)")
-    p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9],
-                   metavar="R", help="target sparsities in [0, 1)")
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9],
+                        metavar="R", help="target sparsities in [0, 1)")
+    amount.add_argument("--budget", type=float, nargs="+", default=None, metavar="B",
+                        help="FFN bytes shares of dense: the per-layer allocations "
+                             "`calibrate --budget` saved (--mode ideal / practical / proxy)")
     p.add_argument("--n", type=positive_int, default=50,
                    help="examples per task (deterministic subsample)")
     p.add_argument("--num-fewshot", type=int, default=0, choices=sorted(FEWSHOT_VARIANTS),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-from countdown_jax.policy import DENSE, SparseSpec, make_policy, stack_policies
+from countdown_jax.policy import DENSE, Budget, SparseSpec, make_policy, stack_policies
 
 # eval's practical mode = the method's deployable rule (generate's --mode names it)
 PRACTICAL_MODE = {"cats": "threshold", "m_countdown": "threshold", "d_countdown": "predictor",
@@ -63,20 +63,21 @@ def stacked_setting(name: str, spec: SparseSpec, sparsities, policies: Sequence[
 
 def settings_for(model, methods, modes, sparsities) -> list[Setting]:
     """Dense plus, per method/mode, one setting stacking every r (practical modes read the
-    calibrated thresholds / trained predictors saved with the model)."""
+    calibrated thresholds / trained predictors saved with the model), or every ``Budget``
+    (the per-layer allocations saved with it; the setting's r are their mean targets)."""
     from countdown_jax import api
 
     out = [dense_setting()]
     L = model.cfg.num_layers
+    budgets = any(isinstance(r, Budget) for r in sparsities)
     for method in methods:
         for mode in modes:
-            if mode == "ideal":
+            if mode == "ideal" and not budgets:
                 out.append(ideal_setting(L, method, sparsities))
                 continue
             practical = spec_mode(method, mode)
-            pols = []
-            for r in sparsities:
-                spec, pol = api.sparsity_setup(model, method, practical, r)
-                pols.append(pol)
-            out.append(stacked_setting(f"{method}/{practical}", spec, sparsities, pols))
+            setups = [api.sparsity_setup(model, method, practical, r) for r in sparsities]
+            targets = [spec.target_sparsity for spec, _ in setups]
+            out.append(stacked_setting(f"{method}/{practical}" + ("/budget" if budgets else ""),
+                                       setups[0][0], targets, [pol for _, pol in setups]))
     return out

@@ -46,3 +46,33 @@ def tiny_model(seed: int = 0, **overrides):
         },
     }
     return params, cfg
+
+
+def byte_tokenizer(out_dir):
+    """A byte-level tokenizer with no merges (vocabulary 259: pad, bos, eos, 256 bytes),
+    saved where ``api.load_tokenizer`` reads it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({c: 3 + i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(str(out_dir))
+    return out_dir
+
+
+def model_dir(out_dir, seed: int = 0):
+    """A model directory (``api.load`` / the CLI read it) of the tiny decoder, with the
+    byte tokenizer: vocabulary 259."""
+    from pathlib import Path
+
+    from conversion.checkpoint import save_model
+
+    out_dir = Path(out_dir)
+    hf = {**HF, "vocab_size": 259}
+    params, _ = tiny_model(seed, vocab_size=259)
+    tok = byte_tokenizer(out_dir.parent / f".{out_dir.name}-tokenizer")
+    return save_model(out_dir, params, hf, tokenizer_dir=tok)
