@@ -35,8 +35,8 @@ from countdown_jax.config import ModelConfig
 from countdown_jax.generate import decode_params
 from countdown_jax.policy import SparseSpec, make_policy
 from countdown_jax.sharding import random_params
-from experiments.bench.decode import (PROXY, calibrate, proxy_policy, random_predictor,
-                                      time_decode)
+from experiments.bench.decode import (PROXY, calibrate, cats_policy, proxy_policy,
+                                      random_predictor, time_decode)
 from experiments.bench.harness import write_csv
 from experiments.bench.shapes import LLAMA_3_1_8B, TINY_DECODER
 
@@ -44,13 +44,16 @@ TARGET = 0.9        # the user path's decode rate over the best path's, at least
 
 
 def _setups(params, cfg, predictor, r, methods):
-    """method -> (sparsity method, mode, policy) at sparsity r (dense: no policy; "proxy":
+    """method -> (sparsity method, mode, policy) at sparsity r (dense: no policy; cats: its
+    thresholds on |act(gate x)|; "proxy":
     D-COUNTDOWN in proxy mode, its proxy quantized from the random weights)."""
     tau, theta = calibrate(params, cfg, predictor, r, jax.random.PRNGKey(2))
     out = {"dense": ("dense", "ideal", None),
            "m_countdown": ("m_countdown", "threshold", make_policy(cfg.num_layers, threshold=tau)),
            "d_countdown": ("d_countdown", "predictor", make_policy(cfg.num_layers, theta=theta,
                                                                    predictor=predictor))}
+    if "cats" in methods:
+        out["cats"] = ("cats", "threshold", cats_policy(params, cfg, r, jax.random.PRNGKey(2)))
     if PROXY in methods:
         out[PROXY] = ("d_countdown", "proxy",
                       proxy_policy(params, cfg, r, jax.random.PRNGKey(2)))
@@ -127,7 +130,7 @@ def main(argv=None):
     ap.add_argument("--name", default=None,
                     help="output file stem (default bench_auto_path, tiny: bench_auto_path_tiny)")
     ap.add_argument("--methods", default="m_countdown,d_countdown,dense",
-                    help=f"comma list of dense, m_countdown, d_countdown, {PROXY} "
+                    help=f"comma list of dense, m_countdown, cats, d_countdown, {PROXY} "
                     "(D-COUNTDOWN, proxy mode); put dense first for x dense")
     ap.add_argument("--sparsity", default="0.9", help="target r, comma-separated")
     ap.add_argument("--best", default="lists,masked",

@@ -90,12 +90,13 @@ def read_csv(path: Path):
         return list(csv.DictReader(f))
 
 
-def write_csv(path: Path, rows, fields, model=None, by_task=False):
+def write_csv(path: Path, rows, fields, model=None, by=()):
     """Rows of other models already in the file are kept (models run one at a time), and
-    with ``by_task`` the model's rows of tasks not in ``rows`` too (task groups run apart)."""
-    tasks = {r["task"] for r in rows} if by_task else None
+    of the model's own those whose values of the columns ``by`` no new row has (task
+    groups and rule subsets run apart: ``by=("task", "rule")``)."""
+    new = {tuple(r.get(k) for k in by) for r in rows}
     old = [r for r in read_csv(path) if model is not None and (
-        r.get("model") != model or (tasks is not None and r.get("task") not in tasks))]
+        r.get("model") != model or (by and tuple(r.get(k) for k in by) not in new))]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -367,7 +368,7 @@ def write_outputs(out: Path, model: str, *, fit_rows=None, rows=None, timing=Non
         for r in fit_rows:
             r["model"] = model
         fields = ["model"] + sorted({k for r in fit_rows for k in r} - {"model"})
-        write_csv(out / "frontier_fit.csv", fit_rows, fields, model=model)
+        write_csv(out / "frontier_fit.csv", fit_rows, fields, model=model, by=("kind",))
     if rows:
         write_task_rows(out, model, [with_oracle_bytes(r) for r in rows])
     if timing:
@@ -376,15 +377,16 @@ def write_outputs(out: Path, model: str, *, fit_rows=None, rows=None, timing=Non
 
 
 def write_task_rows(out: Path, model: str, rows):
-    """A model's per-task rows into frontier.csv (its rows of other tasks kept: task groups
-    run apart), then its MC mean recomputed over every MC task now in the file."""
+    """A model's per-task rows into frontier.csv (its rows of other tasks or rules kept:
+    task groups and rule subsets run apart), then its MC mean recomputed over every MC
+    task now in the file."""
     path = out / "frontier.csv"
     write_csv(path, [r for r in rows if r["task"] != "mc_mean"], FIELDS, model=model,
-              by_task=True)
+              by=("task", "rule"))
     mine = [r for r in read_csv(path) if r["model"] == model and r["task"] != "mc_mean"]
     mean = [with_oracle_bytes(r) for r in mc_mean_rows(mine)]
     if mean:
-        write_csv(path, mean, FIELDS, model=model, by_task=True)
+        write_csv(path, mean, FIELDS, model=model, by=("task", "rule"))
 
 
 def merge_timing(out: Path, timing: dict):
@@ -397,8 +399,8 @@ def merge_timing(out: Path, timing: dict):
 
 def merge(src: Path, out: Path):
     """Results written elsewhere (e.g. a GPU run's --out per model) into ``out``: each
-    model's rows replace that model's rows of the same tasks; fits and per-token budgets
-    (token_budget.csv) replace the model's."""
+    model's rows replace that model's rows of the same tasks and rules, its fit rows those
+    of the same kinds; per-token budgets (token_budget.csv) replace the model's."""
     rows = read_csv(src / "frontier.csv") if (src / "frontier.csv").is_file() else []
     for model in sorted({r["model"] for r in rows}):
         write_task_rows(out, model, [r for r in rows if r["model"] == model])
@@ -409,7 +411,7 @@ def merge(src: Path, out: Path):
             old = read_csv(out / "frontier_fit.csv") if (out / "frontier_fit.csv").is_file() \
                 else []
             fields = ["model"] + sorted({k for r in old + mine for k in r} - {"model"})
-            write_csv(out / "frontier_fit.csv", mine, fields, model=model)
+            write_csv(out / "frontier_fit.csv", mine, fields, model=model, by=("kind",))
     if (src / "frontier_timing.json").is_file():
         merge_timing(out, json.loads((src / "frontier_timing.json").read_text()))
     tokens = read_csv(src / "token_budget.csv")

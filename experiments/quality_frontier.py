@@ -16,6 +16,8 @@ Stages (``--stage``; fits are kept in ``--work`` between them; ``all`` = fit, ev
         D cascade (per rank) + D proxy (per bit width; proxy.py) + the allocated rules
         on every rc_0shot document, all of LAMBADA and every BoolQ passage not used for
         fitting; summarised with each setting's bytes_share.
+  ``--rules allocated`` fits and scores dense and the allocated rules alone (a run that
+        adds them to a frontier already measured; merging keeps the other rules' rows).
   tokens  per-token budgets at equal mean bytes (experiments/token_budget.py): top-k vs
         a per-layer threshold vs a threshold with a per-token floor / ceiling.
 Results: experiments/results/frontier.csv, frontier_fit.csv, frontier_<model>.png,
@@ -135,12 +137,19 @@ def fitting_rows(model, sc: Scale):
     return np.concatenate(rows), val
 
 
-def fit(model, sc: Scale, work: Path):
+def fit(model, sc: Scale, work: Path, rules: str = "all"):
     params, cfg = model.params, model.cfg
     t0 = time.perf_counter()
     train, val = fitting_rows(model, sc)
     log(f"fitting rows: {train.shape[0]} x {sc.seq_len} = {train.size} tokens "
         f"(val {val.shape[0]} rows); {time.perf_counter() - t0:.0f} s")
+    if rules == "allocated":            # the allocations alone (each fits its own taus)
+        fits = {}
+        rows = fit_allocations(model, sc, train, fits)
+        meta = dict(train_tokens=int(train.size), sampled_rows=sc.sample_rows,
+                    rules=rules, fit_seconds=time.perf_counter() - t0)
+        _save_fits(work, fits, meta)
+        return rows, meta
     fits, rows = {}, []
     calib = train[np.random.default_rng(2).permutation(len(train))[:sc.calib_rows]]
     clen = np.full((len(calib),), sc.seq_len, np.int32)
@@ -193,14 +202,18 @@ def fit(model, sc: Scale, work: Path):
     log(f"allocations: {time.perf_counter() - t0:.0f} s")
     for k, curve in hist["val_bce"].items():
         rows += [dict(kind="val_bce", rank=int(k), step=s, bce=b) for s, b in curve]
-    work.mkdir(parents=True, exist_ok=True)
-    np.savez(work / "fits.npz", **fits)
     meta = dict(train_tokens=int(train.size), val_tokens=int(val.size),
                 sampled_rows=sc.sample_rows, steps=hist["steps"],
                 trained_tokens=hist["tokens"], train_seconds=hist["seconds"],
                 fit_seconds=time.perf_counter() - t0)
-    (work / "fits.json").write_text(json.dumps(meta, indent=1))
+    _save_fits(work, fits, meta)
     return rows, meta
+
+
+def _save_fits(work: Path, fits, meta):
+    work.mkdir(parents=True, exist_ok=True)
+    np.savez(work / "fits.npz", **fits)
+    (work / "fits.json").write_text(json.dumps(meta, indent=1))
 
 
 def save_cascades(model, sc: Scale, fits, ratio: float = 2.5):
@@ -266,10 +279,14 @@ def _nearest(values, x):
 
 
 # -- eval ---------------------------------------------------------------------------------
-def settings(model, sc: Scale, fits):
-    """[(Setting, per-policy info dicts)] of every rule; info holds rank / candidates."""
+def settings(model, sc: Scale, fits, rules: str = "all"):
+    """[(Setting, per-policy info dicts)] of every rule (``rules`` "allocated": dense and
+    the allocated rules only); info holds rank / candidates."""
     L = model.cfg.num_layers
     out = [(E.dense_setting(), [{}])]
+    out += allocated_settings(model, sc, fits)
+    if rules == "allocated":
+        return out
     for method in ("cats", "m_countdown", "d_countdown"):
         out.append((E.ideal_setting(L, method, sc.r_sweep), [{}] * len(sc.r_sweep)))
     for method in ("cats", "m_countdown"):
@@ -282,17 +299,6 @@ def settings(model, sc: Scale, fits):
         out.append((E.stacked_setting(f"d_countdown/proxy-{bits}bit",
                                       SparseSpec("d_countdown", "proxy"), sc.r_sweep, pols),
                     [dict(proxy_bits=bits, proxy_group=group)] * len(pols)))
-    for name, rule in alloc_rules(sc):
-        if f"alloc_{name}_budgets" not in fits:
-            continue
-        proxy = rule.make_proxy(model.params)
-        pols = [make_policy(L, **{rule.key: v}, proxy=proxy)
-                for v in fits[f"alloc_{name}_values"]]
-        info = {} if rule.proxy is None else dict(proxy_bits=rule.proxy[0],
-                                                  proxy_group=rule.proxy[1])
-        out.append((E.stacked_setting(name.replace("-", "/", 1), rule.spec,
-                                      1.0 - fits[f"alloc_{name}_kept"].mean(axis=1), pols),
-                    [info] * len(pols)))
     shares = list(fits["cascade_shares"])
     for k in sc.ranks:
         V, U = fits[f"V_{k}"], fits[f"U_{k}"]
@@ -316,6 +322,23 @@ def settings(model, sc: Scale, fits):
     return out
 
 
+def allocated_settings(model, sc: Scale, fits):
+    """[(Setting, info)] of each allocated rule fitted (``fit_allocations``)."""
+    out = []
+    for name, rule in alloc_rules(sc):
+        if f"alloc_{name}_budgets" not in fits:
+            continue
+        proxy = rule.make_proxy(model.params)
+        pols = [make_policy(model.cfg.num_layers, **{rule.key: v}, proxy=proxy)
+                for v in fits[f"alloc_{name}_values"]]
+        info = {} if rule.proxy is None else dict(proxy_bits=rule.proxy[0],
+                                                  proxy_group=rule.proxy[1])
+        out.append((E.stacked_setting(name.replace("-", "/", 1), rule.spec,
+                                      1.0 - fits[f"alloc_{name}_kept"].mean(axis=1), pols),
+                    [info] * len(pols)))
+    return out
+
+
 def candidate_shares(model, setting, held):
     """The cascade's realised candidate share per policy, on held-out evaluation text: its
     first stage alone is the predictor rule at theta (D-predictor forward)."""
@@ -330,12 +353,12 @@ def candidate_shares(model, setting, held):
     return out
 
 
-def evaluate(model, name, sc: Scale, fits):
+def evaluate(model, name, sc: Scale, fits, rules: str = "all"):
     cfg = model.cfg
     t0 = time.perf_counter()
     items, gold = E.build_items(model.tokenizer, sc.tasks, sc.n_docs, ppl_texts=sc.n_docs,
                                 lambada=sc.n_docs)
-    sets = settings(model, sc, fits)
+    sets = settings(model, sc, fits, rules)
     n_settings = sum(st.size for st, _ in sets)
     n_sparse = sum(len(it.continuation) - 1 for it in items)
     log(f"{name}: {len(items)} items ({n_sparse} sparse tokens) x {n_settings} settings")
@@ -365,7 +388,8 @@ def evaluate(model, name, sc: Scale, fits):
                                          if "proxy_bits" in extra else None)
         row["rule"] = _rule(st)
         out.append({**row, **extra})
-    timing = dict(model=name, tasks="+".join(sc.tasks), items=len(items), sparse_tokens=n_sparse, settings=n_settings,
+    tasks = "+".join(sc.tasks) + ("" if rules == "all" else f" ({rules})")
+    timing = dict(model=name, tasks=tasks, items=len(items), sparse_tokens=n_sparse, settings=n_settings,
                   seconds=scores.seconds, compile_seconds=scores.compile_seconds,
                   items_x_settings_per_s=len(items) * n_settings / scores.seconds,
                   total_seconds=time.perf_counter() - t0, device=str(jax.devices()[0]))
@@ -417,13 +441,18 @@ def main(argv=None):
                     help="predictor ranks (default 64 128 256)")
     ap.add_argument("--max-epochs", type=float, default=None,
                     help="predictor training epochs at most (default 4; early stopping)")
+    ap.add_argument("--rules", choices=("all", "allocated"), default="all",
+                    help="allocated: fit and score dense and the allocated rules only (their "
+                         "rows replace those rules' rows on merging; the others are kept)")
+    ap.add_argument("--sample-rows", type=int, default=None,
+                    help="fitting rows sampled from the model on a GPU (default 2560)")
     ap.add_argument("--compile-threads", type=int, default=None,
                     help="threads compiling the scorer's programs (default 12)")
     args = ap.parse_args(argv)
     sc = QUICK if args.quick else Scale()
     if args.tasks:
         sc = dataclasses.replace(sc, tasks=tuple(args.tasks))
-    for key in ("ranks", "max_epochs", "compile_threads"):
+    for key in ("ranks", "max_epochs", "compile_threads", "sample_rows"):
         if getattr(args, key) is not None:
             value = getattr(args, key)
             sc = dataclasses.replace(sc, **{key: tuple(value) if key == "ranks" else value})
@@ -436,12 +465,12 @@ def main(argv=None):
         f"device {jax.devices()[0]}")
     fit_rows = None
     if args.stage in ("fit", "all"):
-        fit_rows, meta = fit(model, sc, work)
+        fit_rows, meta = fit(model, sc, work, args.rules)
         log(f"fit: {meta}")
     rows = timing = None
     if args.stage in ("eval", "all"):
         fits = dict(np.load(work / "fits.npz", allow_pickle=False))
-        rows, timing = evaluate(model, name, sc, fits)
+        rows, timing = evaluate(model, name, sc, fits, args.rules)
     if args.stage == "tokens":
         run_tokens(model, name, sc, out)
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import math
 
 import numpy as np
@@ -120,6 +121,35 @@ def test_task_groups_written_apart_and_merged(tmp_path, monkeypatch):
     assert "| s | 0.30 | topk | 0.300 | 21 ± 1 |" in (tmp_path / "token_budget_x.md").read_text()
 
 
+def test_rule_subset_merged_beside_the_other_rules(tmp_path, monkeypatch):
+    """A run of the allocated rules alone (quality_frontier --rules allocated) replaces
+    those rules' rows and dense's on merging and keeps every other rule's; its fit rows
+    replace the same kind's only."""
+    monkeypatch.setattr(R, "report", lambda out: [])
+    tasks = ("arc_easy", "piqa")
+    R.write_outputs(tmp_path, "x", fit_rows=[dict(kind="predictor", layer=0, f1=0.5),
+                                             dict(kind="allocation", layer=0, kept=0.1)],
+                    rows=[dict(_row(rule, 0.5, 0.5, task=t, metric="acc_norm"), setting=rule)
+                          for rule in ("dense", "cats-ideal", "cats-alloc") for t in tasks])
+    src = tmp_path / "gpu"
+    src.mkdir()
+    R.write_outputs(src, "x", fit_rows=[dict(kind="allocation", layer=0, kept=0.3)],
+                    rows=[dict(_row(rule, 0.5, 0.7, task=t, metric="acc_norm"), setting=rule)
+                          for rule in ("dense", "cats-alloc", "m_countdown-alloc")
+                          for t in tasks])
+    R.merge(src, tmp_path)
+    got = {(r["rule"], r["task"]): float(r["score"])
+           for r in R.read_csv(tmp_path / "frontier.csv")}
+    for t in tasks + ("mc_mean",):
+        assert got[("cats-ideal", t)] == pytest.approx(0.5)
+        for rule in ("dense", "cats-alloc", "m_countdown-alloc"):
+            assert got[(rule, t)] == pytest.approx(0.7)
+    assert len(got) == 4 * 3
+    fit = {(r["kind"], r.get("f1") or r.get("kept"))
+           for r in R.read_csv(tmp_path / "frontier_fit.csv")}
+    assert fit == {("predictor", "0.5"), ("allocation", "0.3")}
+
+
 def test_mc_mean_only_for_settings_scored_on_every_task():
     """A task group run with fewer settings (HellaSwag at one rank) leaves the other
     settings without an MC mean rather than a mean over fewer tasks."""
@@ -178,6 +208,15 @@ def test_frontier_pipeline_quick(tmp_path):
     assert (tmp_path / "out" / "budget_smollm2.png").is_file()
     assert (tmp_path / "out" / "frontier_goal.csv").is_file()
     assert (tmp_path / "out" / "frontier_budget_goal.csv").is_file()
+    # the allocated rules alone, scored again into the same folder: their rows (and
+    # dense's) replace theirs, every other rule's stay
+    before = {(r["rule"], r["task"]) for r in rows}
+    Q.main(["--quick", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+            "--stage", "eval", "--rules", "allocated", "--tasks", "boolq_ppl"])
+    again = list(csv.DictReader(open(tmp_path / "out" / "frontier.csv")))
+    assert {(r["rule"], r["task"]) for r in again} == before and len(again) == len(rows)
+    timing = json.loads((tmp_path / "out" / "frontier_timing.json").read_text())
+    assert timing["smollm2"]["boolq_ppl (allocated)"]["settings"] == 1 + 4 * 1
     # the fitted cascades are saved with the (private) model directory and load by name
     from countdown_jax import api
     model = api.load(tmp_path / "work" / "model")

@@ -20,6 +20,7 @@ from countdown_jax import model as model_lib
 from countdown_jax import proxy as proxy_lib
 from countdown_jax.cost import bytes_share
 from countdown_jax.decode_path import PORTABLE
+from countdown_jax.gated import activation
 from countdown_jax.generate import decode_policy
 from countdown_jax.policy import make_policy
 
@@ -92,6 +93,16 @@ def proxy_policy(params, cfg, r, key, fmt=PROXY_FORMAT):
         lambda a: proxy_lib.proxy_scores(a[0], a[1], cfg.act), (pr, xs)))(pr, xs)
     tau = jnp.quantile(s.reshape(cfg.num_layers, -1), r, axis=1)
     return make_policy(cfg.num_layers, threshold=np.asarray(tau), proxy=pr)
+
+
+def cats_policy(params, cfg, r, key):
+    """CATS at sparsity r: per-layer tau = the r-quantile of |act(gate x)| on the
+    calibration prompt's MLP inputs."""
+    xs = _mlp_inputs(params, cfg, key)
+    gate = params["layers"]["mlp"]["gate"].astype(jnp.float32)
+    a = jnp.abs(activation(cfg.act)(jnp.einsum("ltd,lmd->ltm", xs, gate)))
+    tau = jnp.quantile(a.reshape(cfg.num_layers, -1), r, axis=1)
+    return make_policy(cfg.num_layers, threshold=np.asarray(tau))
 
 
 def calibrate(params, cfg, predictor, r, key):
