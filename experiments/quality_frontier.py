@@ -63,6 +63,8 @@ TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "openbo
          "boolq", "lambada", "boolq_ppl")
 # bytes budgets of the allocated rules (those a rule can reach: CATS / M from 1/3 up)
 BUDGETS = (0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7)
+ALLOC_NAMES = ("d_countdown-alloc-ideal", "d_countdown-alloc-proxy-4bit", "cats-alloc",
+               "m_countdown-alloc")                   # --alloc's choices (first proxy 4-bit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +92,7 @@ class Scale:
     cascade_k: tuple[float, ...] = CASCADE_K
     proxies: tuple[tuple[int, int], ...] = PROXIES
     budgets: tuple[float, ...] = BUDGETS
+    alloc: tuple[str, ...] | None = None   # allocated rules to fit (ALLOC_NAMES; None: all)
     alloc_rows: int = 32             # fitting rows the allocation measures on (one batch)
     alloc_seq_len: int | None = None    # their first tokens (None: seq_len)
     alloc_batch: int = 8             # rows per KL batch (float32 log-probs of the vocab)
@@ -237,11 +240,12 @@ def alloc_rules(sc: Scale):
     """(rule name in the CSVs, budget.Rule) of the allocated variants: D-ideal at oracle
     bytes (the bound), the first proxy, CATS and M thresholds."""
     bits, group = sc.proxies[0]
-    return (("d_countdown-alloc-ideal", B.Rule("d_countdown", "ideal", oracle=True)),
-            (f"d_countdown-alloc-proxy-{bits}bit",
-             B.Rule("d_countdown", "proxy", proxy=(bits, group))),
-            ("cats-alloc", B.Rule("cats", "threshold")),
-            ("m_countdown-alloc", B.Rule("m_countdown", "threshold")))
+    rules = (("d_countdown-alloc-ideal", B.Rule("d_countdown", "ideal", oracle=True)),
+             (f"d_countdown-alloc-proxy-{bits}bit",
+              B.Rule("d_countdown", "proxy", proxy=(bits, group))),
+             ("cats-alloc", B.Rule("cats", "threshold")),
+             ("m_countdown-alloc", B.Rule("m_countdown", "threshold")))
+    return tuple((n, r) for n, r in rules if sc.alloc is None or n in sc.alloc)
 
 
 def fit_allocations(model, sc: Scale, train, fits):
@@ -444,6 +448,10 @@ def main(argv=None):
     ap.add_argument("--rules", choices=("all", "allocated"), default="all",
                     help="allocated: fit and score dense and the allocated rules only (their "
                          "rows replace those rules' rows on merging; the others are kept)")
+    ap.add_argument("--budgets", type=float, nargs="+", default=None,
+                    help="bytes budgets of the allocated rules (default 0.25 ... 0.7)")
+    ap.add_argument("--alloc", nargs="+", default=None, choices=ALLOC_NAMES,
+                    help="allocated rules to fit (default: all four)")
     ap.add_argument("--sample-rows", type=int, default=None,
                     help="fitting rows sampled from the model on a GPU (default 2560)")
     ap.add_argument("--compile-threads", type=int, default=None,
@@ -452,10 +460,11 @@ def main(argv=None):
     sc = QUICK if args.quick else Scale()
     if args.tasks:
         sc = dataclasses.replace(sc, tasks=tuple(args.tasks))
-    for key in ("ranks", "max_epochs", "compile_threads", "sample_rows"):
+    for key in ("ranks", "max_epochs", "compile_threads", "sample_rows", "budgets", "alloc"):
         if getattr(args, key) is not None:
             value = getattr(args, key)
-            sc = dataclasses.replace(sc, **{key: tuple(value) if key == "ranks" else value})
+            sc = dataclasses.replace(sc, **{key: tuple(value) if isinstance(value, list)
+                                            else value})
     name = args.name or Path(args.model).name
     work = Path(args.work or f"out/frontier-{name}")
     out = Path(args.out)
