@@ -22,18 +22,20 @@ __all__ = ["BATCH_KERNEL_TABLE", "CAPPED_TABLE", "DenseBatchWarning", "backend",
            "resolve"]
 
 # The Pallas batch kernel by tokens per call and the rule's target sparsity r: entries
-# (max tokens, min target r, kernel), the first that admits the call wins; one token always
-# runs the fused kernel ("lists"). A decode batch no entry admits runs dense when its r is
-# known (no exact sparse path measured faster there). Rows without an entry run one token
-# only. Source: experiments/results/bench_auto_batches.md (H200, Llama-3.1-8B bf16, x dense
-# of the same job, 2026-11); CATS reads what M reads; D's proxy and cascade keep D's
-# predictor rows until measured.
+# (max tokens, min target r, kernel), the first that admits the call wins. A call no entry
+# admits runs dense when its r is known (no exact sparse path measured faster there).
+# Rules without an entry run the fused kernel ("lists") at one token only. Sources:
+# experiments/results/bench_auto_batches.md (H200, Llama-3.1-8B bf16, x dense of the same
+# job, 2026-11); CATS reads what M reads; the proxy's one token from r = 0.6
+# (bench_auto_path_deployable.md, H100, 2026-12-05: 0.89x / 0.95x / 1.01x dense at
+# r = 0.4 / 0.5 / 0.6).
 BATCH_KERNEL_TABLE = {
     ("m_countdown", "threshold"): ((1, 0.0, "lists"), (2, 0.9, "compact"), (2, 0.7, "union"),
                                    (4, 0.9, "compact"), (8, 0.9, "union")),
     ("d_countdown", "predictor"): ((1, 0.0, "lists"), (2, 0.9, "lists"), (2, 0.7, "union"),
                                    (4, 0.9, "compact")),
     ("dejavu", "predictor"): ((1, 0.0, "lists"), (2, 0.7, "lists"), (4, 0.9, "lists")),
+    ("d_countdown", "proxy"): ((1, 0.6, "lists"),),
 }
 BATCH_KERNEL_TABLE[("cats", "threshold")] = BATCH_KERNEL_TABLE[("m_countdown", "threshold")]
 # With a capacity (a per-token top-k) only the index lists apply.
@@ -75,9 +77,10 @@ def _auto_ffn(spec: SparseSpec, n_tokens: int) -> tuple[str, str]:
     kernel = batch_kernel(spec, n_tokens)
     if kernel is not None:
         return "pallas", kernel
-    if spec.target_sparsity is not None and 1 < n_tokens <= MAX_BATCH_TOKENS:
+    if spec.target_sparsity is not None and n_tokens <= MAX_BATCH_TOKENS:
+        what = "one token per call" if n_tokens == 1 else f"this batch of {n_tokens} tokens"
         warnings.warn(      # Python shows it once per call site
-            f"the auto decode path runs this batch of {n_tokens} tokens dense: at r = "
+            f"the auto decode path runs {what} dense: at r = "
             f"{spec.target_sparsity} no sparse path was measured faster than dense "
             "(fast_path.BATCH_KERNEL_TABLE), so every neuron is kept and the realised "
             "sparsity reads 0; pass DecodePath(ffn='pallas') or 'masked' to keep the rule "

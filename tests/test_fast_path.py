@@ -94,7 +94,13 @@ def test_gpu_choices(fake_gpu):
     assert (impl(cascade, 1), impl(cascade, 2)) == ("pallas", "masked")   # not measured
     assert kernel(at(cascade, 0.9), 2) == "dense"
     assert impl(SparseSpec("d_countdown", "predictor"), 1) == "pallas"
-    assert impl(SparseSpec("d_countdown", "proxy"), 1) == "pallas"
+    proxy = SparseSpec("d_countdown", "proxy")
+    assert impl(proxy, 1) == "masked"                          # r unknown: exact
+    # the proxy's one token: the fused kernel from r = 0.6, dense below (measured slower)
+    with pytest.warns(fast_path.DenseBatchWarning, match="one token per call dense"):
+        assert [kernel(at(proxy, r), 1) for r in (0.4, 0.59, 0.6, 0.9)] == \
+            ["dense", "dense", "lists", "lists"]
+    assert [kernel(at(proxy, 0.9), n) for n in (2, 8)] == ["dense", "dense"]
     assert impl(SparseSpec("dejavu", "predictor"), 1) == "pallas"
     assert impl(SparseSpec("d_countdown", "ideal"), 1) == "masked"          # needs dense s
     assert kernel(SparseSpec("d_countdown", "ideal", target_sparsity=0.5), 4) == \
