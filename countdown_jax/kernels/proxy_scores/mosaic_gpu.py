@@ -22,9 +22,10 @@ TK = 128                 # inputs per tile of the tiled layout
 @dataclasses.dataclass(frozen=True)
 class MgpuConfig:
     tk: int = 128          # inputs per TMA tile (divides the scale group)
-    nsub: int = 1          # tiles per pipeline step (one wgmma wait per step)
-    stages: int = 4        # TMA tiles in flight per program
-    relabel: bool = True   # take the int4 registers as the wgmma layout (x permuted to match)
+    nsub: int = 2          # tiles per pipeline step (one wgmma wait per step)
+    stages: int = 3        # pipeline steps in flight per program
+    relabel: bool = True   # read loaded codes as the wgmma fragment (W stored permuted to
+                           # match); False: Mosaic's shuffling relayout, x permuted instead
     dry: bool = False      # probe only: stream the tiles, skip the maths (wrong scores)
 
 
@@ -174,6 +175,8 @@ def _scores_prepared(w, scale_t, x, *, act, config):
     m = w.shape[2] if w.ndim == 4 else w.shape[1]
     group = d // scale_t.shape[1]
     tk = w.shape[3] if w.ndim == 4 else min(cfg.tk, group)
+    if d % (tk * cfg.nsub):
+        cfg = dataclasses.replace(cfg, nsub=1)     # small widths: one tile per step
     if group % tk or tk % 64 or d % (tk * cfg.nsub):
         raise NotImplementedError(f"d={d}, scale group {group} with {cfg.nsub} tiles of "
                                   f"{cfg.tk} inputs")
