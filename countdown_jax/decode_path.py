@@ -1,7 +1,7 @@
 """How a decode step runs: one frozen ``DecodePath``, resolved from "auto" in ``fast_path``.
 
 Its fields are the decode step's choices (what is computed never depends on them, except
-a batch run ``batch_kernel="dense"``, which keeps every neuron and says so):
+a decode call run ``batch_kernel="dense"``, which keeps every neuron and says so):
 
     layers        stacked | unstacked | fused_qkv | transposed   the weights' layer form
     ffn           masked | xla | pallas                          the FFN's implementation

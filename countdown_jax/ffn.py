@@ -119,10 +119,10 @@ def _all_kept(mlp, x, act):
 
 
 def _dense_batch(spec, n_tokens):
-    """batch_kernel "dense": a decode batch runs the dense FFN (every neuron kept, kept =
+    """batch_kernel "dense": a decode call runs the dense FFN (every neuron kept, kept =
     1), where no exact sparse path was measured faster than dense (``fast_path``)."""
     return (spec.batch_kernel == "dense" and spec.implementation == "pallas"
-            and _FUSED_MAX_TOKENS < n_tokens <= batch_union.MAX_TOKENS)
+            and n_tokens <= batch_union.MAX_TOKENS)
 
 
 def _kept_masks(spec, q, layer_policy, shard):
@@ -182,8 +182,13 @@ def _scores(mlp, layer, xs, act, spec, layer_policy):
     one_layer = layer_weights(mlp, layer)    # dense GEMVs slice the layer (XLA fuses it)
     if spec.mode == "proxy":
         pr = layer_policy["proxy"]
-        q = proxy_scores_api.proxy_scores(xs, pr["packed"], pr["scale"], act=act,
-                                          implementation=spec.implementation)
+        if "proxy_tiles" in layer_policy:          # a GPU's decode policy (generate)
+            from countdown_jax.kernels.proxy_scores import mosaic_gpu   # GPU only
+
+            q = mosaic_gpu.proxy_scores_mgpu(layer_policy["proxy_tiles"], xs, act=act)
+        else:
+            q = proxy_scores_api.proxy_scores(xs, pr["packed"], pr["scale"], act=act,
+                                              implementation=spec.implementation)
         return _Scores(q, None, None)
     if spec.mode != "predictor" and spec.method == "cats":
         g = project(xs, one_layer["gate"])

@@ -23,7 +23,8 @@ from countdown_jax import fast_path
 from countdown_jax import model as model_lib
 from countdown_jax.decode_path import PORTABLE, DecodePath
 from countdown_jax.policy import DENSE, SparseSpec, unstack_policy
-from countdown_jax.sharding import MODEL, axis_size, context_mesh, head_axis
+from countdown_jax.sharding import (MODEL, axis_size, context_mesh, head_axis,
+                                    multi_device_mesh)
 
 __all__ = ["CACHES", "GREEDY", "Caches", "Generation", "Sampling", "compiled", "decode_params",
            "decode_policy", "generate", "layer_form", "sample"]
@@ -267,7 +268,23 @@ def decode_policy(params, policy):
     if layer_form(params) == "stacked" or not leaves or isinstance(leaves[0],
                                                                    jax.core.Tracer):
         return policy
-    return unstack_policy(policy)
+    d = params["embed"].shape[-1]
+    return tuple(_with_proxy_tiles(p, d) for p in unstack_policy(policy))
+
+
+def _with_proxy_tiles(layer, d: int):
+    """On a GPU, a 4-bit proxy also as the Mosaic GPU scores kernel reads it
+    ("proxy_tiles": ``proxy_scores.mosaic_gpu.prepare``, made once here, not per step):
+    half the scores time of the Triton kernel on the packed codes (KERNEL_NOTES.md)."""
+    pr = layer.get("proxy")
+    if pr is None or "proxy_tiles" in layer or jax.default_backend() != "gpu" \
+            or multi_device_mesh():                  # a shard's FFN reads its own rows
+        return layer
+    from countdown_jax.kernels.proxy_scores import mosaic_gpu    # GPU only: import here
+
+    if not mosaic_gpu.supports(pr, d):
+        return layer
+    return {**layer, "proxy_tiles": jax.jit(mosaic_gpu.prepare, static_argnums=1)(pr, d)}
 
 
 def _forget(ref):

@@ -121,8 +121,8 @@ class SparseSpec:
         capacity; M / CATS thresholds, D's predictor): "lists" (per-token index lists,
         ``kernels.sparse_ffn``) or "union" / "compact" (the rows any token keeps read
         once, ``batch_union``, as a row predicate / an index list), all the rule's exact
-        masks; or "dense": the batch runs the dense FFN (every neuron kept, reported as
-        kept 1.0). Decode takes it from its ``DecodePath``.
+        masks; or "dense": the decode call (1 to 16 tokens) runs the dense FFN (every
+        neuron kept, reported as kept 1.0). Decode takes it from its ``DecodePath``.
     target_sparsity: the r the rule was set for (its thresholds / predictor were fit at
         r; ``api.sparsity_setup`` fills it). A static hint read only by ``fast_path`` to
         pick a decode batch's kernel; it changes no mask. None = unknown.

@@ -1,7 +1,7 @@
 """Probe: the Mosaic GPU proxy-scores kernel against the float32 reference, and its time
 against the Triton scores kernel and a dense bf16 XLA gate+up GEMV (same run).
 
-    PYTHONPATH=$PWD python3 experiments/probe_proxy_mgpu.py [--quick] [--sets 4]
+    PYTHONPATH=$PWD python3 experiments/probe_proxy_mgpu.py [--quick] [--sets 4] [--out DIR]
 
 Correctness: max |kernel - ref| / max |ref| on random data (Llama-3.1-8B shapes and a
 ragged small shape, batch 1 / 8 / 3 / 12, all-zero x). Timing, two ways, ``--sets`` weight
@@ -131,7 +131,7 @@ def timing(args):
                      lambda x, w: jnp.zeros((x.shape[0], MM), jnp.float32) + x[:, :1], 0))
     rows = []
     if args.cupti:
-        cupti(args, variants, proxy_bytes, dense_bytes)
+        rows += cupti(args, variants, proxy_bytes, dense_bytes)
     for t in args.tokens if not args.no_loop else []:
         x0 = jax.random.normal(jax.random.key(3), (t, D), jnp.float32).astype(jnp.bfloat16)
         for name, sets, fn, nbytes in variants:
@@ -154,7 +154,10 @@ def timing(args):
                       flush=True)
                 continue
             gbs = harness.gb_per_s(nbytes, med) if nbytes else 0.0
-            rows.append((t, name, med, lo, hi, gbs))
+            rows.append(dict(timer="loop", tokens=t, variant=name, us=round(med, 2),
+                             us_min=round(lo, 2), us_max=round(hi, 2), gb_per_s=round(gbs),
+                             floor_us=round(proxy_bytes / read_gbs / 1e3, 2),
+                             read_ceiling_gb_per_s=round(read_gbs)))
             print(f"T={t} {name:48s} {med:8.1f} us (min {lo:.1f}, max {hi:.1f})  "
                   f"{gbs:6.0f} GB/s  compile+first {first:.1f}s", flush=True)
     return rows
@@ -170,6 +173,7 @@ def cupti(args, variants, proxy_bytes, dense_bytes):
     from jax.experimental.mosaic.gpu import profiler
     print(f"== CUPTI kernel times ({args.cupti} iterations x {args.sets} sets; us per call; "
           f"GB/s of the proxy / dense bytes over the largest kernel)")
+    rows = []
     for t in args.tokens:
         x0 = jax.random.normal(jax.random.key(3), (t, D), jnp.float32).astype(jnp.bfloat16)
         for name, sets, fn, nbytes in variants[:-1]:
@@ -194,6 +198,10 @@ def cupti(args, variants, proxy_bytes, dense_bytes):
             print(f"T={t} {name:48s} all kernels {np.median(totals):6.1f} us | main "
                   f"{big_us:6.1f} us {nbytes / big_us / 1e3:6.0f} GB/s "
                   f"(n={len(per[big])}) | others: {others}", flush=True)
+            rows.append(dict(timer="cupti", tokens=t, variant=name, us=round(big_us, 2),
+                             us_all_kernels=round(float(np.median(totals)), 2),
+                             gb_per_s=round(nbytes / big_us / 1e3)))
+    return rows
 
 
 def main():
@@ -206,6 +214,7 @@ def main():
     ap.add_argument("--cupti", type=int, default=20, help="CUPTI iterations (0: skip)")
     ap.add_argument("--no-loop", action="store_true", help="CUPTI only, no wall-clock loop")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--out", default=None, help="write bench_proxy_mgpu.csv here")
     ap.add_argument("--cfg", nargs="*",
                     default=["r,2,4,1", "t,2,3,1", "t,2,4,1", "t,2,3,1,1"],
                     help="layout (t: tiled, r: rows),nsub,stages,relabel[,dry] per variant")
@@ -220,7 +229,11 @@ def main():
     if not args.no_check:
         check(args)
     if not args.quick:
-        timing(args)
+        rows = timing(args)
+        if args.out and rows:
+            card = jax.devices()[0].device_kind
+            rows = [dict(card=card, date=time.strftime("%Y-%m-%d"), **r) for r in rows]
+            harness.write_csv(f"{args.out}/bench_proxy_mgpu.csv", rows)
 
 
 if __name__ == "__main__":

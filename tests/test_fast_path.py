@@ -261,6 +261,33 @@ def test_auto_runs_a_batch_dense_where_no_sparse_path_wins(tiny, fake_gpu,
     CACHES.clear()
 
 
+def test_auto_runs_one_proxy_token_dense_below_its_measured_r(tiny, fake_gpu,
+                                                             pallas_interpret):
+    """The proxy at r = 0.5 (slower than dense at one token, fast_path's table): "auto"
+    decodes dense (dense generation's tokens, realised sparsity 0); at r = 0.9 it keeps
+    the rule (the fused kernel, the masked path's tokens)."""
+    from countdown_jax.proxy import quantize_mlp
+
+    params, cfg = tiny
+    proxy = quantize_mlp(params["layers"]["mlp"], 4, 8)
+    pol = make_policy(cfg.num_layers, threshold=0.05, proxy=proxy)
+    prompt = jnp.asarray(np.arange(6)[None] * 7 % cfg.vocab_size, jnp.int32)
+    run = lambda spec, **kw: generate(params, cfg, prompt, jnp.full((1,), 6, jnp.int32),
+                                      jax.random.PRNGKey(0), pol, max_new_tokens=4,
+                                      spec=spec, **kw)
+    spec = SparseSpec("d_countdown", "proxy")
+    with pytest.warns(fast_path.DenseBatchWarning, match="one token per call dense"):
+        auto = run(dataclasses.replace(spec, target_sparsity=0.5))
+    dense = run(SparseSpec(), path=PORTABLE)
+    np.testing.assert_array_equal(np.asarray(auto.tokens), np.asarray(dense.tokens))
+    np.testing.assert_array_equal(np.asarray(auto.realised_sparsity), 0.0)
+    kept = run(dataclasses.replace(spec, target_sparsity=0.9))
+    ref = run(spec, path=PORTABLE)
+    np.testing.assert_array_equal(np.asarray(kept.tokens), np.asarray(ref.tokens))
+    assert 0.0 < float(np.mean(kept.realised_sparsity)) < 1.0
+    CACHES.clear()
+
+
 def _with_qkv_bias(params, cfg):
     """The tiny model with random q/k/v biases (Qwen2-style)."""
     rng = np.random.default_rng(1)

@@ -419,9 +419,9 @@ def test_pallas_union_batches_equal_masked(pallas_interpret, method, mode):
 
 
 def test_dense_batch_kernel_runs_the_dense_ffn(pallas_interpret):
-    """batch_kernel="dense": a decode batch (2 to MAX_TOKENS tokens) gets the dense FFN
-    and kept 1 (the stack read at its layer); one token and a prefill keep the rule's
-    sparse paths (the fused kernel, the index lists)."""
+    """batch_kernel="dense": a decode call (1 to MAX_TOKENS tokens) gets the dense FFN
+    and kept 1 (the stack read at its layer); a prefill keeps the rule's sparse path (the
+    index lists)."""
     from countdown_jax.batch_union import MAX_TOKENS
     mlp, x, _ = _problem(5, tokens=(MAX_TOKENS + 1,))
     stack = {k: jnp.asarray(np.stack([np.full_like(v, np.nan), v])) for k, v in mlp.items()}
@@ -430,12 +430,13 @@ def test_dense_batch_kernel_runs_the_dense_ffn(pallas_interpret):
     spec = SparseSpec("m_countdown", "threshold", "pallas", batch_kernel="dense")
     layer = _layer("threshold", 0.05)
     run = lambda xs: ffn(stack, xs, act="silu", spec=spec, policy=layer, layer=jnp.int32(1))
-    y, kept = run(x[:4])
-    np.testing.assert_allclose(np.asarray(y), np.asarray(dense_ffn(mlp, x[:4], "silu")),
-                               rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(kept), 1.0)
+    for n in (1, 4):
+        y, kept = run(x[:n])
+        np.testing.assert_allclose(np.asarray(y), np.asarray(dense_ffn(mlp, x[:n], "silu")),
+                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(kept), 1.0)
     masked = SparseSpec("m_countdown", "threshold", "masked")
-    for xs in (x[:1], x):                       # one token, a prefill: the exact rule
+    for xs in (x,):                             # a prefill: the exact rule
         y, kept = run(xs)
         ym, km = ffn(mlp, xs, act="silu", spec=masked, policy=layer)
         np.testing.assert_allclose(np.asarray(y), np.asarray(ym), rtol=1e-5, atol=1e-5)

@@ -36,13 +36,14 @@ def make(seed, m, d, bits, group, n_tok, layers=None, dtype=jnp.bfloat16):
     return x, pr["packed"], pr["scale"]
 
 
-def assert_close(got, ref, rtol=2e-5):
+def assert_close(got, ref, rtol=2e-5, atol=None):
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
     assert got.shape == ref.shape
     assert np.all(np.isfinite(got)), "unwritten (poisoned) or non-finite scores"
     # float32 sums in another order; the offset split (1.5 sum x, or 128 + offset for the
     # tensor-core "dot") loses a few bits more
-    np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol / 10 * np.abs(ref).max())
+    atol = rtol / 10 if atol is None else atol
+    np.testing.assert_allclose(got, ref, rtol=rtol, atol=atol * np.abs(ref).max())
 
 
 CASES = [
@@ -65,7 +66,10 @@ def test_kernel_matches_reference(m, d, bits, group, n_tok, act, cfg, pallas_int
     kern = jax.jit(lambda x: proxy_scores(x, packed, scale, act=act, implementation="pallas",
                                           config=cfg))
     ref = proxy_scores(x, packed, scale, act=act, implementation="xla")
-    assert_close(kern(x), ref, 1e-4 if cfg is None or cfg.mode == "dot" else 2e-5)
+    # "dot" sums (128 + code) x and subtracts (128 + offset) sum x: a score near zero keeps
+    # float32's error of the large terms (seen up to 2e-4 of the largest score on CPU)
+    dot = cfg is None or cfg.mode == "dot"
+    assert_close(kern(x), ref, 1e-4 if dot else 2e-5, 5e-4 if dot else None)
     # the reference is the proxy module's maths, nothing else
     np.testing.assert_array_equal(
         np.asarray(ref), np.asarray(X.proxy_scores({"packed": packed, "scale": scale}, x, act)))

@@ -65,6 +65,7 @@ def test_lowers_for_cuda_on_any_host():
             jax.jit(f).trace(prep["w"], prep["scale"], x).lower(lowering_platforms=("cuda",))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs a GPU (Mosaic GPU has no CPU interpreter here)")
 @pytest.mark.parametrize("m,d,t,act", [(14336, 4096, 1, "silu"), (14336, 4096, 8, "silu"),
                                        (200, 640, 3, "silu"), (200, 640, 3, "gelu_tanh"),
@@ -84,3 +85,54 @@ def test_matches_reference_on_gpu(m, d, t, act, cfg, tiled):
     zero = np.asarray(M.proxy_scores_mgpu(prox, jnp.zeros_like(x), act=act, config=cfg,
                                           tiled=tiled))
     assert np.all(zero == 0)
+
+
+def test_supports_and_the_decode_policy_on_cpu():
+    """Tiles only for 4 bits with d and the group multiples of TK, and only on a GPU:
+    decode_policy leaves a CPU policy as unstack_policy makes it."""
+    from countdown_jax.generate import decode_policy
+    from countdown_jax.policy import make_policy
+
+    assert M.supports(_proxy(8, 256), 256)
+    assert not M.supports(_proxy(8, 576, group=64), 576)           # SmolLM2's width
+    kg, ku = jax.random.split(jax.random.key(0))
+    two = quantize_mlp({"gate": jax.random.normal(kg, (8, 256)),
+                        "up": jax.random.normal(ku, (8, 256))}, 2, 128)
+    assert not M.supports(two, 256)
+    pol = make_policy(2, threshold=0.1, proxy=jax.tree.map(lambda a: jnp.stack([a, a]),
+                                                           _proxy(8, 256)))
+    params = {"embed": jnp.zeros((5, 256)), "layers": [{}, {}]}
+    got = decode_policy(params, pol)
+    assert isinstance(got, tuple) and all("proxy_tiles" not in p for p in got)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a GPU (Mosaic GPU has no CPU interpreter here)")
+@pytest.mark.parametrize("t", [1, 4])
+def test_the_fast_path_reads_the_tiles_and_keeps_the_rule(t):
+    """On a GPU, decode_policy adds the tiles and the FFN's Pallas path scores with them:
+    the same output and kept share as the masked path on the packed proxy."""
+    import dataclasses
+
+    from countdown_jax import ffn
+    from countdown_jax.generate import decode_policy
+    from countdown_jax.policy import SparseSpec, make_policy
+
+    m, d = 512, 256
+    k = jax.random.split(jax.random.key(3), 4)
+    mlp = {n: (jax.random.normal(kk, (m, d)) / 16).astype(jnp.bfloat16)
+           for n, kk in zip(("gate", "up"), k[:2])}
+    mlp["down"] = (jax.random.normal(k[2], (d, m)) / 16).astype(jnp.bfloat16)
+    prox = quantize_mlp(mlp, 4, 128)
+    x = jax.random.normal(k[3], (t, d)).astype(jnp.bfloat16)
+    tau = float(np.quantile(np.asarray(proxy_scores(prox, x, "silu")), 0.7))
+    pol = make_policy(1, threshold=tau, proxy=jax.tree.map(lambda a: a[None], prox))
+    (layer,) = decode_policy({"embed": jnp.zeros((5, d)), "layers": [{}]}, pol)
+    assert "proxy_tiles" in layer
+    spec = SparseSpec("d_countdown", "proxy")
+    ref, kept_ref = ffn.ffn(mlp, x, act="silu", spec=spec, policy=layer)
+    fast, kept = ffn.ffn(mlp, x, act="silu", spec=dataclasses.replace(
+        spec, implementation="pallas", batch_kernel="lists"), policy=layer)
+    np.testing.assert_allclose(np.asarray(kept), np.asarray(kept_ref), atol=2 / m)
+    np.testing.assert_allclose(np.asarray(fast, np.float32), np.asarray(ref, np.float32),
+                               atol=0.05 * float(np.max(np.abs(np.asarray(ref, np.float32)))))

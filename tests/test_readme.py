@@ -209,6 +209,7 @@ def test_cli_synopsis_matches_the_parser():
 BUDGETS = (0.03, 0.05, 0.10)
 MC_POINT = 0.01
 ROW_RULES = {"proxy, 4-bit": "d_countdown-proxy-4bit", "proxy, 2-bit": "d_countdown-proxy-2bit",
+             "allocated proxy, 4-bit": "d_countdown-alloc-proxy-4bit",
              "cascade, rank-64": "d_countdown-cascade-rank64", "CATS,": "cats-practical",
              "M-COUNTDOWN,": "m_countdown-practical",
              "D-COUNTDOWN, rank-64": "d_countdown-practical-rank64"}

@@ -13,7 +13,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from countdown_jax.proxy import proxy_format
 
-__all__ = ["MgpuConfig", "prepare", "proxy_scores_mgpu"]
+__all__ = ["MgpuConfig", "prepare", "proxy_scores_mgpu", "supports"]
 
 BM = 64                  # rows per program: one wgmma M tile (a warpgroup's 64 rows)
 TK = 128                 # inputs per tile of the tiled layout
@@ -27,6 +27,13 @@ class MgpuConfig:
     relabel: bool = True   # read loaded codes as the wgmma fragment (W stored permuted to
                            # match); False: Mosaic's shuffling relayout, x permuted instead
     dry: bool = False      # probe only: stream the tiles, skip the maths (wrong scores)
+
+
+def supports(proxy, d: int) -> bool:
+    """Whether the tiled kernel takes this proxy: 4 bits, d and the scale group multiples
+    of TK (Llama / Qwen widths; SmolLM2's 576 is not)."""
+    bits, group = proxy_format(proxy, d)
+    return bits == 4 and d % TK == 0 and group % TK == 0
 
 
 def prepare(proxy, d: int, tiled: bool = True):
