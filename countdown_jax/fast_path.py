@@ -28,7 +28,8 @@ __all__ = ["BATCH_KERNEL_TABLE", "CAPPED_TABLE", "DenseBatchWarning", "backend",
 # experiments/results/bench_auto_batches.md (H200, Llama-3.1-8B bf16, x dense of the same
 # job, 2026-11); CATS reads what M reads; the proxy's one token from r = 0.6
 # (bench_auto_path_deployable.md, H100, 2026-12-05: 0.89x / 0.95x / 1.01x dense at
-# r = 0.4 / 0.5 / 0.6).
+# r = 0.4 / 0.5 / 0.6 with the Triton scores kernel; the Mosaic GPU one, twice as fast,
+# is not yet measured end to end).
 BATCH_KERNEL_TABLE = {
     ("m_countdown", "threshold"): ((1, 0.0, "lists"), (2, 0.9, "compact"), (2, 0.7, "union"),
                                    (4, 0.9, "compact"), (8, 0.9, "union")),
