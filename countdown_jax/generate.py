@@ -284,7 +284,7 @@ def _with_proxy_tiles(layer, d: int):
 
     if not mosaic_gpu.supports(pr, d):
         return layer
-    return {**layer, "proxy_tiles": jax.jit(mosaic_gpu.prepare, static_argnums=1)(pr, d)}
+    return {**layer, "proxy_tiles": mosaic_gpu.prepare(pr, d)}
 
 
 def _forget(ref):

@@ -23,7 +23,7 @@ from countdown_jax import evaluate as E
 from countdown_jax.policy import make_policy
 from experiments import quality_frontier as Q
 from experiments import token_budget
-from experiments.frontier_report import plot_allocation
+from experiments.frontier_report import by_setting, plot_allocation
 
 DELTAS = (0.6, 0.3, 0.0, -0.3, -0.6)
 STEPS = (0.5, 1.0)
@@ -107,9 +107,7 @@ def main(argv=None):
 
 
 def table(name, res, args) -> str:
-    by: dict = {}
-    for r in res:
-        by.setdefault((r["rule"], r["budget"], r["allocation"]), {})[(r["task"], r["metric"])] = r
+    by = by_setting(res, lambda r: (r["rule"], r["budget"], r["allocation"]))
     lines = [f"### {name}: uniform against allocated at equal bytes", "",
              f"Fitting text: {args.rows} rows x {args.seq_len} tokens; evaluation: {args.n} "
              "held-out BoolQ passages and LAMBADA items; ± one standard error.", "",

@@ -320,13 +320,24 @@ def _fmt(v, se=None, digits=3):
     return txt if se is None or not np.isfinite(_f(se)) else f"{txt} ± {_f(se):.2g}"
 
 
+def fmt_score(row, digits=3) -> str:
+    """'score ± stderr' of a result row ("n/a" for None): the tables' cells."""
+    return _fmt(row and row["score"], row and row["stderr"], digits)
+
+
+def by_setting(rows, key):
+    """{key(row): {(task, metric): row}}: each setting's rows of every task, for tables."""
+    by = defaultdict(dict)
+    for r in rows:
+        by[key(r)][(r["task"], r["metric"])] = r
+    return by
+
+
 def tables(rows, model) -> str:
     """Markdown: per rule and setting, bytes, realised sparsity, perplexity, LAMBADA and
     mean MC accuracy with standard errors (what RESULTS.md quotes)."""
-    sel = [r for r in rows if r["model"] == model]
-    by = defaultdict(dict)
-    for r in sel:
-        by[(r["rule"], r["setting"], int(r["policy_index"]))][(r["task"], r["metric"])] = r
+    by = by_setting([r for r in rows if r["model"] == model],
+                    lambda r: (r["rule"], r["setting"], int(r["policy_index"])))
     lines = [f"### {model}", "", "Realised r, candidates and bytes on the perplexity "
              "text; ± one standard error.", "",
              "| rule | target r | realised r | candidates | bytes | ppl | LAMBADA acc | "
@@ -340,9 +351,7 @@ def tables(rows, model) -> str:
             key[0], f"{_f(any_row['sparsity_target']):.2f}",
             f"{_f(any_row['sparsity_realised']):.3f}",
             _fmt(any_row.get("candidates"), digits=2), f"{_f(any_row['bytes_share']):.3f}",
-            _fmt(ppl and ppl["score"], ppl and ppl["stderr"]),
-            _fmt(lam and lam["score"], lam and lam["stderr"], 2),
-            _fmt(mc and mc["score"], mc and mc["stderr"], 3)]) + " |")
+            fmt_score(ppl), fmt_score(lam, 2), fmt_score(mc, 3)]) + " |")
     return "\n".join(lines) + "\n"
 
 

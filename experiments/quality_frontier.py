@@ -63,8 +63,6 @@ TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "openbo
          "boolq", "lambada", "boolq_ppl")
 # bytes budgets of the allocated rules (those a rule can reach: CATS / M from 1/3 up)
 BUDGETS = (0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7)
-ALLOC_NAMES = ("d_countdown-alloc-ideal", "d_countdown-alloc-proxy-4bit", "cats-alloc",
-               "m_countdown-alloc")                   # --alloc's choices (first proxy 4-bit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +90,7 @@ class Scale:
     cascade_k: tuple[float, ...] = CASCADE_K
     proxies: tuple[tuple[int, int], ...] = PROXIES
     budgets: tuple[float, ...] = BUDGETS
-    alloc: tuple[str, ...] | None = None   # allocated rules to fit (ALLOC_NAMES; None: all)
+    alloc: tuple[str, ...] | None = None   # allocated rules to fit (alloc_rules' names; None: all)
     alloc_rows: int = 32             # fitting rows the allocation measures on (one batch)
     alloc_seq_len: int | None = None    # their first tokens (None: seq_len)
     alloc_batch: int = 8             # rows per KL batch (float32 log-probs of the vocab)
@@ -450,7 +448,7 @@ def main(argv=None):
                          "rows replace those rules' rows on merging; the others are kept)")
     ap.add_argument("--budgets", type=float, nargs="+", default=None,
                     help="bytes budgets of the allocated rules (default 0.25 ... 0.7)")
-    ap.add_argument("--alloc", nargs="+", default=None, choices=ALLOC_NAMES,
+    ap.add_argument("--alloc", nargs="+", default=None, choices=[n for n, _ in alloc_rules(Scale())],
                     help="allocated rules to fit (default: all four)")
     ap.add_argument("--sample-rows", type=int, default=None,
                     help="fitting rows sampled from the model on a GPU (default 2560)")

@@ -23,7 +23,7 @@ from countdown_jax import calibrate as C
 from countdown_jax import evaluate as E
 from countdown_jax.cost import bytes_share
 from countdown_jax.policy import make_policy
-from experiments.frontier_report import mc_mean_rows
+from experiments.frontier_report import by_setting, fmt_score, mc_mean_rows
 
 FIELDS = ["model", "quantity", "variant", "kept_target", "sparsity_realised", "bytes_share",
           "task", "metric", "score", "stderr", "dense_score", "diff_stderr", "n_examples",
@@ -121,10 +121,7 @@ def write(out: Path, model: str, rows) -> None:
 
 def table(model: str, rows) -> str:
     """Markdown: per quantity, k and variant: realised bytes, ppl, LAMBADA, MC, spread."""
-    by: dict = {}
-    for r in rows:
-        by.setdefault((r["quantity"], float(r["kept_target"]), r["variant"]), {})[
-            (r["task"], r["metric"])] = r
+    by = by_setting(rows, lambda r: (r["quantity"], float(r["kept_target"]), r["variant"]))
     lines = [f"### {model}: per-token budgets at equal mean bytes", "",
              "Kept share per token over held-out text, layers pooled: mean, std, "
              "5th / 50th / 95th percentile; ± one standard error.", "",
@@ -135,15 +132,9 @@ def table(model: str, rows) -> str:
         any_row = next(iter(m.values()))
         ppl, lam = m.get(("boolq_ppl", "ppl")), m.get(("lambada", "acc"))
         mc = m.get(("mc_mean", "acc_norm"))
-
-        def fmt(r, digits=3):
-            if r is None:
-                return "n/a"
-            return f"{float(r['score']):.{digits}g} ± {float(r['stderr']):.2g}"
-
         lines.append(f"| {key[0]} | {key[1]:.2f} | {key[2]} | "
-                     f"{float(any_row['bytes_share']):.3f} | {fmt(ppl)} | {fmt(lam, 2)} | "
-                     f"{fmt(mc)} | "
+                     f"{float(any_row['bytes_share']):.3f} | {fmt_score(ppl)} | "
+                     f"{fmt_score(lam, 2)} | {fmt_score(mc)} | "
                      f"{float(any_row['kept_mean']):.3f} ± {float(any_row['kept_std']):.3f} "
                      f"({float(any_row['kept_p05']):.3f} / {float(any_row['kept_p50']):.3f}"
                      f" / {float(any_row['kept_p95']):.3f}) |")

@@ -36,6 +36,7 @@ def supports(proxy, d: int) -> bool:
     return bits == 4 and d % TK == 0 and group % TK == 0
 
 
+@functools.partial(jax.jit, static_argnames=("d", "tiled"))
 def prepare(proxy, d: int, tiled: bool = True):
     """Canonical proxy (planar uint8 codes, bf16 scale per group) -> the kernel's copy:
     {"w": int4 [2, m, d] (code - 8; inside each block of 32 inputs in ``_perm`` order, so
