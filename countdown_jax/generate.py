@@ -186,14 +186,19 @@ class Caches:
         lives (an unstacked copy of an 8B model is 16 GB).
     programs: (phase, static args, argument avals) -> an ahead-of-time compiled phase
         (``compiled``), so a call's compile time is measured apart and runs once.
+    policy_copy: the per-layer policy last made for decode (``decode_policy``), [(layer
+        form and tree, weak references to every given leaf, the per-layer policy)]: the
+        proxy's Mosaic tiles are made once per policy, not per call.
     """
 
     layer_copy: list = dataclasses.field(default_factory=list)
     programs: dict = dataclasses.field(default_factory=dict)
+    policy_copy: list = dataclasses.field(default_factory=list)
 
     def clear(self):
         self.layer_copy.clear()
         self.programs.clear()
+        self.policy_copy.clear()
 
 
 CACHES = Caches()
@@ -268,8 +273,21 @@ def decode_policy(params, policy):
     if layer_form(params) == "stacked" or not leaves or isinstance(leaves[0],
                                                                    jax.core.Tracer):
         return policy
+    key = (layer_form(params), jax.tree_util.tree_structure(policy))
+    copy = CACHES.policy_copy
+    if copy and copy[0][0] == key and all(r() is x for r, x in zip(copy[0][1], leaves)):
+        return copy[0][2]       # every leaf the same object: the same policy
     d = params["embed"].shape[-1]
-    return tuple(_with_proxy_tiles(p, d) for p in unstack_policy(policy))
+    out = tuple(_with_proxy_tiles(p, d) for p in unstack_policy(policy))
+    if all(isinstance(x, jax.Array) for x in leaves):    # immutable: safe to key on
+        copy[:] = [(key, [weakref.ref(x, _forget_policy) for x in leaves], out)]
+    return out
+
+
+def _forget_policy(ref):
+    """A leaf of the cached policy is gone: drop its per-layer copy."""
+    if CACHES.policy_copy and any(r is ref for r in CACHES.policy_copy[0][1]):
+        CACHES.policy_copy.clear()
 
 
 def _with_proxy_tiles(layer, d: int):

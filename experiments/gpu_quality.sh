@@ -25,6 +25,9 @@
 # $OUT/res.tgz. The full issue-26 run of one model is therefore one command:
 #
 #   bash experiments/gpu_quality.sh launch smollm2 0 .stage/sb --max-epochs 2
+#
+# TAG=x puts a run in res/<model>-x and work/<model>-x, so that several runs of one model
+# (e.g. split by allocated rule) share a GPU; merge them with frontier_report --merge.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ST=$HOME/stage
@@ -60,7 +63,7 @@ frontier_cmd() {  # model res [args] -> the quality_frontier command of a model'
   local model=$1 res=$2
   shift 2
   echo "python3 -m experiments.quality_frontier --model $ST/models/$model --name $model" \
-       "--work $ST/work/$model --out $res $*"
+       "--work $ST/work/$(basename "$res") --out $res $*"
 }
 
 eval_cmd() {  # group base res -> the eval command of a task group, touching its marker
@@ -96,13 +99,15 @@ case "$cmd" in
     shift 2
     if [ $# -gt 0 ] && [ -d "$1" ]; then cp -v "$1"/* "$ST"/; shift; fi
     CUDA_VISIBLE_DEVICES=$gpu prepare "$model" > /dev/null     # into $ST/models/$model
-    res=$ST/res/$model
+    res=$ST/res/$model${TAG:+-$TAG}     # TAG: several runs of one model side by side
     mkdir -p "$res" "$ST/jaxcache"
     nvidia-smi --query-gpu=index,name,memory.total --format=csv
     base=$(frontier_cmd "$model" "$res" "$@")
     # fit, then the task groups in EVALS (default: every task but HellaSwag, then
-    # HellaSwag, then the per-token budgets); each stage writes its results as it ends
+    # HellaSwag, then the per-token budgets); each stage writes its results as it ends.
+    # EVALS=tokens alone needs no fit (the per-token comparison fits its own thresholds).
     chain="$base --stage fit && touch $res/fit.done"
+    [ "${EVALS:-}" = tokens ] && chain="true"
     for group in ${EVALS:-rest hellaswag tokens}; do
       chain+=" && $(eval_cmd "$group" "$base" "$res")"
     done
@@ -114,7 +119,7 @@ case "$cmd" in
     # model's fit is done: spreads the last group over whichever GPU frees first
     model=$1 group=$2 slots=$3
     shift 3
-    res=$ST/res/$model
+    res=$ST/res/$model${TAG:+-$TAG}
     base=$(frontier_cmd "$model" "$res" "$@")
     setsid nohup bash -c "
       until [ -f $res/fit.done ]; do sleep 5; done

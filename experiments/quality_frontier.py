@@ -454,6 +454,9 @@ def main(argv=None):
                     help="fitting rows sampled from the model on a GPU (default 2560)")
     ap.add_argument("--compile-threads", type=int, default=None,
                     help="threads compiling the scorer's programs (default 12)")
+    ap.add_argument("--logit-budget-gib", type=float, default=None,
+                    help="float32 logits per scoring batch (default 8; less for runs "
+                         "that share a GPU)")
     args = ap.parse_args(argv)
     sc = QUICK if args.quick else Scale()
     if args.tasks:
@@ -463,6 +466,8 @@ def main(argv=None):
             value = getattr(args, key)
             sc = dataclasses.replace(sc, **{key: tuple(value) if isinstance(value, list)
                                             else value})
+    if args.logit_budget_gib is not None:
+        sc = dataclasses.replace(sc, logit_budget=int(args.logit_budget_gib * (1 << 30)))
     name = args.name or Path(args.model).name
     work = Path(args.work or f"out/frontier-{name}")
     out = Path(args.out)

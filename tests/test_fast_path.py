@@ -373,6 +373,36 @@ def test_the_copy_goes_with_its_source(fake_gpu):
     assert not CACHES.layer_copy
 
 
+def test_the_per_layer_policy_is_made_once_per_policy():
+    """decode_policy keeps its per-layer copy for the same policy (every leaf the same
+    array), makes a new one when any leaf changes, never caches NumPy leaves (mutable),
+    and drops the copy with its source."""
+    import gc
+
+    from countdown_jax.generate import decode_policy
+    from countdown_jax.policy import make_policy
+
+    CACHES.clear()
+    params = {"embed": jnp.zeros((5, 8)), "layers": [{}, {}]}
+    pol = make_policy(2, threshold=jnp.asarray([0.1, 0.2]))
+    first = decode_policy(params, pol)
+    assert decode_policy(params, pol) is first
+    assert float(first[1]["threshold"]) == pytest.approx(0.2)
+    other = decode_policy(params, {**pol, "threshold": jnp.asarray([0.3, 0.4])})
+    assert other is not first and float(other[1]["threshold"]) == pytest.approx(0.4)
+    host = {**pol, "threshold": np.asarray([0.1, 0.2], np.float32)}
+    got = decode_policy(params, host)
+    host["threshold"][1] = 0.9                  # changed in place: not served from a cache
+    assert float(decode_policy(params, host)[1]["threshold"]) == pytest.approx(0.9)
+    assert float(got[1]["threshold"]) == pytest.approx(0.2)
+    pol = {**pol, "threshold": jnp.asarray([0.5, 0.6])}
+    decode_policy(params, pol)
+    assert len(CACHES.policy_copy) == 1
+    del pol
+    gc.collect()
+    assert not CACHES.policy_copy
+
+
 def test_setup_carries_the_target_sparsity(tmp_path):
     """api.check_setup hands fast_path the r the rule was set for; dense carries none; a
     target outside [0, 1) is refused by name."""

@@ -107,6 +107,27 @@ def test_the_tokens_group_runs_the_per_token_stage(tmp_path):
     assert (res / "tokens.done").exists()
 
 
+def test_a_tagged_run_keeps_its_own_results_and_fits(tmp_path):
+    """TAG=x: a second run of one model writes res/<model>-x and fits in work/<model>-x,
+    so runs side by side never overwrite each other's fits.npz or results."""
+    script = Path(__file__).resolve().parents[1] / "experiments" / "gpu_quality.sh"
+    env = dict(os.environ, HOME=str(tmp_path), TAG="b",
+               PATH=f"{_stub_python(tmp_path)}:{os.environ['PATH']}")
+    res = tmp_path / "stage" / "res" / "smollm2-b"
+    res.mkdir(parents=True)
+    (res / "fit.done").touch()
+    subprocess.run(["bash", str(script), "queue", "smollm2", "hellaswag", "0:smollm2-b/fit.done"],
+                   env=env, check=True, capture_output=True, timeout=30)
+    for _ in range(60):
+        if (res / "hellaswag.done").exists():
+            break
+        time.sleep(0.5)
+    call = (tmp_path / "calls.log").read_text()
+    assert f"--work {tmp_path}/stage/work/smollm2-b --out {res} " in call
+    assert (res / "hellaswag.done").exists()
+    assert not (tmp_path / "stage" / "res" / "smollm2" / "hellaswag.done").exists()
+
+
 def test_speed_jobs_run_in_order_from_a_frozen_tree(tmp_path):
     """gpu_speed.sh: a launched job runs in the background from its own copy of the work
     tree on the GPUs it names, a job --after another starts when that one ended, a name

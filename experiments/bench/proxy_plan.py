@@ -8,9 +8,12 @@ In one run (the same card, the same ceilings):
     the packed codes + bf16 scales of gate and up at the read ceiling;
   - the same scores as plain XLA on the planar codes ("xla-planes": unpack, bf16 dot per
     scale group, scale, sum), the best alternative a kernel must beat;
-  - the proxy D-COUNTDOWN FFN at r = 0.5 / 0.7 / 0.9: the scores kernel (its fastest
-    config), |s_hat| > tau, then the kept rows of gate / up / down in full precision by
-    the fused kernel reading s_hat as its scores (D-COUNTDOWN's Rule with scores=);
+  - the Mosaic GPU scores kernel (kernels/proxy_scores/mosaic_gpu.py, 4 bits, its int4
+    tiles prepared once as the decode path does), alone and at batch 8, on a GPU;
+  - the proxy D-COUNTDOWN FFN at r = 0.5 / 0.7 / 0.9: the scores kernel (the Mosaic one
+    and the Triton one's fastest config), |s_hat| > tau, then the kept rows of gate / up /
+    down in full precision by the fused kernel reading s_hat as its scores
+    (D-COUNTDOWN's Rule with scores=);
   - D-COUNTDOWN with its rank-512 predictor (the shipped fused kernel), for comparison;
   - the fastest scores config at batch 8 beside dense at batch 8 (one read of the proxy).
 Every row is one jitted loop (experiments/bench/harness.py) and its first call is checked
@@ -108,7 +111,7 @@ class ProxyRule:
     ffn: bool
 
     def scores(self, p: Problem, s):
-        return _reference_scores(p.act)(p.x0, *p.sets[s][3:])
+        return _reference_scores(p.act)(p.x0, *p.sets[s][3:5])
 
     def reference(self, p: Problem, tau):
         wg, wu, wd, packed, scale = p.sets[0]
@@ -119,7 +122,7 @@ class ProxyRule:
         return np.asarray(y, np.float64), np.asarray(c)
 
     def bytes(self, p: Problem, kept):
-        packed, scale = p.sets[0][3:]
+        packed, scale = p.sets[0][3:5]
         b = packed.size + scale.size * scale.dtype.itemsize
         return b + (3 * int(round(kept)) * p.d * jnp.dtype(p.dtype).itemsize if self.ffn else 0)
 
@@ -144,12 +147,48 @@ def xla_step(p: Problem, bits, group):
 def ffn_step(p: Problem, cfg):
     """The proxy's scores, then the fused kernel reading them as its scores."""
     def f(x, w, tau):
-        packed, scale = w[3:]
+        packed, scale = w[3:5]
         s = proxy_scores(x, packed, scale, act=p.act, implementation="pallas", config=cfg,
                          interpret=p.interpret)
         return fused_sparse_ffn(x, mlp_of(w), Rule(D, tau, scores=s), act=p.act,
                                 implementation="pallas", interpret=p.interpret)
     return f
+
+
+def mosaic_scores(p: Problem, x, w):
+    from countdown_jax.kernels.proxy_scores import mosaic_gpu   # GPU only
+    return mosaic_gpu.proxy_scores_mgpu({"w": w[5], "scale": w[6]}, x, act=p.act)
+
+
+def mosaic_step(p: Problem):
+    def f(x, w, tau):
+        return _fit(mosaic_scores(p, x, w), p.d), jnp.full(x.shape[:1], p.m, jnp.int32)
+    return f
+
+
+def mosaic_ffn_step(p: Problem):
+    """The Mosaic kernel's scores, then the fused kernel reading them (the decode path)."""
+    def f(x, w, tau):
+        return fused_sparse_ffn(x, mlp_of(w), Rule(D, tau, scores=mosaic_scores(p, x, w)),
+                                act=p.act, implementation="pallas", interpret=p.interpret)
+    return f
+
+
+def with_tiles(p: Problem) -> Problem | None:
+    """The problem with each set's Mosaic tiles appended (.., w, scale_t), or None where
+    that kernel does not run (CPU, interpret mode, a format it does not take)."""
+    from countdown_jax.kernels.proxy_scores import mosaic_gpu
+    if p.interpret or jax.devices()[0].platform != "gpu":
+        return None
+    pr = {"packed": p.sets[0][3], "scale": p.sets[0][4]}
+    if not mosaic_gpu.supports(pr, p.d):
+        return None
+    sets = []
+    for w in p.sets:
+        t = mosaic_gpu.prepare({"packed": w[3], "scale": w[4]}, p.d)
+        sets.append((*w[:5], t["w"], t["scale"]))
+    jax.block_until_ready(sets)
+    return dataclasses.replace(p, sets=sets)
 
 
 def with_proxy(p: Problem, bits: int, group: int) -> Problem:
@@ -203,10 +242,34 @@ def proxy(R: Runner, best=None):
         full_check(R, q, name, cfg)
         R.time_variant(q, name, "xla-planes", "einsum per group", xla_step(q, bits, group),
                        (0.0,))
+    tiled = {}
+    for (bits, group), q in probs.items():
+        t = tiled[bits, group] = with_tiles(q)
+        if t is not None:
+            R.time_variant(t, f"proxy-b{bits}g{group}", "mosaic-gpu", "tiled int4",
+                           mosaic_step(t), (0.0,))
+            R.time_variant(t, f"proxy-d-b{bits}g{group}", "mosaic-fused",
+                           "scores=mosaic tiled int4", mosaic_ffn_step(t), RATIOS)
     for (bits, group), q in probs.items():
         R.time_variant(q, f"proxy-d-b{bits}g{group}", "pallas-fused",
                        "scores=" + label(fastest[bits, group][1]),
                        ffn_step(q, fastest[bits, group][1]), RATIOS)
+    # D's predictor path and batch 8 first: the Triton tile sweep takes what time is left
+    d_label = chosen()[D]
+    if R.left() > 60:
+        R.pallas(p, D, d_label, R.scale.fused[d_label], RATIOS)
+    if R.left() > 90:
+        p8 = R.problem(LLAMA, jnp.bfloat16, 8)
+        R.baseline(p8)
+        for bits, group in probs:
+            cfg = default_config(p8.m)
+            q8 = with_proxy(p8, bits, group)
+            R.time_variant(q8, f"proxy-b{bits}g{group}", "pallas", label(cfg),
+                           scores_step(q8, cfg), (0.0,))
+            t8 = with_tiles(q8)
+            if t8 is not None:
+                R.time_variant(t8, f"proxy-b{bits}g{group}", "mosaic-gpu", "tiled int4",
+                               mosaic_step(t8), (0.0,))
     for cfg in SWEEP[:2] if R.scale.interpret else SWEEP:
         for (bits, group), q in probs.items():
             if R.left() < 110:
@@ -222,16 +285,6 @@ def proxy(R: Runner, best=None):
             full_check(R, q, f"proxy-b{bits}g{group}", cfg)
             R.time_variant(q, f"proxy-d-b{bits}g{group}", "pallas-fused",
                            "scores=" + label(cfg), ffn_step(q, cfg), RATIOS)
-    d_label = chosen()[D]
-    if R.left() > 60:
-        R.pallas(p, D, d_label, R.scale.fused[d_label], RATIOS)
-    if R.left() > 90:
-        p8 = R.problem(LLAMA, jnp.bfloat16, 8)
-        R.baseline(p8)
-        for bits, group in probs:
-            cfg = fastest[bits, group][1]
-            R.time_variant(with_proxy(p8, bits, group), f"proxy-b{bits}g{group}", "pallas",
-                           label(cfg), scores_step(p8, cfg), (0.0,))
     write_summary(R, os.path.join(R.args.out, "bench_proxy.md"),
                   os.path.join(R.args.out, "bench_proxy.csv"))
 
