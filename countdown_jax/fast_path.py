@@ -26,17 +26,17 @@ __all__ = ["BATCH_KERNEL_TABLE", "CAPPED_TABLE", "DenseBatchWarning", "backend",
 # admits runs dense when its r is known (no exact sparse path measured faster there).
 # Rules without an entry run the fused kernel ("lists") at one token only. Sources:
 # experiments/results/bench_auto_batches.md (H200, Llama-3.1-8B bf16, x dense of the same
-# job, 2026-11); CATS reads what M reads; the proxy's one token from r = 0.6
-# (bench_auto_path_deployable.md, H100, 2026-12-05: 0.89x / 0.95x / 1.01x dense at
-# r = 0.4 / 0.5 / 0.6 with the Triton scores kernel; the Mosaic GPU one, twice as fast,
-# is not yet measured end to end).
+# job, 2026-11); CATS reads what M reads; the proxy (its Mosaic GPU scores kernel) from
+# r = 0.5 at one token and r = 0.9 up to four (bench_auto_path_proxy.md, H100,
+# 2026-12-06: one token 0.97x / 1.04x dense at r = 0.4 / 0.5; four tokens 1.08x at 0.9,
+# 0.77x at 0.7).
 BATCH_KERNEL_TABLE = {
     ("m_countdown", "threshold"): ((1, 0.0, "lists"), (2, 0.9, "compact"), (2, 0.7, "union"),
                                    (4, 0.9, "compact"), (8, 0.9, "union")),
     ("d_countdown", "predictor"): ((1, 0.0, "lists"), (2, 0.9, "lists"), (2, 0.7, "union"),
                                    (4, 0.9, "compact")),
     ("dejavu", "predictor"): ((1, 0.0, "lists"), (2, 0.7, "lists"), (4, 0.9, "lists")),
-    ("d_countdown", "proxy"): ((1, 0.6, "lists"),),
+    ("d_countdown", "proxy"): ((1, 0.5, "lists"), (4, 0.9, "lists")),
 }
 BATCH_KERNEL_TABLE[("cats", "threshold")] = BATCH_KERNEL_TABLE[("m_countdown", "threshold")]
 # With a capacity (a per-token top-k) only the index lists apply.

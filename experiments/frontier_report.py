@@ -49,7 +49,8 @@ def _f(x):
 
 
 def mc_mean_rows(rows):
-    """Per (model, setting, policy, metric): the mean over the multiple-choice tasks with
+    """Per (model, setting, policy, target r, metric; a run's policy index alone does not
+    tell two runs' budgets apart): the mean over the multiple-choice tasks with
     sparse positions (BoolQ's one-token answers cannot change), stderrs combined. Only
     settings scored on every such task the model has get one (a task group may be run
     with fewer settings, e.g. HellaSwag at one predictor rank): means over different task
@@ -57,12 +58,13 @@ def mc_mean_rows(rows):
     groups = defaultdict(list)
     for r in rows:
         if r["task"] in MC_TASKS and r["metric"] in ("acc", "acc_norm"):
-            groups[(r["model"], r["setting"], int(r["policy_index"]), r["metric"])].append(r)
+            groups[(r["model"], r["setting"], int(r["policy_index"]),
+                    _cell(r.get("sparsity_target")), r["metric"])].append(r)
     tasks = defaultdict(set)
-    for (model, _, _, metric), rs in groups.items():
+    for (model, *_, metric), rs in groups.items():
         tasks[model, metric] |= {r["task"] for r in rs}
     out = []
-    for (model, _, _, metric), rs in groups.items():
+    for (model, *_, metric), rs in groups.items():
         if {r["task"] for r in rs} != tasks[model, metric]:
             continue
         n = len(rs)
@@ -93,15 +95,23 @@ def read_csv(path: Path):
 def write_csv(path: Path, rows, fields, model=None, by=()):
     """Rows of other models already in the file are kept (models run one at a time), and
     of the model's own those whose values of the columns ``by`` no new row has (task
-    groups and rule subsets run apart: ``by=("task", "rule")``)."""
-    new = {tuple(r.get(k) for k in by) for r in rows}
+    groups and rule subsets run apart: ``by=ROW_KEY``)."""
+    key = lambda r: tuple(_cell(r.get(k)) for k in by)      # as written: "0.5" == 0.5
+    new = {key(r) for r in rows}
     old = [r for r in read_csv(path) if model is not None and (
-        r.get("model") != model or (by and tuple(r.get(k) for k in by) not in new))]
+        r.get("model") != model or (by and key(r) not in new))]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in old + list(rows):
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+            w.writerow({k: _cell(v) for k, v in r.items()})
+
+
+def _cell(v):
+    """A value as the CSV holds it (floats to 6 significant digits; None as empty)."""
+    if v is None:
+        return ""
+    return f"{v:.6g}" if isinstance(v, float) else str(v) if not isinstance(v, str) else v
 
 
 def curve(rows, model, rule, task, metric, oracle=False):
@@ -377,7 +387,7 @@ def write_outputs(out: Path, model: str, *, fit_rows=None, rows=None, timing=Non
         for r in fit_rows:
             r["model"] = model
         fields = ["model"] + sorted({k for r in fit_rows for k in r} - {"model"})
-        write_csv(out / "frontier_fit.csv", fit_rows, fields, model=model, by=("kind",))
+        write_csv(out / "frontier_fit.csv", fit_rows, fields, model=model, by=FIT_KEY)
     if rows:
         write_task_rows(out, model, [with_oracle_bytes(r) for r in rows])
     if timing:
@@ -385,17 +395,24 @@ def write_outputs(out: Path, model: str, *, fit_rows=None, rows=None, timing=Non
     return report(out)
 
 
+# What a merged row replaces: the same setting measured again. An allocated rule's
+# budgets differ in their target r (and its fit rows in their budget), so runs of other
+# budgets of one rule add to each other.
+ROW_KEY = ("task", "rule", "sparsity_target")
+FIT_KEY = ("kind", "rule", "budget")
+
+
 def write_task_rows(out: Path, model: str, rows):
-    """A model's per-task rows into frontier.csv (its rows of other tasks or rules kept:
-    task groups and rule subsets run apart), then its MC mean recomputed over every MC
-    task now in the file."""
+    """A model's per-task rows into frontier.csv (its rows of other tasks, rules or targets
+    kept: task groups, rule subsets and budget subsets run apart), then its MC mean
+    recomputed over every MC task now in the file."""
     path = out / "frontier.csv"
     write_csv(path, [r for r in rows if r["task"] != "mc_mean"], FIELDS, model=model,
-              by=("task", "rule"))
+              by=ROW_KEY)
     mine = [r for r in read_csv(path) if r["model"] == model and r["task"] != "mc_mean"]
     mean = [with_oracle_bytes(r) for r in mc_mean_rows(mine)]
     if mean:
-        write_csv(path, mean, FIELDS, model=model, by=("task", "rule"))
+        write_csv(path, mean, FIELDS, model=model, by=ROW_KEY)
 
 
 def merge_timing(out: Path, timing: dict):
@@ -408,8 +425,9 @@ def merge_timing(out: Path, timing: dict):
 
 def merge(src: Path, out: Path):
     """Results written elsewhere (e.g. a GPU run's --out per model) into ``out``: each
-    model's rows replace that model's rows of the same tasks and rules, its fit rows those
-    of the same kinds; per-token budgets (token_budget.csv) replace the model's."""
+    model's rows replace that model's rows of the same task, rule and target r
+    (``ROW_KEY``), its fit rows those of the same kind, rule and budget (``FIT_KEY``);
+    per-token budgets (token_budget.csv) replace the model's."""
     rows = read_csv(src / "frontier.csv") if (src / "frontier.csv").is_file() else []
     for model in sorted({r["model"] for r in rows}):
         write_task_rows(out, model, [r for r in rows if r["model"] == model])
@@ -420,7 +438,7 @@ def merge(src: Path, out: Path):
             old = read_csv(out / "frontier_fit.csv") if (out / "frontier_fit.csv").is_file() \
                 else []
             fields = ["model"] + sorted({k for r in old + mine for k in r} - {"model"})
-            write_csv(out / "frontier_fit.csv", mine, fields, model=model, by=("kind",))
+            write_csv(out / "frontier_fit.csv", mine, fields, model=model, by=FIT_KEY)
     if (src / "frontier_timing.json").is_file():
         merge_timing(out, json.loads((src / "frontier_timing.json").read_text()))
     tokens = read_csv(src / "token_budget.csv")

@@ -150,6 +150,31 @@ def test_rule_subset_merged_beside_the_other_rules(tmp_path, monkeypatch):
     assert fit == {("predictor", "0.5"), ("allocation", "0.3")}
 
 
+def test_runs_of_other_budgets_of_one_rule_add_up(tmp_path, monkeypatch):
+    """An allocated rule measured at bytes 0.40 / 0.55 in one run and 0.25 / 0.55 in
+    another: merging keeps 0.40, takes the second run's 0.55 and adds 0.25, in the task
+    rows (by target r) and in the allocation fit rows (by budget)."""
+    monkeypatch.setattr(R, "report", lambda out: [])
+
+    def run(folder, points, score):
+        folder.mkdir(exist_ok=True)
+        R.write_outputs(
+            folder, "x",
+            fit_rows=[dict(kind="allocation", rule="p-alloc", budget=b, layer=0, kl=score)
+                      for b, _ in points],
+            rows=[dict(_row("p-alloc", 1 - r, score, task="boolq_ppl", metric="ppl"),
+                       setting="p/alloc", sparsity_target=r) for _, r in points])
+
+    run(tmp_path, [(0.4, 0.8), (0.55, 0.6)], 20.0)
+    run(tmp_path / "gpu", [(0.25, 0.9), (0.55, 0.6)], 30.0)
+    R.merge(tmp_path / "gpu", tmp_path)
+    got = {float(r["sparsity_target"]): float(r["score"])
+           for r in R.read_csv(tmp_path / "frontier.csv") if r["rule"] == "p-alloc"}
+    assert got == {0.8: 20.0, 0.6: 30.0, 0.9: 30.0}
+    fit = {float(r["budget"]): float(r["kl"]) for r in R.read_csv(tmp_path / "frontier_fit.csv")}
+    assert fit == {0.4: 20.0, 0.55: 30.0, 0.25: 30.0}
+
+
 def test_mc_mean_only_for_settings_scored_on_every_task():
     """A task group run with fewer settings (HellaSwag at one rank) leaves the other
     settings without an MC mean rather than a mean over fewer tasks."""

@@ -112,6 +112,42 @@ def test_supports_and_the_decode_policy_on_cpu():
 def test_the_fast_path_reads_the_tiles_and_keeps_the_rule(t):
     """On a GPU, decode_policy adds the tiles and the FFN's Pallas path scores with them:
     the same output and kept share as the masked path on the packed proxy."""
+    layer = _tiles_case(t)
+    assert layer["proxy_tiles"]["w"].dtype == jnp.int4
+
+
+def test_the_ffn_scores_with_the_tiles_when_the_policy_has_them(monkeypatch):
+    """The wiring on CPU: decode_policy on a "gpu" backend adds the prepared tiles, and
+    the FFN's Pallas path hands exactly those tiles to the Mosaic kernel (here a stand-in
+    returning the float32 reference scores, since Mosaic GPU has no CPU interpreter)."""
+    from countdown_jax import generate
+    from countdown_jax.kernels._platform import interpret_mode
+
+    seen = []
+
+    def stand_in(tiles, xs, *, act):
+        seen.append(tiles)
+        return scores_of[0](xs)
+
+    scores_of = []
+    real_quantize = quantize_mlp
+
+    def remember(mlp, bits, group):
+        prox = real_quantize(mlp, bits, group)
+        scores_of[:] = [lambda xs: proxy_scores(prox, xs, "silu")]
+        return prox
+
+    monkeypatch.setattr(generate.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(M, "proxy_scores_mgpu", stand_in)
+    monkeypatch.setitem(globals(), "quantize_mlp", remember)
+    with interpret_mode(True):                   # the other kernels in the interpreter
+        layer = _tiles_case(3)
+    assert seen and all(s is layer["proxy_tiles"] for s in seen)
+
+
+def _tiles_case(t):
+    """decode_policy's layer for a 4-bit proxy (m 512, d 256), and the FFN's Pallas path
+    on it checked against the masked path on the packed proxy; returns the layer."""
     import dataclasses
 
     from countdown_jax import ffn
@@ -121,8 +157,7 @@ def test_the_fast_path_reads_the_tiles_and_keeps_the_rule(t):
     m, d = 512, 256
     k = jax.random.split(jax.random.key(3), 4)
     mlp = {n: (jax.random.normal(kk, (m, d)) / 16).astype(jnp.bfloat16)
-           for n, kk in zip(("gate", "up"), k[:2])}
-    mlp["down"] = (jax.random.normal(k[2], (d, m)) / 16).astype(jnp.bfloat16)
+           for n, kk in zip(("gate", "up", "down"), k[:3])}   # down row-per-neuron too
     prox = quantize_mlp(mlp, 4, 128)
     x = jax.random.normal(k[3], (t, d)).astype(jnp.bfloat16)
     tau = float(np.quantile(np.asarray(proxy_scores(prox, x, "silu")), 0.7))
@@ -133,6 +168,8 @@ def test_the_fast_path_reads_the_tiles_and_keeps_the_rule(t):
     ref, kept_ref = ffn.ffn(mlp, x, act="silu", spec=spec, policy=layer)
     fast, kept = ffn.ffn(mlp, x, act="silu", spec=dataclasses.replace(
         spec, implementation="pallas", batch_kernel="lists"), policy=layer)
+    assert 0.2 < float(np.mean(np.asarray(kept_ref))) < 0.4       # the rule kept ~30%
     np.testing.assert_allclose(np.asarray(kept), np.asarray(kept_ref), atol=2 / m)
     np.testing.assert_allclose(np.asarray(fast, np.float32), np.asarray(ref, np.float32),
                                atol=0.05 * float(np.max(np.abs(np.asarray(ref, np.float32)))))
+    return layer

@@ -210,6 +210,7 @@ BUDGETS = (0.03, 0.05, 0.10)
 MC_POINT = 0.01
 ROW_RULES = {"proxy, 4-bit": "d_countdown-proxy-4bit", "proxy, 2-bit": "d_countdown-proxy-2bit",
              "allocated proxy, 4-bit": "d_countdown-alloc-proxy-4bit",
+             "allocated CATS": "cats-alloc", "allocated M-COUNTDOWN": "m_countdown-alloc",
              "cascade, rank-64": "d_countdown-cascade-rank64", "CATS,": "cats-practical",
              "M-COUNTDOWN,": "m_countdown-practical",
              "D-COUNTDOWN, rank-64": "d_countdown-practical-rank64"}
@@ -222,12 +223,13 @@ def _frontier():
     settings = defaultdict(dict)
     with FRONTIER.open() as f:
         for row in csv.DictReader(f):
-            key = (row["model"], row["rule"], row["policy_index"])
+            # a run's policy index and the target r: runs of other budgets of one rule
+            key = (row["model"], row["rule"], row["policy_index"], row["sparsity_target"])
             settings[key]["bytes"] = float(row["bytes_share"])
             settings[key][(row["task"], row["metric"])] = float(row["score"])
-    dense = {m: v for (m, rule, _), v in settings.items() if rule == "dense"}
+    dense = {m: v for (m, rule, *_), v in settings.items() if rule == "dense"}
     points = defaultdict(lambda: defaultdict(list))
-    for (m, rule, _), v in settings.items():
+    for (m, rule, *_), v in settings.items():
         ppl = v[("boolq_ppl", "ppl")] / dense[m][("boolq_ppl", "ppl")]
         points[m][rule].append((v["bytes"], ppl, v.get(("mc_mean", "acc_norm"))))
     return points, {m: d[("mc_mean", "acc_norm")] for m, d in dense.items()}

@@ -114,7 +114,7 @@ class ProxyRule:
         return _reference_scores(p.act)(p.x0, *p.sets[s][3:5])
 
     def reference(self, p: Problem, tau):
-        wg, wu, wd, packed, scale = p.sets[0]
+        wg, wu, wd, packed, scale = p.sets[0][:5]
         sc = self.scores(p, 0)
         if not self.ffn:
             return np.asarray(_fit(sc, p.d), np.float64), np.full((p.batch,), p.m, np.int32)
