@@ -253,21 +253,21 @@ def plot_allocation(fit_rows, model, path: Path):
     if not rules:
         return
     fig, axes = plt.subplots(1, len(rules), figsize=(4.2 * len(rules), 3.6), squeeze=False)
+    every = sorted({_f(r["budget"]) for r in sel})      # one colour per budget in every panel
+    cmap = plt.get_cmap("viridis")
     for ax, rule in zip(axes[0], rules):
         mine = [r for r in sel if r["rule"] == rule]
-        budgets = sorted({_f(r["budget"]) for r in mine})
-        cmap = plt.get_cmap("viridis")
-        for i, b in enumerate(budgets):
+        for b in sorted({_f(r["budget"]) for r in mine}):
             pts = sorted((int(r["layer"]), _f(r["kept"])) for r in mine if _f(r["budget"]) == b)
-            color = cmap(i / max(len(budgets) - 1, 1))
+            color = cmap(every.index(b) / max(len(every) - 1, 1))
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=2, lw=1,
                     color=color, label=f"{b:.2f}")
             ax.axhline(np.mean([p[1] for p in pts]), color=color, ls=":", lw=0.7)
         ax.set_title(f"{model}: {rule}", fontsize=9)
         ax.set_xlabel("layer")
         ax.set_ylim(0, 1)
+        ax.legend(title="bytes", fontsize=6, title_fontsize=7)
     axes[0][0].set_ylabel("kept share (dotted: uniform at the same bytes)")
-    axes[0][-1].legend(title="bytes", fontsize=6, title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -321,6 +321,13 @@ def plot(rows, model, path: Path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def kept_share(row) -> float:
+    """The kept share a summarised row realised: 1 - sparsity_realised, where a task with no
+    sparse (decode) token realises nan and counts as dense."""
+    r = _f(row["sparsity_realised"])
+    return 1.0 - (r if np.isfinite(r) else 0.0)
 
 
 def _fmt(v, se=None, digits=3):

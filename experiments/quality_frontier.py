@@ -50,7 +50,7 @@ from countdown_jax.generate import Sampling, generate
 from countdown_jax.policy import SparseSpec, make_policy
 from countdown_jax.proxy import quantize_mlp
 from experiments import token_budget
-from experiments.frontier_report import write_outputs
+from experiments.frontier_report import kept_share, write_outputs
 
 R_SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 TRAIN_R = (0.3, 0.5, 0.7, 0.8, 0.9)
@@ -379,8 +379,7 @@ def evaluate(model, name, sc: Scale, fits, rules: str = "all"):
         st = by_name[row["setting"]]
         r_idx = row["policy_index"]
         extra = dict(infos[st.name][r_idx])
-        kept = 1.0 - (row["sparsity_realised"] if np.isfinite(row["sparsity_realised"])
-                      else 0.0)
+        kept = kept_share(row)
         cand = cands[st.name][r_idx] if st.name in cands else None
         extra["candidates"] = cand
         row["bytes_share"] = bytes_share(st.spec.method, st.spec.mode, kept, m=cfg.d_ff,

@@ -23,7 +23,7 @@ from countdown_jax import calibrate as C
 from countdown_jax import evaluate as E
 from countdown_jax.cost import bytes_share
 from countdown_jax.policy import make_policy
-from experiments.frontier_report import by_setting, fmt_score, mc_mean_rows
+from experiments.frontier_report import by_setting, fmt_score, kept_share, mc_mean_rows
 
 FIELDS = ["model", "quantity", "variant", "kept_target", "sparsity_realised", "bytes_share",
           "task", "metric", "score", "stderr", "dense_score", "diff_stderr", "n_examples",
@@ -95,7 +95,7 @@ def run(model, name: str, rows, *, kept: tuple[float, ...], bands: tuple[float, 
         if (row["setting"], i) not in spreads:
             spreads[row["setting"], i] = spread(C.kept_per_token(
                 params, cfg, held, held_len, rule.spec, pols[i], batch_size=8))
-        k = 1.0 - row["sparsity_realised"]
+        k = kept_share(row)
         out.append(dict(row, quantity=qname, variant=vname, kept_target=kept[i],
                         bytes_share=bytes_share(rule.method, rule.mode, k, m=m,
                                                 d=cfg.d_model, proxy=rule.proxy,

@@ -269,3 +269,69 @@ def test_token_budget_variants_and_spread():
     row = dict(model="x", quantity="s", variant="topk", kept_target=0.3, bytes_share=0.3,
                task="boolq_ppl", metric="ppl", score=20.0, stderr=1.0, **sp)
     assert "| s | 0.30 | topk | 0.300 | 20 ± 1 |" in T.table("x", [row])
+
+
+def test_a_task_without_sparse_tokens_counts_as_dense():
+    """Single-token answers (BoolQ's ' yes' / ' no' in a real vocabulary) are scored from the
+    prefill alone: their rows realise no sparsity (nan), and their bytes are dense."""
+    assert R.kept_share({"sparsity_realised": float("nan")}) == 1.0
+    assert R.kept_share({"sparsity_realised": "0.75"}) == pytest.approx(0.25)
+
+
+def test_the_per_token_stage_runs_end_to_end(tmp_path, monkeypatch):
+    """token_budget.run on the tiny model: every quantity x variant scored, bytes finite,
+    the threshold variants' kept counts spread per token and top-k's not; a task whose
+    rows realise no sparsity (as BoolQ does with a real vocabulary) does not stop it."""
+    from countdown_jax import api
+    from countdown_jax import evaluate as E
+    from experiments import token_budget as T
+    from tests.support import tiny_params
+
+    model = api.load(tiny_params.model_dir(tmp_path / "m"))
+    summarize = E.summarize
+
+    def no_sparse_boolq(*a, **k):
+        rows = summarize(*a, **k)
+        for r in rows:
+            if r["task"] == "boolq" and r["setting"] != "dense":
+                r["sparsity_realised"] = float("nan")
+        return rows
+
+    monkeypatch.setattr(E, "summarize", no_sparse_boolq)
+    rows = np.random.default_rng(0).integers(3, 259, (4, 24)).astype(np.int32)
+    out = T.run(model, "tiny", rows, kept=(0.3,), bands=(2.0,), proxy=(4, 8),
+                text=dict(tasks=("boolq", "boolq_ppl"), n_docs=3, max_rows=8, held_rows=2,
+                          seq_len=32), progress=False)
+    got = {(r["quantity"], r["variant"], r["task"]) for r in out if r["task"] != "mc_mean"}
+    assert {(q, v, t) for q in ("s", "proxy-4bit") for v in ("topk", "threshold", "band-x2")
+            for t in ("boolq", "boolq_ppl")} <= got
+    assert all(np.isfinite(r["bytes_share"]) for r in out)
+    boolq = [r for r in out if r["task"] == "boolq"]
+    assert all(r["bytes_share"] >= 1.0 - 1e-9 for r in boolq if r["quantity"] == "s")
+    topk = next(r for r in out if r["variant"] == "topk" and r["task"] == "boolq_ppl")
+    thr = next(r for r in out if r["variant"] == "threshold" and r["task"] == "boolq_ppl")
+    assert topk["kept_std"] == pytest.approx(0.0, abs=1e-9) and thr["kept_std"] > 0
+    T.write(tmp_path, "tiny", out)
+    assert "| s | 0.30 | topk |" in (tmp_path / "token_budget_tiny.md").read_text()
+
+
+def test_allocation_plot_gives_a_budget_one_colour_in_every_panel(tmp_path, monkeypatch):
+    """Rules fitted at different budgets (CATS at 0.40 / 0.55, the proxy at 0.25-0.70): a
+    budget's line has the same colour, and its label, in every panel."""
+    import matplotlib.figure
+
+    figs = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figs.append(self))
+    budgets = {"cats-alloc": (0.4, 0.55), "d_countdown-alloc-proxy-4bit": (0.25, 0.4, 0.55, 0.7)}
+    rows = [dict(model="x", kind="allocation", rule=rule, budget=b, layer=layer, kept=b)
+            for rule, bs in budgets.items() for b in bs for layer in range(3)]
+    R.plot_allocation(rows, "x", tmp_path / "b.png")
+    colors = {}
+    for ax in figs[0].axes:
+        for line in ax.get_lines():
+            if not line.get_label().startswith("_"):
+                colors.setdefault(line.get_label(), set()).add(line.get_color())
+        assert ax.get_legend() is not None
+    assert set(colors) == {"0.25", "0.40", "0.55", "0.70"}
+    assert all(len(c) == 1 for c in colors.values())
+    assert len({next(iter(c)) for c in colors.values()}) == 4

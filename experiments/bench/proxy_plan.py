@@ -15,6 +15,8 @@ In one run (the same card, the same ceilings):
     down in full precision by the fused kernel reading s_hat as its scores
     (D-COUNTDOWN's Rule with scores=);
   - D-COUNTDOWN with its rank-512 predictor (the shipped fused kernel), for comparison;
+  - stage profiles (per-kernel GPU time per call, bench_kernels_stages.csv) of the Mosaic-
+    scored proxy FFN at r = 0.7 / 0.9 and of D's predictor path at r = 0.9;
   - the fastest scores config at batch 8 beside dense at batch 8 (one read of the proxy).
 Every row is one jitted loop (experiments/bench/harness.py) and its first call is checked
 against the float32 reference (ffn_problem.RULES). Rows go to bench_kernels.csv; a
@@ -250,6 +252,9 @@ def proxy(R: Runner, best=None):
                            mosaic_step(t), (0.0,))
             R.time_variant(t, f"proxy-d-b{bits}g{group}", "mosaic-fused",
                            "scores=mosaic tiled int4", mosaic_ffn_step(t), RATIOS)
+            for r in (0.7, 0.9):    # where its time goes: scores, selection, gathers
+                R.stage_profile(t, f"proxy-d-b{bits}g{group}", "mosaic-fused",
+                                "scores=mosaic tiled int4", r)
     for (bits, group), q in probs.items():
         R.time_variant(q, f"proxy-d-b{bits}g{group}", "pallas-fused",
                        "scores=" + label(fastest[bits, group][1]),
@@ -258,6 +263,7 @@ def proxy(R: Runner, best=None):
     d_label = chosen()[D]
     if R.left() > 60:
         R.pallas(p, D, d_label, R.scale.fused[d_label], RATIOS)
+        R.stage_profile(p, D, "pallas-fused", d_label, 0.9)
     if R.left() > 90:
         p8 = R.problem(LLAMA, jnp.bfloat16, 8)
         R.baseline(p8)
