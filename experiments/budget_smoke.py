@@ -23,7 +23,7 @@ from countdown_jax import evaluate as E
 from countdown_jax.policy import make_policy
 from experiments import quality_frontier as Q
 from experiments import token_budget
-from experiments.frontier_report import by_setting, plot_allocation
+from experiments.frontier_report import by_setting, kept_share, plot_allocation
 
 DELTAS = (0.6, 0.3, 0.0, -0.3, -0.6)
 STEPS = (0.5, 1.0)
@@ -85,7 +85,7 @@ def main(argv=None):
             continue
         rname, rule, kind, got = info[row["setting"]]
         i = row["policy_index"]
-        kept = 1.0 - row["sparsity_realised"]
+        kept = kept_share(row)
         a, b = rule.line(m, d)
         j = got.chosen[i] if kind == "allocated" else 0                  # 0: uniform
         res.append(dict(row, rule=rname, budget=BUDGETS[i], allocation=kind,

@@ -111,7 +111,7 @@ def _cell(v):
     """A value as the CSV holds it (floats to 6 significant digits; None as empty)."""
     if v is None:
         return ""
-    return f"{v:.6g}" if isinstance(v, float) else str(v) if not isinstance(v, str) else v
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
 def curve(rows, model, rule, task, metric, oracle=False):
